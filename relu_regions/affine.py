@@ -1,0 +1,428 @@
+"""Exact affine maps of activation regions: f(x') = A·x' + d for every x' in the region of x.
+
+Three routes, all exact (up to floating-point rounding), all working on the network with every piecewise-linear
+unit frozen in the state recorded at ``x`` (see :mod:`relu_regions.recording`):
+
+``"reverse"``
+    Vector-Jacobian products through the frozen network evaluated at 0. One backward pass per explained output
+    (batched over outputs with ``is_grads_batched``). Cost ~ (1 + K) forward passes for K explained outputs;
+    cheapest when outputs < inputs (classifiers).
+``"forward"``
+    Jacobian-vector products (forward-mode AD) with one tangent per input feature, run as D replicas of the batch.
+    Cost ~ 2·D forward passes for D input features, independent of K; cheapest for few inputs (tabular data).
+``"compose"``
+    The graph walker of :mod:`relu_regions.compose`: composes Linear / Conv / BatchNorm / pooling / residual
+    additions layer by layer as explicit matrices. Cost ~ D forward passes plus the matrix products; gives the
+    maps of every hidden layer on the way.
+
+``"auto"`` picks ``"reverse"`` when the number of explained outputs (1 with ``target``, else K) is at most the
+number of input features, otherwise ``"forward"``.
+
+The offset ``d`` is always the frozen network evaluated at 0 — never ``f(x) - A·x``; that difference is the
+independent check (:meth:`AffineMap.residual`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+
+from .keys import pack_patterns, region_keys
+from .recording import LayerSelection, run_frozen, run_recorded, select_layers
+from .state import preserved
+from .units import LayerPattern
+
+Tensor = torch.Tensor
+TargetType = None | int | Sequence[int] | Tensor
+
+METHODS = ("auto", "reverse", "forward", "compose")
+
+
+@dataclass
+class AffineMap:
+    """The affine map of each sample's activation region.
+
+    Attributes
+    ----------
+    A : Tensor
+        ``(B, K, *input_shape)``: ``A[b, k]`` is the gradient of output ``k`` (or of the target) in region b.
+    d : Tensor
+        ``(B, K)``: the region's offset, the frozen network evaluated at 0.
+    output : Tensor
+        ``(B, K)``: the model's output at ``x`` from the recorded forward pass.
+    x : Tensor
+        The inputs the map was computed at.
+    target : Tensor or None
+        ``(B,)`` output index per sample when a target was selected (then ``K == 1``).
+    packed : Tensor
+        ``(B, n_words)`` exact bit-packed activation patterns; ``region_ids`` are keys derived from them.
+    n_boundary : Tensor
+        ``(B,)`` units exactly on a breakpoint; where > 0 the input sits on a region boundary, and ``A`` is the
+        map of the region selected by the convention (pre-activation > 0 is active).
+    """
+
+    A: Tensor
+    d: Tensor
+    output: Tensor
+    x: Tensor
+    target: Tensor | None
+    packed: Tensor
+    n_boundary: Tensor
+    method: str
+    layer_names: list[str] = field(default_factory=list)
+
+    @property
+    def region_ids(self) -> Tensor:
+        """``(B,)`` int64 region keys."""
+        return region_keys(self.packed)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.A.shape[2:])
+
+    def __call__(self, x_new: Tensor) -> Tensor:
+        """Evaluate ``A·x_new + d`` per sample (exact for ``x_new`` in the same region)."""
+        a = self.A.reshape(self.A.shape[0], self.A.shape[1], -1)
+        return torch.einsum("bkd,bd->bk", a, x_new.reshape(x_new.shape[0], -1).to(a.dtype)) + self.d
+
+    def residual(self) -> Tensor:
+        """``(B,)`` max |A·x + d − f(x)|: an independent check, zero up to rounding."""
+        return (self(self.x) - self.output).abs().amax(1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AffineMap:
+        """Move every tensor (and cast floating ones) like ``Tensor.to``."""
+
+        def mv(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return replace(self, A=mv(self.A), d=mv(self.d), output=mv(self.output), x=mv(self.x),
+                       target=mv(self.target), packed=mv(self.packed), n_boundary=mv(self.n_boundary))
+
+    def __len__(self) -> int:
+        return self.A.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"AffineMap(samples={self.A.shape[0]}, outputs={self.A.shape[1]}, input_shape={self.input_shape}, "
+                f"method='{self.method}', dtype={self.A.dtype}, device={self.A.device})")
+
+
+def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch.device) -> Tensor | None:
+    """Turn a Captum-style target (int, per-sample list/tensor, None) into a ``(B,)`` index tensor or None."""
+    if target is None:
+        return None
+    if isinstance(target, int):
+        t = torch.full((batch,), target, dtype=torch.long, device=device)
+    else:
+        t = torch.as_tensor(target, device=device).reshape(-1).long()
+        if t.numel() == 1:
+            t = t.expand(batch).clone()
+    if t.numel() != batch:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {batch}")
+    if (t < 0).any() or (t >= n_outputs).any():
+        raise ValueError(f"target indices must lie in [0, {n_outputs}); got {t.min().item()}..{t.max().item()}")
+    return t
+
+
+def _flat_out(out: Tensor, batch: int) -> Tensor:
+    return out.reshape(batch, -1)
+
+
+def _reverse(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Tensor | None, **kw) -> tuple:
+    b = x.shape[0]
+    z = torch.zeros_like(x, requires_grad=True)
+    with torch.enable_grad():
+        g = _flat_out(run_frozen(model, z, patterns, **kw), b)
+        if sel is not None:
+            (grad,) = torch.autograd.grad(g.gather(1, sel[:, None]).sum(), z)
+            return grad.unsqueeze(1), g.detach().gather(1, sel[:, None])
+        k = g.shape[1]
+        eye = torch.eye(k, dtype=g.dtype, device=g.device).unsqueeze(1).expand(k, b, k)
+        try:
+            (grads,) = torch.autograd.grad(g, z, eye, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one backward per output
+            grads = torch.stack([torch.autograd.grad(g, z, eye[i], retain_graph=i < k - 1)[0] for i in range(k)])
+    return grads.transpose(0, 1), g.detach()
+
+
+def _basis(x: Tensor) -> tuple[Tensor, int]:
+    """``D`` replicas of the batch, replica i with tangent e_i: shape ``(D*B, *input_shape)``."""
+    b, shape = x.shape[0], x.shape[1:]
+    n = int(torch.Size(shape).numel())
+    eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, 1, *shape).expand(n, b, *shape)
+    return eye.reshape(n * b, *shape), n
+
+
+def _forward(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Tensor | None, **kw) -> tuple:
+    b = x.shape[0]
+    tangent, n = _basis(x)
+    with torch.no_grad(), fwAD.dual_level():
+        out = run_frozen(model, fwAD.make_dual(torch.zeros_like(tangent), tangent), patterns, **kw)
+        primal, tan = fwAD.unpack_dual(out)
+    d = primal.reshape(n, b, -1)[0]
+    if tan is None:  # output does not depend on the input at all
+        tan = torch.zeros_like(primal)
+    a = tan.reshape(n, b, -1).permute(1, 2, 0)  # (B, K, D)
+    a = a.reshape(b, a.shape[1], *x.shape[1:])
+    if sel is not None:
+        a = a[torch.arange(b, device=x.device), sel].unsqueeze(1)
+        d = d.gather(1, sel[:, None])
+    return a, d
+
+
+def _compose(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Tensor | None, **kw) -> tuple:
+    from .compose import compose_maps
+
+    a, d = compose_maps(model, patterns, x, **kw)
+    if sel is not None:
+        a = a[torch.arange(x.shape[0], device=x.device), sel].unsqueeze(1)
+        d = d.gather(1, sel[:, None])
+    return a, d
+
+
+_ROUTES = {"reverse": _reverse, "forward": _forward, "compose": _compose}
+
+
+def choose_method(method: str, n_explained: int, n_inputs: int) -> str:
+    """The method ``"auto"`` resolves to: reverse when explained outputs <= input features, else forward."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "reverse" if n_explained <= n_inputs else "forward"
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _default_chunk(method: str, n_inputs: int, n_outputs: int) -> int:
+    budget = 1 << 24  # elements of the largest per-chunk Jacobian block
+    if method in ("forward", "compose"):
+        return max(1, min(512, budget // max(1, n_inputs * 64)))
+    return max(1, min(1024, budget // max(1, n_inputs * n_outputs)))
+
+
+def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: str = "auto", *,
+               logits_at: str | None = None, chunk_size: int | None = None, strict: bool = True,
+               check: bool = True, progress: bool = False) -> AffineMap:
+    """Compute the exact affine map of each input's activation region.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A piecewise-linear network. It runs in eval mode for the call (BatchNorm uses running statistics,
+        Dropout is the identity) and every module's training flag, requires_grad flags and hooks are restored
+        afterwards, also when the call raises.
+    x : Tensor
+        ``(B, *input_shape)`` inputs.
+    target : int, sequence of int, Tensor or None
+        Output index (or one per sample) to explain, as in Captum; ``None`` explains every output.
+    method : {"auto", "reverse", "forward", "compose"}
+        See the module docstring for costs; all are exact.
+    logits_at : str, optional
+        Module path whose output is explained (e.g. the layer before a softmax head).
+    chunk_size : int, optional
+        Samples per chunk; bounds memory. Default depends on the method and sizes.
+    strict : bool
+        Raise :class:`~relu_regions.UnsupportedModuleError` on operations that are not piecewise linear.
+    check : bool
+        Verify ``|A·x + d − f(x)| <= 1e-3·(1 + |f(x)|)`` (float32; 1e-8 for float64) and raise if it fails,
+        which catches nonlinear operations that slipped past ``strict``.
+    progress : bool
+        Show a progress bar over chunks (tqdm).
+
+    Returns
+    -------
+    AffineMap
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    x = x.detach()
+    b = x.shape[0]
+    n_inputs = int(x[0].numel())
+    with preserved(model, eval_mode=True):
+        probe_out, _ = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
+        n_outputs = probe_out.reshape(1, -1).shape[1]
+        sel_all = resolve_target(target, b, n_outputs, x.device)
+        route = choose_method(method, 1 if sel_all is not None else n_outputs, n_inputs)
+        size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
+        parts = []
+        it = list(_chunks(b, size))
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"affine_map ({route})", unit="chunk")
+        for sl in it:
+            parts.append(_one_chunk(model, x[sl], None if sel_all is None else sel_all[sl], route, logits_at, strict))
+    cat = [torch.cat(p) for p in zip(*[p[:5] for p in parts])]
+    amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, packed=cat[3], n_boundary=cat[4],
+                     method=route, layer_names=parts[0][5])
+    if check:
+        _check(amap)
+    return amap
+
+
+def _one_chunk(model, x, sel, route, logits_at, strict):
+    with torch.no_grad():
+        out, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+    out = _flat_out(out, x.shape[0])
+    a, d = _ROUTES[route](model, patterns, x, sel, strict=strict, logits_at=logits_at)
+    if sel is not None:
+        out = out.gather(1, sel[:, None])
+    if patterns:
+        packed = pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns])
+        nb = torch.stack([p.n_boundary for p in patterns]).sum(0)
+    else:  # an affine network: one region
+        packed = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+        nb = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    return a.detach(), d.detach(), out.detach(), packed, nb, [p.name for p in patterns]
+
+
+def _check(amap: AffineMap) -> None:
+    tol = 1e-8 if amap.A.dtype == torch.float64 else 1e-3
+    err = amap.residual()
+    bound = tol * (1 + amap.output.abs().amax(1))
+    bad = err > bound
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise RuntimeError(
+            f"affine map check failed for sample {i}: |A·x + d − f(x)| = {err[i].item():.3g} > {bound[i].item():.3g}."
+            " The model computes something that is not piecewise linear in its input and was not detected"
+            " (please report the model); pass check=False to skip this check.")
+
+
+# --- maps of the hidden layers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerMap:
+    """The affine map from the input to the input of one piecewise-linear call (its pre-activations).
+
+    Attributes
+    ----------
+    name, kind : str
+        As in :class:`~relu_regions.units.LayerPattern`.
+    value : Tensor
+        ``(B, *unit_in_shape)`` pre-activations at ``x``.
+    offset : Tensor
+        ``(B, *unit_in_shape)`` pre-activations of the frozen network at 0 (the map's constant term).
+    jacobian : Tensor or None
+        ``(B, *unit_in_shape, *input_shape)``, when ``reduce`` is None.
+    norm : Tensor or None
+        ``(B, *unit_in_shape)`` q-norm of each unit's input gradient, when ``reduce`` is given.
+    method : str
+        "forward" or "reverse", whichever was cheaper for this layer.
+    """
+
+    name: str
+    kind: str
+    value: Tensor
+    offset: Tensor
+    jacobian: Tensor | None
+    norm: Tensor | None
+    method: str
+
+
+def _norm(g: Tensor, q: float, dim: int) -> Tensor:
+    return torch.linalg.vector_norm(g, ord=q, dim=dim)
+
+
+def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, reduce: float | None = None,
+                       method: str = "auto", logits_at: str | None = None, strict: bool = True,
+                       unit_chunk: int = 256) -> dict[str, LayerMap]:
+    """Affine maps from the input to the pre-activations of selected piecewise-linear calls.
+
+    Parameters
+    ----------
+    model, x, logits_at, strict
+        As in :func:`affine_map`.
+    layers : selection, optional
+        Which calls (see :meth:`Recording.patterns`); default all.
+    reduce : float, optional
+        Instead of full Jacobians, return each unit's gradient norm of this order (``2``, ``1``,
+        ``float("inf")``) — what exact boundary distances need, without keeping the Jacobians.
+    method : {"auto", "forward", "reverse"}
+        ``"auto"`` picks per layer: forward mode when input features <= units of the layer, else reverse.
+    unit_chunk : int
+        Units per batched backward pass in reverse mode.
+
+    Returns
+    -------
+    dict of name -> LayerMap, in execution order.
+    """
+    x = x.detach()
+    b = x.shape[0]
+    n_inputs = int(x[0].numel())
+    with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+        names = select_layers([p.name for p in patterns], layers)
+        chosen = {}
+        for p in patterns:
+            if p.name in names:
+                n_units = int(torch.Size(p.in_shape).numel())
+                m = method if method != "auto" else ("forward" if n_inputs <= n_units else "reverse")
+                chosen[p.name] = m
+        offsets: dict[str, Tensor] = {}
+        with torch.no_grad():
+            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
+                       observe=lambda p, t: offsets.__setitem__(p.name, t.detach().clone()))
+        result: dict[str, LayerMap] = {}
+        fw = [n for n, m in chosen.items() if m == "forward"]
+        if fw:
+            tangent, n = _basis(x)
+
+            def grab(p, t):
+                if p.name in fw:
+                    primal, tan = fwAD.unpack_dual(t)
+                    val = primal.reshape(n, b, *p.in_shape)[0].clone()
+                    if tan is None:
+                        tan = torch.zeros_like(primal)
+                    g = tan.reshape(n, b, -1)  # (D, B, units)
+                    jac = norm = None
+                    if reduce is None:
+                        jac = g.permute(1, 2, 0).reshape(b, *p.in_shape, *x.shape[1:]).clone()
+                    else:
+                        norm = _norm(g, reduce, 0).reshape(b, *p.in_shape)
+                    result[p.name] = LayerMap(p.name, p.kind, val, offsets[p.name], jac, norm, "forward")
+
+            with torch.no_grad(), fwAD.dual_level():
+                primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+                run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
+                           logits_at=logits_at, observe=grab)
+        rv = [n for n, m in chosen.items() if m == "reverse"]
+        if rv:
+            captured: dict[str, Tensor] = {}
+            z = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                run_frozen(model, z, patterns, strict=strict, logits_at=logits_at,
+                           observe=lambda p, t: captured.__setitem__(p.name, t) if p.name in rv else None)
+                for name in rv:
+                    pre = captured[name].reshape(b, -1)
+                    units = pre.shape[1]
+                    rows = []
+                    for sl in _chunks(units, unit_chunk):
+                        k = sl.stop - sl.start
+                        eye = torch.zeros(k, b, units, dtype=pre.dtype, device=pre.device)
+                        eye[torch.arange(k), :, torch.arange(sl.start, sl.stop)] = 1
+                        (g,) = torch.autograd.grad(pre, z, eye, is_grads_batched=True, retain_graph=True)
+                        g = g.reshape(k, b, -1)
+                        rows.append(g.permute(1, 0, 2) if reduce is None else _norm(g, reduce, 2).T)
+                    p = next(q for q in patterns if q.name == name)
+                    full = torch.cat(rows, 1)
+                    jac = full.reshape(b, *p.in_shape, *x.shape[1:]) if reduce is None else None
+                    norm = full.reshape(b, *p.in_shape) if reduce is not None else None
+                    result[name] = LayerMap(name, p.kind, pre.detach().reshape(b, *p.in_shape),
+                                            offsets[name], jac, norm, "reverse")
+    return {n: result[n] for n in names}

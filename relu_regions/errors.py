@@ -1,0 +1,19 @@
+"""Errors raised by relu-regions."""
+
+from __future__ import annotations
+
+
+class ReluRegionsError(Exception):
+    """Base class of all relu-regions errors."""
+
+
+class UnsupportedModuleError(ReluRegionsError, TypeError):
+    """An operation on the path to the explained output is not piecewise linear.
+
+    The message names the module path and the operation. A final softmax or sigmoid head is the common case:
+    pass ``logits_at="<module path>"`` to explain the logits produced by that module instead.
+    """
+
+
+class PatternMismatchError(ReluRegionsError, RuntimeError):
+    """A replayed forward pass did not follow the recorded sequence of piecewise-linear operations."""

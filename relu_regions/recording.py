@@ -1,0 +1,476 @@
+"""Recording activation patterns during normal inference, and replaying them frozen.
+
+Why a torch function mode (``torch.overrides.TorchFunctionMode``) and not torch.fx: forward hooks on modules
+cannot see ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``torch.clamp(min=0)`` / ``F.max_pool2d`` written in a
+``forward``; torch.fx sees them but only for symbolically traceable models (no data-dependent Python, no
+arbitrary modules), and it re-runs a transformed copy of the model instead of the user's own forward. A function
+mode sees every torch call of the user's unmodified forward, eagerly, on any device, and leaves the results
+bit-identical. Module hooks (registered through handles, removed on exit, also on exceptions) only name the
+calls: each recorded unit op carries the path of the module that ran it.
+
+The same mode, given a recorded pattern, *replays* the forward with every piecewise-linear unit frozen in its
+recorded state. The frozen network is an affine function of its input: that is the region's map.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import PatternMismatchError, UnsupportedModuleError
+from .keys import pack_patterns, region_keys
+from .state import preserved
+from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule
+
+Tensor = torch.Tensor
+LayerSelection = None | str | Sequence[str] | slice | int
+
+_relu, _clamp, _leaky, _prelu, _pool = ReluRule(), ClampRule(), LeakyReluRule(), PReluRule(), MaxPoolRule()
+
+
+def _build_rules() -> dict[Any, tuple[UnitRule, ...]]:
+    T = torch.Tensor
+    table: dict[Any, tuple[UnitRule, ...]] = {}
+    for f in (F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_):
+        table[f] = (_relu,)
+    for f in (torch.clamp, torch.clamp_, T.clamp, T.clamp_, torch.clip, torch.clip_, T.clip, T.clip_,
+              torch.clamp_min, torch.clamp_min_, T.clamp_min, T.clamp_min_):
+        table[f] = (_relu, _clamp)
+    for f in (torch.clamp_max, torch.clamp_max_, T.clamp_max, T.clamp_max_, F.hardtanh, F.hardtanh_, F.relu6):
+        table[f] = (_clamp,)
+    for f in (F.leaky_relu, F.leaky_relu_):
+        table[f] = (_leaky,)
+    for f in (F.prelu, torch.prelu):
+        table[f] = (_prelu,)
+    for f in (F.max_pool1d, F.max_pool2d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+              F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool1d_with_indices,
+              F.adaptive_max_pool2d_with_indices):
+        table[f] = (_pool,)
+    return table
+
+
+def _build_nonlinear() -> set:
+    T = torch.Tensor
+    names = [
+        (F, "sigmoid tanh gelu silu mish elu selu celu softplus softmax log_softmax softmin layer_norm group_norm "
+            "instance_norm local_response_norm rms_norm scaled_dot_product_attention multi_head_attention_forward "
+            "hardswish hardsigmoid logsigmoid softsign tanhshrink glu normalize softshrink hardshrink "
+            "threshold elu_ celu_ selu_ rrelu rrelu_ max_pool3d adaptive_max_pool3d fractional_max_pool2d lp_pool2d"),
+        (torch, "sigmoid tanh softmax log_softmax exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc abs "
+                "sign sgn square reciprocal pow maximum minimum max min amax amin sort topk argmax argmin "
+                "floor ceil round trunc frac sin cos atan sinh cosh logsumexp cumprod prod norm"),
+        (T, "sigmoid tanh softmax log_softmax exp log sqrt rsqrt abs sign square reciprocal pow __pow__ "
+            "maximum minimum max min amax amin sort topk floor ceil round sin cos logsumexp norm"),
+    ]
+    out = set()
+    for mod, ns in names:
+        for n in ns.split():
+            if hasattr(mod, n):
+                out.add(getattr(mod, n))
+    return out
+
+
+def _build_bilinear() -> set:
+    T = torch.Tensor
+    fs = [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, torch.matmul, T.matmul, T.__matmul__, torch.bmm,
+          torch.mm, T.mm, T.bmm, torch.einsum, torch.div, T.div, T.__truediv__, T.__rtruediv__, T.__itruediv__,
+          F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.baddbmm, torch.addmm]
+    return set(fs)
+
+
+_RULES = _build_rules()
+_NONLINEAR = _build_nonlinear()
+_BILINEAR = _build_bilinear()
+_BATCH_NORM = F.batch_norm
+
+
+def _op_name(func: Any) -> str:
+    return getattr(func, "__name__", repr(func))
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            if isinstance(o, Tensor):
+                yield o
+
+
+class _StopForward(Exception):
+    """Raised by the ``logits_at`` hook to end the forward pass at the logits."""
+
+    def __init__(self, output: Tensor):
+        super().__init__()
+        self.output = output
+
+
+class _Session:
+    """State shared by the hooks and the function mode while a model runs under ``record`` / ``replay``."""
+
+    def __init__(self, model: nn.Module, strict: bool, replay: Sequence[LayerPattern] | None = None,
+                 observe: Callable[[LayerPattern, Tensor], None] | None = None):
+        self.model = model
+        self.strict = strict
+        self.replay = list(replay) if replay is not None else None
+        self.observe = observe
+        self.stack: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.passes: list[list[LayerPattern]] = []
+        self.current: list[LayerPattern] | None = None
+        self.depth = 0
+        self.cursor = 0
+        self.names = {m: n for n, m in model.named_modules()}
+        self.types = {n: type(m).__name__ for n, m in model.named_modules()}
+        self.tainted: dict[int, weakref.ref] = {}
+
+    # -- passes ---------------------------------------------------------------------------------------------
+    def begin_pass(self, inputs: tuple) -> None:
+        self.stack.clear()
+        self.counts.clear()
+        self.tainted.clear()
+        self.cursor = 0
+        self.current = []
+        for t in inputs:
+            for tt in _tensors(t):
+                self.taint(tt)
+
+    def end_pass(self) -> None:
+        if self.current is None:
+            return
+        if self.current is not None:
+            self.passes.append(self.current)
+        if self.replay is not None and self.current is not None and self.cursor != len(self.replay):
+            raise PatternMismatchError(
+                f"the replayed forward ran {self.cursor} piecewise-linear operations, the recording has "
+                f"{len(self.replay)}: the model's forward depends on its input beyond its activation pattern")
+        self.current = None
+        self.tainted.clear()
+
+    # -- naming ---------------------------------------------------------------------------------------------
+    def unique(self, base: str) -> str:
+        k = self.counts.get(base, 0)
+        self.counts[base] = k + 1
+        return base if k == 0 else f"{base}#{k}"
+
+    def unique_module(self, module: nn.Module) -> str:
+        name = self.names.get(module, "?")
+        key = ("module", name)
+        k = self.counts.get(key, 0)
+        self.counts[key] = k + 1
+        return name if k == 0 else f"{name}#{k}"
+
+    def where(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def describe(self, path: str) -> str:
+        return f"module '{path or '<root>'}' ({self.types.get(path.split('#')[0], '?')})"
+
+    # -- taint: which tensors depend on the model input -----------------------------------------------------
+    def taint(self, t: Tensor) -> None:
+        self.tainted[id(t)] = weakref.ref(t)
+
+    def is_tainted(self, t: Any) -> bool:
+        if not isinstance(t, Tensor):
+            return False
+        r = self.tainted.get(id(t))
+        return r is not None and r() is t
+
+    def any_tainted(self, args: tuple, kwargs: dict) -> int:
+        n = 0
+        for a in list(args) + list(kwargs.values()):
+            for t in _tensors(a):
+                n += self.is_tainted(t)
+        return n
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, session: _Session):
+        super().__init__()
+        self.s = session
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        s = self.s
+        if s.current is None:  # ops outside the model's forward (or after logits_at) are not ours
+            return func(*args, **kwargs)
+        rules = _RULES.get(func)
+        if rules is not None and s.is_tainted(args[0] if args else None):
+            for rule in rules:
+                parsed = rule.parse(func, args, kwargs)
+                if parsed is not None:
+                    return self._unit(rule, func, args, kwargs, *parsed)
+        if s.strict:
+            self._check(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if s.any_tainted(args, kwargs):
+            for t in _tensors(out):
+                s.taint(t)
+        return out
+
+    def _check(self, func, args, kwargs) -> None:
+        s = self.s
+        nonlinear = func in _NONLINEAR
+        if nonlinear or func in _BILINEAR or func is _BATCH_NORM:
+            n = s.any_tainted(args, kwargs)
+            if func is _BATCH_NORM:
+                bad = n and bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+            else:
+                bad = n >= 2 if not nonlinear else n >= 1
+            if bad:
+                path = s.where()
+                hint = ""
+                if nonlinear:
+                    hint = (" If this is the output activation (softmax/sigmoid head), pass logits_at='<module path>'"
+                            " naming the module that produces the logits, or explain a model without the head.")
+                what = ("batch_norm in training mode (batch statistics)" if func is _BATCH_NORM
+                        else f"'{_op_name(func)}'" + ("" if nonlinear else " of two input-dependent tensors"))
+                raise UnsupportedModuleError(
+                    f"{s.describe(path)} calls {what}, which is not piecewise linear in the input.{hint}")
+
+    def _unit(self, rule: UnitRule, func, args, kwargs, x: Tensor, params: dict):
+        s = self.s
+        path = s.where()
+        mod_type = s.types.get(path, "")
+        base = path if mod_type in _UNIT_MODULES else (f"{path}/{_op_name(func)}" if path else _op_name(func))
+        name = s.unique(base)
+        if s.replay is None:
+            out, state, n_boundary, n_states = rule.record(func, args, kwargs, x, params)
+            params["in_shape"] = tuple(x.shape[1:])
+            pattern = LayerPattern(name, rule.kind, state, n_states, n_boundary, params)
+        else:
+            if s.cursor >= len(s.replay):
+                raise PatternMismatchError(f"{s.describe(path)}: more piecewise-linear calls than recorded")
+            pattern = s.replay[s.cursor]
+            if pattern.kind != rule.kind or tuple(x.shape[1:]) != pattern.in_shape:
+                raise PatternMismatchError(
+                    f"{s.describe(path)}: replay reached '{name}' ({rule.kind}, input {tuple(x.shape[1:])}) where "
+                    f"the recording has '{pattern.name}' ({pattern.kind}, input {pattern.in_shape})")
+            s.cursor += 1
+            out = rule.frozen(x, pattern, func, args, kwargs)
+        if s.observe is not None:
+            s.observe(pattern, x)
+        s.current.append(pattern)
+        for t in _tensors(out):
+            s.taint(t)
+        return out
+
+
+_UNIT_MODULES = {"ReLU", "LeakyReLU", "PReLU", "ReLU6", "Hardtanh", "MaxPool1d", "MaxPool2d",
+                 "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"}
+
+
+@contextmanager
+def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPattern] | None = None,
+             observe: Callable[[LayerPattern, Tensor], None] | None = None,
+             logits_at: str | None = None, stop_at_logits: bool = True) -> Iterator[_Session]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    s = _Session(model, strict, replay, observe)
+    handles = []
+    if logits_at is not None:
+        mods = dict(model.named_modules())
+        if logits_at not in mods:
+            raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model; "
+                             f"known paths: {', '.join(n for n in mods if n)[:400]}")
+
+        def stop(module, inputs, output):
+            if stop_at_logits:
+                raise _StopForward(output)
+            if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
+                s.end_pass()
+
+        handles.append(mods[logits_at].register_forward_hook(stop))
+
+    def root_pre(module, inputs):
+        if s.depth == 0:
+            s.begin_pass(inputs)
+        s.depth += 1
+
+    def root_post(module, inputs, output):
+        s.depth -= 1
+        if s.depth == 0:
+            s.end_pass()
+
+    def pre(module, inputs):
+        s.stack.append(s.unique_module(module))
+
+    def post(module, inputs, output):
+        if s.stack:
+            s.stack.pop()
+
+    try:
+        handles.append(model.register_forward_pre_hook(root_pre))
+        for m in model.modules():
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        handles.append(model.register_forward_hook(root_post, always_call=True))
+        with _Mode(s):
+            yield s
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Recording:
+    """Activation patterns recorded by :func:`record`, one entry per forward pass.
+
+    Patterns of several passes (batches) are concatenated along the batch by every accessor; ``clear()`` drops
+    them (streaming consumers call it after each batch).
+    """
+
+    def __init__(self, session: _Session):
+        self._s = session
+
+    @property
+    def passes(self) -> list[list[LayerPattern]]:
+        """Recorded passes, each a list of :class:`LayerPattern` in execution order."""
+        return self._s.passes
+
+    def clear(self) -> None:
+        """Forget all recorded passes."""
+        self._s.passes.clear()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the piecewise-linear calls of the last pass, in execution order."""
+        return [p.name for p in self.passes[-1]] if self.passes else []
+
+    def patterns(self, layers: LayerSelection = None) -> list[LayerPattern]:
+        """Selected layers' patterns, concatenated over all recorded passes.
+
+        Parameters
+        ----------
+        layers : None, str, sequence of str, slice or int
+            ``None`` for all layers, a name or list of names, a slice over the ordered layers (``slice(-2,
+            None)`` = the last two), or an int index.
+        """
+        if not self.passes:
+            raise RuntimeError("nothing recorded: run the model inside `with relu_regions.record(model) as rec:`")
+        names = select_layers(self.layer_names, layers)
+        out = []
+        for name in names:
+            parts = []
+            for i, p in enumerate(self.passes):
+                found = [q for q in p if q.name == name]
+                if not found:
+                    raise RuntimeError(f"layer '{name}' is missing from recorded pass {i}: the passes differ")
+                parts.append(found[0])
+            merged = parts[0]
+            for q in parts[1:]:
+                merged = merged.cat(q)
+            out.append(merged)
+        return out
+
+    def packed(self, layers: LayerSelection = None) -> Tensor:
+        """Exact bit-packed patterns, ``(B, n_words)`` int64 (63 bits per word), on the patterns' device."""
+        pats = self.patterns(layers)
+        return pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+
+    def region_ids(self, layers: LayerSelection = None) -> Tensor:
+        """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
+        return region_keys(self.packed(layers))
+
+    def n_boundary(self, layers: LayerSelection = None) -> Tensor:
+        """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties)."""
+        pats = self.patterns(layers)
+        return torch.stack([p.n_boundary for p in pats]).sum(0)
+
+    def on_boundary(self, layers: LayerSelection = None) -> Tensor:
+        """``(B,)`` bool: the input lies on the boundary of its region (its map is one of several)."""
+        return self.n_boundary(layers) > 0
+
+    def __len__(self) -> int:
+        return sum(p[0].state.shape[0] for p in self.passes if p)
+
+    def __repr__(self) -> str:
+        return f"Recording(passes={len(self.passes)}, samples={len(self)}, layers={self.layer_names})"
+
+
+def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
+    """Resolve a layer selection against the ordered layer names."""
+    if layers is None:
+        return list(names)
+    if isinstance(layers, str):
+        layers = [layers]
+    if isinstance(layers, slice):
+        return names[layers]
+    if isinstance(layers, int):
+        return [names[layers]]
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise KeyError(f"unknown layer(s) {unknown}; recorded layers are {names}")
+    return list(layers)
+
+
+@contextmanager
+def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = None) -> Iterator[Recording]:
+    """Record the activation pattern of every piecewise-linear unit while ``model`` runs.
+
+    Hooks and the function mode are attached on entry and removed on exit, also when the block raises. The
+    model's outputs are bit-identical to a run without recording.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; recorded ops: ReLU (also in-place and functional), LeakyReLU, PReLU, ReLU6 / Hardtanh /
+        scalar clamps (three-state units), MaxPool1d/2d and adaptive max pools (argmax per window).
+    strict : bool
+        Raise :class:`~relu_regions.UnsupportedModuleError` when an input-dependent tensor meets an operation that
+        is not piecewise linear (sigmoid, GELU, softmax, LayerNorm, attention, products of two input-dependent
+        tensors, BatchNorm with batch statistics).
+    logits_at : str, optional
+        Module path whose output is the explained output (e.g. the layer before a softmax head); the forward
+        stops there while recording.
+
+    Examples
+    --------
+    >>> with relu_regions.record(model) as rec:
+    ...     logits = model(x)
+    >>> keys = rec.region_ids()
+    """
+    with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False) as s:
+        yield Recording(s)
+
+
+def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at: str | None = None,
+                 observe: Callable[[LayerPattern, Tensor], None] | None = None) -> tuple[Tensor, list[LayerPattern]]:
+    """Run ``model(x)`` once under recording; return the explained output and the pass's patterns."""
+    with _session(model, strict=strict, logits_at=logits_at, observe=observe) as s:
+        out = _call(model, x)
+        if s.current is not None:  # stopped at logits_at: the root hook did not close the pass yet
+            s.end_pass()
+    return out, s.passes[-1] if s.passes else []
+
+
+def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *, strict: bool = True,
+               logits_at: str | None = None,
+               observe: Callable[[LayerPattern, Tensor], None] | None = None) -> Tensor:
+    """Run ``model`` on ``z`` with every piecewise-linear unit frozen in its recorded state.
+
+    ``z`` may hold ``r`` replicas of the recorded batch (``r * B`` rows, replica-major).
+    """
+    with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
+        out = _call(model, z)
+        if s.current is not None:
+            s.end_pass()
+    return out
+
+
+def _call(model: nn.Module, x: Tensor) -> Tensor:
+    try:
+        out = model(x)
+    except _StopForward as stop:
+        out = stop.output
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}; expected a tensor (or pass logits_at=...)")
+    return out

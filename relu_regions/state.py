@@ -1,0 +1,45 @@
+"""Keeping the user's model exactly as it was: training flags, requires_grad, hooks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch.nn as nn
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+@contextmanager
+def preserved(model: nn.Module, eval_mode: bool = False):
+    """Restore every module's training flag, every parameter's requires_grad and every hook dict on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model.
+    eval_mode : bool
+        Switch the whole model to eval mode inside the block (BatchNorm uses running statistics, Dropout is the
+        identity, so the network is piecewise linear); the previous per-module flags come back on exit, also
+        after an exception.
+    """
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    hooks = [(m, name, dict(getattr(m, name))) for m in modules for name in _HOOK_DICTS if hasattr(m, name)]
+    try:
+        if eval_mode:
+            model.eval()
+        yield model
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for p, flag in grads:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for m, name, saved in hooks:
+            current = getattr(m, name)
+            if current.keys() != saved.keys():
+                current.clear()
+                current.update(saved)

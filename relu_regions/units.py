@@ -1,0 +1,299 @@
+"""Piecewise-linear units: how each one's state is read, counted at its boundary, and frozen.
+
+A *unit* is one scalar piecewise-linear nonlinearity (a ReLU on one pre-activation, one max-pool window, ...).
+Every supported operation is described by a :class:`UnitRule`: which torch functions it covers, how to read the
+state of every unit from the operation's input, and how to apply the operation with that state frozen, which
+turns the network into the affine map of the region.
+
+Convention: a ReLU unit is active iff its pre-activation is > 0, as autograd's ReLU'(0) = 0. A clamp / hardtanh
+unit is linear iff lo < z < hi. A max-pool unit's state is the flat index of the maximum (torch's tie-breaking).
+Units whose input sits exactly on a breakpoint are counted as *boundary* units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LayerPattern:
+    """The recorded state of one call of one piecewise-linear operation.
+
+    Attributes
+    ----------
+    name : str
+        Module path of the call (``"features.1"``), ``"<path>/<op>"`` for functional calls inside a module's
+        forward, with ``"#k"`` appended for the k-th repeated call (k >= 1).
+    kind : str
+        One of ``"relu"``, ``"leaky_relu"``, ``"prelu"``, ``"clamp"``, ``"maxpool"``.
+    state : Tensor
+        Per-unit state, shape ``(B, *unit_shape)``: bool for ReLU-like units, int8 0/1/2 (below/linear/above)
+        for clamps, int64 argmax indices for max-pools.
+    n_states : int
+        Number of possible states of one unit (used to pack keys).
+    n_boundary : Tensor
+        ``(B,)`` int64: units of this call whose input sits exactly on a breakpoint (ties for max-pools).
+    params : dict
+        Whatever is needed to replay the call with the state frozen (slopes, bounds, pooling geometry).
+    """
+
+    name: str
+    kind: str
+    state: Tensor
+    n_states: int
+    n_boundary: Tensor
+    params: dict = field(default_factory=dict)
+
+    @property
+    def unit_shape(self) -> tuple[int, ...]:
+        return tuple(self.state.shape[1:])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the operation's input (differs from ``unit_shape`` for pools)."""
+        return tuple(self.params.get("in_shape", self.unit_shape))
+
+    @property
+    def n_units(self) -> int:
+        return int(self.state[0].numel()) if self.state.shape[0] else int(torch.Size(self.unit_shape).numel())
+
+    @property
+    def bits_per_unit(self) -> int:
+        return max(1, int(self.n_states - 1).bit_length())
+
+    def int_state(self) -> Tensor:
+        """State as int64 in ``[0, n_states)``, shape ``(B, n_units)``."""
+        return self.state.reshape(self.state.shape[0], -1).to(torch.int64)
+
+    def cat(self, other: LayerPattern) -> LayerPattern:
+        """Concatenate two recordings of the same call along the batch."""
+        return LayerPattern(self.name, self.kind, torch.cat([self.state, other.state]), self.n_states,
+                            torch.cat([self.n_boundary, other.n_boundary]), self.params)
+
+    def to(self, device: torch.device | str) -> LayerPattern:
+        return LayerPattern(self.name, self.kind, self.state.to(device), self.n_states,
+                            self.n_boundary.to(device), self.params)
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _inplace(name: str, args: tuple, kwargs: dict, pos: int) -> bool:
+    return name.endswith("_") or bool(_arg(args, kwargs, pos, "inplace", False))
+
+
+def _write_back(z: Tensor, out: Tensor, params: dict) -> Tensor:
+    """Honour in-place semantics in the frozen replay (user code may rely on the input being modified)."""
+    if params.get("inplace") and not (z.is_leaf and z.requires_grad):
+        return z.copy_(out)
+    return out
+
+
+def _count(mask: Tensor) -> Tensor:
+    return mask.reshape(mask.shape[0], -1).sum(1)
+
+
+def _expand_state(state: Tensor, z: Tensor) -> Tensor:
+    """Repeat a ``(B, ...)`` state for an input batched as ``(r*B, ...)`` (replica-major)."""
+    r, rem = divmod(z.shape[0], state.shape[0])
+    if rem:
+        raise ValueError(f"batch {z.shape[0]} is not a multiple of the recorded batch {state.shape[0]}")
+    return state if r == 1 else state.repeat(r, *([1] * (state.dim() - 1)))
+
+
+class UnitRule:
+    """How one family of torch functions behaves as piecewise-linear units."""
+
+    kind: str = ""
+
+    def parse(self, func, args: tuple, kwargs: dict) -> tuple[Tensor, dict] | None:
+        """Return (input tensor, params) if this call is a piecewise-linear unit op, else None."""
+        raise NotImplementedError
+
+    def record(self, func, args: tuple, kwargs: dict, x: Tensor, params: dict) -> tuple[Any, Tensor, Tensor, int]:
+        """Run the call as the user wrote it; return (output, state, n_boundary, n_states)."""
+        raise NotImplementedError
+
+    def frozen(self, z: Tensor, pattern: LayerPattern, func, args: tuple, kwargs: dict) -> Any:
+        """Apply the call to ``z`` with the recorded state frozen (an affine function of z)."""
+        raise NotImplementedError
+
+
+class ReluRule(UnitRule):
+    kind = "relu"
+    _clamps = ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
+
+    def parse(self, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        if name in self._clamps:
+            lo = _arg(args, kwargs, 1, "min")
+            hi = _arg(args, kwargs, 2, "max") if "min" not in name else None
+            if hi is not None or isinstance(lo, Tensor) or lo is None or float(lo) != 0.0:
+                return None
+            return args[0], {"inplace": name.endswith("_")}
+        return args[0], {"inplace": _inplace(name, args, kwargs, 1)}
+
+    def record(self, func, args, kwargs, x, params):
+        state = x > 0
+        n_boundary = _count(x == 0)
+        return func(*args, **kwargs), state, n_boundary, 2
+
+    def frozen(self, z, pattern, func, args, kwargs):
+        return _write_back(z, z * _expand_state(pattern.state, z).to(z.dtype), pattern.params)
+
+
+class LeakyReluRule(UnitRule):
+    kind = "leaky_relu"
+
+    def parse(self, func, args, kwargs):
+        return args[0], {"slope": float(_arg(args, kwargs, 1, "negative_slope", 0.01)),
+                         "inplace": _inplace(getattr(func, "__name__", ""), args, kwargs, 2)}
+
+    def record(self, func, args, kwargs, x, params):
+        return func(*args, **kwargs), x > 0, _count(x == 0), 2
+
+    def frozen(self, z, pattern, func, args, kwargs):
+        s = _expand_state(pattern.state, z)
+        return _write_back(z, torch.where(s, z, z * pattern.params["slope"]), pattern.params)
+
+
+class PReluRule(UnitRule):
+    kind = "prelu"
+
+    def parse(self, func, args, kwargs):
+        return args[0], {}
+
+    def record(self, func, args, kwargs, x, params):
+        return func(*args, **kwargs), x > 0, _count(x == 0), 2
+
+    def frozen(self, z, pattern, func, args, kwargs):
+        w = _arg(args, kwargs, 1, "weight")
+        if w.numel() > 1 and z.dim() >= 2:
+            w = w.reshape(1, -1, *([1] * (z.dim() - 2)))
+        s = _expand_state(pattern.state, z)
+        return torch.where(s, z, z * w.to(z.dtype))
+
+
+class ClampRule(UnitRule):
+    """Hardtanh, ReLU6 and clamp with scalar bounds: three-state units (below, linear, above)."""
+
+    kind = "clamp"
+
+    def parse(self, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        if name in ("hardtanh", "hardtanh_"):
+            lo, hi = float(_arg(args, kwargs, 1, "min_val", -1.0)), float(_arg(args, kwargs, 2, "max_val", 1.0))
+            return args[0], {"lo": lo, "hi": hi, "inplace": _inplace(name, args, kwargs, 3)}
+        if name in ("relu6", "relu6_"):
+            return args[0], {"lo": 0.0, "hi": 6.0, "inplace": _inplace(name, args, kwargs, 1)}
+        else:  # clamp family: the ReLU rule has already taken clamp(min=0)
+            if "max" in name:  # clamp_max(input, max)
+                lo, hi = None, _arg(args, kwargs, 1, "max")
+            else:
+                lo = _arg(args, kwargs, 1, "min")
+                hi = None if "min" in name else _arg(args, kwargs, 2, "max")
+            if isinstance(lo, Tensor) or isinstance(hi, Tensor) or (lo is None and hi is None):
+                return None
+        lo = None if lo is None else float(lo)
+        hi = None if hi is None else float(hi)
+        return args[0], {"lo": lo, "hi": hi, "inplace": name.endswith("_")}
+
+    def record(self, func, args, kwargs, x, params):
+        lo, hi = params["lo"], params["hi"]
+        state = torch.ones_like(x, dtype=torch.int8)
+        boundary = torch.zeros_like(x, dtype=torch.bool)
+        if lo is not None:
+            state = torch.where(x <= lo, torch.zeros_like(state), state)
+            boundary |= x == lo
+        if hi is not None:
+            state = torch.where(x >= hi, torch.full_like(state, 2), state)
+            boundary |= x == hi
+        return func(*args, **kwargs), state, _count(boundary), 3
+
+    def frozen(self, z, pattern, func, args, kwargs):
+        s = _expand_state(pattern.state, z)
+        out = torch.where(s == 1, z, torch.zeros_like(z))
+        if pattern.params["lo"] is not None:
+            out = torch.where(s == 0, torch.full_like(z, pattern.params["lo"]), out)
+        if pattern.params["hi"] is not None:
+            out = torch.where(s == 2, torch.full_like(z, pattern.params["hi"]), out)
+        return _write_back(z, out, pattern.params)
+
+
+class MaxPoolRule(UnitRule):
+    """Max pooling (1d/2d, also adaptive): the flat argmax inside each window is the unit's state."""
+
+    kind = "maxpool"
+
+    def parse(self, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        adaptive = name.startswith("adaptive")
+        ri_pos = 2 if adaptive else 6
+        ret = "with_indices" in name or bool(_arg(args, kwargs, ri_pos, "return_indices", False))
+        params = {"fn": name, "dims": 1 if "1d" in name else 2, "return_indices": ret, "adaptive": adaptive}
+        if not adaptive:
+            def pair(v, default):
+                v = default if v is None else v
+                if isinstance(v, int):
+                    v = (v,) * params["dims"]
+                v = tuple(v)
+                return v if params["dims"] == 2 else (1,) + v
+            ks = pair(_arg(args, kwargs, 1, "kernel_size"), None)
+            st = _arg(args, kwargs, 2, "stride")
+            st = ks if st is None or (isinstance(st, (list, tuple)) and len(st) == 0) else pair(st, None)
+            params["geometry"] = (ks, st, pair(_arg(args, kwargs, 3, "padding", 0), 0),
+                                  pair(_arg(args, kwargs, 4, "dilation", 1), 1),
+                                  bool(_arg(args, kwargs, 5, "ceil_mode", False)))
+        return args[0], params
+
+    @staticmethod
+    def _with_indices(args, kwargs, params):
+        kw = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        if params["adaptive"]:
+            f = F.adaptive_max_pool1d if params["dims"] == 1 else F.adaptive_max_pool2d
+            return f(args[0], _arg(args, kw, 1, "output_size"), return_indices=True)
+        f = F.max_pool1d if params["dims"] == 1 else F.max_pool2d
+        kw.update({k: v for k, v in zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), args[1:6])})
+        return f(args[0], **kw, return_indices=True)
+
+    def record(self, func, args, kwargs, x, params):
+        out, idx = self._with_indices(args, kwargs, params)
+        result = (out, idx) if params["return_indices"] else out
+        return result, idx, self._ties(x, out, params), int(torch.Size(x.shape[-params["dims"]:]).numel())
+
+    @staticmethod
+    def _ties(x: Tensor, out: Tensor, params: dict) -> Tensor:
+        """Windows whose nonzero maximum is attained more than once (counted exactly from the unfolded windows)."""
+        zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        if params["adaptive"]:
+            return zero  # adaptive windows have no fixed geometry; ties are not counted
+        ks, st, pad, dil, _ = params["geometry"]
+        xx = x.detach()
+        if params["dims"] == 1:
+            xx = xx.unsqueeze(-2)
+        batch_shape = xx.shape[:-2]
+        xx = xx.reshape(-1, 1, *xx.shape[-2:])
+        if any(pad):  # unfold pads with 0, max-pool with -inf
+            xx = F.pad(xx, (pad[1], pad[1], pad[0], pad[0]), value=float("-inf"))
+        cols = F.unfold(xx, ks, dilation=dil, stride=st)  # (N, k, L)
+        m = out.detach().reshape(cols.shape[0], -1)
+        if m.shape[-1] != cols.shape[-1]:  # ceil_mode adds partial windows: not counted
+            return zero
+        # ties at exactly 0 are windows of inactive ReLUs: their affine functions coincide, no boundary there
+        ties = ((cols == m.unsqueeze(1)).sum(1) > 1) & (m != 0)
+        return ties.reshape(*batch_shape, -1).reshape(x.shape[0], -1).sum(1)
+
+    def frozen(self, z, pattern, func, args, kwargs):
+        idx = _expand_state(pattern.state, z)
+        d = pattern.params["dims"]
+        out = z.flatten(-d).gather(-1, idx.flatten(-d)).view(idx.shape)
+        return (out, idx) if pattern.params["return_indices"] else out
