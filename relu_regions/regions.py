@@ -1,0 +1,551 @@
+"""How a network partitions a data set into activation regions: streaming, mergeable statistics.
+
+:class:`RegionStats` consumes batches of region keys (from :meth:`Recording.region_ids` or
+:attr:`AffineMap.region_ids`) with true and predicted labels and keeps, per region, only sums and histograms, so its
+memory is O(number of regions) — never O(samples × units). Two objects built on disjoint parts of a data set
+:meth:`~RegionStats.merge` into exactly the object built on the whole (counts and histograms are integers; sums of
+inputs / contributions are float64, equal up to summation order).
+
+Region counts vs. affine-map counts
+-----------------------------------
+A *region* is a distinct activation pattern. Two different patterns can give the same affine map (for example when
+a unit is inactive in a layer whose output is multiplied by zero downstream, or differs only in a dead unit), so
+the number of distinct affine maps is at most the number of regions and usually smaller. Pass keys from
+:func:`affine_map_keys` under their own granularity name to count maps; do not read region counts as map counts.
+
+Definitions (Re3 paper and the clustering-based-interpretation paper)
+---------------------------------------------------------------------
+- size: samples in the region; purity: share of its majority *true* class; a region is *confused* when its purity
+  is below ``purity_threshold`` (0.7 as in Re3).
+- top-k coverage: share of the samples of each class that fall in that class's k largest regions (regions counted
+  for the class by their majority true label), averaged over samples — i.e. ``sum_c covered_c / N``.
+- overlap(other): share of the samples of ``other`` whose region also occurs in ``self`` (train-vs-test similarity:
+  ``train.overlap(test)``); :meth:`similar_regions` gives the region counts (similar = also in self).
+- mean contribution profile of region r for class c: mean over its samples of ``A_r[c] ⊙ x`` (Re3 Algorithm 4),
+  from the ``contributions`` passed to :meth:`update`.
+- cluster table (binary tasks, clustering-based-interpretation paper): support, positive rate, average instance and
+  mean effective weights (feature importance) per region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .recording import LayerSelection
+
+Tensor = torch.Tensor
+
+DEFAULT = "full"
+
+
+def affine_map_keys(A: Tensor, d: Tensor, decimals: int = 6) -> Tensor:
+    """``(B,)`` int64 keys of the affine maps ``(A, d)`` rounded to ``decimals`` (equal maps -> equal keys).
+
+    Rounding makes maps that differ only by floating-point noise count as one; maps that differ by less than
+    ``10**-decimals`` but are not equal may merge, and equal maps straddling a rounding edge may split: the count
+    is exact only up to that resolution (say so when reporting it).
+    """
+    from .keys import _mix
+
+    b = A.shape[0]
+    flat = torch.cat([A.reshape(b, -1), d.reshape(b, -1)], 1).to(torch.float64)
+    q = torch.round(flat * 10.0 ** decimals)
+    q = torch.where(q == 0, torch.zeros_like(q), q)  # -0.0 and 0.0 must hash alike
+    words = q.to(torch.int64)
+    h = torch.full((b,), 0x1234567, dtype=torch.int64, device=A.device)
+    for i in range(words.shape[1]):
+        h = _mix(h ^ _mix(words[:, i] + (i + 1) * 0x9E3779B9))
+    return h
+
+
+class _Table:
+    """Per-region accumulators of one granularity (rows indexed in order of first appearance)."""
+
+    def __init__(self, n_classes: int):
+        self.c = n_classes
+        self.index: dict[int, int] = {}
+        self.keys: list[int] = []
+        self.count = torch.zeros(0, dtype=torch.int64)
+        self.true = torch.zeros(0, n_classes, dtype=torch.int64)
+        self.pred = torch.zeros(0, n_classes, dtype=torch.int64)
+        self.sums: dict[str, Tensor] = {}  # name -> (R, ...) float64
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _grow(self, new_keys: list[int]) -> None:
+        for k in new_keys:
+            self.index[k] = len(self.keys)
+            self.keys.append(k)
+        n = len(new_keys)
+        self.count = torch.cat([self.count, torch.zeros(n, dtype=torch.int64)])
+        self.true = torch.cat([self.true, torch.zeros(n, self.c, dtype=torch.int64)])
+        self.pred = torch.cat([self.pred, torch.zeros(n, self.c, dtype=torch.int64)])
+        for name, s in self.sums.items():
+            self.sums[name] = torch.cat([s, torch.zeros(n, *s.shape[1:], dtype=s.dtype)])
+
+    def rows(self, keys: Tensor) -> Tensor:
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        ul = uniq.tolist()
+        new = [k for k in ul if k not in self.index]
+        if new:
+            self._grow(new)
+        pos = torch.tensor([self.index[k] for k in ul], dtype=torch.int64)
+        return pos[inv]
+
+    def add(self, rows: Tensor, y_true: Tensor, y_pred: Tensor, sums: Mapping[str, Tensor]) -> None:
+        n = len(self)
+        self.count += torch.bincount(rows, minlength=n)
+        self.true += torch.bincount(rows * self.c + y_true, minlength=n * self.c).view(n, self.c)
+        self.pred += torch.bincount(rows * self.c + y_pred, minlength=n * self.c).view(n, self.c)
+        for name, v in sums.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(n, *v.shape[1:], dtype=torch.float64)
+            self.sums[name].index_add_(0, rows, v.to(torch.float64))
+
+    def merge(self, other: _Table) -> None:
+        rows = self.rows(torch.tensor(other.keys, dtype=torch.int64))
+        n = len(self)
+        self.count.index_add_(0, rows, other.count)
+        self.true.index_add_(0, rows, other.true)
+        self.pred.index_add_(0, rows, other.pred)
+        for name, v in other.sums.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(n, *v.shape[1:], dtype=torch.float64)
+            self.sums[name].index_add_(0, rows, v)
+
+    def state(self) -> dict[str, Any]:
+        return {"keys": torch.tensor(self.keys, dtype=torch.int64), "count": self.count.clone(),
+                "true": self.true.clone(), "pred": self.pred.clone(),
+                "sums": {k: v.clone() for k, v in self.sums.items()}}
+
+    @classmethod
+    def from_state(cls, n_classes: int, st: Mapping[str, Any]) -> _Table:
+        t = cls(n_classes)
+        t.keys = [int(k) for k in st["keys"].tolist()]
+        t.index = {k: i for i, k in enumerate(t.keys)}
+        t.count = st["count"].clone()
+        t.true = st["true"].clone()
+        t.pred = st["pred"].clone()
+        t.sums = {k: v.clone() for k, v in st["sums"].items()}
+        return t
+
+
+class RegionStats:
+    """Streaming, mergeable statistics of activation regions over a data set.
+
+    Parameters
+    ----------
+    n_classes : int
+        Number of classes (labels are integers in ``[0, n_classes)``; use 2 for binary tasks).
+    layers : selection, optional
+        Layers whose joint pattern defines the default granularity ``"full"`` (None = all layers), used by
+        :meth:`update_from_recording`.
+    granularities : dict name -> selection, optional
+        Further granularities, e.g. ``{"last2": slice(-2, None), "fc1": "head.1"}``; each keeps its own table.
+        ``"full"`` is always present.
+    keep_inputs : bool
+        Keep the per-region sum of inputs (mean input / average instance); memory O(regions × features).
+    keep_contributions : bool
+        Keep per-region sums of the contributions ``A[c] ⊙ x`` (``(B, K, *input)``) and, when given, of the
+        effective weights ``A`` (for the cluster table), for the default granularity only.
+    purity_threshold : float
+        Regions with purity below this are flagged as confused (0.7 as in Re3).
+
+    Examples
+    --------
+    >>> stats = RegionStats(n_classes=10)
+    >>> with relu_regions.record(model) as rec:
+    ...     for x, y in loader:
+    ...         stats.update_from_recording(rec, y, model(x).argmax(1))
+    ...         rec.clear()
+    >>> stats.summary()["regions"].head()
+    """
+
+    def __init__(self, n_classes: int, layers: LayerSelection = None,
+                 granularities: Mapping[str, LayerSelection] | None = None, keep_inputs: bool = False,
+                 keep_contributions: bool = False, purity_threshold: float = 0.7):
+        if not isinstance(n_classes, int) or n_classes < 1:
+            raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+        if not 0.0 <= purity_threshold <= 1.0:
+            raise ValueError(f"purity_threshold must lie in [0, 1], got {purity_threshold}")
+        self.n_classes = n_classes
+        self.layers = layers
+        self.granularities: dict[str, LayerSelection] = {DEFAULT: layers}
+        for name, sel in (granularities or {}).items():
+            if name == DEFAULT and sel != layers:
+                raise ValueError("granularity 'full' is defined by `layers`; choose another name")
+            self.granularities[name] = sel
+        self.keep_inputs = keep_inputs
+        self.keep_contributions = keep_contributions
+        self.purity_threshold = float(purity_threshold)
+        self.tables: dict[str, _Table] = {}
+        self.n_samples = 0
+        self.n_correct = 0
+        self.unit_active: dict[str, Tensor] = {}  # layer name -> (units,) int64 active counts
+        self.unit_samples: dict[str, int] = {}
+        self.top_contributor = None  # (features,) int64: how often each feature is the top contributor
+
+    # ---------------------------------------------------------------------------------------------- updates
+    def _table(self, name: str) -> _Table:
+        if name not in self.tables:
+            self.tables[name] = _Table(self.n_classes)
+        return self.tables[name]
+
+    def _labels(self, y: Tensor, what: str, b: int) -> Tensor:
+        y = torch.as_tensor(y).detach().reshape(-1).to("cpu", torch.int64)
+        if y.numel() != b:
+            raise ValueError(f"{what} has {y.numel()} entries for {b} keys")
+        if b and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            raise ValueError(f"{what} must hold class indices in [0, {self.n_classes}); "
+                             f"got {int(y.min())}..{int(y.max())}")
+        return y
+
+    def update(self, keys: Tensor | Mapping[str, Tensor], y_true: Tensor, y_pred: Tensor, inputs: Tensor | None = None,
+               contributions: Tensor | None = None, weights: Tensor | None = None) -> RegionStats:
+        """Add one batch.
+
+        Parameters
+        ----------
+        keys : Tensor or dict name -> Tensor
+            ``(B,)`` int64 region keys of the default granularity, or one ``(B,)`` tensor per granularity name.
+        y_true, y_pred : Tensor
+            ``(B,)`` class indices (for a binary sigmoid model, ``y_pred = (logit > 0)``).
+        inputs : Tensor, optional
+            ``(B, *input_shape)``, summed per region when ``keep_inputs``.
+        contributions : Tensor, optional
+            ``(B, K, *input_shape)`` contributions ``A[k] ⊙ x`` (or ``(B, *input_shape)`` for one output), summed
+            per region when ``keep_contributions``; also counts each sample's top contributor (largest
+            contribution to its predicted class, or to the single output).
+        weights : Tensor, optional
+            ``(B, K, *input_shape)`` effective weights ``A`` (mean effective weights = feature importance of the
+            clustering paper), summed per region when ``keep_contributions``.
+        """
+        if not isinstance(keys, Mapping):
+            keys = {DEFAULT: keys}
+        unknown = [k for k in keys if k not in self.granularities and k != DEFAULT]
+        for k in unknown:  # ad-hoc granularities (e.g. affine-map keys) are accepted and kept
+            self.granularities[k] = None
+        sizes = {k: int(torch.as_tensor(v).numel()) for k, v in keys.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"keys of different granularities have different batch sizes: {sizes}")
+        b = next(iter(sizes.values()))
+        yt = self._labels(y_true, "y_true", b)
+        yp = self._labels(y_pred, "y_pred", b)
+        sums: dict[str, Tensor] = {}
+        if self.keep_inputs and inputs is not None:
+            sums["inputs"] = inputs.detach().reshape(b, -1).cpu()
+        if contributions is not None:
+            c = contributions.detach().cpu()
+            c = c.reshape(b, 1, -1) if c.dim() == 2 else c.reshape(b, c.shape[1], -1)
+            if self.keep_contributions:
+                sums["contributions"] = c
+            sel = yp.clamp(max=c.shape[1] - 1) if c.shape[1] > 1 else torch.zeros(b, dtype=torch.int64)
+            top = c[torch.arange(b), sel].argmax(1)
+            counts = torch.bincount(top, minlength=c.shape[2])
+            self.top_contributor = counts if self.top_contributor is None else self.top_contributor + counts
+        if self.keep_contributions and weights is not None:
+            w = weights.detach().cpu()
+            sums["weights"] = w.reshape(b, 1, -1) if w.dim() == 2 else w.reshape(b, w.shape[1], -1)
+        for name, k in keys.items():
+            k = torch.as_tensor(k).detach().reshape(-1).to("cpu", torch.int64)
+            table = self._table(name)
+            table.add(table.rows(k), yt, yp, sums if name == DEFAULT else
+                      ({"inputs": sums["inputs"]} if "inputs" in sums else {}))
+        self.n_samples += b
+        self.n_correct += int((yt == yp).sum())
+        return self
+
+    def update_from_recording(self, rec, y_true: Tensor, y_pred: Tensor, inputs: Tensor | None = None,
+                              contributions: Tensor | None = None, weights: Tensor | None = None) -> RegionStats:
+        """Add the samples of a :class:`~relu_regions.Recording` (all its passes) with keys for every granularity.
+
+        Also counts neuron activation frequencies (Re3 §5.3) of the recorded ReLU-like layers. Call
+        ``rec.clear()`` afterwards when streaming.
+        """
+        keys = {name: rec.region_ids(sel) for name, sel in self.granularities.items()}
+        for p in rec.patterns(self.layers):
+            if p.kind in ("relu", "leaky_relu", "prelu"):
+                act = p.state.reshape(p.state.shape[0], -1).to("cpu", torch.int64).sum(0)
+                self.unit_active[p.name] = act if p.name not in self.unit_active else self.unit_active[p.name] + act
+                self.unit_samples[p.name] = self.unit_samples.get(p.name, 0) + p.state.shape[0]
+        return self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
+
+    def merge(self, other: RegionStats) -> RegionStats:
+        """Add the statistics of ``other`` (built on disjoint samples) into ``self``; returns ``self``."""
+        if not isinstance(other, RegionStats):
+            raise TypeError(f"can only merge RegionStats, got {type(other).__name__}")
+        if other.n_classes != self.n_classes:
+            raise ValueError(f"n_classes differ: {self.n_classes} vs {other.n_classes}")
+        for name, t in other.tables.items():
+            self.granularities.setdefault(name, other.granularities.get(name))
+            self._table(name).merge(t)
+        for name, v in other.unit_active.items():
+            self.unit_active[name] = v.clone() if name not in self.unit_active else self.unit_active[name] + v
+            self.unit_samples[name] = self.unit_samples.get(name, 0) + other.unit_samples[name]
+        if other.top_contributor is not None:
+            self.top_contributor = (other.top_contributor.clone() if self.top_contributor is None
+                                    else self.top_contributor + other.top_contributor)
+        self.n_samples += other.n_samples
+        self.n_correct += other.n_correct
+        return self
+
+    # ---------------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and Python values (picklable; for ``all_gather_object`` and checkpoints)."""
+        return {
+            "n_classes": self.n_classes, "layers": _plain_sel(self.layers),
+            "granularities": {k: _plain_sel(v) for k, v in self.granularities.items()},
+            "keep_inputs": self.keep_inputs, "keep_contributions": self.keep_contributions,
+            "purity_threshold": self.purity_threshold, "n_samples": self.n_samples, "n_correct": self.n_correct,
+            "tables": {k: t.state() for k, t in self.tables.items()},
+            "unit_active": {k: v.clone() for k, v in self.unit_active.items()},
+            "unit_samples": dict(self.unit_samples),
+            "top_contributor": None if self.top_contributor is None else self.top_contributor.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> RegionStats:
+        """Replace this object's contents with ``state`` (from :meth:`state_dict`); returns ``self``."""
+        if int(state["n_classes"]) != self.n_classes:
+            raise ValueError(f"state has n_classes={state['n_classes']}, this object {self.n_classes}")
+        self.layers = _from_plain_sel(state["layers"])
+        self.granularities = {k: _from_plain_sel(v) for k, v in state["granularities"].items()}
+        self.keep_inputs = bool(state["keep_inputs"])
+        self.keep_contributions = bool(state["keep_contributions"])
+        self.purity_threshold = float(state["purity_threshold"])
+        self.n_samples = int(state["n_samples"])
+        self.n_correct = int(state["n_correct"])
+        self.tables = {k: _Table.from_state(self.n_classes, t) for k, t in state["tables"].items()}
+        self.unit_active = {k: v.clone() for k, v in state["unit_active"].items()}
+        self.unit_samples = dict(state["unit_samples"])
+        tc = state["top_contributor"]
+        self.top_contributor = None if tc is None else tc.clone()
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> RegionStats:
+        return cls(int(state["n_classes"])).load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------- queries
+    def _get(self, granularity: str) -> _Table:
+        if granularity not in self.tables:
+            if granularity in self.granularities:
+                return _Table(self.n_classes)
+            raise KeyError(f"unknown granularity {granularity!r}; known: {list(self.granularities)}")
+        return self.tables[granularity]
+
+    def n_regions(self, granularity: str = DEFAULT) -> int:
+        """Number of distinct regions (activation patterns) seen at this granularity."""
+        return len(self._get(granularity))
+
+    def region_keys(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R,)`` region keys in order of first appearance (row order of every per-region tensor)."""
+        return torch.tensor(self._get(granularity).keys, dtype=torch.int64)
+
+    def sizes(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R,)`` samples per region."""
+        return self._get(granularity).count.clone()
+
+    def class_histograms(self, granularity: str = DEFAULT, which: str = "true") -> Tensor:
+        """``(R, C)`` true (``which="true"``) or predicted (``"pred"``) class counts per region."""
+        t = self._get(granularity)
+        if which not in ("true", "pred"):
+            raise ValueError(f"which must be 'true' or 'pred', got {which!r}")
+        return (t.true if which == "true" else t.pred).clone()
+
+    def purity(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R,)`` share of each region's majority true class."""
+        t = self._get(granularity)
+        return t.true.amax(1).to(torch.float64) / t.count.clamp(min=1).to(torch.float64)
+
+    def majority_class(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R,)`` majority true class per region (lowest index on ties)."""
+        return self._get(granularity).true.argmax(1)
+
+    def confused(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R,)`` bool: purity below ``purity_threshold``."""
+        return self.purity(granularity) < self.purity_threshold
+
+    def mean_purity(self, granularity: str = DEFAULT, weighted: bool = False) -> float:
+        """Mean purity over regions (``weighted=True``: over samples, i.e. weighted by region size)."""
+        t = self._get(granularity)
+        if not len(t):
+            return float("nan")
+        p = self.purity(granularity)
+        if weighted:
+            return float((p * t.count).sum() / t.count.sum())
+        return float(p.mean())
+
+    def confusion_share(self, granularity: str = DEFAULT, weighted: bool = False) -> float:
+        """Share of regions flagged confused (``weighted=True``: share of samples in confused regions)."""
+        t = self._get(granularity)
+        if not len(t):
+            return float("nan")
+        c = self.confused(granularity)
+        if weighted:
+            return float(t.count[c].sum() / t.count.sum())
+        return float(c.to(torch.float64).mean())
+
+    def coverage(self, top: int = 1, granularity: str = DEFAULT) -> float:
+        """Share of samples lying in their class's ``top`` largest regions.
+
+        Regions are assigned to their majority true class; for each class the ``top`` largest regions are taken
+        and the samples of that class inside them are counted (Re3 "top-1 / top-C coverage").
+        """
+        t = self._get(granularity)
+        if not len(t) or self.n_samples == 0:
+            return float("nan")
+        maj = t.true.argmax(1)
+        covered = 0
+        for c in range(self.n_classes):
+            idx = (maj == c).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            own = t.true[idx, c]
+            order = torch.argsort(t.count[idx], descending=True, stable=True)[:top]
+            covered += int(own[order].sum())
+        return covered / self.n_samples
+
+    def overlap(self, other: RegionStats, granularity: str = DEFAULT) -> float:
+        """Share of the samples of ``other`` whose region also occurs in ``self``."""
+        mine = self._get(granularity).index
+        t = other._get(granularity)
+        if not len(t):
+            return float("nan")
+        hit = torch.tensor([k in mine for k in t.keys], dtype=torch.bool)
+        return float(t.count[hit].sum()) / float(t.count.sum())
+
+    def similar_regions(self, other: RegionStats, granularity: str = DEFAULT) -> dict[str, int]:
+        """Re3 Table 2: regions of ``other`` that also occur in ``self`` (similar) or not (dissimilar)."""
+        mine = self._get(granularity).index
+        keys = other._get(granularity).keys
+        similar = sum(k in mine for k in keys)
+        return {"similar": similar, "dissimilar": len(keys) - similar}
+
+    def mean_inputs(self, granularity: str = DEFAULT) -> Tensor:
+        """``(R, D)`` mean (flattened) input per region; needs ``keep_inputs=True``."""
+        return self._mean(granularity, "inputs", "keep_inputs=True and inputs=")
+
+    def mean_contributions(self) -> Tensor:
+        """``(R, K, D)`` mean contribution ``A_r[k] ⊙ x`` per region (Re3 Algorithm 4), default granularity."""
+        return self._mean(DEFAULT, "contributions", "keep_contributions=True and contributions=")
+
+    def mean_weights(self) -> Tensor:
+        """``(R, K, D)`` mean effective weights per region (feature importance of the clustering paper)."""
+        return self._mean(DEFAULT, "weights", "keep_contributions=True and weights=")
+
+    def _mean(self, granularity: str, name: str, hint: str) -> Tensor:
+        t = self._get(granularity)
+        if name not in t.sums:
+            raise RuntimeError(f"no per-region {name} were kept: pass {hint}... to update()")
+        s = t.sums[name]
+        return s / t.count.clamp(min=1).to(s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
+
+    def activation_frequencies(self) -> dict[str, Tensor]:
+        """Per ReLU-like layer, ``(units,)`` share of samples in which each unit is active (Re3 §5.3)."""
+        return {k: v.to(torch.float64) / max(1, self.unit_samples[k]) for k, v in self.unit_active.items()}
+
+    def top_contributor_frequencies(self) -> Tensor | None:
+        """``(D,)`` share of samples whose largest contribution (to the predicted class) comes from feature i."""
+        if self.top_contributor is None:
+            return None
+        return self.top_contributor.to(torch.float64) / max(1, int(self.top_contributor.sum()))
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n_samples if self.n_samples else float("nan")
+
+    # ------------------------------------------------------------------------------------------- reports
+    def summary(self, granularity: str = DEFAULT, feature_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Tidy pandas tables.
+
+        Returns
+        -------
+        dict with
+            ``"overview"``: one row per granularity (regions, samples, mean purity, confused share, coverage);
+            ``"regions"``: one row per region of ``granularity`` (key, size, majority class, purity, confused,
+            true/pred counts ``true_<c>`` / ``pred_<c>``), sorted by size;
+            ``"clusters"`` (binary tasks with inputs / weights kept): support, positive rate, average instance
+            ``x_<feature>`` and mean effective weights ``w_<feature>`` per region.
+        """
+        import pandas as pd
+
+        rows = []
+        for name in self.granularities:
+            t = self._get(name)
+            rows.append({"granularity": name, "regions": len(t), "samples": int(t.count.sum()),
+                         "mean_purity": self.mean_purity(name), "confused_share": self.confusion_share(name),
+                         "top1_coverage": self.coverage(1, name),
+                         f"top{self.n_classes}_coverage": self.coverage(self.n_classes, name)})
+        overview = pd.DataFrame(rows)
+        t = self._get(granularity)
+        reg = pd.DataFrame({"key": t.keys, "size": t.count.tolist(),
+                            "majority": t.true.argmax(1).tolist() if len(t) else [],
+                            "purity": self.purity(granularity).tolist(),
+                            "confused": self.confused(granularity).tolist()})
+        for c in range(self.n_classes):
+            reg[f"true_{c}"] = t.true[:, c].tolist()
+        for c in range(self.n_classes):
+            reg[f"pred_{c}"] = t.pred[:, c].tolist()
+        reg = reg.sort_values("size", ascending=False, kind="stable").reset_index(drop=True)
+        out: dict[str, Any] = {"overview": overview, "regions": reg}
+        if self.n_classes == 2 and len(t):
+            cl = pd.DataFrame({"key": t.keys, "support": t.count.tolist(),
+                               "positive_rate": (t.true[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist(),
+                               "predicted_positive_rate":
+                                   (t.pred[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist()})
+            for name, prefix in (("inputs", "x_"), ("weights", "w_")):
+                if name in t.sums and (granularity == DEFAULT or name == "inputs"):
+                    m = self._mean(granularity, name, "")
+                    m = m.reshape(m.shape[0], -1) if name == "inputs" else m[:, -1]
+                    names = list(feature_names) if feature_names is not None else [str(i) for i in
+                                                                                     range(m.shape[1])]
+                    for i, fn in enumerate(names[: m.shape[1]]):
+                        cl[prefix + fn] = m[:, i].tolist()
+            out["clusters"] = cl.sort_values("support", ascending=False, kind="stable").reset_index(drop=True)
+        return out
+
+    def to_markdown(self, granularity: str = DEFAULT, max_regions: int = 20) -> str:
+        """A Markdown report: the overview table and the ``max_regions`` largest regions."""
+        s = self.summary(granularity)
+        parts = [f"RegionStats: {self.n_samples} samples, accuracy {self.accuracy:.4f}", "",
+                 markdown_table(s["overview"]), "",
+                 f"Largest regions ({granularity}):", "",
+                 markdown_table(s["regions"].head(max_regions))]
+        return "\n".join(parts)
+
+    def __repr__(self) -> str:
+        regs = ", ".join(f"{k}={self.n_regions(k)}" for k in self.granularities)
+        return f"RegionStats(samples={self.n_samples}, classes={self.n_classes}, regions: {regs})"
+
+
+def markdown_table(df, floatfmt: str = ".4g") -> str:
+    """A pandas DataFrame as a GitHub Markdown table (no dependency on ``tabulate``)."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v)
+
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _plain_sel(sel: LayerSelection) -> Any:
+    if isinstance(sel, slice):
+        return {"slice": (sel.start, sel.stop, sel.step)}
+    if isinstance(sel, (list, tuple)):
+        return list(sel)
+    return sel
+
+
+def _from_plain_sel(v: Any) -> LayerSelection:
+    if isinstance(v, dict) and "slice" in v:
+        return slice(*v["slice"])
+    return v
