@@ -1,0 +1,747 @@
+"""Explaining cluster assignments: neuralized k-means and NEON (neuralization-propagation).
+
+Following Kauffmann et al., "From Clustering to Cluster Explanations via Neural Networks": a k-means model is
+rewritten *exactly* as a small network whose output ``f_c(x)`` is positive iff ``x`` is assigned to cluster ``c``,
+
+    h_ck(x) = ‖x − μ_k‖² − ‖x − μ_c‖² = w_ckᵀx + b_ck,   w_ck = 2(μ_c − μ_k),  b_ck = ‖μ_k‖² − ‖μ_c‖²
+    f_c(x)  = min_{k≠c} h_ck(x)                    (hard; or the soft-min with stiffness β)
+
+and explained by NEON: min-take-most pooling ``R_k = softmin_β(h)_k · f_c`` over competitors, then the midpoint
+rule ``R_i = Σ_k (x_i − m_ki) w_cki / h_ck · R_k`` with ``m_k = (μ_c + μ_k)/2``. Because ``(x − m_k)ᵀw_ck = h_ck``
+exactly, ``Σ_i R_i = f_c`` (conservation) holds as an algebraic identity, not by construction of a remainder.
+
+Also here:
+
+- :class:`KernelKMeans` (Gaussian kernel) and :class:`NeuralizedKernelKMeans`: the kernel model's log-density
+  ratio written as linear layer → soft-min pooling over the competitor's support vectors → soft-max pooling over
+  the cluster's own support vectors (log-mean-exp with weights ``1/|C|``) → min over competitors. Exact.
+- :class:`DeepKMeans`: k-means on a ReLU network's hidden representation; the cluster score is affine in the
+  input inside the input's activation region (the engine's :func:`~relu_regions.affine_map`), and NEON relevance
+  is propagated to the input through that exact map.
+- :func:`insertion_curve`: the paper's evaluation (insert the most relevant features first, fill the rest from
+  the data, track cluster membership) with the baselines random, (x − x̃)², (∇f)² and integrated gradients.
+- :func:`group_regions`: a parsimonious partition of a data set's activation regions into a user-chosen number of
+  groups (k-means on per-region mean representations), with NEON explanations of each group's membership.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "DeepKMeans",
+    "InsertionResult",
+    "KernelKMeans",
+    "NeonResult",
+    "NeuralizedKMeans",
+    "NeuralizedKernelKMeans",
+    "RegionGroups",
+    "baseline_relevance",
+    "default_beta",
+    "group_regions",
+    "insertion_curve",
+    "neon",
+    "neuralize_kmeans",
+]
+
+
+def _tensor(x: Any, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    return t.to(dtype=dtype or t.dtype, device=device)
+
+
+def _check_2d(x: Tensor, n_features: int, name: str = "x") -> None:
+    if x.dim() != 2 or x.shape[1] != n_features:
+        raise ValueError(f"{name} must have shape (N, {n_features}); got {tuple(x.shape)}")
+
+
+def _softmin_pool(h: Tensor, beta: float | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Min over the last axis (hard when beta is None, else −β⁻¹ log Σ exp(−βh)) and the pooling weights.
+
+    ``mask`` (broadcastable, bool) marks the entries that take part. Weights are the soft-min distribution
+    ``softmax(−βh)``; for the hard min (β = None) they are one-hot on the argmin (min-take-all).
+    """
+    if mask is not None:
+        h = h.masked_fill(~mask, float("inf"))
+    if beta is None:
+        val, idx = h.min(-1)
+        w = torch.zeros_like(h).scatter_(-1, idx.unsqueeze(-1), 1.0)
+        return val, w
+    val = -torch.logsumexp(-beta * h, -1) / beta
+    return val, torch.softmax(-beta * h, -1)
+
+
+# --- k-means ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeonResult:
+    """A NEON explanation of cluster membership.
+
+    Attributes
+    ----------
+    relevance : Tensor
+        ``(N, *input_shape)``; ``relevance.sum() == score`` per sample up to rounding (conservation).
+    score : Tensor
+        ``(N,)`` the explained cluster score ``f_c(x)`` (positive iff x belongs to c for the hard score).
+    cluster : Tensor
+        ``(N,)`` the explained cluster ``c``.
+    competitor_relevance : Tensor
+        ``(N, K)`` the share ``R_k`` of each competitor cluster (0 at ``k == c``); sums to ``score``.
+    hidden_relevance : Tensor or None
+        For :class:`DeepKMeans`: ``(N, F)`` NEON relevance of the hidden features.
+    """
+
+    relevance: Tensor
+    score: Tensor
+    cluster: Tensor
+    competitor_relevance: Tensor
+    hidden_relevance: Tensor | None = None
+
+    def conservation_error(self) -> Tensor:
+        """``(N,)`` |Σ_i R_i − f_c|."""
+        return (self.relevance.reshape(len(self.score), -1).sum(1) - self.score).abs()
+
+
+@dataclass
+class NeuralizedKMeans:
+    """A k-means model rewritten as a network: a linear layer ``h_ck = w_ckᵀx + b_ck`` and min-pooling.
+
+    Parameters
+    ----------
+    centroids : Tensor
+        ``(K, D)`` cluster centres (``KMeans.cluster_centers_``). Computations run in the input's dtype/device.
+    """
+
+    centroids: Tensor
+
+    def __post_init__(self):
+        self.centroids = _tensor(self.centroids)
+        if self.centroids.dim() != 2 or self.centroids.shape[0] < 2:
+            raise ValueError(f"centroids must have shape (K >= 2, D); got {tuple(self.centroids.shape)}")
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.centroids.shape[1]
+
+    def weights(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """``W`` ``(K, K, D)`` with ``W[c, k] = 2(μ_c − μ_k)`` and ``b`` ``(K, K)`` with ``‖μ_k‖² − ‖μ_c‖²``."""
+        mu = self.centroids.to(dtype=dtype or self.centroids.dtype, device=device)
+        sq = (mu * mu).sum(1)
+        return 2 * (mu[:, None, :] - mu[None, :, :]), sq[None, :] - sq[:, None]
+
+    def competitors(self, x: Tensor) -> Tensor:
+        """``(N, K, K)`` the linear layer: ``h[n, c, k] = w_ckᵀx_n + b_ck`` (``h[n, c, c] = 0``)."""
+        x = _tensor(x)
+        _check_2d(x, self.n_features)
+        w, b = self.weights(x.dtype, x.device)
+        return torch.einsum("ckd,nd->nck", w, x) + b
+
+    def logits(self, x: Tensor, beta: float | None = None) -> Tensor:
+        """``(N, K)`` cluster scores ``f_c(x) = min_{k≠c} h_ck(x)`` (hard) or the soft-min with stiffness β."""
+        h = self.competitors(x)
+        eye = torch.eye(self.n_clusters, dtype=torch.bool, device=h.device)
+        return _softmin_pool(h, beta, ~eye)[0]
+
+    def predict(self, x: Tensor) -> Tensor:
+        """``(N,)`` the cluster with positive hard score (= nearest centroid)."""
+        return self.logits(x).argmax(1)
+
+    def module(self) -> nn.Module:
+        """The hard neuralized model as a piecewise-linear ``nn.Module`` (Linear, then min = −maxpool(−·)).
+
+        Its output is ``(N, K)`` cluster scores; the engine (:func:`~relu_regions.affine_map`) can explain it.
+        """
+        return _KMeansNet(self.centroids)
+
+
+class _KMeansNet(nn.Module):
+    def __init__(self, centroids: Tensor):
+        super().__init__()
+        k, d = centroids.shape
+        w, b = NeuralizedKMeans(centroids).weights()
+        keep = ~torch.eye(k, dtype=torch.bool)
+        self.k = k
+        self.linear = nn.Linear(d, k * (k - 1)).to(centroids.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(w[keep])  # (K(K-1), D), rows ordered by c then k
+            self.linear.bias.copy_(b[keep])
+        self.pool = nn.MaxPool1d(k - 1)
+
+    def forward(self, x):
+        h = self.linear(x).reshape(x.shape[0], self.k, self.k - 1)
+        return -self.pool(-h).squeeze(-1)  # min over competitors, as a max-pool the engine records
+
+
+def neuralize_kmeans(kmeans: Any) -> NeuralizedKMeans:
+    """Build the neuralized model from a fitted ``sklearn.cluster.KMeans`` (or a ``(K, D)`` centroid array).
+
+    Raises
+    ------
+    ValueError
+        If ``kmeans`` is not fitted or has fewer than two clusters.
+    """
+    if hasattr(kmeans, "cluster_centers_"):
+        return NeuralizedKMeans(torch.as_tensor(np.asarray(kmeans.cluster_centers_, dtype=np.float64)))
+    if hasattr(kmeans, "fit") and not hasattr(kmeans, "cluster_centers_"):
+        raise ValueError("kmeans is not fitted: call kmeans.fit(X) first (no attribute cluster_centers_)")
+    return NeuralizedKMeans(_tensor(kmeans))
+
+
+def default_beta(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor) -> float:
+    """The default stiffness ``β = 1 / E[f_c(x)]`` over the data, ``c`` the assigned cluster (hard scores)."""
+    f = model.logits(_tensor(x))
+    mean = f.amax(1).mean().item()
+    if not mean > 0:
+        raise ValueError("E[f_c] is not positive on this data; pass beta explicitly")
+    return 1.0 / mean
+
+
+def _cluster_arg(c: Any, f: Tensor) -> Tensor:
+    if c is None:
+        return f.argmax(1)
+    t = torch.as_tensor(c, device=f.device).reshape(-1).long()
+    if t.numel() == 1:
+        t = t.expand(f.shape[0]).clone()
+    if t.numel() != f.shape[0] or (t < 0).any() or (t >= f.shape[1]).any():
+        raise ValueError(f"cluster must be an int or one index per sample in [0, {f.shape[1]}); got {c!r}")
+    return t
+
+
+def _safe_div(a: Tensor, b: Tensor) -> Tensor:
+    # Exactly-zero denominators only occur on exact ties (x on a cluster boundary); their share is dropped.
+    return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, cluster: Any = None,
+         beta: float | None = None) -> NeonResult:
+    """NEON relevance of each input feature for membership in ``cluster``.
+
+    Parameters
+    ----------
+    model : NeuralizedKMeans or NeuralizedKernelKMeans
+    x : Tensor
+        ``(N, D)`` samples.
+    cluster : int, sequence or None
+        Cluster to explain per sample; default the assigned one.
+    beta : float, optional
+        Stiffness of the min-take-most pooling over competitors; default ``1 / E[f_c]`` over ``x``.
+
+    Returns
+    -------
+    NeonResult
+        The explained score is the hard ``f_c(x)`` (its sign is membership); ``Σ_i R_i = f_c``.
+    """
+    if isinstance(model, NeuralizedKernelKMeans):
+        return model.neon(x, cluster, beta)
+    x = _tensor(x)
+    _check_2d(x, model.n_features)
+    beta = default_beta(model, x) if beta is None else float(beta)
+    h = model.competitors(x)  # (N, K, K)
+    n, k = x.shape[0], model.n_clusters
+    c = _cluster_arg(cluster, model.logits(x))
+    hc = h[torch.arange(n), c]  # (N, K)
+    mask = torch.ones(n, k, dtype=torch.bool, device=x.device)
+    mask[torch.arange(n), c] = False
+    f, _ = _softmin_pool(hc, None, mask)
+    _, p = _softmin_pool(hc, beta, mask)
+    rk = p * f[:, None]  # min-take-most: (N, K), zero at c
+    coef = _safe_div(rk, hc)  # R_k / h_k
+    mu = model.centroids.to(x.dtype).to(x.device)
+    # midpoint rule: Σ_k coef_k (x − (μ_c+μ_k)/2) ⊙ 2(μ_c − μ_k) = Σ_k coef_k (2x⊙(μ_c−μ_k) − μ_c² + μ_k²)
+    mc = mu[c]  # (N, D)
+    s = coef.sum(1, keepdim=True)
+    rel = s * (2 * x * mc - mc * mc) + coef @ (mu * mu) - 2 * x * (coef @ mu)
+    return NeonResult(rel, f, c, rk)
+
+
+# --- kernel k-means --------------------------------------------------------------------------------------------
+
+
+def _sqdist(x: Tensor, u: Tensor) -> Tensor:
+    return ((x[:, None, :] - u[None, :, :]) ** 2).sum(-1)
+
+
+class KernelKMeans:
+    """Kernel k-means with a Gaussian kernel ``k(x, u) = exp(−γ‖x − u‖²)``, scikit-learn style.
+
+    A sample belongs to the cluster with the largest mean kernel similarity to its members (support vectors),
+    ``c = argmax_k (1/|C_k|) Σ_{u∈C_k} k(x, u)``. This is the kernel k-means assignment with the cluster's
+    self-similarity term ``(1/|C_k|²) Σ k(u, u')`` dropped, which is the form that neuralizes exactly (as in
+    Kauffmann et al.); fitting iterates this rule to a fixed point from a k-means initialisation.
+
+    Parameters
+    ----------
+    n_clusters : int
+    gamma : float, optional
+        Kernel width; default ``1 / median(‖x − x'‖²)`` over the training data.
+    max_iter : int
+    max_support : int, optional
+        Keep at most this many support vectors per cluster (a random subset, fixed by ``random_state``); the
+        model is then defined by these supports and ``labels_`` are its own predictions.
+    random_state : int
+    """
+
+    def __init__(self, n_clusters: int, gamma: float | None = None, max_iter: int = 100,
+                 max_support: int | None = None, random_state: int = 0):
+        if n_clusters < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
+        self.n_clusters = n_clusters
+        self.gamma = gamma
+        self.max_iter = max_iter
+        self.max_support = max_support
+        self.random_state = random_state
+
+    def fit(self, X: Any) -> KernelKMeans:
+        from sklearn.cluster import KMeans
+
+        x = _tensor(X, torch.float64)
+        if self.gamma is None:
+            d = torch.pdist(x) ** 2
+            self.gamma_ = 1.0 / float(d.median())
+        else:
+            self.gamma_ = float(self.gamma)
+        labels = torch.as_tensor(KMeans(self.n_clusters, n_init=10, random_state=self.random_state).fit_predict(
+            x.numpy()))
+        for _ in range(self.max_iter):
+            self.support_ = [x[labels == k] for k in range(self.n_clusters)]
+            if any(len(s) == 0 for s in self.support_):
+                raise RuntimeError("a kernel k-means cluster became empty; try another gamma or n_clusters")
+            new = self.predict(x)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        gen = torch.Generator().manual_seed(self.random_state)
+        if self.max_support is not None:
+            self.support_ = [s[torch.randperm(len(s), generator=gen)[: self.max_support]] for s in self.support_]
+        self.labels_ = self.predict(x)
+        return self
+
+    def log_similarity(self, X: Any) -> Tensor:
+        """``(N, K)`` ``γ⁻¹ log((1/|C_k|) Σ_u exp(−γ‖x − u‖²))`` computed directly from distances."""
+        if not hasattr(self, "support_"):
+            raise RuntimeError("KernelKMeans is not fitted: call fit(X) first")
+        x = _tensor(X, torch.float64)
+        g = self.gamma_
+        cols = [(torch.logsumexp(-g * _sqdist(x, s), 1) - np.log(len(s))) / g for s in self.support_]
+        return torch.stack(cols, 1)
+
+    def predict(self, X: Any) -> Tensor:
+        return self.log_similarity(X).argmax(1)
+
+    def fit_predict(self, X: Any) -> Tensor:
+        return self.fit(X).labels_
+
+
+@dataclass
+class NeuralizedKernelKMeans:
+    """Kernel k-means as a network of a linear layer and log-mean-exp pooling layers (exact).
+
+    For clusters c, k with support vectors ``u_i ∈ C_c``, ``u_j ∈ C_k``:
+
+        h_ij(x)  = ‖x − u_j‖² − ‖x − u_i‖² = 2(u_i − u_j)ᵀx + ‖u_j‖² − ‖u_i‖²        (linear)
+        g_ik(x)  = −γ⁻¹ log (1/|C_k|) Σ_j exp(−γ h_ij)                            (soft-min pooling over j)
+        f_ck(x)  =  γ⁻¹ log (1/|C_c|) Σ_i exp( γ g_ik)                            (soft-max pooling over i)
+        f_c(x)   = min_{k≠c} f_ck(x)
+
+    and ``f_ck = γ⁻¹(log s_c − log s_k)`` with ``s`` the mean kernel similarity, so ``f_c > 0`` iff the kernel
+    model assigns ``c``.
+    """
+
+    support: list[Tensor]
+    gamma: float
+
+    @classmethod
+    def from_model(cls, model: KernelKMeans) -> NeuralizedKernelKMeans:
+        if not hasattr(model, "support_"):
+            raise ValueError("the kernel k-means model is not fitted: call fit(X) first")
+        return cls([s.clone() for s in model.support_], model.gamma_)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.support)
+
+    @property
+    def n_features(self) -> int:
+        return self.support[0].shape[1]
+
+    def _affine(self, x: Tensor) -> list[Tensor]:
+        # a_i = 2u_iᵀx − ‖u_i‖², so h_ij = a_i − a_j (the linear layer, factorised to keep memory at N·|C|)
+        out = []
+        for s in self.support:
+            s = s.to(x.dtype).to(x.device)
+            out.append(2 * x @ s.T - (s * s).sum(1))
+        return out
+
+    def pairwise(self, x: Tensor) -> Tensor:
+        """``(N, K, K)`` the pooled scores ``f_ck`` (diagonal set to 0)."""
+        x = _tensor(x)
+        _check_2d(x, self.n_features)
+        a = self._affine(x)
+        g = self.gamma
+        n, k = x.shape[0], self.n_clusters
+        f = torch.zeros(n, k, k, dtype=x.dtype, device=x.device)
+        for c in range(k):
+            for j in range(k):
+                if j == c:
+                    continue
+                h = a[c][:, :, None] - a[j][:, None, :]  # (N, |C_c|, |C_j|)
+                gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
+                f[:, c, j] = (torch.logsumexp(g * gi, 1) - np.log(h.shape[1])) / g
+        return f
+
+    def logits(self, x: Tensor, beta: float | None = None) -> Tensor:
+        """``(N, K)`` hard (or soft-min, β) cluster scores."""
+        f = self.pairwise(x)
+        eye = torch.eye(self.n_clusters, dtype=torch.bool, device=f.device)
+        return _softmin_pool(f, beta, ~eye)[0]
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.logits(x).argmax(1)
+
+    def neon(self, x: Tensor, cluster: Any = None, beta: float | None = None) -> NeonResult:
+        """NEON: min-take-most over competitors, max-take-most over own supports (γ), min-take-most over the
+        competitor's supports (γ), then the midpoint rule ``m_ij = (u_i + u_j)/2``. Exactly conservative."""
+        x = _tensor(x)
+        _check_2d(x, self.n_features)
+        beta = default_beta(self, x) if beta is None else float(beta)
+        fck = self.pairwise(x)
+        n, k = x.shape[0], self.n_clusters
+        c = _cluster_arg(cluster, self.logits(x))
+        fc_row = fck[torch.arange(n), c]
+        mask = torch.ones(n, k, dtype=torch.bool, device=x.device)
+        mask[torch.arange(n), c] = False
+        f, _ = _softmin_pool(fc_row, None, mask)
+        _, p = _softmin_pool(fc_row, beta, mask)
+        rk = p * f[:, None]
+        a = self._affine(x)
+        sup = [s.to(x.dtype).to(x.device) for s in self.support]
+        rel = torch.zeros_like(x)
+        g = self.gamma
+        for cc in range(k):
+            rows = (c == cc).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            xr = x[rows]
+            for j in range(k):
+                if j == cc:
+                    continue
+                h = a[cc][rows][:, :, None] - a[j][rows][:, None, :]  # (n, I, J)
+                gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
+                pi = torch.softmax(g * gi, 1)  # max-take-most over own supports i
+                pj = torch.softmax(-g * h, 2)  # min-take-most over competitor supports j
+                rij = rk[rows, j][:, None, None] * pi[:, :, None] * pj
+                coef = _safe_div(rij, h)
+                ri, qj = coef.sum(2), coef.sum(1)  # (n, I), (n, J)
+                ui, uj = sup[cc], sup[j]
+                # Σ_ij coef_ij (x − (u_i+u_j)/2) ⊙ 2(u_i − u_j)
+                rel[rows] += 2 * xr * (ri @ ui - qj @ uj) - ri @ (ui * ui) + qj @ (uj * uj)
+        return NeonResult(rel, f, c, rk)
+
+
+# --- deep k-means ----------------------------------------------------------------------------------------------
+
+
+class DeepKMeans:
+    """k-means on a piecewise-linear network's representation ``z = g(x)``, explained in the input.
+
+    Inside the activation region of ``x`` the network is affine, ``g(x') = J x' + e`` (exact, from
+    :func:`~relu_regions.affine_map`), so each competitor ``h_ck(g(x'))`` is affine in ``x'`` with gradient
+    ``v_k = Jᵀ w_ck``. NEON's min-take-most pooling gives ``R_k``; each ``R_k`` is then distributed over input
+    features with the frozen-region rule ``R_i = Σ_k (x_i − r_i) v_ki / (h_k(x) − h̄_k(r)) · R_k``, where ``r``
+    is a reference input and ``h̄_k(r)`` the region's affine competitor evaluated at ``r`` — i.e. the midpoint
+    rule with the root point taken on the segment from ``x`` to ``r`` where the region's affine competitor
+    vanishes. It is exactly conservative. Where the denominator vanishes, the share falls back to the
+    projection root (``R_i ∝ v_ki²``), also conservative.
+
+    Parameters
+    ----------
+    feature_model : nn.Module
+        Piecewise-linear map from inputs to the clustered representation ``(N, F)``.
+    kmeans : NeuralizedKMeans or fitted sklearn KMeans
+        Clusters in the representation.
+    """
+
+    def __init__(self, feature_model: nn.Module, kmeans: Any):
+        self.feature_model = feature_model
+        self.kmeans = kmeans if isinstance(kmeans, NeuralizedKMeans) else neuralize_kmeans(kmeans)
+
+    @classmethod
+    def fit(cls, feature_model: nn.Module, x: Tensor, n_clusters: int, random_state: int = 0) -> DeepKMeans:
+        """Fit scikit-learn k-means on ``feature_model(x)`` and wrap it."""
+        from sklearn.cluster import KMeans
+
+        z = cls._features(feature_model, x)
+        km = KMeans(n_clusters, n_init=10, random_state=random_state).fit(z.double().numpy())
+        return cls(feature_model, km)
+
+    @staticmethod
+    def _features(model: nn.Module, x: Tensor) -> Tensor:
+        from .state import preserved
+
+        with preserved(model, eval_mode=True), torch.no_grad():
+            z = model(x)
+        return z.reshape(z.shape[0], -1).detach().cpu()
+
+    def features(self, x: Tensor) -> Tensor:
+        return self._features(self.feature_model, x)
+
+    def logits(self, x: Tensor, beta: float | None = None) -> Tensor:
+        return self.kmeans.logits(self.features(x).double(), beta)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.logits(x).argmax(1)
+
+    def neon(self, x: Tensor, cluster: Any = None, beta: float | None = None, reference: Tensor | None = None,
+             chunk_size: int | None = None) -> NeonResult:
+        """NEON relevance in the input (``(N, *input_shape)``) and of the hidden features (``hidden_relevance``).
+
+        Parameters
+        ----------
+        reference : Tensor, optional
+            ``(*input_shape)`` or ``(N, *input_shape)`` reference input ``r``; default zeros.
+        beta : float, optional
+            Default ``1 / E[f_c]`` over ``x``.
+        """
+        from .affine import affine_map
+
+        amap = affine_map(self.feature_model, x, chunk_size=chunk_size)
+        dt = torch.float64
+        n = x.shape[0]
+        jac = amap.A.reshape(n, amap.A.shape[1], -1).to(dt).cpu()  # (N, F, D)
+        off = amap.d.to(dt).cpu()
+        z = amap.output.to(dt).cpu()
+        xf = x.reshape(n, -1).to(dt).cpu()
+        ref = torch.zeros_like(xf) if reference is None else _tensor(reference, dt).cpu().reshape(-1, xf.shape[1])
+        ref = ref.expand_as(xf)
+        hidden = neon(self.kmeans, z, cluster, beta)
+        c, rk = hidden.cluster, hidden.competitor_relevance
+        w, b = self.kmeans.weights(dt)
+        wc, bc = w[c], b[c]  # (N, K, F), (N, K)
+        v = torch.einsum("nkf,nfd->nkd", wc, jac)  # competitor gradients in the input
+        hx = torch.einsum("nkf,nf->nk", wc, z) + bc
+        zr = torch.einsum("nfd,nd->nf", jac, ref) + off  # frozen region map at the reference
+        hr = torch.einsum("nkf,nf->nk", wc, zr) + bc
+        denom = hx - hr
+        seg = (xf - ref)[:, None, :] * v  # (N, K, D), sums over D to hx − hr exactly
+        v2 = v * v
+        proj = _safe_div(v2, v2.sum(2, keepdim=True))
+        share = torch.where((denom != 0)[:, :, None], _safe_div(seg, denom[:, :, None]), proj)
+        rel = torch.einsum("nkd,nk->nd", share, rk)
+        return NeonResult(rel.reshape(x.shape).to(x.dtype), hidden.score, c, rk, hidden.relevance)
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InsertionResult:
+    """Insertion curve: ``curve[t]`` = mean membership when the ``t`` most relevant features come from ``x``.
+
+    Attributes
+    ----------
+    fractions : Tensor
+        ``(D+1,)`` ``t / D``.
+    curve : Tensor
+        ``(D+1,)`` mean over samples and fills of ``[assigned cluster == c]``.
+    auc : float
+        Area under the curve (trapezoid over ``t / D``); higher is better.
+    per_sample_auc : Tensor
+        ``(N,)``.
+    """
+
+    fractions: Tensor
+    curve: Tensor
+    auc: float
+    per_sample_auc: Tensor
+
+
+def insertion_curve(predict: Callable[[Tensor], Tensor], x: Tensor, relevance: Tensor, cluster: Tensor,
+                    fill: Tensor, n_fill: int = 16, seed: int = 0, chunk: int = 4096) -> InsertionResult:
+    """The insertion evaluation of "From Clustering to Cluster Explanations".
+
+    For each sample, features are inserted in decreasing relevance into ``n_fill`` rows drawn from ``fill`` (the
+    data), and cluster membership of the composites is tracked.
+
+    Parameters
+    ----------
+    predict : callable
+        ``(M, D) -> (M,)`` cluster assignments.
+    x, relevance : Tensor
+        ``(N, D)``.
+    cluster : Tensor
+        ``(N,)`` the cluster each sample is explained for.
+    fill : Tensor
+        ``(M, D)`` data the non-inserted features are taken from.
+    """
+    x, relevance, fill = _tensor(x), _tensor(relevance), _tensor(fill)
+    if relevance.shape != x.shape:
+        raise ValueError(f"relevance shape {tuple(relevance.shape)} differs from x shape {tuple(x.shape)}")
+    n, d = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    cluster = torch.as_tensor(cluster).reshape(-1)
+    order = relevance.argsort(1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(d).expand(n, d).contiguous())
+    steps = torch.arange(d + 1)
+    member = torch.zeros(n, d + 1, dtype=torch.float64)
+    for i in range(n):
+        rows = fill[torch.randint(len(fill), (n_fill,), generator=gen)].to(x.dtype)
+        mask = ranks[i][None, :] < steps[:, None]  # (D+1, D): first t features in relevance order
+        comp = torch.where(mask[:, None, :], x[i][None, None, :], rows[None, :, :]).reshape(-1, d)
+        pred = torch.cat([torch.as_tensor(predict(comp[s:s + chunk])).reshape(-1)
+                          for s in range(0, len(comp), chunk)])
+        member[i] = (pred.reshape(d + 1, n_fill) == cluster[i]).double().mean(1)
+    fr = steps.double() / d
+    per = torch.trapezoid(member, fr, dim=1)
+    curve = member.mean(0)
+    return InsertionResult(fr, curve, float(per.mean()), per)
+
+
+def baseline_relevance(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, method: str,
+                       cluster: Any = None, reference: Tensor | None = None, beta: float | None = None,
+                       steps: int = 32, seed: int = 0) -> Tensor:
+    """Relevance by one of the methods compared in the insertion benchmark.
+
+    ``"neon"``; ``"random"``; ``"diff2"``: ``(x − x̃)²`` with ``x̃`` the reference (e.g. the data mean; zeros if
+    omitted); ``"grad2"``: ``(∂f_c/∂x)²`` of the hard score; ``"ig"``:
+    integrated gradients of the hard score from the reference (``steps`` Riemann midpoints).
+    """
+    x = _tensor(x)
+    c = _cluster_arg(cluster, model.logits(x))
+    ref = torch.zeros_like(x) if reference is None else _tensor(reference, x.dtype).reshape(-1, x.shape[1])
+    ref = ref.expand_as(x)
+    if method == "neon":
+        return neon(model, x, c, beta).relevance
+    if method == "random":
+        return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.dtype)
+    if method == "diff2":
+        return (x - ref) ** 2
+
+    def grad(z):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = model.logits(z).gather(1, c[:, None]).sum()
+            (g,) = torch.autograd.grad(f, z)
+        return g
+
+    if method == "grad2":
+        return grad(x) ** 2
+    if method == "ig":
+        total = torch.zeros_like(x)
+        for s in range(steps):
+            t = (s + 0.5) / steps
+            total += grad(ref + t * (x - ref))
+        return (x - ref) * total / steps
+    raise ValueError(f"method must be one of neon, random, diff2, grad2, ig; got {method!r}")
+
+
+# --- regions ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RegionGroups:
+    """A data set's activation regions grouped into a few groups, with NEON explanations of membership.
+
+    Attributes
+    ----------
+    region_ids : Tensor
+        ``(N,)`` region key of each sample.
+    regions : Tensor
+        ``(R,)`` distinct region keys; ``counts`` ``(R,)`` samples per region.
+    region_group : Tensor
+        ``(R,)`` group of each region (k-means on per-region mean representations, weighted by counts).
+    groups : Tensor
+        ``(N,)`` group of each sample's region.
+    deep : DeepKMeans
+        The groups' centroids on the representation, for :meth:`explain`.
+    """
+
+    region_ids: Tensor
+    regions: Tensor
+    counts: Tensor
+    region_group: Tensor
+    groups: Tensor
+    deep: DeepKMeans
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_groups(self) -> int:
+        return self.deep.kmeans.n_clusters
+
+    def explain(self, x: Tensor, group: Any = None, **kw) -> NeonResult:
+        """NEON relevance (in the input) of membership in ``group`` (default each sample's own group)."""
+        return self.deep.neon(x, group, **kw)
+
+    def agreement(self, x: Tensor) -> float:
+        """Share of samples whose own representation is nearest to their region's group centroid."""
+        ids, _ = _region_ids_of(self.deep, x, self.extra)
+        idx = torch.searchsorted(self.regions, ids)
+        idx = idx.clamp(max=len(self.regions) - 1)
+        known = self.regions[idx] == ids
+        grp = torch.where(known, self.region_group[idx], torch.full_like(ids, -1))
+        return float((self.deep.predict(x) == grp).double().mean())
+
+    def summary(self):
+        import pandas as pd
+
+        rows = []
+        for g in range(self.n_groups):
+            sel = self.region_group == g
+            rows.append({"group": g, "regions": int(sel.sum()), "samples": int(self.counts[sel].sum())})
+        return pd.DataFrame(rows)
+
+
+def _region_ids_of(deep: DeepKMeans, x: Tensor, extra: dict) -> tuple[Tensor, Tensor]:
+    from .recording import record
+    from .state import preserved
+
+    model = extra["model"]
+    with preserved(model, eval_mode=True), torch.no_grad(), record(model) as rec:
+        out = model(x)
+    return rec.region_ids(extra.get("layers")).cpu(), out
+
+
+def group_regions(model: nn.Module, feature_model: nn.Module, x: Tensor, n_groups: int, layers: Any = None,
+                  random_state: int = 0) -> RegionGroups:
+    """Group the activation regions visited by ``x`` into ``n_groups`` groups and make them explainable.
+
+    Each region is summarised by the mean of ``feature_model`` (e.g. the penultimate representation) over its
+    samples; k-means (weighted by region sizes) groups these summaries — a parsimonious partition of the
+    regions. :meth:`RegionGroups.explain` gives NEON explanations of a sample's membership in a group.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network whose regions are grouped (``layers`` selects which piecewise-linear calls define them).
+    feature_model : nn.Module
+        Piecewise-linear map from the input to the representation the groups live in.
+    """
+    from sklearn.cluster import KMeans
+
+    if n_groups < 2:
+        raise ValueError(f"n_groups must be >= 2, got {n_groups}")
+    extra = {"model": model, "layers": layers}
+    ids, _ = _region_ids_of(None, x, extra)  # type: ignore[arg-type]
+    z = DeepKMeans._features(feature_model, x).double()
+    regions, inv, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    if len(regions) < n_groups:
+        raise ValueError(f"x visits only {len(regions)} regions; n_groups={n_groups} is too many")
+    means = torch.zeros(len(regions), z.shape[1], dtype=z.dtype).index_add_(0, inv, z) / counts[:, None]
+    km = KMeans(n_groups, n_init=10, random_state=random_state).fit(means.numpy(), sample_weight=counts.numpy())
+    region_group = torch.as_tensor(km.labels_).long()
+    return RegionGroups(ids, regions, counts, region_group, region_group[inv], DeepKMeans(feature_model, km), extra)

@@ -1,0 +1,178 @@
+"""Neuralized k-means, kernel k-means, deep k-means and NEON: exactness against independent routes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+import relu_regions
+from relu_regions import clusters as C
+from relu_regions.datasets import load_tabular
+from relu_regions.models import mlp
+
+
+@pytest.fixture(scope="module")
+def wine():
+    ds = load_tabular("wine")
+    x = ds.X.astype(np.float64)
+    return (x - x.mean(0)) / x.std(0)
+
+
+@pytest.fixture(scope="module")
+def wine_km(wine):
+    return KMeans(3, n_init=10, random_state=0).fit(wine)
+
+
+def _fc_from_distances(centroids: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    # independent route: squared distances, min over competitors of d_k − d_c
+    d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    k = centroids.shape[0]
+    return np.array([min(d2[i, j] - d2[i, c[i]] for j in range(k) if j != c[i]) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("name,k", [("wine", 3), ("iris", 3), ("digits", 10)])
+def test_hard_score_positive_exactly_for_kmeans_cluster(name, k):
+    x = load_tabular(name).X.astype(np.float64)
+    km = KMeans(k, n_init=4, random_state=1).fit(x)
+    nk = C.neuralize_kmeans(km)
+    f = nk.logits(torch.as_tensor(x))
+    lab = torch.as_tensor(km.predict(x))
+    own = f.gather(1, lab[:, None]).squeeze(1)
+    assert (own > 0).all()
+    others = f.clone()
+    others[torch.arange(len(x)), lab] = float("-inf")
+    assert (others.amax(1) < 0).all()
+
+
+def test_soft_min_bounds_hard_min(wine, wine_km):
+    nk = C.neuralize_kmeans(wine_km)
+    x = torch.as_tensor(wine)
+    hard, soft = nk.logits(x), nk.logits(x, beta=0.5)
+    # soft-min ≤ hard min ≤ soft-min + log(K−1)/β
+    assert (soft <= hard + 1e-12).all()
+    assert (hard <= soft + np.log(2) / 0.5 + 1e-12).all()
+
+
+def test_neon_conservation_matches_independent_score(wine, wine_km):
+    nk = C.neuralize_kmeans(wine_km)
+    x = torch.as_tensor(wine)
+    r = C.neon(nk, x)
+    fc = _fc_from_distances(wine_km.cluster_centers_, wine, r.cluster.numpy())
+    np.testing.assert_allclose(r.relevance.sum(1).numpy(), fc, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(r.competitor_relevance.sum(1).numpy(), fc, rtol=1e-10, atol=1e-10)
+    # explaining a foreign cluster: its (negative) score is conserved too
+    other = (r.cluster + 1) % 3
+    r2 = C.neon(nk, x, other, beta=1.0)
+    fc2 = _fc_from_distances(wine_km.cluster_centers_, wine, other.numpy())
+    assert (fc2 < 0).all()
+    np.testing.assert_allclose(r2.relevance.sum(1).numpy(), fc2, rtol=1e-10, atol=1e-10)
+
+
+def test_neon_single_competitor_is_midpoint_rule():
+    # two clusters: R_i = (x_i − m_i) w_i exactly, checked coordinate-wise by hand
+    mu = np.array([[1.0, 2.0, 0.0], [-1.0, 0.5, 3.0]])
+    nk = C.NeuralizedKMeans(torch.as_tensor(mu))
+    x = torch.tensor([[0.7, 1.1, 0.2]], dtype=torch.float64)
+    r = C.neon(nk, x)
+    assert r.cluster.item() == 0
+    expected = (x[0].numpy() - (mu[0] + mu[1]) / 2) * 2 * (mu[0] - mu[1])
+    np.testing.assert_allclose(r.relevance[0].numpy(), expected, rtol=1e-12)
+
+
+def test_default_beta_and_errors(wine, wine_km):
+    nk = C.neuralize_kmeans(wine_km)
+    x = torch.as_tensor(wine)
+    beta = C.default_beta(nk, x)
+    assert beta == pytest.approx(1 / nk.logits(x).amax(1).mean().item())
+    with pytest.raises(ValueError, match="not fitted"):
+        C.neuralize_kmeans(KMeans(3))
+    with pytest.raises(ValueError, match=r"shape \(N, 13\)"):
+        nk.logits(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="cluster"):
+        C.neon(nk, x, cluster=7)
+
+
+def test_module_is_engine_explainable(wine, wine_km):
+    nk = C.neuralize_kmeans(wine_km)
+    x = torch.as_tensor(wine)
+    net = nk.module()
+    amap = relu_regions.affine_map(net, x, method="forward")
+    np.testing.assert_allclose(amap.output.numpy(), nk.logits(x).numpy(), atol=1e-10)
+    # the region's gradient of f_c is w_ck* for the argmin competitor
+    w, _ = nk.weights()
+    h = nk.competitors(x)
+    c = nk.predict(x)
+    hc = h[torch.arange(len(x)), c]
+    hc[torch.arange(len(x)), c] = float("inf")
+    kstar = hc.argmin(1)
+    g = amap.A[torch.arange(len(x)), c]
+    np.testing.assert_allclose(g.numpy(), w[c, kstar].numpy(), atol=1e-10)
+
+
+def test_kernel_kmeans_network_reproduces_assignments(wine):
+    kk = C.KernelKMeans(3, max_support=30, random_state=0).fit(wine)
+    net = C.NeuralizedKernelKMeans.from_model(kk)
+    x = torch.as_tensor(wine)
+    pred_model = kk.predict(wine)
+    f = net.logits(x)
+    assert torch.equal(f.argmax(1), pred_model)
+    assert (f.gather(1, pred_model[:, None]) > 0).all()
+    # the pooled score equals the log-similarity ratio computed directly
+    ls = kk.log_similarity(wine)
+    pw = net.pairwise(x)
+    np.testing.assert_allclose(pw[:, 0, 1].numpy(), (ls[:, 0] - ls[:, 1]).numpy(), rtol=1e-8, atol=1e-8)
+
+
+def test_kernel_neon_conservation(wine):
+    kk = C.KernelKMeans(3, max_support=15, random_state=0).fit(wine)
+    net = C.NeuralizedKernelKMeans.from_model(kk)
+    x = torch.as_tensor(wine[::4])
+    r = C.neon(net, x)
+    ls = kk.log_similarity(x).numpy()
+    c = r.cluster.numpy()
+    fc = np.array([min(ls[i, c[i]] - ls[i, j] for j in range(3) if j != c[i]) for i in range(len(x))])
+    np.testing.assert_allclose(r.relevance.sum(1).numpy(), fc, rtol=1e-8, atol=1e-8)
+
+
+def test_deep_kmeans_conservation_and_region_map():
+    torch.manual_seed(0)
+    net = mlp(10, [16, 8], 3).double()
+    x = torch.randn(60, 10, dtype=torch.float64)
+    feat = net[:4]
+    dk = C.DeepKMeans.fit(feat, x, 3)
+    r = dk.neon(x, reference=x.mean(0))
+    z = feat(x).detach().numpy()
+    fc = _fc_from_distances(dk.kmeans.centroids.numpy(), z, r.cluster.numpy())
+    np.testing.assert_allclose(r.relevance.sum(1).numpy(), fc, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(r.hidden_relevance.sum(1).numpy(), fc, rtol=1e-9, atol=1e-9)
+    assert (r.score > 0).all()
+
+
+def test_insertion_curve_orders_methods(wine, wine_km):
+    nk = C.neuralize_kmeans(wine_km)
+    x = torch.as_tensor(wine)
+    lab = nk.predict(x)
+    auc = {}
+    for m in ("neon", "random"):
+        rel = C.baseline_relevance(nk, x, m, reference=x.mean(0))
+        res = C.insertion_curve(nk.predict, x, rel, lab, x, n_fill=8)
+        assert res.curve[-1] == 1.0  # all features inserted: x itself
+        auc[m] = res.auc
+    assert auc["neon"] > auc["random"] + 0.05
+
+
+def test_group_regions_explains_groups():
+    torch.manual_seed(0)
+    net = mlp(6, [12, 8], 3).double()
+    x = torch.randn(80, 6, dtype=torch.float64)
+    g = C.group_regions(net, net[:4], x, 3)
+    assert g.regions.numel() == len(torch.unique(g.region_ids))
+    assert int(g.counts.sum()) == 80
+    assert set(g.groups.tolist()) <= {0, 1, 2}
+    assert g.summary()["samples"].sum() == 80
+    e = g.explain(x[:10])
+    assert e.conservation_error().max() < 1e-9
+    with pytest.raises(ValueError, match="n_groups"):
+        C.group_regions(net, net[:4], x, 1)
