@@ -1,0 +1,487 @@
+"""A Lightning callback that monitors activation regions while a model trains.
+
+``Trainer(callbacks=[RegionMonitor(n_classes=10)])`` — no change to the LightningModule. During validation and test
+(and, optionally, every N training batches) the callback records the activation pattern of the network inside the
+user's own forward pass, accumulates :class:`~relu_regions.regions.RegionStats`, and at epoch end logs scalars
+through ``pl_module.log`` (so every logger sees them), under ``"<prefix><stage>/<name>"``:
+
+``n_regions`` (and ``n_regions_<granularity>`` for extra granularities), ``top1_coverage``, ``topC_coverage``,
+``mean_purity``, ``confusion_share``, ``accuracy``; for validation also ``train_overlap`` (share of validation samples
+whose region was seen on the training batches of the epoch; needs ``train_every_n_batches``) and
+``boundary_distance_median`` (median exact Euclidean distance from the probe inputs to their region's nearest
+ReLU/clamp hyperplane; see :func:`relu_regions.training.boundary_distances`).
+
+How the callback finds things
+-----------------------------
+- The network: ``module=None`` records the LightningModule itself (its ``forward`` must be what
+  ``validation_step`` calls, e.g. ``self(x)``); if your step calls a submodule directly (``self.net(x)``), pass
+  ``module="net"``. Predictions are the argmax of that module's output (or of the module named by ``logits_at``;
+  ``logit > 0`` for a single output).
+- Labels: ``get_labels(batch)`` if given; else ``batch[label_key]`` if given; else ``batch[1]`` of a tuple/list
+  batch, or the first of the keys ``y, label, labels, target, targets`` of a dict batch. Anything else raises a
+  ``TypeError`` saying so.
+- Inputs (for the training-batch recording and the probe): ``get_inputs(batch)``, else ``batch[0]`` / the keys
+  ``x, input, inputs, image, images, features, data``. The probe is ``probe`` if given, else the first
+  ``probe_size`` items of the first validation data set (so every DDP rank and a single process use the same
+  probe); it is fed straight into the recorded module.
+
+State safety: hooks and the recording mode are attached at the start of each recorded batch and removed at its end
+(and on exceptions); the model's flags, hooks and requires_grad are restored, its outputs are bit-identical.
+
+DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
+every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
+``DistributedSampler`` pads the evaluation set with repeated samples when its size is not a multiple of the world
+size; those duplicates are counted (as by any metric), so use sizes divisible by the number of processes for
+exact equality.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as e:  # pragma: no cover - lightning is an optional dependency
+    raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
+
+from ..recording import LayerSelection
+from ..state import preserved
+from ..training import boundary_distances, default_inputs, default_labels, track
+
+Tensor = torch.Tensor
+
+__all__ = ["RegionMonitor"]
+
+_STAGES = ("train", "validate", "test")
+_SHORT = {"train": "train", "validate": "val", "test": "test"}
+
+
+class RegionMonitor(Callback):
+    """Monitor activation regions during training; log region statistics at epoch end.
+
+    Parameters
+    ----------
+    n_classes : int, optional
+        Number of classes; default: the output width of the recorded module (2 for a single logit).
+    module : str, optional
+        Path of the submodule to record inside the LightningModule (``"net"``); default the LightningModule.
+    layers, granularities
+        Which piecewise-linear layers define a region, as in :class:`~relu_regions.regions.RegionStats`.
+    stages : sequence of {"validate", "test", "train"}
+        Where to record. ``"train"`` is added automatically when ``train_every_n_batches`` is set.
+    train_every_n_batches : int, optional
+        Also record every N-th training batch (one extra eval-mode forward pass of that batch, no gradients).
+    every_n_epochs : int
+        Record validation in epochs ``n-1, 2n-1, ...`` (like ``check_val_every_n_epoch``); test always.
+    probe : Tensor, optional
+        Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items.
+    probe_size : int
+        Size of the default probe (0 disables the boundary distance).
+    top : int, optional
+        C of the top-C coverage; default ``n_classes``.
+    get_labels, label_key, get_inputs
+        How to find labels and inputs in a batch (see the module docstring).
+    logits_at : str, optional
+        Path (inside ``module``) of the module whose output holds the logits (before a softmax head).
+    strict : bool
+        As in :func:`relu_regions.record`: raise on operations that are not piecewise linear.
+    compare : bool
+        Run :func:`relu_regions.compare.compare` on the probe at test end (and every ``compare_every_n_epochs``
+        validation epochs when set) and log its numeric columns; off by default (it is slow).
+    compare_every_n_epochs : int, optional
+    compare_kwargs : dict, optional
+        Extra arguments for ``compare``.
+    prefix : str
+        Prefix of the logged names.
+    purity_threshold : float
+        As in ``RegionStats``.
+
+    Attributes
+    ----------
+    stats : dict
+        ``"train"``, ``"val"``, ``"test"`` -> the latest epoch's (merged) RegionStats.
+    history : list of dict
+        One row per logged epoch and stage: ``{"epoch", "stage", <metric>: value}``.
+    comparisons : list
+        ``(epoch, stage, result)`` of every comparison run.
+    """
+
+    def __init__(self, n_classes: int | None = None, *, module: str | None = None, layers: LayerSelection = None,
+                 granularities: dict[str, LayerSelection] | None = None,
+                 stages: Sequence[str] = ("validate", "test"), train_every_n_batches: int | None = None,
+                 every_n_epochs: int = 1, probe: Tensor | None = None, probe_size: int = 64, top: int | None = None,
+                 get_labels: Callable[[Any], Tensor] | None = None, label_key: str | None = None,
+                 get_inputs: Callable[[Any], Tensor] | None = None, logits_at: str | None = None,
+                 strict: bool = True, compare: bool = False, compare_every_n_epochs: int | None = None,
+                 compare_kwargs: dict | None = None, prefix: str = "regions/", purity_threshold: float = 0.7):
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        bad = [s for s in stages if s not in _STAGES]
+        if bad:
+            raise ValueError(f"stages must be among {_STAGES}, got {bad}")
+        if train_every_n_batches is not None:
+            if train_every_n_batches < 1:
+                raise ValueError(f"train_every_n_batches must be >= 1, got {train_every_n_batches}")
+            if "train" not in stages:
+                stages.append("train")
+        elif "train" in stages:
+            train_every_n_batches = 1
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 1):
+            raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+        self.n_classes = n_classes
+        self.module = module
+        self.layers = layers
+        self.granularities = dict(granularities or {})
+        self.stages = stages
+        self.train_every_n_batches = train_every_n_batches
+        self.every_n_epochs = every_n_epochs
+        self.probe = None if probe is None else probe.detach().cpu()
+        self.probe_size = probe_size
+        self.top = top
+        self.get_labels = get_labels
+        self.label_key = label_key
+        self.get_inputs = get_inputs or default_inputs
+        self.logits_at = logits_at
+        self.strict = strict
+        self.compare = compare
+        self.compare_every_n_epochs = compare_every_n_epochs
+        self.compare_kwargs = dict(compare_kwargs or {})
+        self.prefix = prefix
+        self.purity_threshold = purity_threshold
+        self.stats: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.comparisons: list[tuple[int, str, Any]] = []
+        self._local: dict[str, Any] = {}  # stage -> this rank's RegionStats of the running epoch
+        self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
+        self._active: set[str] = set()
+        self._warned_compare = False
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, module=self.module)
+
+    def _net(self, pl_module: nn.Module) -> nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as e:
+            raise ValueError(f"RegionMonitor(module={self.module!r}): no such submodule of "
+                             f"{type(pl_module).__name__}") from e
+
+    def _labels(self, batch: Any) -> Tensor:
+        if self.get_labels is not None:
+            return torch.as_tensor(self.get_labels(batch)).reshape(-1)
+        return torch.as_tensor(default_labels(batch, self.label_key)).reshape(-1)
+
+    def _new_stats(self, n_classes: int) -> Any:
+        from ..regions import RegionStats
+
+        return RegionStats(n_classes, layers=self.layers, granularities=self.granularities,
+                           purity_threshold=self.purity_threshold)
+
+    def _stats_for(self, stage: str, tracker: Any) -> Any:
+        if self._local.get(stage) is None:
+            n = self.n_classes
+            if n is None:
+                out = tracker.last_output
+                if out is None:
+                    raise RuntimeError("RegionMonitor: no model output captured; pass n_classes=")
+                k = out.reshape(out.shape[0], -1).shape[1]
+                n = self.n_classes = 2 if k == 1 else k
+            self._local[stage] = self._new_stats(n)
+        return self._local[stage]
+
+    def _epoch_active(self, trainer: Any, stage: str) -> bool:
+        if stage not in self.stages or getattr(trainer, "sanity_checking", False):
+            return False
+        if stage == "validate":
+            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return True
+
+    # ---------------------------------------------------------------------------------------- per batch
+    def _begin_batch(self, pl_module: nn.Module, stage: str) -> None:
+        self._close(stage)
+        net = self._net(pl_module)
+        cm = track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict)
+        self._open[stage] = (cm, cm.__enter__())
+
+    def _end_batch(self, stage: str, batch: Any) -> None:
+        if stage not in self._open:
+            return
+        cm, tracker = self._open[stage]
+        try:
+            y = self._labels(batch)
+            if not tracker.rec.passes:
+                raise RuntimeError(
+                    f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
+                    f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
+                    "RegionMonitor(module='net')")
+            tracker.stats = self._stats_for(stage, tracker)
+            tracker.update(y.to(tracker.last_output.device) if tracker.last_output is not None else y)
+            if stage == "validate" and self.probe is None and self.probe_size and tracker.last_input is not None:
+                self._fallback_probe.append(tracker.last_input.cpu())
+        finally:
+            del self._open[stage]
+            cm.__exit__(None, None, None)
+
+    def _close(self, stage: str | None = None) -> None:
+        for s in [stage] if stage else list(self._open):
+            if s in self._open:
+                cm, _ = self._open.pop(s)
+                cm.__exit__(None, None, None)
+
+    # ------------------------------------------------------------------------------------------ epochs
+    def _start_epoch(self, trainer: Any, stage: str) -> None:
+        self._local[stage] = None
+        if self._epoch_active(trainer, stage):
+            self._active.add(stage)
+            if stage == "validate":
+                self._fallback_probe: list[Tensor] = []
+                if self.probe is None and self.probe_size:
+                    self.probe = self._probe_from_dataset(trainer)
+        else:
+            self._active.discard(stage)
+
+    def _probe_from_dataset(self, trainer: Any) -> Tensor | None:
+        loaders = getattr(trainer, "val_dataloaders", None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        ds = getattr(loaders, "dataset", None)
+        if ds is None or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+            return None
+        from torch.utils.data import default_collate
+
+        try:
+            items = [ds[i] for i in range(min(self.probe_size, len(ds)))]
+            return self.get_inputs(default_collate(items)).detach().cpu().clone()
+        except Exception:  # an exotic dataset: fall back to the first batches seen (see _end_epoch)
+            return None
+
+    def _gather(self, trainer: Any, local: Any) -> Any:
+        """Merge the ranks' statistics in rank order (identical on every rank)."""
+        import torch.distributed as dist
+
+        world = getattr(trainer, "world_size", 1)
+        if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return local
+        from ..regions import RegionStats
+
+        state = None if local is None else _to_cpu(local.state_dict())
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        merged = None
+        for st in states:
+            if st is None:
+                continue
+            s = RegionStats.from_state_dict(st)
+            merged = s if merged is None else merged.merge(s)
+        return merged
+
+    def _end_epoch(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._close(stage)
+        if stage not in self._active:
+            return
+        short = _SHORT[stage]
+        merged = self._gather(trainer, self._local.get(stage))
+        if merged is None:
+            return
+        self.stats[short] = merged
+        metrics = self.metrics(merged)
+        if stage == "validate":
+            if "train" in self._active:
+                train = self._gather(trainer, self._local.get("train"))
+                if train is not None:
+                    self.stats["train"] = train
+                    metrics["train_overlap"] = train.overlap(merged)
+            if self.probe is None and getattr(self, "_fallback_probe", None):
+                probe = torch.cat(self._fallback_probe)[: self.probe_size]
+                self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
+            if self.probe is not None and self.probe_size:
+                metrics["boundary_distance_median"] = self.probe_distance(pl_module)
+        for name, value in metrics.items():
+            pl_module.log(f"{self.prefix}{short}/{name}", float(value), on_epoch=True, sync_dist=True)
+        self.history.append({"epoch": trainer.current_epoch, "stage": short, **metrics})
+        if self.compare and (stage == "test" or (self.compare_every_n_epochs and stage == "validate" and
+                                                  (trainer.current_epoch + 1) % self.compare_every_n_epochs == 0)):
+            self._run_compare(trainer, pl_module, short)
+
+    def metrics(self, stats: Any) -> dict[str, float]:
+        """The scalars logged for one stage's statistics."""
+        top = self.top or stats.n_classes
+        out = {"n_regions": float(stats.n_regions())}
+        for g in self.granularities:
+            out[f"n_regions_{g}"] = float(stats.n_regions(g))
+        out.update({"top1_coverage": stats.coverage(1), "topC_coverage": stats.coverage(top),
+                    "mean_purity": stats.mean_purity(), "confusion_share": stats.confusion_share(),
+                    "accuracy": stats.accuracy})
+        return out
+
+    def probe_distance(self, pl_module: nn.Module) -> float:
+        """Median exact boundary distance of the probe (see :func:`relu_regions.training.boundary_distances`)."""
+        net = self._net(pl_module)
+        p = next(net.parameters(), None)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = self.probe.clone().to(p.device if p is not None else "cpu",
+                                      p.dtype if p is not None and p.is_floating_point() else None)
+            d = boundary_distances(net, x, self.layers, logits_at=self.logits_at, strict=self.strict)
+        d = d[torch.isfinite(d)]
+        return float(d.median()) if d.numel() else math.inf
+
+    def _run_compare(self, trainer: Any, pl_module: Any, short: str) -> None:
+        try:
+            from ..compare import compare
+        except ImportError:
+            if not self._warned_compare:
+                warnings.warn("RegionMonitor(compare=True): relu_regions.compare is not available; skipped",
+                              stacklevel=2)
+                self._warned_compare = True
+            return
+        if self.probe is None:
+            return
+        net = self._net(pl_module)
+        with torch.inference_mode(False), torch.enable_grad(), preserved(net):
+            p = next(net.parameters(), None)
+            x = self.probe.clone().to(p.device if p is not None else "cpu")
+            result = compare(net, x, **self.compare_kwargs)
+        self.comparisons.append((trainer.current_epoch, short, result))
+        table = _as_frame(result)
+        if table is not None:
+            for _, row in table.iterrows():
+                method = str(row.iloc[0])
+                for col, v in row.iloc[1:].items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                        pl_module.log(f"{self.prefix}{short}/compare/{method}/{col}", float(v), sync_dist=True)
+            log_dir = getattr(trainer, "log_dir", None)
+            if log_dir and trainer.is_global_zero:
+                import os
+
+                os.makedirs(log_dir, exist_ok=True)
+                table.to_csv(os.path.join(log_dir, f"region_compare_{short}_epoch{trainer.current_epoch}.csv"),
+                             index=False)
+
+    # ---------------------------------------------------------------------------------- Lightning hooks
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._start_epoch(trainer, "validate")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if "validate" in self._active and not trainer.sanity_checking:
+            self._begin_batch(pl_module, "validate")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._end_batch("validate", batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._end_epoch(trainer, pl_module, "validate")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._start_epoch(trainer, "test")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if "test" in self._active:
+            self._begin_batch(pl_module, "test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._end_batch("test", batch)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._end_epoch(trainer, pl_module, "test")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start_epoch(trainer, "train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "train" not in self._active or batch_idx % self.train_every_n_batches:
+            return
+        # an extra eval-mode pass: the training forward has dropout / batch statistics, not the model's regions
+        net = self._net(pl_module)
+        x = self.get_inputs(batch)
+        with preserved(net, eval_mode=True), torch.no_grad():
+            cm = track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict)
+            with cm as tracker:
+                net(x)
+                tracker.stats = self._stats_for("train", tracker)
+                tracker.update(self._labels(batch))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._end_epoch(trainer, pl_module, "train")
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._close()
+
+    def teardown(self, trainer, pl_module, stage):
+        self._close()
+
+    # ------------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_classes": self.n_classes, "history": [dict(h) for h in self.history],
+                "stats": {k: _to_cpu(v.state_dict()) for k, v in self.stats.items()},
+                "probe": None if self.probe is None else self.probe.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from ..regions import RegionStats
+
+        self.n_classes = state_dict["n_classes"]
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.stats = {k: RegionStats.from_state_dict(v) for k, v in state_dict["stats"].items()}
+        self.probe = None if state_dict["probe"] is None else state_dict["probe"].clone()
+
+    # ------------------------------------------------------------------------------------------- plots
+    def plot_history(self, metric: str = "n_regions", stages: Sequence[str] = ("val", "train"), ax: Any = None):
+        """Plot ``metric`` (default the region count) against the epoch; returns the matplotlib Axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3.2))
+        for stage in stages:
+            rows = [h for h in self.history if h["stage"] == stage and metric in h]
+            if rows:
+                ax.plot([h["epoch"] for h in rows], [h[metric] for h in rows], marker="o", label=stage)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{metric.replace('_', ' ')} per epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        return ax
+
+
+class _Deferred:
+    """Placeholder stats until the first batch tells the number of classes."""
+
+    def update_from_recording(self, *a, **k):  # pragma: no cover - replaced before use
+        raise RuntimeError("internal: stats not set")
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _as_frame(result: Any) -> Any:
+    """A comparison result as a pandas DataFrame (first column: method), if it looks like one."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(result, pd.DataFrame):
+        return result.reset_index() if result.index.name else result
+    for attr in ("table", "summary", "frame", "df"):
+        v = getattr(result, attr, None)
+        v = v() if callable(v) else v
+        if isinstance(v, pd.DataFrame):
+            return v.reset_index() if v.index.name else v
+    return None

@@ -1,0 +1,458 @@
+"""Region statistics in training loops you already have, and a differentiable region-parsimony regulariser.
+
+Three ways in, from least to most code of your own:
+
+1. One call over a data loader::
+
+       stats = relu_regions.evaluate(model, val_loader)          # -> RegionStats
+       print(stats.n_regions(), stats.mean_purity())
+
+2. A hand-written loop: :func:`track` records region keys and the model's predictions while *your* code runs the
+   model; you only pass the labels::
+
+       from relu_regions.regions import RegionStats
+       from relu_regions.training import track
+
+       stats = RegionStats(n_classes=10)
+       model.eval()
+       with torch.no_grad(), track(model, stats) as tracker:
+           for x, y in val_loader:
+               logits = model(x)            # your code, unchanged; hooks record the activation pattern
+               loss = F.cross_entropy(logits, y)
+               tracker.update(y)            # predictions come from the captured output (or pass y_pred=...)
+
+   The hooks and the recording mode are attached on entry and removed on exit (also after an exception); the
+   model's outputs are bit-identical to a run without tracking.
+
+3. Lightning: :class:`relu_regions.integrations.lightning.RegionMonitor`.
+
+The regulariser :func:`parsimony_penalty` is a loss term that pushes region boundaries away from the training
+samples (fewer, larger regions around the data); use it in a ``training_step``::
+
+       def training_step(self, batch, batch_idx):
+           x, y = batch
+           loss = F.cross_entropy(self(x), y)
+           loss = loss + 0.01 * parsimony_penalty(self.net, x, gamma=0.1, l1=1e-4, max_samples=16)
+           return loss
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
+from .state import preserved
+
+Tensor = torch.Tensor
+
+__all__ = ["RegionTracker", "boundary_distances", "default_inputs", "default_labels", "evaluate",
+           "parsimony_penalty", "predictions", "track"]
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "data")
+_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+# --- finding inputs and labels in a batch ------------------------------------------------------------------------
+
+
+def default_inputs(batch: Any) -> Tensor:
+    """The model input of a batch: ``batch`` itself if a tensor, ``batch[0]`` of a tuple/list, or the first of
+    the keys ``x, input, inputs, image, images, features, data`` of a dict."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for k in _INPUT_KEYS:
+            if k in batch and isinstance(batch[k], Tensor):
+                return batch[k]
+    raise TypeError(f"cannot find the inputs in a batch of type {_describe(batch)}: expected a tensor, a (x, y, ...) "
+                    f"tuple or a dict with one of the keys {_INPUT_KEYS}; pass get_inputs=callable(batch) -> tensor")
+
+
+def default_labels(batch: Any, key: str | None = None) -> Tensor:
+    """The targets of a batch: ``batch[1]`` of a tuple/list, ``batch[key]``, or the first of the keys
+    ``y, label, labels, target, targets`` of a dict."""
+    if key is not None:
+        if isinstance(batch, Mapping) and key in batch:
+            return batch[key]
+        raise KeyError(f"label_key={key!r} is not a key of the batch ({_describe(batch)})")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for k in _LABEL_KEYS:
+            if k in batch and isinstance(batch[k], Tensor):
+                return batch[k]
+    raise TypeError(f"cannot find the labels in a batch of type {_describe(batch)}: expected an (x, y, ...) tuple or "
+                    f"a dict with one of the keys {_LABEL_KEYS}; pass label_key='...' or get_labels=callable(batch)")
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"dict with keys {list(batch)[:10]}"
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} of {[type(b).__name__ for b in batch][:6]}"
+    return type(batch).__name__
+
+
+def predictions(logits: Tensor) -> Tensor:
+    """Predicted class per sample: argmax over outputs, or ``logit > 0`` for a single output."""
+    flat = logits.detach().reshape(logits.shape[0], -1)
+    if flat.shape[1] == 1:
+        return (flat[:, 0] > 0).long()
+    return flat.argmax(1)
+
+
+# --- tracking in a hand-written loop -------------------------------------------------------------------------------
+
+
+class RegionTracker:
+    """Turns what one :func:`record` block saw into :class:`~relu_regions.regions.RegionStats` updates.
+
+    Created by :func:`track`; call :meth:`update` once per batch after your forward pass. It captures the model's
+    input and output (or the output of ``logits_at``) with a forward hook, so predictions need no extra pass.
+    """
+
+    def __init__(self, rec: Recording, stats: Any, capture_module: nn.Module, root: nn.Module):
+        self.rec = rec
+        self.stats = stats
+        self.last_input: Tensor | None = None
+        self.last_output: Tensor | None = None
+        self.n_updates = 0
+        self._depth = 0
+
+        def pre(module, inputs):
+            self._depth += 1
+            if self._depth == 1 and inputs and isinstance(inputs[0], Tensor):
+                self.last_input = inputs[0].detach()
+
+        def post(module, inputs, output):
+            self._depth -= 1
+
+        def out_hook(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if isinstance(output, Tensor):
+                self.last_output = output.detach()
+
+        self._handles = [root.register_forward_pre_hook(pre),
+                         root.register_forward_hook(post, always_call=True),
+                         capture_module.register_forward_hook(out_hook)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def take(self, n: int) -> None:
+        """Keep only the last recorded pass when the passes since the last update hold more than ``n`` samples
+        (a step that ran the model twice); raise if no pass matches ``n``."""
+        passes = self.rec.passes
+        if not passes:
+            raise RuntimeError("the model did not run since the last update: nothing was recorded (if your step calls "
+                               "a submodule directly, track/monitor that submodule)")
+        if len(self.rec) != n:
+            if passes[-1] and passes[-1][0].state.shape[0] == n:
+                del passes[:-1]
+            else:
+                raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "
+                                 f"{n}; the model ran on inputs that do not match the labels")
+
+    def update(self, y_true: Tensor, y_pred: Tensor | None = None, *, contributions: Tensor | None = None,
+               weights: Tensor | None = None) -> None:
+        """Add the batch recorded since the last update to the stats, then clear the recording.
+
+        Parameters
+        ----------
+        y_true : Tensor
+            ``(B,)`` labels of the batch.
+        y_pred : Tensor, optional
+            ``(B,)`` predicted classes; default: argmax of the captured output.
+        contributions, weights : Tensor, optional
+            Passed on to ``RegionStats.update`` (``(B, K, *input)`` contributions ``A ⊙ x`` and effective weights
+            ``A``; summed per region when the stats keep contributions).
+        """
+        y_true = torch.as_tensor(y_true).reshape(-1)
+        self.take(y_true.shape[0])
+        if y_pred is None:
+            if self.last_output is None:
+                raise RuntimeError("no model output was captured; pass y_pred=")
+            y_pred = predictions(self.last_output)
+        self.stats.update_from_recording(self.rec, y_true, y_pred, contributions=contributions, weights=weights)
+        self.rec.clear()
+        self.n_updates += 1
+
+
+@contextmanager
+def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
+          strict: bool = True) -> Iterator[RegionTracker]:
+    """Record region keys and predictions while your own loop runs ``model``; see the module docstring.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network your loop calls (``model(x)``).
+    stats : RegionStats
+        Updated by :meth:`RegionTracker.update`; its layers / granularities decide which keys are counted.
+    logits_at : str, optional
+        Module path whose output holds the logits (e.g. the layer before a softmax head); predictions are taken
+        from it and recording stops there.
+    strict : bool
+        As in :func:`relu_regions.record`.
+    """
+    mods = dict(model.named_modules())
+    if logits_at is not None and logits_at not in mods:
+        raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model")
+    capture = mods[logits_at] if logits_at is not None else model
+    with preserved(model), record(model, strict=strict, logits_at=logits_at) as rec:
+        tracker = RegionTracker(rec, stats, capture, model)
+        try:
+            yield tracker
+        finally:
+            tracker.remove()
+
+
+# --- one call --------------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None, layers: LayerSelection = None,
+             granularities: dict[str, LayerSelection] | None = None, stats: Any = None,
+             get_inputs: Callable[[Any], Tensor] | None = None, get_labels: Callable[[Any], Tensor] | None = None,
+             label_key: str | None = None, device: torch.device | str | None = None, logits_at: str | None = None,
+             strict: bool = True, contributions: bool = False, max_batches: int | None = None,
+             progress: bool | None = None, **stats_kwargs: Any) -> Any:
+    """Run ``model`` over a data loader in eval mode and return the region statistics of what it saw.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A piecewise-linear classifier; it runs in eval mode under ``torch.no_grad`` and its flags, hooks and
+        requires_grad are restored afterwards.
+    dataloader : iterable
+        Batches as ``(x, y, ...)`` tuples or dicts (see :func:`default_inputs`, :func:`default_labels`).
+    n_classes : int, optional
+        Number of classes; default: the model's output width on the first batch (2 for a single logit).
+    layers, granularities, **stats_kwargs
+        Passed to :class:`~relu_regions.regions.RegionStats` when ``stats`` is not given.
+    stats : RegionStats, optional
+        Accumulate into these stats instead of new ones.
+    get_inputs, get_labels, label_key
+        How to find inputs and labels in a batch.
+    device : optional
+        Move inputs and labels here (default: the device of the model's first parameter).
+    logits_at, strict
+        As in :func:`relu_regions.record`.
+    contributions : bool
+        Also pass the exact contributions ``A ⊙ x`` and effective weights ``A`` of every output (the region's affine
+        map from :func:`relu_regions.affine_map`) to the stats, which then keep them (``keep_contributions``).
+    max_batches : int, optional
+        Stop after this many batches.
+    progress : bool, optional
+        Show a tqdm progress bar; default: when the loader has more than 20 batches.
+
+    Returns
+    -------
+    RegionStats
+    """
+    from .affine import affine_map
+
+    get_inputs = get_inputs or default_inputs
+    get_labels = get_labels or (lambda b: default_labels(b, label_key))
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    total = max_batches
+    try:
+        total = min(len(dataloader), max_batches or len(dataloader))
+    except TypeError:
+        pass
+    it: Any = dataloader
+    if progress if progress is not None else (total or 0) > 20:
+        from tqdm.auto import tqdm
+
+        it = tqdm(dataloader, total=total, desc="regions", unit="batch")
+    with preserved(model, eval_mode=True), torch.no_grad():
+        for i, batch in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = get_inputs(batch).to(device)
+            y = torch.as_tensor(get_labels(batch)).reshape(-1).to(device)
+            contrib = y_pred = weights = None
+            if contributions:  # outside the recording block: affine_map runs its own recorded passes
+                with torch.enable_grad():
+                    amap = affine_map(model, x, logits_at=logits_at, strict=strict)
+                y_pred = predictions(amap.output)
+                weights = amap.A
+                contrib = amap.A * x.unsqueeze(1).to(amap.A.dtype)
+            if stats is None:
+                from .regions import RegionStats
+
+                if n_classes is None:
+                    out = model(x[:1])
+                    k = (out[0] if isinstance(out, (tuple, list)) else out).reshape(1, -1).shape[1]
+                    n_classes = 2 if k == 1 else k
+                stats = RegionStats(n_classes, layers=layers, granularities=granularities,
+                                    keep_contributions=contributions, **stats_kwargs)
+            # hooks only around the user's forward, one batch at a time
+            with track(model, stats, logits_at=logits_at, strict=strict) as tracker:
+                model(x)
+                tracker.update(y, y_pred, contributions=contrib, weights=weights)
+    if stats is None:
+        raise ValueError("the data loader yielded no batches")
+    return stats
+
+
+# --- exact boundary distances --------------------------------------------------------------------------------------
+
+
+_RELU_KINDS = ("relu", "leaky_relu", "prelu")
+
+
+def boundary_distances(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, logits_at: str | None = None,
+                       strict: bool = True) -> Tensor:
+    """``(B,)`` exact Euclidean distance from each input to the nearest ReLU / clamp hyperplane of its region.
+
+    Inside the region of x every unit's pre-activation is affine, ``z_j(x') = g_j·x' + c_j``, so the distance from
+    x to the hyperplane ``z_j = 0`` is ``|z_j(x)| / ‖g_j‖₂`` (for clamps: to ``z_j = lo`` and ``z_j = hi``). The
+    region is the intersection of the half-spaces, so the minimum over units is the distance to the region's
+    boundary when it contains no max-pool units. Max-pool switching boundaries are *not* included (their
+    constraints need full Jacobians); for CNNs with max-pools the value is the distance to the nearest ReLU
+    boundary, an upper bound of the distance to the region's boundary. Units with a zero gradient (constant
+    pre-activation) never switch and are skipped; ``inf`` when no unit can switch.
+    """
+    from .affine import preactivation_maps
+
+    maps = preactivation_maps(model, x, layers, reduce=2.0, logits_at=logits_at, strict=strict)
+    b = x.shape[0]
+    best = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
+    for m in maps.values():
+        if m.kind == "maxpool":
+            continue
+        v = m.value.reshape(b, -1)
+        n = m.norm.reshape(b, -1)
+        gaps = _gaps(m.kind, v, _clamp_params(model, x, m.name, logits_at) if m.kind == "clamp" else None)
+        d = torch.where(n > 0, gaps / n.clamp_min(torch.finfo(n.dtype).tiny), torch.full_like(n, math.inf))
+        best = torch.minimum(best, d.amin(1).to(best.dtype))
+    return best
+
+
+def _clamp_params(model, x, name, logits_at):
+    with preserved(model, eval_mode=True), torch.no_grad():
+        _, pats = run_recorded(model, x[:1], logits_at=logits_at)
+    p = next(q for q in pats if q.name == name)
+    return p.params.get("lo"), p.params.get("hi")
+
+
+def _gaps(kind: str, v: Tensor, bounds: tuple | None) -> Tensor:
+    """|distance in pre-activation units| to the unit's breakpoint(s)."""
+    if kind in _RELU_KINDS:
+        return v.abs()
+    lo, hi = bounds
+    g = torch.full_like(v, math.inf)
+    if lo is not None:
+        g = torch.minimum(g, (v - lo).abs())
+    if hi is not None:
+        g = torch.minimum(g, (v - hi).abs())
+    return g
+
+
+# --- the region-parsimony regulariser ---------------------------------------------------------------------------------
+
+
+def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: float = 0.0, k: int | None = None,
+                      layers: LayerSelection = None, max_samples: int | None = 16, logits_at: str | None = None,
+                      strict: bool = True, return_parts: bool = False) -> Tensor | dict[str, Tensor]:
+    """A differentiable loss term that penalises region boundaries close to the samples.
+
+    For each sample x and each ReLU-like (or clamp) unit j of the selected layers, the exact Euclidean distance of x
+    to the unit's hyperplane within x's region is ``d_j = |z_j(x)| / ‖∇ₓ z_j‖₂`` (see :func:`boundary_distances`).
+    The penalty is the hinge of maximum-margin-region training,
+
+        ``hinge = mean_x Σ_j max(0, 1 − d_j / γ)``
+
+    (only the ``k`` largest terms per sample when ``k`` is given), which counts — softly — the hyperplanes that cut
+    the γ-ball around x, so minimising it makes the region around each sample larger and the regions fewer. Plus
+    ``l1 · mean_x Σ_j |a_j|``, the L1 activity penalty on the units' outputs (sparse activation patterns).
+
+    Both terms are differentiable with respect to the parameters: ``z_j`` and the gradients ``∇ₓ z_j`` are computed
+    by running the network with its activation pattern frozen on ``[x, 0, e_1, …, e_D]`` (the frozen network is
+    affine, so ``∇ₓ z_j · e_i = z_j(e_i) − z_j(0)``) — ordinary autograd, ``D + 2`` replicas of the samples.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (not a LightningModule wrapper with a loss). It runs in eval mode for this computation
+        (BatchNorm running statistics, no dropout); its flags are restored afterwards.
+    x : Tensor
+        ``(B, *input_shape)`` training inputs.
+    gamma : float
+        Margin in input units (L2).
+    l1 : float
+        Weight of the L1 activity term (0 disables it).
+    k : int, optional
+        Use only the k closest hyperplanes per sample (as in MMR training).
+    layers : selection, optional
+        Which piecewise-linear calls count (default all; max-pools never contribute, see
+        :func:`boundary_distances`).
+    max_samples : int, optional
+        Use only the first this many samples of the batch (cost grows with samples × input features).
+    logits_at, strict
+        As in :func:`relu_regions.record`.
+    return_parts : bool
+        Return ``{"total", "hinge", "l1", "min_distance"}`` instead of the total.
+
+    Returns
+    -------
+    Tensor
+        A scalar on x's device and dtype, differentiable with respect to the model's parameters.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError("x must be a batched floating-point tensor (B, ...)")
+    x = x.detach()
+    if max_samples is not None:
+        x = x[:max_samples]
+    b, shape = x.shape[0], x.shape[1:]
+    n_in = int(x[0].numel())
+    with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+        names = set(select_layers([p.name for p in patterns], layers))
+        eye = torch.eye(n_in, dtype=x.dtype, device=x.device).reshape(n_in, 1, *shape).expand(n_in, b, *shape)
+        z = torch.cat([x, torch.zeros_like(x), eye.reshape(n_in * b, *shape)])
+        seen: list[tuple[Any, Tensor]] = []
+
+        def observe(p, t):
+            if p.name in names and p.kind != "maxpool":
+                seen.append((p, t))
+
+        with torch.enable_grad():
+            run_frozen(model, z, patterns, strict=strict, logits_at=logits_at, observe=observe)
+    hinge = x.new_zeros(())
+    act = x.new_zeros(())
+    dmin = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
+    for p, t in seen:
+        t = t.reshape(n_in + 2, b, -1)
+        val, jac = t[0], t[2:] - t[1]
+        norm = torch.linalg.vector_norm(jac, dim=0)
+        live = norm > 1e-12
+        gaps = _gaps(p.kind, val, (p.params.get("lo"), p.params.get("hi")) if p.kind == "clamp" else None)
+        dist = gaps / norm.clamp_min(1e-12)
+        h = torch.where(live, torch.relu(1 - dist / gamma), torch.zeros_like(dist))
+        if k is not None:
+            h = h.topk(min(k, h.shape[1]), dim=1).values
+        hinge = hinge + h.sum(1).mean()
+        dmin = torch.minimum(dmin, torch.where(live, dist, torch.full_like(dist, math.inf)).amin(1).detach())
+        if l1 and p.kind in _RELU_KINDS:
+            act = act + torch.relu(val).sum(1).mean()
+    total = hinge + l1 * act
+    if return_parts:
+        return {"total": total, "hinge": hinge, "l1": act, "min_distance": dmin}
+    return total
