@@ -1,0 +1,200 @@
+"""Interventions, ACE, unit clusters and lesions: analytic effects and exact model restoration."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+from relu_regions import causal  # noqa: E402
+from relu_regions.models import mlp  # noqa: E402
+
+
+def _hand_net() -> nn.Sequential:
+    # h0 = relu(x0 + x1), h1 = relu(x0 − 0.5), h2 = relu(x2); body y = 2 h0 − h1 (the skip adds 3 x2)
+    lin1 = nn.Linear(3, 3)
+    lin2 = nn.Linear(3, 1)
+    with torch.no_grad():
+        lin1.weight.copy_(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+        lin1.bias.copy_(torch.tensor([0.0, -0.5, 0.0]))
+        lin2.weight.copy_(torch.tensor([[2.0, -1.0, 0.0]]))
+        lin2.bias.zero_()
+    return nn.Sequential(lin1, nn.ReLU(), lin2).double()
+
+
+class _Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _hand_net()
+
+    def forward(self, x):
+        return self.body(x) + 3 * x[:, 2:3]
+
+
+def _data() -> torch.Tensor:
+    # x1 ∈ {−1, +1} balanced, x2 ∈ {0, 1} balanced, x0 arbitrary (overwritten by the intervention)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.tensor([-1.0, 1.0]).repeat(20)
+    x2 = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(10)
+    x0 = torch.randn(40, generator=g)
+    return torch.stack([x0, x1, x2], 1).double()
+
+
+def test_ace_linear_model_exact():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    data = torch.randn(100, 5, dtype=torch.float64)
+    alphas = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    res = causal.ace(model, data, "input", 2, alphas, n_samples=30)
+    expected = (alphas - alphas.mean())[:, None] * model.weight[:, 2].detach()[None]
+    np.testing.assert_allclose(res.effect["output"].numpy(), expected.numpy(), atol=1e-12)
+    assert res.n_samples == 30
+
+
+def test_ace_hand_relu_net_hidden_and_output():
+    model = _Skip()
+    data = _data()
+    alphas = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0], dtype=torch.float64)
+    res = causal.ace(model, data, "input", 0, alphas, observe=["body.1"], n_samples=None)
+    # E over balanced x1 ∈ {−1, 1}: E[relu(α + x1)] = (relu(α − 1) + relu(α + 1)) / 2
+    e_h0 = (torch.relu(alphas - 1) + torch.relu(alphas + 1)) / 2
+    e_h1 = torch.relu(alphas - 0.5)
+    e_h2 = torch.full_like(alphas, 0.5)  # relu(x2), unaffected
+    exp_hidden = torch.stack([e_h0, e_h1, e_h2], 1)
+    np.testing.assert_allclose(res.expectation["body.1"].numpy(), exp_hidden.numpy(), atol=1e-12)
+    np.testing.assert_allclose(res.effect["body.1"].numpy(), (exp_hidden - exp_hidden.mean(0)).numpy(), atol=1e-12)
+    e_y = 2 * e_h0 - e_h1 + 3 * 0.5
+    np.testing.assert_allclose(res.effect["output"][:, 0].numpy(), (e_y - e_y.mean()).numpy(), atol=1e-12)
+
+
+def test_intervention_on_hidden_unit():
+    model = _Skip()
+    data = _data()
+    alphas = [0.0, 1.0, 3.0]
+    res = causal.ace(model, data, "body.1", 0, alphas, n_samples=None)
+    a = torch.tensor(alphas, dtype=torch.float64)
+    np.testing.assert_allclose(res.effect["output"][:, 0].numpy(), (2 * (a - a.mean())).numpy(), atol=1e-12)
+    assert res.heatmaps("output", (1,)).shape == (3, 1)
+
+
+def test_bad_site_and_units():
+    model = _Skip()
+    with pytest.raises(ValueError, match="not a module path"):
+        causal.ace(model, _data(), "body.9", 0, [0.0, 1.0])
+    with pytest.raises(ValueError, match="out of range"):
+        causal.ace(model, _data(), "input", 7, [0.0, 1.0])
+    assert len(model.body._forward_hooks) == 0 and len(model._forward_pre_hooks) == 0
+
+
+def _snapshot(model: nn.Module):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
+    flags = [(n, m.training) for n, m in model.named_modules()]
+    grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return state, hooks, flags, grads
+
+
+def _assert_same(model: nn.Module, snap):
+    state, hooks, flags, grads = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k in state:
+        assert torch.equal(now[k], state[k])
+    assert [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()] == hooks
+    assert [(n, m.training) for n, m in model.named_modules()] == flags
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
+
+
+def test_lesion_restores_model_also_after_exception():
+    torch.manual_seed(0)
+    model = mlp(4, [8, 6], 3)
+    model.train()
+    model[0].weight.requires_grad_(False)
+    user = model[1].register_forward_hook(lambda m, a, o: None)
+    x = torch.randn(10, 4)
+    snap = _snapshot(model)
+    ref = model(x).detach()
+    with causal.lesion(model, "1", [0, 1, 2]):
+        lesioned = model(x)
+        hidden = {}
+        h = model[1].register_forward_hook(lambda m, a, o: hidden.setdefault("h", o))
+        model(x)
+        h.remove()
+        assert (hidden["h"][:, :3] == 0).all()
+    assert not torch.equal(lesioned, ref)
+    _assert_same(model, snap)
+    assert torch.equal(model(x), ref)
+    with pytest.raises(RuntimeError, match="boom"):
+        with causal.lesion(model, "3", [1]):
+            raise RuntimeError("boom")
+    _assert_same(model, snap)
+    with pytest.raises(ValueError):
+        causal.lesion_table(model, x, "3", {"a": [0]}, target=None, metric="accuracy")
+    _assert_same(model, snap)
+    causal.lesion_table(model, x, "3", {"a": [0]}, target=torch.zeros(10, dtype=torch.long))
+    _assert_same(model, snap)
+    user.remove()
+
+
+def test_lesion_table_matches_manual_zeroing():
+    torch.manual_seed(1)
+    model = mlp(4, [8], 3).double()
+    x = torch.randn(50, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,))
+    table = causal.lesion_table(model, x, "1", {"first": [0, 1], "last": [7]}, target=y)
+    # independent route: a copy of the model with the corresponding output-layer columns zeroed
+    manual = mlp(4, [8], 3).double()
+    manual.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        manual[2].weight[:, [0, 1]] = 0
+    acc = float((manual(x).argmax(1) == y).double().mean())
+    assert table.loc[table.lesion == "first", "metric"].item() == pytest.approx(acc, abs=1e-12)
+    assert table.loc[0, "lesion"] == "none"
+    assert table.loc[0, "metric"] == pytest.approx(float((model(x).argmax(1) == y).double().mean()))
+
+
+def test_cluster_units_recovers_planted_structure():
+    rng = np.random.default_rng(0)
+    signals = rng.normal(size=(3, 200))
+    truth = np.repeat([0, 1, 2], 6)
+    rows = []
+    for g in truth:
+        scale = rng.uniform(0.5, 3.0)
+        s = scale * signals[g] + 0.15 * rng.normal(size=200)
+        rows.append(np.exp(s) if rng.random() < 0.5 else s)  # monotone transforms: Spearman is unchanged
+    rows.append(np.zeros(200))  # a dead unit
+    p = np.array(rows)
+    aff = causal.cluster_units(p, "affinity")
+    km = causal.cluster_units(p, "kmeans", n_clusters=3)
+    assert aff.labels[-1] == -1 and km.labels[-1] == -1
+    assert adjusted_rand_score(truth, aff.labels[:-1]) == 1.0
+    assert adjusted_rand_score(truth, km.labels[:-1]) == 1.0
+    table = causal.cluster_importance(aff, np.r_[np.repeat([1.0, 5.0, 2.0], 6), 0.0])
+    assert table.loc[0, "n_units"] == 6 and table.loc[0, "importance"] == pytest.approx(5.0)
+    cross = causal.cluster_intersection(aff, km)
+    assert (cross.values > 0).sum() == 4  # three matched clusters and the dead unit
+
+
+def test_profiles_and_plots_on_small_decoder():
+    torch.manual_seed(0)
+    dec = mlp(3, [16], 16)
+    data = torch.randn(64, 3)
+    act = causal.activation_profiles(dec, data, "1")
+    assert act.shape == (16, 64)
+    prof = causal.ace_profiles(dec, data, "input", [0, 1], [-1.0, 0.0, 1.0], "1", n_samples=32)
+    assert prof.shape == (16, 6)
+    cl = causal.cluster_units(prof, "affinity")
+    res = causal.ace(dec, data, "input", 0, [-1.0, 0.0, 1.0], n_samples=32)
+    fig = res.plot("output", (4, 4))
+    fig2 = causal.lesion_grid(dec, data[:3], "1", cl, image_shape=(4, 4))
+    assert len(fig2.axes) == 3 * (1 + len(cl.groups()))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(fig2)
