@@ -7,8 +7,10 @@ class ReluRegionsError(Exception):
     """Base class of all relu-regions errors."""
 
 
-class UnsupportedModuleError(ReluRegionsError, TypeError):
+class UnsupportedModuleError(ReluRegionsError, ValueError):
     """An operation on the path to the explained output is not piecewise linear.
+
+    A ValueError, not a TypeError: Python turns TypeErrors raised inside binary operators into NotImplemented.
 
     The message names the module path and the operation. A final softmax or sigmoid head is the common case:
     pass ``logits_at="<module path>"`` to explain the logits produced by that module instead.

@@ -238,7 +238,7 @@ class _Mode(TorchFunctionMode):
     def _unit(self, rule: UnitRule, func, args, kwargs, x: Tensor, params: dict):
         s = self.s
         path = s.where()
-        mod_type = s.types.get(path, "")
+        mod_type = s.types.get(path.split("#")[0], "")
         base = path if mod_type in _UNIT_MODULES else (f"{path}/{_op_name(func)}" if path else _op_name(func))
         name = s.unique(base)
         if s.replay is None:
@@ -270,10 +270,12 @@ _UNIT_MODULES = {"ReLU", "LeakyReLU", "PReLU", "ReLU6", "Hardtanh", "MaxPool1d",
 @contextmanager
 def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPattern] | None = None,
              observe: Callable[[LayerPattern, Tensor], None] | None = None,
-             logits_at: str | None = None, stop_at_logits: bool = True) -> Iterator[_Session]:
+             logits_at: str | None = None, stop_at_logits: bool = True,
+             mode_cls: type[TorchFunctionMode] | None = None,
+             session_cls: type[_Session] | None = None) -> Iterator[_Session]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    s = _Session(model, strict, replay, observe)
+    s = (session_cls or _Session)(model, strict, replay, observe)
     handles = []
     if logits_at is not None:
         mods = dict(model.named_modules())
@@ -312,7 +314,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         handles.append(model.register_forward_hook(root_post, always_call=True))
-        with _Mode(s):
+        with (mode_cls or _Mode)(s):
             yield s
     finally:
         for h in handles:

@@ -12,7 +12,7 @@ Units whose input sits exactly on a breakpoint are counted as *boundary* units.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -127,6 +127,11 @@ class UnitRule:
         """Apply the call to ``z`` with the recorded state frozen (an affine function of z)."""
         raise NotImplementedError
 
+    def frozen_linear(self, m: Tensor, pattern: LayerPattern, func, args: tuple, kwargs: dict) -> Tensor:
+        """The linear part of the frozen call, applied to replicas ``m`` (used by the graph walker)."""
+        out = self.frozen(m, replace(pattern, params={**pattern.params, "inplace": False}), func, args, kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
 
 class ReluRule(UnitRule):
     kind = "relu"
@@ -228,6 +233,10 @@ class ClampRule(UnitRule):
             out = torch.where(s == 2, torch.full_like(z, pattern.params["hi"]), out)
         return _write_back(z, out, pattern.params)
 
+    def frozen_linear(self, m, pattern, func, args, kwargs):
+        # saturated units contribute a constant, which belongs to the offset, not to the linear part
+        return m * (_expand_state(pattern.state, m) == 1).to(m.dtype)
+
 
 class MaxPoolRule(UnitRule):
     """Max pooling (1d/2d, also adaptive): the flat argmax inside each window is the unit's state."""
@@ -268,15 +277,24 @@ class MaxPoolRule(UnitRule):
     def record(self, func, args, kwargs, x, params):
         out, idx = self._with_indices(args, kwargs, params)
         result = (out, idx) if params["return_indices"] else out
-        return result, idx, self._ties(x, out, params), int(torch.Size(x.shape[-params["dims"]:]).numel())
+        return result, idx, self._ties(x, out, idx, params), int(torch.Size(x.shape[-params["dims"]:]).numel())
 
     @staticmethod
-    def _ties(x: Tensor, out: Tensor, params: dict) -> Tensor:
+    def _ties(x: Tensor, out: Tensor, idx: Tensor, params: dict) -> Tensor:
         """Windows whose nonzero maximum is attained more than once (counted exactly from the unfolded windows)."""
         zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         if params["adaptive"]:
             return zero  # adaptive windows have no fixed geometry; ties are not counted
         ks, st, pad, dil, _ = params["geometry"]
+        m = out.detach()
+        if tuple(st) == tuple(ks) and not any(pad) and all(d == 1 for d in dil):
+            # disjoint windows: knock the winner out and pool again; a tie leaves an equal runner-up
+            d = params["dims"]
+            flat = x.detach().flatten(-d).clone()
+            flat.scatter_(-1, idx.flatten(-d), float("-inf"))
+            pool = F.max_pool1d if d == 1 else F.max_pool2d
+            second = pool(flat.view_as(x), ks[-d:] if d == 2 else ks[-1])
+            return ((second == m) & (m != 0)).reshape(x.shape[0], -1).sum(1)
         xx = x.detach()
         if params["dims"] == 1:
             xx = xx.unsqueeze(-2)
@@ -285,7 +303,7 @@ class MaxPoolRule(UnitRule):
         if any(pad):  # unfold pads with 0, max-pool with -inf
             xx = F.pad(xx, (pad[1], pad[1], pad[0], pad[0]), value=float("-inf"))
         cols = F.unfold(xx, ks, dilation=dil, stride=st)  # (N, k, L)
-        m = out.detach().reshape(cols.shape[0], -1)
+        m = m.reshape(cols.shape[0], -1)
         if m.shape[-1] != cols.shape[-1]:  # ceil_mode adds partial windows: not counted
             return zero
         # ties at exactly 0 are windows of inactive ReLUs: their affine functions coincide, no boundary there

@@ -1,0 +1,412 @@
+"""The exact region engine: recording, affine maps by three routes, keys, errors and state safety."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from zoo import zoo
+
+import relu_regions as rr
+from relu_regions.keys import pack_bits, region_keys
+
+ZOO = zoo()
+METHODS = ["reverse", "forward", "compose"]
+
+
+def _inputs(shape, n=6, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=dtype)
+
+
+def _model(name, dtype=torch.float32):
+    m, shape = ZOO[name]
+    return copy.deepcopy(m).to(dtype), shape
+
+
+def _packed(model, x):
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    return rec.packed()
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("method", METHODS)
+def test_map_reproduces_output_float32(name, method):
+    m, shape = _model(name)
+    x = _inputs(shape)
+    am = rr.affine_map(m, x, method=method, check=False)
+    with torch.no_grad():
+        fx = m(x).reshape(len(x), -1)
+    assert am.A.shape == (len(x), fx.shape[1], *shape) and am.d.shape == fx.shape
+    err = (am(x) - fx).abs()
+    assert (err <= 1e-4 * (1 + fx.abs())).all(), err.max()
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("method", METHODS)
+def test_map_equals_jacobian_float64(name, method):
+    m, shape = _model(name, torch.float64)
+    x = _inputs(shape, dtype=torch.float64)
+    am = rr.affine_map(m, x, method=method, check=False)
+    with torch.no_grad():
+        fx = m(x).reshape(len(x), -1)
+    assert (am(x) - fx).abs().max() <= 1e-9
+    # reference: plain autograd on the unmodified model, one sample at a time (vmap lacks a PReLU batching rule)
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: m(v.unsqueeze(0)).reshape(-1), xi) for xi in x])
+    assert torch.allclose(am.A.reshape(jac.shape), jac, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_methods_agree_and_target_selects_rows(name):
+    m, shape = _model(name, torch.float64)
+    x = _inputs(shape, dtype=torch.float64)
+    maps = {meth: rr.affine_map(m, x, method=meth) for meth in METHODS}
+    for meth in METHODS[1:]:
+        assert torch.allclose(maps[meth].A, maps["reverse"].A, atol=1e-10)
+        assert torch.allclose(maps[meth].d, maps["reverse"].d, atol=1e-10)
+    k = maps["reverse"].A.shape[1]
+    target = torch.arange(len(x)) % k
+    for meth in METHODS:
+        t = rr.affine_map(m, x, target=target, method=meth)
+        rows = maps["reverse"].A[torch.arange(len(x)), target]
+        assert t.A.shape[1] == 1 and torch.allclose(t.A[:, 0], rows, atol=1e-10)
+        assert torch.allclose(t.d[:, 0], maps["reverse"].d[torch.arange(len(x)), target], atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mlp3", "lenet", "residual", "mixed", "conv1d", "functional"])
+def test_perturbation_inside_region_is_exact_and_crossing_breaks_it(name):
+    m, shape = _model(name, torch.float64)
+    x = _inputs(shape, n=3, dtype=torch.float64)
+    am = rr.affine_map(m, x)
+    base = _packed(m, x)
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    small = None
+    for scale in [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]:
+        if torch.equal(_packed(m, x + scale * delta), base):
+            small = scale
+            break
+    assert small is not None, "no in-region perturbation found"
+    with torch.no_grad():
+        f_small = m(x + small * delta).reshape(len(x), -1)
+    assert (am(x + small * delta) - f_small).abs().max() < 1e-9
+    # grow the step until the pattern changes: there the region's map no longer gives f
+    big = 0.1
+    while torch.equal(_packed(m, x + big * delta), base) and big < 1e4:
+        big *= 2
+    moved = (_packed(m, x + big * delta) != base).any(1)
+    assert moved.any()
+    with torch.no_grad():
+        f_big = m(x + big * delta).reshape(len(x), -1)
+    err = (am(x + big * delta) - f_big).abs().amax(1)
+    assert (err[moved] > 1e-6).any()
+
+
+def test_record_outputs_bit_identical_and_hooks_removed():
+    for name, (m, shape) in ZOO.items():
+        x = _inputs(shape)
+        with torch.no_grad():
+            plain = m(x)
+        n_hooks = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+        with torch.no_grad(), rr.record(m) as rec:
+            recorded = m(x)
+        assert torch.equal(plain, recorded), name
+        assert n_hooks == sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+        assert len(rec) == len(x) and rec.layer_names
+
+
+def test_layer_names_functional_inplace_and_reused():
+    m, shape = _model("functional")
+    with rr.record(m) as rec:
+        m(_inputs(shape))
+    assert rec.layer_names == ["relu", "max_pool2d", "relu#1", "relu#2", "clamp"]
+    m, shape = _model("reused")
+    with rr.record(m) as rec:
+        m(_inputs(shape))
+    assert rec.layer_names == ["act", "act#1", "act#2"]
+    m, shape = _model("mixed")
+    with rr.record(m) as rec:
+        m(_inputs(shape))
+    assert [p.kind for p in rec.patterns()] == ["leaky_relu", "prelu", "clamp", "clamp"]
+    assert [p.n_states for p in rec.patterns()] == [2, 2, 3, 3]
+
+
+def test_inplace_relu_pattern_is_read_before_the_op():
+    m, shape = _model("inplace")
+    x = _inputs(shape, n=50)
+    with torch.no_grad(), rr.record(m) as rec:
+        m(x)
+        pre = m.l1(x)
+    state = rec.patterns("r1")[0].state
+    assert torch.equal(state, pre > 0)
+    assert 0 < state.float().mean() < 1
+
+
+def test_boundary_units_are_counted():
+    m = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.stack([torch.zeros(3), torch.tensor([1.0, -2.0, 0.5])])
+    with rr.record(m) as rec:
+        m(x)
+    assert rec.n_boundary().tolist() == [4, 0]
+    assert rec.on_boundary().tolist() == [True, False]
+    # max-pool ties with a non-zero maximum count as boundary windows
+    pool = nn.Sequential(nn.MaxPool2d(2))
+    img = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]], [[[1.0, 0.0], [0.0, 0.5]]]])
+    with rr.record(pool) as rec:
+        pool(img)
+    assert rec.n_boundary().tolist() == [1, 0]
+
+
+def test_keys_are_injective_on_many_random_patterns():
+    g = torch.Generator().manual_seed(0)
+    n = 120_000
+    for n_bits in (40, 200):
+        bits = torch.rand(n, n_bits, generator=g) < 0.5
+        bits[: n // 10] = bits[n // 2: n // 2 + n // 10]  # planted duplicates
+        packed = pack_bits(bits)
+        keys = region_keys(packed)
+        n_patterns = torch.unique(bits, dim=0).shape[0]
+        assert torch.unique(keys).numel() == n_patterns
+        assert torch.equal(keys[: n // 10], keys[n // 2: n // 2 + n // 10])
+    # exact packing: unpack and compare
+    bits = torch.rand(7, 130, generator=g) < 0.5
+    words = pack_bits(bits)
+    unpacked = ((words.unsqueeze(-1) >> torch.arange(63)) & 1).reshape(7, -1)[:, :130].bool()
+    assert torch.equal(unpacked, bits) and (words >= 0).all()
+
+
+def test_per_layer_keys_and_selection():
+    m, shape = _model("mlp3")
+    x = _inputs(shape, n=400)
+    with rr.record(m) as rec:
+        m(x[:200])
+        m(x[200:])
+    names = rec.layer_names
+    assert len(rec) == 400
+    full = rec.region_ids()
+    last = rec.region_ids(slice(-1, None))
+    first = rec.region_ids(names[0])
+    assert torch.equal(last, rec.region_ids([names[-1]]))
+    # the full key refines each layer's key: equal full keys imply equal layer keys
+    for k in torch.unique(full):
+        sel = full == k
+        assert torch.unique(first[sel]).numel() == 1
+    states = rec.patterns(names[0])[0].state
+    assert torch.unique(first).numel() == torch.unique(states, dim=0).shape[0]
+    with pytest.raises(KeyError, match="unknown layer"):
+        rec.region_ids("nope")
+
+
+class _Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.q(x) * self.k(x)).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("model, where, op", [
+    (_Gelu(), "body.1", "gelu"),
+    (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
+    (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
+    (nn.Sequential(nn.Linear(4, 5), nn.Softmax(-1), nn.Linear(5, 2)), "1", "softmax"),
+    (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 2)), "1", "layer_norm"),
+    (nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 2)), "1", "silu"),
+    (_Attention(), "<root>", "of two input-dependent tensors"),
+])
+@pytest.mark.parametrize("method", METHODS)
+def test_unsupported_modules_raise_naming_module_and_op(model, where, op, method):
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(rr.UnsupportedModuleError) as err:
+        rr.affine_map(model, torch.randn(3, 4), method=method)
+    assert f"'{where}'" in str(err.value) and op in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_softmax_head_via_logits_at():
+    body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = nn.Sequential(body, nn.Softmax(dim=1))
+    x = torch.randn(5, 4)
+    with pytest.raises(rr.UnsupportedModuleError, match="logits_at"):
+        rr.affine_map(model, x)
+    am = rr.affine_map(model, x, logits_at="0")
+    ref = rr.affine_map(body, x)
+    assert torch.allclose(am.A, ref.A) and torch.allclose(am.d, ref.d)
+    with torch.no_grad(), rr.record(model, logits_at="0") as rec:
+        probs = model(x)  # the user's forward still runs to the end
+    assert torch.allclose(probs.sum(1), torch.ones(5)) and len(rec.layer_names) == 1
+    with pytest.raises(ValueError, match="not a submodule"):
+        rr.affine_map(model, x, logits_at="missing")
+
+
+def _snapshot(model):
+    return (copy.deepcopy(model.state_dict()), [m.training for m in model.modules()],
+            [p.requires_grad for p in model.parameters()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()])
+
+
+def _same(a, b):
+    sa, ta, ra, ha = a
+    sb, tb, rb, hb = b
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) and ta == tb and ra == rb and ha == hb
+
+
+def test_model_state_restored_after_success_and_failure():
+    m, shape = _model("bn_cnn")
+    m.train()  # BatchNorm and Dropout in train mode: switched to eval for the call, restored after
+    m.net[0].weight.requires_grad_(False)
+    user_hook = m.net[2].register_forward_hook(lambda *a: None)
+    snap = _snapshot(m)
+    x = _inputs(shape)
+    am = rr.affine_map(m, x)
+    assert _same(snap, _snapshot(m))
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(am(x), m(x), atol=1e-5)
+    m.train()
+    with pytest.raises(ValueError, match="target"):
+        rr.affine_map(m, x, target=99)
+    assert _same(snap, _snapshot(m))
+
+    class Boom(Exception):
+        pass
+
+    def explode(*args):
+        raise Boom()
+
+    h = m.net[5].register_forward_hook(explode)
+    snap2 = _snapshot(m)
+    with pytest.raises(Boom):
+        rr.affine_map(m, x)
+    assert _same(snap2, _snapshot(m))
+    h.remove()
+    user_hook.remove()
+
+
+def test_batchnorm_in_train_mode_is_refused_while_recording():
+    m, shape = _model("bn_cnn")
+    m.train()
+    with pytest.raises(rr.UnsupportedModuleError, match="batch statistics"):
+        with rr.record(m):
+            m(_inputs(shape))
+    assert m.training
+
+
+def test_affine_map_inputs_validated():
+    m, shape = _model("mlp1")
+    with pytest.raises(ValueError, match="batched"):
+        rr.affine_map(m, torch.randn(6))
+    with pytest.raises(TypeError, match="floating"):
+        rr.affine_map(m, torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="method"):
+        rr.affine_map(m, torch.randn(2, 6), method="magic")
+
+
+def test_chunking_and_to():
+    m, shape = _model("lenet")
+    x = _inputs(shape, n=9)
+    whole = rr.affine_map(m, x)
+    chunked = rr.affine_map(m, x, chunk_size=2)
+    assert torch.equal(whole.region_ids, chunked.region_ids)
+    assert torch.allclose(whole.A, chunked.A, atol=1e-6)
+    moved = whole.to(dtype=torch.float64)
+    assert moved.A.dtype == torch.float64 and moved.packed.dtype == torch.int64
+
+
+def test_auto_method_choice():
+    from relu_regions.affine import choose_method
+
+    assert choose_method("auto", 10, 784) == "reverse"
+    assert choose_method("auto", 10, 4) == "forward"
+    m, shape = _model("mlp2")
+    assert rr.affine_map(m, _inputs(shape)).method == "reverse"  # 4 outputs <= 6 inputs
+    assert rr.affine_map(m, _inputs(shape), target=0).method == "reverse"
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_preactivation_maps_match_autograd(method):
+    m, shape = _model("lenet", torch.float64)
+    x = _inputs(shape, n=2, dtype=torch.float64)
+    maps = rr.preactivation_maps(m, x, method=method)
+    hidden = {}
+
+    def grab(name):
+        def hook(mod, inp):
+            hidden[name] = inp[0]
+        return hook
+
+    handles = [m.features[1].register_forward_pre_hook(grab("features.1")),
+               m.head[1].register_forward_pre_hook(grab("head.1"))]
+    try:
+        for name in ("features.1", "head.1"):
+            def pre(v, name=name):
+                m(v.unsqueeze(0))
+                return hidden[name].reshape(-1)
+
+            jac = torch.func.vmap(torch.func.jacrev(pre))(x)
+            lm = maps[name]
+            assert torch.allclose(lm.jacobian.reshape(jac.shape), jac, atol=1e-10)
+            with torch.no_grad():
+                m(x)
+            assert torch.allclose(lm.value, hidden[name])
+    finally:
+        for h in handles:
+            h.remove()
+    norms = rr.preactivation_maps(m, x, reduce=2.0, method=method)
+    for name, lm in maps.items():
+        ref = lm.jacobian.reshape(*lm.value.shape, -1).norm(dim=-1)
+        assert torch.allclose(norms[name].norm, ref, atol=1e-10)
+
+
+def test_compose_exposes_hidden_maps():
+    from relu_regions.compose import compose_maps
+    from relu_regions.recording import run_recorded
+
+    m, shape = _model("mlp2", torch.float64)
+    x = _inputs(shape, n=3, dtype=torch.float64)
+    _, patterns = run_recorded(m, x)
+    seen = {}
+    compose_maps(m, patterns, x, observe=lambda p, c, lin: seen.__setitem__(p.name, lin))
+    ref = rr.preactivation_maps(m, x, method="forward")
+    for name, lin in seen.items():
+        assert torch.allclose(lin.permute(1, 2, 0), ref[name].jacobian, atol=1e-12)
+
+
+def test_functional_calls_are_recorded():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.l2(F.leaky_relu(self.l1(x), 0.2).clamp(max=0.5))
+
+    m = Net()
+    with rr.record(m) as rec:
+        m(torch.randn(3, 4))
+    assert [p.kind for p in rec.patterns()] == ["leaky_relu", "clamp"]
+    am = rr.affine_map(m.double(), torch.randn(3, 4, dtype=torch.float64), method="compose")
+    assert am.residual().max() < 1e-12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    m, shape = _model("lenet")
+    x = _inputs(shape)
+    cpu = rr.affine_map(m, x)
+    gpu = rr.affine_map(copy.deepcopy(m).cuda(), x.cuda())
+    assert torch.allclose(gpu.A.cpu(), cpu.A, atol=1e-5) and torch.equal(gpu.region_ids.cpu(), cpu.region_ids)
