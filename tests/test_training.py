@@ -1,0 +1,206 @@
+"""Plain-loop helpers (evaluate, track), exact boundary distances and the region-parsimony regulariser.
+
+Independent routes: hidden pre-activations of an MLP computed by hand from its weights, Jacobians from torch.func,
+region membership checked by stepping just inside / just outside the predicted distance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from relu_regions.models import mlp
+from relu_regions.regions import RegionStats
+from relu_regions.training import boundary_distances, evaluate, parsimony_penalty, track
+
+
+def _data(n=60, d=4, k=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def _model(d=4, hidden=(6, 5), k=3, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return mlp(d, list(hidden), k).to(dtype)
+
+
+def _hand_preacts(model: nn.Sequential, x):
+    """Pre-activations of every ReLU layer, by hand from the weights."""
+    out, h = [], x
+    for m in model:
+        if isinstance(m, nn.Linear):
+            h = h @ m.weight.T + m.bias
+        elif isinstance(m, nn.ReLU):
+            out.append(h)
+            h = torch.relu(h)
+    return out
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            [p.requires_grad for p in model.parameters()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+
+
+def _same(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1:] == b[1:]
+
+
+def _loader(x, y, bs=16, as_dict=False):
+    ds = torch.utils.data.TensorDataset(x, y)
+    if not as_dict:
+        return torch.utils.data.DataLoader(ds, batch_size=bs)
+    return torch.utils.data.DataLoader(ds, batch_size=bs, collate_fn=lambda items: {
+        "features": torch.stack([i[0] for i in items]), "target": torch.stack([i[1] for i in items])})
+
+
+def test_evaluate_matches_hand_computed_patterns():
+    model, (x, y) = _model(), _data()
+    model.train()
+    before = _snapshot(model)
+    stats = evaluate(model, _loader(x, y), progress=False)
+    _same(before, _snapshot(model))
+    pre = _hand_preacts(model, x)
+    patterns = {tuple(torch.cat([p[i] > 0 for p in pre]).tolist()) for i in range(len(x))}
+    assert stats.n_regions() == len(patterns)
+    assert stats.n_samples == len(x)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert stats.accuracy == pytest.approx(float((pred == y).float().mean()))
+    # merging the halves gives the same as the whole (DDP relies on this)
+    a = evaluate(model, _loader(x[:32], y[:32]), n_classes=3)
+    b = evaluate(model, _loader(x[32:], y[32:]), n_classes=3)
+    a.merge(b)
+    assert a.n_regions() == stats.n_regions() and a.coverage(3) == stats.coverage(3)
+    assert a.mean_purity() == stats.mean_purity()
+
+
+def test_evaluate_dict_batches_label_key_and_errors():
+    model, (x, y) = _model(), _data()
+    s1 = evaluate(model, _loader(x, y), progress=True)
+    s2 = evaluate(model, _loader(x, y, as_dict=True))  # finds "features" / "target"
+    assert s1.n_regions() == s2.n_regions() and s1.accuracy == s2.accuracy
+    s3 = evaluate(model, [(x[:30], {"cls": y[:30]}), (x[30:], {"cls": y[30:]})],
+                  get_labels=lambda b: b[1]["cls"], n_classes=3)
+    assert s3.n_regions() == s1.n_regions()
+    with pytest.raises(TypeError, match="cannot find the labels"):
+        evaluate(model, [{"features": x, "what": y}])
+    with pytest.raises(KeyError, match="label_key='lbl'"):
+        evaluate(model, _loader(x, y, as_dict=True), label_key="lbl")
+    with pytest.raises(TypeError, match="cannot find the inputs"):
+        evaluate(model, [{"pixels": x, "y": y}])
+
+
+def test_hand_written_loop_with_track_equals_evaluate_and_restores_model():
+    model, (x, y) = _model(), _data()
+    before = _snapshot(model)
+    stats = RegionStats(3, granularities={"last": -1})
+    with torch.no_grad(), track(model, stats) as tracker:
+        for xb, yb in _loader(x, y):
+            logits = model(xb)
+            _ = model(xb)  # a second forward in the same step: the last pass is kept
+            tracker.update(yb)
+            assert logits.shape == (len(xb), 3)
+    _same(before, _snapshot(model))
+    ref = evaluate(model, _loader(x, y), granularities={"last": -1})
+    assert stats.n_regions() == ref.n_regions() and stats.n_regions("last") == ref.n_regions("last")
+    last = {tuple((_hand_preacts(model, x)[-1][i] > 0).tolist()) for i in range(len(x))}
+    assert stats.n_regions("last") == len(last)
+    # an exception inside the block still removes every hook
+    with pytest.raises(RuntimeError, match="boom"), track(model, RegionStats(3)):
+        model(x)
+        raise RuntimeError("boom")
+    _same(before, _snapshot(model))
+    with pytest.raises(ValueError, match="labels hold"), track(model, RegionStats(3)) as t:
+        model(x)
+        t.update(y[:5])
+
+
+def test_evaluate_contributions_match_jacobians():
+    model, (x, y) = _model(dtype=torch.float64), _data(dtype=torch.float64)
+    stats = evaluate(model, _loader(x, y), contributions=True)
+    jac = torch.func.vmap(torch.func.jacrev(model))(x)  # (N, K, D), independent of the engine
+    contrib = jac * x[:, None, :]
+    keys = stats.region_keys()
+    ref = RegionStats(3)
+    with torch.no_grad(), track(model, ref) as t:
+        model(x)
+        t.update(y)
+    assert torch.equal(ref.region_keys().sort().values, keys.sort().values)
+    # per-region mean contributions from an independent Jacobian
+    with torch.no_grad(), track(model, RegionStats(3)) as t:
+        model(x)
+        ids = t.rec.region_ids()
+    mean = torch.stack([contrib[ids == k].mean(0) for k in keys])
+    torch.testing.assert_close(stats.mean_contributions().reshape(mean.shape), mean)
+
+
+def test_boundary_distances_exact():
+    model, (x, _) = _model(dtype=torch.float64), _data(n=12, dtype=torch.float64)
+    before = _snapshot(model)
+    d = boundary_distances(model, x)
+    _same(before, _snapshot(model))
+    # independent: hand pre-activations, torch.func Jacobians of each layer's pre-activation
+    pre = torch.cat(_hand_preacts(model, x), 1)
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: torch.cat(_hand_preacts(model, v[None]), 1)[0]))(x)
+    dist = pre.abs() / jac.norm(dim=2)
+    torch.testing.assert_close(d, dist.amin(1))
+    # step just inside / just past the nearest hyperplane: same region / a different region
+    j = dist.argmin(1)
+    idx = torch.arange(len(x))
+    g = jac[idx, j]
+    direction = -torch.sign(pre[idx, j])[:, None] * g / g.norm(dim=1, keepdim=True)
+    pat = (pre > 0)
+    inside = torch.cat(_hand_preacts(model, x + 0.999 * d[:, None] * direction), 1) > 0
+    outside = torch.cat(_hand_preacts(model, x + 1.001 * d[:, None] * direction), 1) > 0
+    assert torch.equal(inside, pat)
+    assert (outside != pat).any(1).all()
+
+
+def _reference_penalty(model, x, gamma, l1):
+    pre_fn = lambda v: torch.cat(_hand_preacts(model, v[None]), 1)[0]  # noqa: E731
+    pre = torch.cat(_hand_preacts(model, x), 1)
+    jac = torch.func.vmap(torch.func.jacrev(pre_fn))(x)
+    dist = pre.abs() / jac.norm(dim=2)
+    return torch.relu(1 - dist / gamma).sum(1).mean() + l1 * torch.relu(pre).sum(1).mean()
+
+
+def test_parsimony_penalty_value_and_gradient_match_independent_route():
+    model, (x, _) = _model(dtype=torch.float64), _data(n=10, dtype=torch.float64)
+    model.train()
+    before = _snapshot(model)
+    parts = parsimony_penalty(model, x, gamma=0.5, l1=0.1, max_samples=None, return_parts=True)
+    _same(before, _snapshot(model))
+    ref = _reference_penalty(model, x, 0.5, 0.1)
+    assert ref.item() > 0
+    torch.testing.assert_close(parts["total"], ref)
+    params = list(model.parameters())[:4]  # the output layer has no units: no gradient
+    g1 = torch.autograd.grad(parts["total"], params)
+    g2 = torch.autograd.grad(ref, params)
+    for a, b in zip(g1, g2):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(parts["min_distance"], boundary_distances(model, x))
+    # k closest only: never more than the full hinge, and only the first max_samples samples are used
+    assert parsimony_penalty(model, x, gamma=0.5, k=2, max_samples=None) <= parts["hinge"] + 1e-12
+    torch.testing.assert_close(parsimony_penalty(model, x, gamma=0.5, max_samples=4),
+                               _reference_penalty(model, x[:4], 0.5, 0.0))
+    with pytest.raises(ValueError, match="gamma"):
+        parsimony_penalty(model, x, gamma=0)
+
+
+def test_parsimony_penalty_descends_and_moves_boundaries_away():
+    model, (x, _) = _model(seed=1), _data(n=32, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    d0 = boundary_distances(model, x).median()
+    p0 = parsimony_penalty(model, x, gamma=1.0, max_samples=None).item()
+    for _ in range(30):
+        opt.zero_grad()
+        parsimony_penalty(model, x, gamma=1.0, max_samples=None).backward()
+        opt.step()
+    assert parsimony_penalty(model, x, gamma=1.0, max_samples=None).item() < p0
+    assert boundary_distances(model, x).median() > d0
