@@ -1,0 +1,566 @@
+"""Geometry of activation regions: exact boundary distances, decision distances, what-if steps and line walks.
+
+Inside the region of ``x`` every piecewise-linear unit is frozen, so each of the region's inequalities is affine in
+the input. We write them as *margins* ``m(x') >= 0`` (all of them affine in ``x'`` for the frozen pattern):
+
+- ReLU / LeakyReLU / PReLU unit with pre-activation ``z``: ``m = z`` when active (``z > 0``), ``m = -z`` otherwise;
+- clamp / hardtanh unit: ``z - lo`` and ``hi - z`` when linear, ``lo - z`` below, ``z - hi`` above;
+- max-pool window with recorded argmax ``a``: ``z_a - z_o`` for every other element ``o`` of the window.
+
+The exact ``l_p`` distance from ``x`` to the region's boundary is ``min_j m_j(x) / ||∇ m_j||_q`` (``q`` dual to
+``p``; margins with zero gradient never bind and are excluded): the point where the first hyperplane is reached
+along the shortest path is the first point where any inequality fails, so no other inequality can be closer.
+``method="re3"`` is the Re3 paper's ``|z_j| / ||w_j||_q`` with ``w_j`` the unit's weight row in its *own layer's*
+input space — exact for the first layer only (it ignores how earlier layers stretch space), kept for comparison.
+
+What-if and line walks only need *directional* derivatives: one forward-mode (JVP) pass through the frozen network
+with tangent ``δ`` gives every margin's rate of change along ``δ``, hence the exact step at which the first one
+reaches zero — no new forward pass at the perturbed point.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .affine import _basis, affine_map, preactivation_maps
+from .keys import pack_patterns, region_keys
+from .recording import run_frozen, run_recorded
+from .state import preserved
+from .units import LayerPattern
+
+Tensor = torch.Tensor
+
+_RELU_LIKE = ("relu", "leaky_relu", "prelu")
+
+
+def dual_norm(p: float) -> float:
+    """The ``q`` with ``1/p + 1/q = 1`` for ``p`` in {1, 2, inf}."""
+    p = float(p)
+    if p == 2.0:
+        return 2.0
+    if p == 1.0:
+        return math.inf
+    if math.isinf(p):
+        return 1.0
+    raise ValueError(f"p must be 1, 2 or inf, got {p}")
+
+
+# --- margins of the region's inequalities ------------------------------------------------------------------------
+
+
+def _expand(state: Tensor, rows: int) -> Tensor:
+    r = rows // state.shape[0]
+    return state if r == 1 else state.repeat(r, *([1] * (state.dim() - 1)))
+
+
+def _window_index(p: LayerPattern, h: int, w: int, device) -> Tensor:
+    """``(k, L)`` flat input indices of every window element (``-1`` for padding)."""
+    if p.params.get("adaptive"):
+        out = p.state.shape[-2:] if p.params["dims"] == 2 else (1, p.state.shape[-1])
+        if h % out[0] or w % out[1]:
+            raise NotImplementedError(f"layer '{p.name}': adaptive max-pool with input {h}x{w} not divisible by "
+                                      f"output {tuple(out)} has uneven windows; not supported by geometry")
+        ks = (h // out[0], w // out[1])
+        st, pad, dil = ks, (0, 0), (1, 1)
+    else:
+        ks, st, pad, dil, _ = p.params["geometry"]
+    idx = torch.arange(h * w, dtype=torch.float64, device=device).reshape(1, 1, h, w) + 1
+    cols = F.unfold(idx, ks, dilation=dil, padding=pad, stride=st)[0]  # zero padding -> index -1 after shift
+    return cols.to(torch.int64) - 1
+
+
+def margins(p: LayerPattern, z: Tensor, const: bool = True) -> Tensor:
+    """``(rows, M)`` margins of layer ``p``'s inequalities from its input ``z`` (``(rows, *in_shape)``).
+
+    With ``const=False`` the constant terms are dropped (for tangents / Jacobians); margins that do not exist
+    (missing clamp bound, padding) are ``+inf`` with ``const`` and ``0`` without.
+    """
+    rows = z.shape[0]
+    if p.kind in _RELU_LIKE:
+        s = _expand(p.state, rows).reshape(rows, -1)
+        zz = z.reshape(rows, -1)
+        return torch.where(s, zz, -zz)
+    if p.kind == "clamp":
+        s = _expand(p.state, rows).reshape(rows, -1)
+        zz = z.reshape(rows, -1)
+        lo, hi = p.params["lo"], p.params["hi"]
+        inf = torch.full_like(zz, math.inf if const else 0.0)
+
+        def c(v):
+            return v if const else 0.0
+
+        a = torch.where(s == 0, c(lo if lo is not None else 0.0) - zz, inf)
+        a = torch.where(s == 2, zz - c(hi if hi is not None else 0.0), a)
+        if lo is not None:
+            a = torch.where(s == 1, zz - c(lo), a)
+        b = inf
+        if hi is not None:
+            b = torch.where(s == 1, c(hi) - zz, inf)
+        return torch.cat([a, b], 1)
+    if p.kind == "maxpool":
+        zz = z if p.params["dims"] == 2 else z.unsqueeze(-2)
+        h, w = zz.shape[-2:]
+        zf = zz.reshape(rows, -1, h * w)  # (rows, C, HW)
+        state = _expand(p.state, rows).reshape(rows, zf.shape[1], -1)  # (rows, C, L)
+        win = _window_index(p, h, w, z.device)  # (k, L)
+        if win.shape[1] != state.shape[2]:
+            raise NotImplementedError(f"layer '{p.name}': max-pool with ceil_mode partial windows is not supported")
+        za = zf.gather(2, state)
+        zo = zf[:, :, win.clamp(min=0)]  # (rows, C, k, L)
+        m = za.unsqueeze(2) - zo
+        pad = (win < 0).expand_as(m)
+        m = torch.where(pad, torch.full_like(m, math.inf if const else 0.0), m)
+        return m.reshape(rows, -1)
+    raise NotImplementedError(f"layer '{p.name}': unit kind '{p.kind}' has no margins")
+
+
+# --- boundary distances -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BoundaryDistances:
+    """Exact distances from each input to its region's boundary.
+
+    Attributes
+    ----------
+    distance : Tensor
+        ``(B,)`` ``l_p`` distance (``inf`` when no inequality binds, e.g. an affine network).
+    layer : Tensor
+        ``(B,)`` index into ``layer_names`` of the nearest inequality's layer (``-1`` when none).
+    unit : Tensor
+        ``(B,)`` flat margin index within that layer (for ReLU layers: the flat unit index).
+    per_layer : dict name -> Tensor
+        ``(B,)`` smallest distance per layer.
+    layer_names : list of str
+    p : float
+    method : str
+    """
+
+    distance: Tensor
+    layer: Tensor
+    unit: Tensor
+    per_layer: dict
+    layer_names: list
+    p: float
+    method: str
+
+    def nearest(self, i: int) -> tuple[str, int] | None:
+        """``(layer name, margin index)`` of sample ``i``'s nearest inequality."""
+        k = int(self.layer[i])
+        return None if k < 0 else (self.layer_names[k], int(self.unit[i]))
+
+
+def _layer_min(m: Tensor, nrm: Tensor) -> tuple[Tensor, Tensor]:
+    d = m.clamp(min=0) / nrm
+    d = torch.where(nrm > 0, d, torch.full_like(d, math.inf))
+    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
+    if d.shape[1] == 0:
+        return torch.full((d.shape[0],), math.inf, dtype=d.dtype, device=d.device), torch.zeros(
+            d.shape[0], dtype=torch.int64, device=d.device)
+    return d.min(1)
+
+
+def _exact_chunk(model, x, q, logits_at, strict, route):
+    b = x.shape[0]
+    with torch.no_grad():
+        _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+    per: dict[str, tuple[Tensor, Tensor]] = {}
+    if route == "forward":
+        tangent, n = _basis(x)
+
+        def grab(p, t):
+            primal, tan = fwAD.unpack_dual(t)
+            m = margins(p, primal[:b])
+            if tan is None:
+                g = torch.zeros(n, b, m.shape[1], dtype=m.dtype, device=m.device)
+            else:
+                g = margins(p, tan, const=False).reshape(n, b, -1)
+            per[p.name] = _layer_min(m, torch.linalg.vector_norm(g, ord=q, dim=0))
+
+        with torch.no_grad(), fwAD.dual_level():
+            primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+            run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
+                       logits_at=logits_at, observe=grab)
+    else:
+        maps = preactivation_maps(model, x, reduce=None, method="reverse", logits_at=logits_at, strict=strict)
+        byname = {p.name: p for p in patterns}
+        d_in = int(x[0].numel())
+        for name, lm in maps.items():
+            p = byname[name]
+            m = margins(p, lm.value)
+            jac = lm.jacobian.reshape(b, *p.in_shape, d_in)
+            jac = jac.movedim(-1, 1).reshape(b * d_in, *p.in_shape)  # rows = (sample, input feature)
+            g = margins(_rep_pattern(p, d_in), jac, const=False).reshape(b, d_in, -1)
+            per[name] = _layer_min(m, torch.linalg.vector_norm(g, ord=q, dim=1))
+    return per, [p.name for p in patterns]
+
+
+def _rep_pattern(p: LayerPattern, r: int) -> LayerPattern:
+    """The pattern with each sample's state repeated ``r`` times consecutively (sample-major rows)."""
+    st = p.state.repeat_interleave(r, dim=0)
+    return LayerPattern(p.name, p.kind, st, p.n_states, p.n_boundary.repeat_interleave(r), p.params)
+
+
+def _re3_chunk(model, x, q, logits_at, strict):
+    """Re3: |z_j| / ||w_j||_q with w_j the weight row of the Linear / Conv that produced the unit's input."""
+    last: list[nn.Module] = []
+    per: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(mod, inp, out):
+        last.append(mod)
+
+    def grab(p, t):
+        if p.kind not in _RELU_LIKE and p.kind != "clamp":
+            return  # Re3 defines distances for ReLU units only
+        if not last:
+            raise ValueError(f"method='re3': no Linear/Conv module ran before layer '{p.name}'")
+        mod = last[-1]
+        w = mod.weight.detach().to(t.dtype).reshape(mod.weight.shape[0], -1)
+        wn = torch.linalg.vector_norm(w, ord=q, dim=1)
+        if isinstance(mod, nn.Linear):
+            nrm = wn.expand(t.shape[0], *t.shape[1:])
+        else:
+            nrm = wn.reshape(1, -1, *([1] * (t.dim() - 2))).expand_as(t)
+        m = margins(p, t.detach())
+        nrm = nrm.reshape(t.shape[0], -1)
+        if p.kind == "clamp":
+            nrm = torch.cat([nrm, nrm], 1)
+        per[p.name] = _layer_min(m, nrm)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at, observe=grab)
+    finally:
+        for h in handles:
+            h.remove()
+    return per, [p.name for p in patterns if p.name in per]
+
+
+def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "exact", *,
+                      logits_at: str | None = None, strict: bool = True, chunk_size: int | None = None,
+                      route: str = "auto", progress: bool = False) -> BoundaryDistances:
+    """Distance from each input to the boundary of its activation region, in input space.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Piecewise-linear network (run in eval mode; its state is restored afterwards).
+    x : Tensor
+        ``(B, *input_shape)``.
+    p : {2, inf, 1}
+        The norm; gradients are measured in the dual norm.
+    method : {"exact", "re3"}
+        ``"exact"``: ``min_j m_j / ||∇ₓ m_j||_q`` over every inequality of the region (ReLU-like units, clamps,
+        max-pool argmax comparisons). ``"re3"``: the Re3 paper's per-layer ``|z_j| / ||w_j||_q`` (ReLU and clamp
+        units only) — exact for the first layer, an overestimate possible for deeper layers.
+    chunk_size : int, optional
+        Samples per chunk (bounds memory: the forward route holds ``D`` replicas of each chunk).
+    route : {"auto", "forward", "reverse"}
+        How input gradients are computed for ``"exact"``: forward mode (one pass with ``D`` tangents, cheapest
+        when the input has fewer features than the widest layer) or reverse mode via
+        :func:`~relu_regions.preactivation_maps` (full Jacobians per layer).
+    progress : bool
+        tqdm progress bar over chunks.
+
+    Returns
+    -------
+    BoundaryDistances
+    """
+    q = dual_norm(p)
+    if method not in ("exact", "re3"):
+        raise ValueError(f"method must be 'exact' or 're3', got {method!r}")
+    if route not in ("auto", "forward", "reverse"):
+        raise ValueError(f"route must be 'auto', 'forward' or 'reverse', got {route!r}")
+    _check_x(x)
+    x = x.detach()
+    b = x.shape[0]
+    d_in = int(x[0].numel())
+    with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            _, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
+        widest = max([int(torch.Size(pp.in_shape).numel()) for pp in probe] or [0])
+        if route == "auto":
+            route = "forward" if d_in <= max(widest, 1) else "reverse"
+        size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
+        chunks = [slice(i, min(b, i + size)) for i in range(0, b, size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=f"boundary_distance ({method})", unit="chunk")
+        parts = []
+        names: list[str] = []
+        for sl in chunks:
+            if method == "exact":
+                per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route)
+            else:
+                per, names = _re3_chunk(model, x[sl], q, logits_at, strict)
+            parts.append(per)
+    per_layer = {n: torch.cat([pp[n][0] for pp in parts]) for n in names}
+    per_unit = {n: torch.cat([pp[n][1] for pp in parts]) for n in names}
+    if names:
+        stack = torch.stack([per_layer[n] for n in names], 1)
+        dist, layer = stack.min(1)
+        units = torch.stack([per_unit[n] for n in names], 1).gather(1, layer[:, None])[:, 0]
+        none = torch.isinf(dist)
+        layer = torch.where(none, torch.full_like(layer, -1), layer)
+    else:
+        dist = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
+        layer = torch.full((b,), -1, dtype=torch.int64, device=x.device)
+        units = torch.zeros(b, dtype=torch.int64, device=x.device)
+    return BoundaryDistances(dist, layer, units, per_layer, names, float(p), method)
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+
+
+# --- decision boundary and certified radius ---------------------------------------------------------------------
+
+
+def decision_distance(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: str | None = None,
+                      strict: bool = True) -> Tensor:
+    """``(B,)`` distance to the decision boundary *of the region's affine map*.
+
+    For the predicted class ``c``: ``min_{k != c} (f_c - f_k) / ||A_c - A_k||_q``; for a single output (binary
+    logit) ``|f| / ||A||_q``. Exact for the true decision boundary only within the region; see
+    :func:`certified_radius`.
+    """
+    q = dual_norm(p)
+    _check_x(x)
+    amap = affine_map(model, x.detach(), logits_at=logits_at, strict=strict)
+    a = amap.A.reshape(amap.A.shape[0], amap.A.shape[1], -1)
+    f = amap.output
+    if f.shape[1] == 1:
+        n = torch.linalg.vector_norm(a[:, 0], ord=q, dim=1)
+        return torch.where(n > 0, f[:, 0].abs() / n, torch.full_like(n, math.inf))
+    c = f.argmax(1)
+    ar = torch.arange(f.shape[0], device=f.device)
+    gap = f[ar, c][:, None] - f
+    n = torch.linalg.vector_norm(a[ar, c][:, None] - a, ord=q, dim=2)
+    d = torch.where(n > 0, gap / n, torch.full_like(gap, math.inf))
+    d[ar, c] = math.inf
+    return d.min(1).values
+
+
+def certified_radius(model: nn.Module, x: Tensor, p: float = 2, **kw) -> Tensor:
+    """``(B,)`` ``min(region distance, decision distance)``: no perturbation of smaller ``l_p`` norm changes the
+    prediction (inside that ball the network is the region's affine map)."""
+    bd = boundary_distance(model, x, p=p, **kw).distance
+    dd = decision_distance(model, x, p=p, logits_at=kw.get("logits_at"), strict=kw.get("strict", True))
+    return torch.minimum(bd, dd)
+
+
+# --- validity curves --------------------------------------------------------------------------------------------
+
+
+def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -> tuple[Tensor, Tensor]:
+    """Share of explanations still valid under every perturbation of norm ``eps``: ``mean(distance >= eps)``.
+
+    Returns ``(eps, validity)``; ``eps`` defaults to ``n`` points from 0 to the largest finite distance.
+    """
+    d = distances.detach().reshape(-1).to(torch.float64).cpu()
+    if eps is None:
+        finite = d[torch.isfinite(d)]
+        top = float(finite.max()) if finite.numel() else 1.0
+        eps = torch.linspace(0, top, n, dtype=torch.float64)
+    eps = torch.as_tensor(eps, dtype=torch.float64)
+    return eps, (d[None, :] >= eps[:, None]).to(torch.float64).mean(1)
+
+
+def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, float]:
+    """ε_L: the largest ε with validity >= L, i.e. the ⌈L·N⌉-th largest distance (exact, Re3 §4.2.4)."""
+    d = torch.sort(distances.detach().reshape(-1).to(torch.float64).cpu(), descending=True).values
+    out = {}
+    for lv in levels:
+        k = max(1, math.ceil(lv * d.numel() - 1e-9))
+        out[f"eps{int(round(lv * 100))}"] = float(d[k - 1])
+    return out
+
+
+# --- directional: what-if and line walks ------------------------------------------------------------------------
+
+
+def _directional(model, x, v, patterns, logits_at, strict):
+    """Margins at x, their rates along v, and the frozen output and its rate (one JVP pass)."""
+    ms, ss = [], []
+
+    def grab(p, t):
+        primal, tan = fwAD.unpack_dual(t)
+        ms.append(margins(p, primal))
+        ss.append(torch.zeros_like(ms[-1]) if tan is None else margins(p, tan, const=False))
+
+    with torch.no_grad(), fwAD.dual_level():
+        out = run_frozen(model, fwAD.make_dual(x, v.to(x.dtype)), patterns, strict=strict, logits_at=logits_at,
+                         observe=grab)
+        primal, tan = fwAD.unpack_dual(out)
+    b = x.shape[0]
+    primal = primal.reshape(b, -1)
+    tan = torch.zeros_like(primal) if tan is None else tan.reshape(b, -1)
+    if ms:
+        m, s = torch.cat(ms, 1), torch.cat(ss, 1)
+    else:
+        m = s = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
+    return m, s, primal, tan
+
+
+def _exit_steps(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest forward and backward step along the direction that keep every margin >= 0."""
+    inf = torch.full_like(m, math.inf)
+    mc = m.clamp(min=0)
+    fwd = torch.where(s < 0, mc / (-s), inf)
+    bwd = torch.where(s > 0, mc / s, inf)
+    if m.shape[1] == 0:
+        z = torch.full((m.shape[0],), math.inf, dtype=m.dtype, device=m.device)
+        return z, z.clone()
+    return fwd.min(1).values, bwd.min(1).values
+
+
+@dataclass
+class WhatIf:
+    """Result of :func:`what_if`.
+
+    Attributes
+    ----------
+    prediction : Tensor
+        ``(B, K)`` the region's affine map at ``x + δ``: ``A(x + δ) + d``.
+    certified : Tensor
+        ``(B,)`` bool: ``x + δ`` satisfies every inequality of ``x``'s region (closure), so ``prediction`` is
+        exactly ``f(x + δ)``.
+    max_step : Tensor
+        ``(B,)`` largest ``t >= 0`` with ``x + tδ`` in the region (``inf`` when the ray never leaves it).
+    output : Tensor
+        ``(B, K)`` ``f(x)``.
+    """
+
+    prediction: Tensor
+    certified: Tensor
+    max_step: Tensor
+    output: Tensor
+
+
+def what_if(model: nn.Module, x: Tensor, delta: Tensor, *, logits_at: str | None = None,
+            strict: bool = True) -> WhatIf:
+    """Exact prediction after a change ``δ``, certified from the region's affine inequalities.
+
+    One forward-mode pass through the network frozen in ``x``'s pattern gives the pre-activations' rates along
+    ``δ``; from them the largest step that stays in the region and the affine prediction ``f(x) + J δ`` follow.
+    No forward pass at ``x + δ`` is made.
+    """
+    _check_x(x)
+    if not isinstance(delta, Tensor) or delta.shape != x.shape:
+        raise ValueError(f"delta must be a tensor of the same shape as x {tuple(x.shape)}, got "
+                         f"{tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__}")
+    x = x.detach()
+    with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            out, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+        m, s, primal, tan = _directional(model, x, delta.detach(), patterns, logits_at, strict)
+    step, _ = _exit_steps(m, s)
+    return WhatIf(primal + tan, step >= 1, step, out.reshape(x.shape[0], -1).detach())
+
+
+@dataclass
+class LineWalk:
+    """The regions crossed by the segment ``x0 + t (x1 - x0)``, ``t`` in [0, 1].
+
+    Attributes
+    ----------
+    breakpoints : Tensor
+        ``(n + 1,)`` float64 ``t`` values ``0 = t_0 < t_1 < ... < t_n = 1``; region ``i`` covers
+        ``[t_i, t_{i+1}]``.
+    region_ids : Tensor
+        ``(n,)`` int64 keys of the regions in order.
+    packed : Tensor
+        ``(n, n_words)`` exact bit-packed patterns.
+    """
+
+    breakpoints: Tensor
+    region_ids: Tensor
+    packed: Tensor
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.region_ids.numel())
+
+    def region_at(self, t: float) -> int:
+        """Index of the region containing ``t`` (the left one at a breakpoint)."""
+        i = int(torch.searchsorted(self.breakpoints[1:-1], torch.tensor(float(t), dtype=torch.float64)))
+        return i
+
+
+def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None = None, strict: bool = True,
+              max_regions: int = 100_000, float64: bool = True) -> LineWalk:
+    """Exact sequence of regions along the segment from ``x0`` to ``x1`` (one sample each, shape
+    ``(1, *input_shape)``; 1-D tensors are taken as one tabular sample).
+
+    From the pattern at the current point one JVP pass gives the step at which the first inequality fails; the
+    next region's pattern is recorded just past that breakpoint (a tiny step ``η``), and its own backward exit is
+    checked to reach back to the breakpoint — otherwise ``η`` is halved, so thin regions are not skipped. With
+    ``float64=True`` (default) the walk runs on a float64 copy of the model (the user's model is not touched).
+    """
+    x0 = x0.detach()
+    if x0.dim() == 1:
+        x0 = x0.unsqueeze(0)
+    if x0.shape[0] != 1:
+        raise ValueError(f"x0 must be one sample with a batch dimension (1, *input_shape); got {tuple(x0.shape)}")
+    if not isinstance(x1, Tensor) or x1.numel() != x0.numel():
+        raise ValueError(f"x1 must be a tensor with as many elements as x0 {tuple(x0.shape)}")
+    x1 = x1.detach().reshape(x0.shape)
+    net = model
+    if float64:
+        net = copy.deepcopy(model).double()
+        x0, x1 = x0.double(), x1.double()
+    v = x1 - x0
+    bps = [0.0]
+    packs = []
+    with preserved(net, eval_mode=True):
+
+        def probe(t):
+            xt = x0 + t * v
+            with torch.no_grad():
+                _, pats = run_recorded(net, xt, strict=strict, logits_at=logits_at)
+            m, s, _, _ = _directional(net, xt, v, pats, logits_at, strict)
+            fwd, bwd = _exit_steps(m, s)
+            return pats, float(fwd[0]), float(bwd[0])
+
+        t = 0.0
+        pats, fwd, bwd = probe(0.0)
+        eta0 = 1e-9 if float64 else 1e-5
+        if fwd <= 0:  # starting on a boundary: take the region just after it
+            pats, fwd, bwd, t = _step_past(probe, 0.0, eta0)
+        while True:
+            packs.append(pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+                         if pats else torch.zeros(1, 1, dtype=torch.int64))
+            end = t + fwd
+            if end >= 1.0 or len(packs) >= max_regions:
+                bps.append(1.0)
+                break
+            bps.append(end)
+            pats, fwd, bwd, t = _step_past(probe, end, eta0)
+    packed = torch.cat(packs)
+    return LineWalk(torch.tensor(bps, dtype=torch.float64), region_keys(packed), packed)
+
+
+def _step_past(probe, tb: float, eta: float):
+    """Record the region just after breakpoint ``tb``: the largest tried ``η`` whose region reaches back to tb."""
+    for _ in range(40):
+        t = tb + eta
+        pats, fwd, bwd = probe(t)
+        if t - bwd <= tb + 1e-12 * max(1.0, abs(tb)) + eta * 1e-6 and fwd > 0:
+            return pats, fwd, bwd, t
+        eta /= 2
+    return pats, max(fwd, 0.0), bwd, t

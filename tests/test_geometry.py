@@ -1,0 +1,231 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relu_regions as rr
+from relu_regions import geometry as G
+from relu_regions.models import SmallCNN, mlp
+
+INF = float("inf")
+
+
+def _he(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1]))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def _packed(model, x):
+    with rr.record(model) as rec:
+        model(x)
+    return rec.packed()
+
+
+def _unit_dirs(shape, p, g):
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    if p == 1:  # sparse-ish directions too: the l1 ball's corners
+        u = u * (torch.rand(shape, generator=g, dtype=torch.float64) < 0.3)
+        u[..., 0] += 1e-3
+    if p == INF:
+        u = torch.sign(u)  # the l_inf ball's corners
+    flat = u.reshape(shape[0], -1)
+    return (flat / torch.linalg.vector_norm(flat, ord=p, dim=1, keepdim=True)).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    torch.manual_seed(0)
+    return _he(mlp(6, [16, 16, 12], 3)).double()
+
+
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_points_inside_radius_stay_in_region(deep, p):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=g)
+    r = G.boundary_distance(deep, x, p=p).distance
+    assert torch.isfinite(r).all() and (r > 0).all()
+    base = _packed(deep, x)
+    for _ in range(10):
+        u = _unit_dirs(x.shape, p, g)
+        assert torch.equal(_packed(deep, x + 0.999 * r[:, None] * u), base)
+
+
+def test_cnn_with_maxpool_inside_radius_and_routes_agree():
+    torch.manual_seed(0)
+    net = SmallCNN().double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=g)
+    fw = G.boundary_distance(net, x, route="forward")
+    rv = G.boundary_distance(net, x, route="reverse")
+    assert torch.allclose(fw.distance, rv.distance, rtol=1e-9)
+    assert (fw.layer == rv.layer).all()
+    base = _packed(net, x)
+    for _ in range(5):
+        u = _unit_dirs(x.shape, 2, g)
+        assert torch.equal(_packed(net, x + 0.999 * fw.distance.view(-1, 1, 1, 1) * u), base)
+    # pooling comparisons can be the nearest inequality: a maxpool layer is among the layers
+    assert any("2" in n for n in fw.layer_names)
+
+
+def test_just_past_nearest_hyperplane_leaves(deep):
+    """Step along the nearest unit's own gradient (computed independently by autograd) past its hyperplane."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 6, dtype=torch.float64, generator=g)
+    bd = G.boundary_distance(deep, x, p=2)
+    base = _packed(deep, x)
+    linears = {"1": deep[0], "3": deep[2], "5": deep[4]}  # ReLU module path -> the Linear before it
+    for i in range(x.shape[0]):
+        name, unit = bd.nearest(i)
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        store = {}
+        h = linears[name].register_forward_hook(lambda m, a, o, s=store: s.__setitem__("z", o))
+        deep(xi)
+        h.remove()
+        z = store["z"][0, unit]
+        (grad,) = torch.autograd.grad(z, xi)
+        assert float(z.detach().abs() / grad.norm()) == pytest.approx(float(bd.distance[i]), rel=1e-9)
+        step = -(z.detach() / grad.norm() ** 2) * grad
+        assert torch.equal(_packed(deep, x[i:i + 1] + 0.999 * step), base[i:i + 1])
+        assert not torch.equal(_packed(deep, x[i:i + 1] + 1.001 * step), base[i:i + 1])
+
+
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_re3_exact_for_one_hidden_layer(p):
+    torch.manual_seed(4)
+    net = mlp(5, [9], 2).double()
+    x = torch.randn(50, 5, dtype=torch.float64)
+    a = G.boundary_distance(net, x, p=p)
+    r = G.boundary_distance(net, x, p=p, method="re3")
+    assert torch.allclose(a.distance, r.distance, rtol=1e-12)
+    assert torch.equal(a.unit, r.unit)
+
+
+def test_re3_overestimates_for_deeper_nets(deep):
+    x = torch.randn(300, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    a = G.boundary_distance(deep, x).distance
+    r = G.boundary_distance(deep, x, method="re3").distance
+    over = r > a * (1 + 1e-9)
+    assert 0 < int(over.sum()) < 300
+    # an overestimate is wrong: a point inside the re3 "radius" leaves the region
+    i = int(over.nonzero()[0])
+    bd = G.boundary_distance(deep, x[i:i + 1])
+    name, unit = bd.nearest(0)
+    assert name != "1"  # the first layer is exact, so the violated unit is deeper
+
+
+def test_decision_distance_and_certified_radius(deep):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=g)
+    rad = G.certified_radius(deep, x)
+    pred = deep(x).argmax(1)
+    for _ in range(10):
+        u = _unit_dirs(x.shape, 2, g)
+        assert torch.equal(deep(x + 0.999 * rad[:, None] * u).argmax(1), pred)
+    # where the decision boundary is nearer than the region boundary, crossing it just past flips the prediction
+    dd = G.decision_distance(deep, x)
+    bd = G.boundary_distance(deep, x).distance
+    amap = rr.affine_map(deep, x)
+    flipped = 0
+    for i in (dd < bd).nonzero().flatten().tolist():
+        c = int(pred[i])
+        a = amap.A[i]
+        gaps = (amap.output[i, c] - amap.output[i]) / (a[c] - a).norm(dim=1)
+        gaps[c] = INF
+        k = int(gaps.argmin())
+        w = (a[k] - a[c]) / (a[k] - a[c]).norm()
+        assert deep(x[i:i + 1] + 0.999 * dd[i] * w).argmax(1).item() == c
+        assert deep(x[i:i + 1] + 1.001 * dd[i] * w).argmax(1).item() == k
+        flipped += 1
+    assert flipped > 0
+
+
+def test_what_if_agrees_with_rerecording(deep):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 6, dtype=torch.float64, generator=g)
+    scale = torch.logspace(-3, 0.5, 200, dtype=torch.float64)[:, None]
+    delta = torch.randn(200, 6, dtype=torch.float64, generator=g) * scale
+    w = G.what_if(deep, x, delta)
+    same = (_packed(deep, x + delta) == _packed(deep, x)).all(1)
+    clear = (w.max_step - 1).abs() > 1e-6
+    assert torch.equal(w.certified[clear], same[clear])
+    assert 0 < int(w.certified.sum()) < 200
+    assert torch.allclose(w.prediction[w.certified], deep(x + delta)[w.certified], atol=1e-10)
+    assert not torch.allclose(w.prediction[~w.certified], deep(x + delta)[~w.certified], atol=1e-6)
+    # the largest step is tight
+    fin = torch.isfinite(w.max_step)
+    s = w.max_step[:, None]
+    base = _packed(deep, x)
+    assert (_packed(deep, x + 0.999 * s * delta) == base).all(1)[fin].all()
+    assert not (_packed(deep, x + 1.001 * s * delta) == base).all(1)[fin].any()
+
+
+def test_what_if_through_maxpool():
+    torch.manual_seed(8)
+    net = SmallCNN().double()
+    x = torch.rand(20, 1, 8, 8, dtype=torch.float64)
+    delta = torch.randn_like(x) * torch.logspace(-4, -1, 20, dtype=torch.float64).view(-1, 1, 1, 1)
+    w = G.what_if(net, x, delta)
+    same = (_packed(net, x + delta) == _packed(net, x)).all(1)
+    clear = (w.max_step - 1).abs() > 1e-6
+    assert torch.equal(w.certified[clear], same[clear])
+
+
+@pytest.mark.parametrize("model_fn", [lambda: mlp(2, [8, 8], 2), lambda: SmallCNN()])
+def test_line_walk_agrees_with_dense_sampling(model_fn):
+    torch.manual_seed(9)
+    net = model_fn()
+    shape = (1, 2) if isinstance(net, nn.Sequential) else (1, 1, 8, 8)
+    x0 = torch.randn(shape) * 2
+    x1 = x0 + torch.randn(shape) * (2 if len(shape) == 2 else 0.05)
+    walk = G.line_walk(net, x0, x1)
+    assert walk.breakpoints[0] == 0 and walk.breakpoints[-1] == 1
+    assert (walk.breakpoints.diff() > 0).all()
+    ts = torch.linspace(0, 1, 3001, dtype=torch.float64)
+    net64 = net.double()
+    xs = x0.double() + ts.view(-1, *[1] * (len(shape) - 1)) * (x1 - x0).double()
+    packed = _packed(net64, xs)
+    changes = int((packed[1:] != packed[:-1]).any(1).sum())
+    assert walk.n_regions >= changes + 1 >= 2
+    for j in range(0, 3001, 7):
+        t = float(ts[j])
+        near = (walk.breakpoints - t).abs().min()
+        if near < 1e-9:
+            continue
+        assert torch.equal(packed[j], walk.packed[walk.region_at(t)])
+
+
+def test_validity_epsilons_exact():
+    d = torch.arange(1, 11, dtype=torch.float64)  # 1..10
+    eps = G.validity_epsilons(d)
+    assert eps == {"eps90": 2.0, "eps75": 3.0, "eps50": 6.0} or eps == {"eps90": 2.0, "eps75": 3.0, "eps50": 5.0}
+    e, v = G.validity_curve(d, torch.tensor([0.0, 2.0, 2.5, 10.0]))
+    assert v.tolist() == [1.0, 0.9, 0.8, 0.1]
+    for k, lv in (("eps90", 0.9), ("eps75", 0.75), ("eps50", 0.5)):
+        assert float((d >= eps[k]).double().mean()) >= lv
+        assert float((d >= eps[k] + 1e-9).double().mean()) < lv
+
+
+def test_model_untouched_and_bad_input():
+    net = mlp(3, [4], 2)
+    net.train()
+    net[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 3)
+    G.boundary_distance(net, x)
+    G.what_if(net, x, torch.randn(4, 3))
+    G.line_walk(net, x[:1], x[1:2])
+    assert net.training and net[0].training and not net[0].weight.requires_grad and net[2].weight.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net._forward_hooks and not net[0]._forward_hooks
+    with pytest.raises(ValueError, match="p must be"):
+        G.boundary_distance(net, x, p=3)
+    with pytest.raises(ValueError, match="delta"):
+        G.what_if(net, x, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="batched"):
+        G.boundary_distance(net, x[0])
