@@ -1,0 +1,468 @@
+"""Compare Re3 with the attribution methods people know, on the user's own model and inputs.
+
+:func:`compare` runs Re3 and Captum's Saliency, InputXGradient, IntegratedGradients, DeepLift, LRP, GradientShap,
+KernelShap and Lime on the same inputs and reports, per method (one row of a tidy table):
+
+time
+    Wall time per sample of one ``attribute`` call over the whole batch, measured in this run, and its ratio to
+    Re3's (measured in the same run).
+agreement with Re3 (global rankings)
+    Global importance of feature j = mean over samples of ``|attr[:, j]|``. NDCG@k of the method's ranking with Re3's
+    importances as relevance; Spearman ρ and Pearson r between the two importance vectors.
+top vs bottom (paired t-test)
+    Per sample, set the method's k most important features (by ``|attr|``) to the baseline and, separately, its k
+    least important; the change ``|Δ target logit|`` of each is compared with a paired t-test over samples
+    (one-sided: top changes more). ``t > 0`` with a small ``p`` means the ranking separates important from
+    unimportant features.
+stability
+    The method is run again with ``n_seeds`` different torch seeds: mean per-sample Spearman ρ between runs, mean
+    coefficient of variation of the global importances across runs, and the number of samples whose top-1 feature
+    changes between runs. Deterministic methods (Re3 by construction) give 1.000 / 0.000 / 0.
+faithfulness
+    Deletion / insertion curves: features are set to the baseline (deletion) or inserted into the baseline
+    (insertion) in decreasing attribution order, in ``n_steps`` equal fractions; the target probability (or logit,
+    ``curve_output="logit"``) is tracked and its area under the curve over the fraction [0, 1] reported
+    (trapezoid rule; deletion: lower is better, insertion: higher is better). Captum's ``infidelity`` with Gaussian
+    perturbations of std ``noise_std`` (perturbations scaled for methods that multiply by inputs, as Captum's
+    ``infidelity_perturb_func_decorator`` does).
+
+LRP: Captum's LRP has no rule for ``nn.Flatten`` (it raises); the harness runs LRP on a deep copy of the model in
+which every ``nn.Flatten`` gets Captum's ``EpsilonRule`` (Captum's ``IdentityRule`` needs equal input and output
+shapes; the ε-rule divides the relevance by the flattened values and multiplies it by the same values, so it passes
+through unchanged up to ε = 1e-9). Every peer runs on a deep copy in eval mode, because Captum's LRP attaches
+rules and reloads state dicts; the user's model is not touched. Optional peers (zennit) are skipped with a message
+when not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from scipy import stats
+
+from .state import preserved
+
+Tensor = torch.Tensor
+
+ALL_METHODS = ("Re3", "Saliency", "InputXGradient", "IntegratedGradients", "DeepLift", "LRP", "GradientShap",
+               "KernelShap", "Lime", "zennit")
+DEFAULT_METHODS = ALL_METHODS[:-1]
+DETERMINISTIC = {"Re3", "Saliency", "InputXGradient", "IntegratedGradients", "DeepLift", "LRP"}
+MULTIPLIES_BY_INPUTS = {"Re3": True, "Saliency": False, "InputXGradient": True, "IntegratedGradients": True,
+                        "DeepLift": True, "LRP": True, "GradientShap": True, "KernelShap": True, "Lime": True}
+
+
+@dataclass
+class Settings:
+    """Options of the peers and metrics (defaults follow the Re3 paper's setup where it gives one)."""
+
+    ig_steps: int = 50
+    shap_samples: int = 200
+    lime_samples: int = 200
+    gradshap_samples: int = 20
+    superpixel: int | None = None
+    n_seeds: int = 3
+    n_steps: int = 20
+    ndcg_k: int = 10
+    top_k: int | None = None
+    curve_output: str = "probability"
+    noise_std: float = 0.01
+    infidelity_samples: int = 10
+    perturbations_per_eval: int = 50
+
+
+def superpixel_mask(shape: Sequence[int], size: int) -> Tensor:
+    """``(1, C, H, W)`` int64 mask of ``size × size`` squares (shared over channels) for KernelShap / Lime."""
+    c, h, w = shape
+    rows = torch.arange(h) // size
+    cols = torch.arange(w) // size
+    n_cols = (w + size - 1) // size
+    grid = rows[:, None] * n_cols + cols[None, :]
+    return grid.expand(c, h, w).unsqueeze(0).clone()
+
+
+def _lrp_model(model: nn.Module, epsilon: float = 1e-9) -> nn.Module:
+    """A deep copy of ``model`` ready for Captum's LRP: ε-rules (default Captum's 1e-9) on every layer type Captum
+    supports, and on ``nn.Flatten``, which Captum has no rule for."""
+    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
+    from captum.attr._utils.lrp_rules import EpsilonRule
+
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        # the ε-rule on a reshape divides the relevance by the flattened values and multiplies it by the same ones
+        if isinstance(mod, nn.Flatten) or type(mod) in SUPPORTED_LAYERS_WITH_RULES:
+            mod.rule = EpsilonRule(epsilon)
+    return m
+
+
+def _peer(name: str, model: nn.Module, x: Tensor, target: Tensor, s: Settings, mask: Tensor | None) -> Tensor:
+    """One attribution call of a peer method (on a deep copy of the model)."""
+    import captum.attr as ca
+
+    if name == "Re3":
+        from .integrations.captum import Re3
+
+        return Re3(model).attribute(x, target=target)
+    if name == "zennit":
+        raise ModuleNotFoundError("zennit")
+    if name == "LRP":
+        return ca.LRP(_lrp_model(model)).attribute(x.clone().requires_grad_(True), target=target).detach()
+    m = copy.deepcopy(model).eval()
+    xr = x.clone().requires_grad_(True)
+    if name == "Saliency":
+        out = ca.Saliency(m).attribute(xr, target=target)
+    elif name == "InputXGradient":
+        out = ca.InputXGradient(m).attribute(xr, target=target)
+    elif name == "IntegratedGradients":
+        out = ca.IntegratedGradients(m).attribute(xr, target=target, n_steps=s.ig_steps)
+    elif name == "DeepLift":
+        out = ca.DeepLift(m).attribute(xr, target=target)
+    elif name == "GradientShap":
+        bl = torch.cat([torch.zeros_like(x[:1]), x.mean(0, keepdim=True)])
+        out = ca.GradientShap(m).attribute(xr, baselines=bl, target=target, n_samples=s.gradshap_samples)
+    elif name == "KernelShap":
+        out = ca.KernelShap(m).attribute(x, target=target, n_samples=s.shap_samples, feature_mask=mask,
+                                         perturbations_per_eval=s.perturbations_per_eval)
+    elif name == "Lime":
+        out = ca.Lime(m).attribute(x, target=target, n_samples=s.lime_samples, feature_mask=mask,
+                                   perturbations_per_eval=s.perturbations_per_eval)
+    else:
+        raise ValueError(f"unknown method {name!r}; known: {ALL_METHODS}")
+    return out.detach()
+
+
+# --- metrics (pure functions over tensors / arrays) -----------------------------------------------------------
+
+
+def global_importance(attr: Tensor) -> np.ndarray:
+    """Mean ``|attr|`` over samples, per feature: ``(D,)``."""
+    return attr.detach().reshape(attr.shape[0], -1).abs().mean(0).double().cpu().numpy()
+
+
+def ndcg(reference: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """NDCG@k of the ranking by ``scores`` with ``reference`` (non-negative) as graded relevance."""
+    k = min(k, len(reference))
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    order = np.argsort(-scores, kind="stable")[:k]
+    ideal = np.sort(reference)[::-1][:k]
+    idcg = float((ideal * disc).sum())
+    return float((reference[order] * disc).sum() / idcg) if idcg > 0 else float("nan")
+
+
+def _corr(a: np.ndarray, b: np.ndarray, kind: str) -> float:
+    if np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    f = stats.spearmanr if kind == "spearman" else stats.pearsonr
+    return float(f(a, b)[0])
+
+
+def _forward_target(model: nn.Module, x: Tensor, target: Tensor, output: str = "logit") -> Tensor:
+    with torch.no_grad():
+        out = model(x).reshape(x.shape[0], -1)
+        if output == "probability":
+            out = torch.softmax(out, 1)
+        return out.gather(1, target[:, None])[:, 0]
+
+
+def top_bottom_test(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, k: int,
+                    baseline: float = 0.0) -> tuple[float, float, float, float]:
+    """Paired t-test of ``|Δ target logit|`` after removing each sample's top-k vs bottom-k features (by |attr|).
+
+    Returns (t, one-sided p, mean |Δ| top, mean |Δ| bottom).
+    """
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    order = attr.reshape(b, -1).abs().argsort(dim=1, descending=True, stable=True)
+    base = _forward_target(model, x, target)
+    deltas = []
+    for idx in (order[:, :k], order[:, -k:]):
+        z = flat.clone()
+        z.scatter_(1, idx, baseline)
+        deltas.append((_forward_target(model, z.reshape(x.shape), target) - base).abs().double().cpu().numpy())
+    top, bottom = deltas
+    if np.allclose(top, bottom):
+        return float("nan"), float("nan"), float(top.mean()), float(bottom.mean())
+    t, p = stats.ttest_rel(top, bottom, alternative="greater")
+    return float(t), float(p), float(top.mean()), float(bottom.mean())
+
+
+def deletion_insertion(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, n_steps: int = 20,
+                       baseline: float = 0.0, output: str = "probability") -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray]:
+    """Mean deletion and insertion curves over samples at fractions ``0, 1/n, ..., 1`` of the features.
+
+    Returns (fractions, deletion, insertion), each ``(n_steps + 1,)``.
+    """
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    n = flat.shape[1]
+    order = attr.reshape(b, -1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+    fr = np.linspace(0, 1, n_steps + 1)
+    dele, ins = [], []
+    for f in fr:
+        m = rank < int(round(f * n))  # the first f·n features in attribution order
+        dele.append(_forward_target(model, torch.where(m, baseline, flat).reshape(x.shape), target, output))
+        ins.append(_forward_target(model, torch.where(m, flat, baseline).reshape(x.shape), target, output))
+    return fr, torch.stack(dele).mean(1).double().cpu().numpy(), torch.stack(ins).mean(1).double().cpu().numpy()
+
+
+def auc(fr: np.ndarray, curve: np.ndarray) -> float:
+    """Area under a curve over fractions in [0, 1] (trapezoid rule)."""
+    return float(np.sum((curve[1:] + curve[:-1]) * np.diff(fr)) / 2)
+
+
+def stability(runs: Sequence[Tensor]) -> tuple[float, float, int]:
+    """(mean per-sample Spearman ρ between runs, mean CV of global importances, samples whose top-1 changes)."""
+    flat = [r.reshape(r.shape[0], -1).double().cpu().numpy() for r in runs]
+    b = flat[0].shape[0]
+    rhos = []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            for s in range(b):
+                a, c = flat[i][s], flat[j][s]
+                if np.array_equal(a, c):
+                    rhos.append(1.0)
+                elif np.std(a) > 0 and np.std(c) > 0:
+                    rhos.append(float(stats.spearmanr(a, c)[0]))
+    imp = np.stack([np.abs(f).mean(0) for f in flat])
+    mean = imp.mean(0)
+    ok = mean > 0
+    cv = float((imp.std(0)[ok] / mean[ok]).mean()) if ok.any() else 0.0
+    top1 = np.stack([np.abs(f).argmax(1) for f in flat])
+    changes = int((top1 != top1[0]).any(0).sum())
+    return (float(np.mean(rhos)) if rhos else float("nan")), cv, changes
+
+
+def _infidelity(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, mult: bool, s: Settings) -> float:
+    from captum.metrics import infidelity, infidelity_perturb_func_decorator
+
+    @infidelity_perturb_func_decorator(multiply_by_inputs=mult)
+    def perturb(inputs):
+        return inputs - s.noise_std * torch.randn_like(inputs)
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        v = infidelity(model, perturb, x, attr, target=target, n_perturb_samples=s.infidelity_samples)
+    return float(v.mean())
+
+
+# --- the harness ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per method (columns documented in the module docstring).
+    curves : DataFrame
+        Long format: method, curve ("deletion"/"insertion"), fraction, value.
+    attributions : dict
+        Method name -> attributions of the first run ``(B, *input_shape)``.
+    skipped : dict
+        Method name -> reason.
+    settings : Settings
+    """
+
+    table: pd.DataFrame
+    curves: pd.DataFrame
+    attributions: dict[str, Tensor]
+    skipped: dict[str, str] = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
+
+    def to_markdown(self, columns: Sequence[str] | None = None, digits: int = 3) -> str:
+        """The table as GitHub Markdown (no extra dependency), plus a line per skipped method."""
+        df = self.table if columns is None else self.table[list(columns)]
+        return to_markdown(df, digits) + "".join(f"\n\n*{k} skipped: {v}*" for k, v in self.skipped.items())
+
+    def to_csv(self, path: str) -> None:
+        """Save the table as CSV."""
+        self.table.to_csv(path, index=False)
+
+    def plot(self, path: str | None = None):
+        """See :func:`plot_comparison`."""
+        return plot_comparison(self, path)
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a GitHub Markdown table."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            if math.isnan(v):
+                return "–"
+            if v != 0 and (abs(v) >= 1e4 or abs(v) < 10 ** -digits):
+                return f"{v:.{digits - 1}e}"
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join([head, sep, *rows])
+
+
+def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Sequence[str] | None = None, *,
+            settings: Settings | None = None, progress: bool = True, **options: Any) -> Comparison:
+    """Run Re3 and peer attribution methods on the same inputs; time them and measure agreement and faithfulness.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A piecewise-linear classifier (left exactly as it was).
+    inputs : Tensor
+        ``(B, *input_shape)``; for images ``(B, C, H, W)``.
+    target : int, sequence, Tensor or None
+        Class per sample; default the predicted class.
+    methods : sequence of str, optional
+        Subset of :data:`ALL_METHODS` (Re3 is always included as the reference); default all Captum ones.
+    settings : Settings, optional
+        Metric and peer options; keyword ``options`` override single fields (e.g. ``n_seeds=2``).
+    progress : bool
+        Progress bar over methods.
+
+    Returns
+    -------
+    Comparison
+    """
+    s = settings or Settings()
+    for k, v in options.items():
+        if not hasattr(s, k):
+            raise TypeError(f"unknown option {k!r}; options are the fields of Settings")
+        setattr(s, k, v)
+    names = list(methods) if methods is not None else list(DEFAULT_METHODS)
+    unknown = [n for n in names if n not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {ALL_METHODS}")
+    if "Re3" in names:
+        names.remove("Re3")
+    names.insert(0, "Re3")
+    x = inputs.detach()
+    with preserved(model, eval_mode=True):
+        ref = copy.deepcopy(model).eval()  # the metrics' forward passes run on a copy too
+    with torch.no_grad():
+        out = ref(x).reshape(x.shape[0], -1)
+    if target is None:
+        tgt = out.argmax(1)
+    else:
+        from .affine import resolve_target
+
+        tgt = resolve_target(target, x.shape[0], out.shape[1], x.device)
+    n_feat = int(x[0].numel())
+    k = s.top_k or max(1, round(0.1 * n_feat))
+    mask = None
+    if x.dim() == 4 and s.superpixel is not None:
+        mask = superpixel_mask(x.shape[1:], s.superpixel).to(x.device)
+
+    it: Any = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="compare", unit="method")
+    rows, curves, attrs, skipped = [], [], {}, {}
+    ref_imp = None
+    t_re3 = None
+    for name in it:
+        try:
+            torch.manual_seed(0)
+            with preserved(model):
+                _peer(name, model, x[:1], tgt[:1], s, mask)  # warm-up (lazy imports, allocator), not timed
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                a = _peer(name, model, x, tgt, s, mask)
+                dt = (time.perf_counter() - t0) / x.shape[0]
+        except (ModuleNotFoundError, ImportError) as e:
+            if name == "Re3":
+                raise
+            skipped[name] = f"not installed ({e.name or e})"
+            continue
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            if name == "Re3":
+                raise
+            skipped[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        a = a.detach().to(x.dtype)
+        attrs[name] = a
+        imp = global_importance(a)
+        if name == "Re3":
+            ref_imp, t_re3 = imp, dt
+        runs = [a]
+        if name not in DETERMINISTIC:
+            with preserved(model):
+                for seed in range(1, s.n_seeds):
+                    torch.manual_seed(seed)
+                    runs.append(_peer(name, model, x, tgt, s, mask).detach().to(x.dtype))
+        else:  # deterministic: one more run checks it (cheap for all but huge models)
+            with preserved(model):
+                torch.manual_seed(1)
+                runs.append(_peer(name, model, x, tgt, s, mask).detach().to(x.dtype))
+        rho, cv, top1 = stability(runs)
+        tt, pp, d_top, d_bot = top_bottom_test(ref, x, a, tgt, k)
+        fr, dele, ins = deletion_insertion(ref, x, a, tgt, s.n_steps, output=s.curve_output)
+        for f, dv, iv in zip(fr, dele, ins):
+            curves.append({"method": name, "curve": "deletion", "fraction": f, "value": dv})
+            curves.append({"method": name, "curve": "insertion", "fraction": f, "value": iv})
+        try:
+            infid = _infidelity(ref, x, a, tgt, MULTIPLIES_BY_INPUTS.get(name, True), s)
+        except Exception as e:  # a metric failure must not hide the other numbers
+            infid = float("nan")
+            skipped[f"{name} infidelity"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append({
+            "method": name, "time_per_sample_s": dt, "time_vs_re3": dt / t_re3,
+            "ndcg@k": ndcg(ref_imp, imp, s.ndcg_k), "spearman": _corr(ref_imp, imp, "spearman"),
+            "pearson": _corr(ref_imp, imp, "pearson"),
+            "t_top_vs_bottom": tt, "p_top_vs_bottom": pp, "dlogit_top": d_top, "dlogit_bottom": d_bot,
+            "stab_spearman": rho, "stab_cv": cv, "top1_changes": top1, "n_runs": len(runs),
+            "deletion_auc": auc(fr, dele), "insertion_auc": auc(fr, ins), "infidelity": infid,
+        })
+    return Comparison(pd.DataFrame(rows), pd.DataFrame(curves), attrs, skipped, s)
+
+
+def plot_comparison(result: Comparison, path: str | None = None):
+    """Three panels: time relative to Re3 (log scale), agreement with Re3, and the deletion / insertion curves.
+
+    Returns the matplotlib figure (saved to ``path`` when given).
+    """
+    import matplotlib.pyplot as plt
+
+    t = result.table
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].barh(t["method"], t["time_vs_re3"])
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("time per sample / Re3's (log)")
+    w = 0.27
+    y = np.arange(len(t))
+    for i, col in enumerate(["ndcg@k", "spearman", "pearson"]):
+        ax[1].barh(y + (i - 1) * w, t[col].fillna(0), height=w, label=col)
+    ax[1].set_yticks(y, t["method"])
+    ax[1].set_xlabel("agreement with Re3 (global ranking)")
+    ax[1].legend(fontsize=8)
+    c = result.curves
+    for m in t["method"]:
+        for kind, ls in (("deletion", "-"), ("insertion", "--")):
+            sub = c[(c["method"] == m) & (c["curve"] == kind)]
+            ax[2].plot(sub["fraction"], sub["value"], ls, label=f"{m} {kind}")
+    ax[2].set_xlabel("fraction of features removed / inserted")
+    ax[2].set_ylabel(f"target {result.settings.curve_output}")
+    ax[2].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+__all__ = ["ALL_METHODS", "Comparison", "Settings", "auc", "compare", "deletion_insertion", "global_importance",
+           "ndcg", "plot_comparison", "stability", "superpixel_mask", "to_markdown", "top_bottom_test"]

@@ -1,0 +1,258 @@
+"""Re3 as a Captum attribution: replace ``IntegratedGradients(model)`` by ``Re3(model)``.
+
+Re3's attribution is the logit contribution ``A[target] ⊙ x`` of the region's exact affine map (Re3 paper,
+Algorithm 3). On a ReLU network it coincides with Captum's ``InputXGradient`` and with LRP-ε for ε → 0; on
+bias-free networks also with ``IntegratedGradients`` and ``DeepLift`` from a zero baseline. What Re3 adds is the
+exact remainder: the convergence delta is the region's offset, so ``attributions.sum() + delta == f(x)[target]``.
+
+Captum is imported here only; ``import relu_regions`` does not need it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+
+from ..affine import affine_map
+from ..attributions import from_map, same_region
+
+Tensor = torch.Tensor
+
+
+class _Joined(nn.Module):
+    """``model(*split(z), *additional_args)`` for a flat ``z``: several inputs become one, so the region's map has
+    one ``A`` over all input features, split back per input afterwards. Holds the user's model as a submodule
+    (nothing of it is changed; the engine restores flags and hooks)."""
+
+    def __init__(self, model: nn.Module | Callable, shapes: list[tuple[int, ...]], extra: tuple):
+        super().__init__()
+        if isinstance(model, nn.Module):
+            self.model = model
+            self.fn = None
+        else:
+            owner = getattr(model, "__self__", None)  # a bound method of a module: keep the module visible
+            self.model = owner if isinstance(owner, nn.Module) else None
+            self.fn = model
+        self.shapes = shapes
+        self.sizes = [int(np.prod(s)) for s in shapes]
+        self.extra = extra
+
+    def forward(self, z: Tensor) -> Tensor:
+        parts = torch.split(z, self.sizes, dim=1)
+        parts = [p.reshape(p.shape[0], *s) for p, s in zip(parts, self.shapes)]
+        f = self.fn if self.fn is not None else self.model
+        return f(*parts, *self.extra)
+
+
+def _as_tuple(x: Any) -> tuple:
+    if x is None:
+        return ()
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+    """Captum baselines (None, number, tensor, or a tuple of those, one per input) as full-size tensors."""
+    if baselines is None:
+        return None
+    bl = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(bl) != len(inputs):
+        raise ValueError(f"baselines has {len(bl)} entries for {len(inputs)} input tensors")
+    out = []
+    for i, (b, x) in enumerate(zip(bl, inputs)):
+        if not isinstance(b, Tensor):
+            out.append(torch.full_like(x, float(b)))
+            continue
+        b = b.to(device=x.device, dtype=x.dtype)
+        if b.shape == x.shape[1:]:
+            b = b.unsqueeze(0)
+        try:
+            out.append(b.expand_as(x))
+        except RuntimeError as e:
+            raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not match input {i} of shape "
+                             f"{tuple(x.shape)}") from e
+    return tuple(out)
+
+
+class Re3(GradientAttribution):
+    r"""Exact region attributions (Re3) with Captum's interface.
+
+    Parameters
+    ----------
+    forward_func : nn.Module or callable
+        The model (a piecewise-linear network). A plain callable works if every torch op it runs is seen by the
+        engine; a bound method of a module keeps that module's eval/restore handling.
+    multiply_by_inputs : bool
+        ``True`` (default): ``A[target] ⊙ (x − baseline)`` (the logit contributions); ``False``: ``A[target]``.
+    method : str
+        Route of :func:`~relu_regions.affine_map`; ``"reverse"`` (one backward pass per target) by default.
+    logits_at : str, optional
+        Module path whose output is explained (e.g. before a softmax head).
+
+    Notes
+    -----
+    The convergence delta is the region's map evaluated at the baseline, ``A[t]·x0 + d[t]``: the region's offset
+    ``d[t]`` (the frozen network at 0) for the default zero baseline. Hence ``attributions.sum() + delta ==
+    f(x)[target]`` exactly. With a baseline the split is also ``f(x) − f(x0)`` only when ``x0`` lies in the region of
+    ``x``; :attr:`same_region_` holds that flag per sample after each call with baselines (a warning is given
+    when it fails for some sample).
+
+    Several input tensors (a tuple) are joined into one flat input for the map and split back: ``A`` covers all
+    inputs. ``additional_forward_args`` are passed through as constants.
+    """
+
+    def __init__(self, forward_func: nn.Module | Callable, multiply_by_inputs: bool = True, method: str = "reverse",
+                 logits_at: str | None = None) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be a torch.nn.Module or callable, got {type(forward_func).__name__}")
+        GradientAttribution.__init__(self, forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+        self.method = method
+        self.logits_at = logits_at
+        self.same_region_: Tensor | None = None
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @log_usage()
+    def attribute(self, inputs: Tensor | tuple[Tensor, ...], baselines: Any = None, target: Any = None,
+                  additional_forward_args: Any = None, return_convergence_delta: bool = False):
+        r"""Re3 attributions of ``target`` for each input.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensors
+            Batched inputs ``(B, ...)``; a tuple gives a tuple back.
+        baselines : None, number, Tensor or tuple, optional
+            Reference ``x0`` (default 0), as in Captum.
+        target : int, list, Tensor or None
+            As in Captum; None only for models with one output per sample.
+        additional_forward_args : any, optional
+            Extra arguments of the forward function (constants).
+        return_convergence_delta : bool
+            Also return ``delta`` ``(B,)`` = ``A[t]·x0 + d[t]`` (``d[t]`` for the zero baseline).
+
+        Returns
+        -------
+        attributions, or (attributions, delta)
+        """
+        is_tuple = isinstance(inputs, tuple)
+        xs = _as_tuple(inputs)
+        if not xs or not all(isinstance(t, Tensor) for t in xs):
+            raise TypeError("inputs must be a Tensor or a tuple of Tensors")
+        b = xs[0].shape[0]
+        if any(t.shape[0] != b for t in xs):
+            raise ValueError(f"all input tensors need the same batch size; got {[t.shape[0] for t in xs]}")
+        xs = tuple(t.detach() for t in xs)
+        bls = _baselines(baselines, xs)
+        extra = _as_tuple(additional_forward_args)
+        model, x, base = self._joined(xs, bls, extra)
+        with torch.enable_grad():  # Captum users call attribute under no_grad
+            amap = affine_map(model, x, target=self._target(model, x, target), method=self.method,
+                              logits_at=self._logits_at(model))
+        values, delta = from_map(amap, base)
+        if not self._multiply_by_inputs:
+            values = amap.A[:, 0]
+        if base is not None:
+            self.same_region_ = same_region(model, x, base, self._logits_at(model))
+            if not bool(self.same_region_.all()):
+                import warnings
+
+                n = int((~self.same_region_).sum())
+                warnings.warn(f"Re3: for {n} of {b} samples the baseline lies in another activation region; there "
+                              "the attributions split f(x) − (A·x0 + d), not f(x) − f(x0)", stacklevel=2)
+        else:
+            self.same_region_ = None
+        values = values.to(xs[0].dtype)
+        out = self._split(values, xs)
+        out = out if is_tuple else out[0]
+        if return_convergence_delta:
+            return out, delta.to(xs[0].dtype)
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _joined(self, xs, bls, extra):
+        f = self.forward_func
+        if len(xs) == 1 and not extra and isinstance(f, nn.Module):
+            return f, xs[0], None if bls is None else bls[0]
+        shapes = [tuple(t.shape[1:]) for t in xs]
+        model = _Joined(f, shapes, extra)
+        x = torch.cat([t.reshape(t.shape[0], -1) for t in xs], 1)
+        base = None if bls is None else torch.cat([t.reshape(t.shape[0], -1) for t in bls], 1)
+        return model, x, base
+
+    def _logits_at(self, model: nn.Module) -> str | None:
+        if self.logits_at is None or model is self.forward_func:
+            return self.logits_at
+        return f"model.{self.logits_at}"
+
+    def _target(self, model, x, target):
+        if target is not None:
+            if isinstance(target, tuple):
+                raise NotImplementedError("Re3 supports int / per-sample targets over the flattened output; "
+                                          "tuple targets for >2-D outputs are not supported")
+            if isinstance(target, list) and target and isinstance(target[0], tuple):
+                raise NotImplementedError("Re3 does not support lists of tuple targets")
+            return target
+        # no target: only for one output per sample (Captum's scalar-output convention)
+        from ..recording import run_recorded
+        from ..state import preserved
+
+        with preserved(model, eval_mode=True), torch.no_grad():
+            out, _ = run_recorded(model, x[:1], logits_at=self._logits_at(model))
+        if out.numel() != 1:
+            raise ValueError(f"target=None needs one output per sample; the model gives {out.numel()} — pass "
+                             "target=<class index>")
+        return 0
+
+    @staticmethod
+    def _split(values: Tensor, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if len(xs) == 1 and values.shape == xs[0].shape:
+            return (values,)
+        flat = values.reshape(values.shape[0], -1)
+        sizes = [int(t[0].numel()) for t in xs]
+        return tuple(p.reshape(t.shape) for p, t in zip(torch.split(flat, sizes, dim=1), xs))
+
+
+def chw_to_hwc(t: Tensor | np.ndarray) -> np.ndarray:
+    """One image ``(C, H, W)`` (or ``(1, C, H, W)``) as the ``(H, W, C)`` numpy array Captum's visualisation expects.
+
+    ``captum.attr.visualization.visualize_image_attr`` takes channels last and silently misplots CHW arrays.
+    """
+    a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+    if a.ndim == 4:
+        if a.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {a.shape[0]}; index it first")
+        a = a[0]
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {a.shape}")
+    return np.transpose(a, (1, 2, 0))
+
+
+def visualize(attribution: Tensor, image: Tensor | None = None, method: str = "blended_heat_map", sign: str = "all",
+              **kwargs):
+    """``captum.attr.visualization.visualize_image_attr`` on CHW tensors (converted with :func:`chw_to_hwc`).
+
+    Returns Captum's ``(figure, axis)``.
+    """
+    from captum.attr import visualization as viz
+
+    img = None if image is None else chw_to_hwc(image)
+    if method != "heat_map" and img is None:
+        method = "heat_map"
+    return viz.visualize_image_attr(chw_to_hwc(attribution), img, method=method, sign=sign,
+                                    use_pyplot=kwargs.pop("use_pyplot", False), **kwargs)
+
+
+__all__ = ["Re3", "chw_to_hwc", "visualize"]
