@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,7 +240,8 @@ def stability(runs: Sequence[Tensor]) -> tuple[float, float, int]:
     imp = np.stack([np.abs(f).mean(0) for f in flat])
     mean = imp.mean(0)
     ok = mean > 0
-    cv = float((imp.std(0)[ok] / mean[ok]).mean()) if ok.any() else 0.0
+    sd = np.where(imp.max(0) == imp.min(0), 0.0, imp.std(0))  # identical runs: exactly 0, not rounding noise
+    cv = float((sd[ok] / mean[ok]).mean()) if ok.any() else 0.0
     top1 = np.stack([np.abs(f).argmax(1) for f in flat])
     changes = int((top1 != top1[0]).any(0).sum())
     return (float(np.mean(rhos)) if rhos else float("nan")), cv, changes
@@ -463,6 +466,16 @@ def plot_comparison(result: Comparison, path: str | None = None):
         fig.savefig(path, dpi=120)
     return fig
 
+
+class _CallableModule(types.ModuleType):
+    """``relu_regions.compare`` is both this module and the function: once the submodule is imported, Python binds
+    the package attribute to the module, so the module forwards calls to :func:`compare`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Comparison:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["ALL_METHODS", "Comparison", "Settings", "auc", "compare", "deletion_insertion", "global_importance",
            "ndcg", "plot_comparison", "stability", "superpixel_mask", "to_markdown", "top_bottom_test"]

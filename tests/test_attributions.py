@@ -1,0 +1,143 @@
+"""Re3 contributions: logit / probability level and per-neuron, against independent routes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from relu_regions import contributions
+from relu_regions.attributions import channel_contributions, neuron_contributions, same_region, top_units
+from relu_regions.models import mlp
+
+
+def _net(seed: int = 0, bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(seed)
+    m = mlp(5, [12, 10], 4).double().eval()
+    for mod in m:
+        if isinstance(mod, nn.Linear):
+            if bias:
+                nn.init.normal_(mod.bias, std=0.5)
+            else:
+                mod.bias = None
+    return m
+
+
+def _x(seed: int = 1, n: int = 6) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(n, 5, dtype=torch.float64)
+
+
+def test_logit_contributions_complete_and_match_manual_offset():
+    m, x = _net(), _x()
+    c = contributions(m, x, target=2)
+    with torch.no_grad():
+        out = m(x)[:, 2]
+    torch.testing.assert_close(c.values.sum(1) + c.offset, out, rtol=0, atol=1e-12)
+    # independent offset: masks from the forward pass, biases pushed through the masked weights
+    w1, b1, w2, b2, w3, b3 = m[0].weight, m[0].bias, m[2].weight, m[2].bias, m[4].weight, m[4].bias
+    with torch.no_grad():
+        d1 = (x @ w1.T + b1 > 0).double()
+        d2 = ((torch.relu(x @ w1.T + b1)) @ w2.T + b2 > 0).double()
+        off = ((d1 * b1) @ w2.T + b2) * d2 @ w3.T + b3
+    torch.testing.assert_close(c.offset, off[:, 2], rtol=1e-12, atol=1e-12)
+    assert c.level == "logit" and torch.equal(c.target, torch.full((6,), 2))
+
+
+def test_default_target_is_prediction():
+    m, x = _net(), _x()
+    c = contributions(m, x)
+    with torch.no_grad():
+        assert torch.equal(c.target, m(x).argmax(1))
+
+
+def test_probability_level_is_gradient_of_softmax_times_input():
+    m, x = _net(), _x()
+    tgt = torch.tensor([0, 1, 2, 3, 0, 1])
+    c = contributions(m, x, target=tgt, level="probability")
+    z = x.clone().requires_grad_(True)
+    p = torch.softmax(m(z), 1)
+    (g,) = torch.autograd.grad(p[torch.arange(6), tgt].sum(), z)
+    torch.testing.assert_close(c.values, g * x, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(c.output, p.detach()[torch.arange(6), tgt], rtol=1e-12, atol=0)
+    torch.testing.assert_close(c.values.sum(1) + c.offset, c.output, rtol=1e-12, atol=1e-14)
+
+
+def test_baseline_contributions_and_region_flag():
+    m, x = _net(), _x()
+    near = x * (1 - 1e-8)
+    c = contributions(m, x, target=1, baseline=near)
+    assert c.same_region.all()
+    with torch.no_grad():
+        gap = m(x)[:, 1] - m(near)[:, 1]
+    torch.testing.assert_close(c.values.sum(1), gap, rtol=1e-5, atol=1e-13)
+    far = contributions(m, x, target=1, baseline=-3 * x)
+    assert not far.same_region.all()
+    assert same_region(m, x, x).all()
+    with pytest.raises(ValueError, match="baseline"):
+        contributions(m, x, target=1, baseline=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="level"):
+        contributions(m, x, target=1, level="logits")
+
+
+def test_neuron_contributions_match_re3_algorithm_2():
+    m, x = _net(), _x()
+    t = torch.tensor([3, 2, 1, 0, 3, 2])
+    nc = neuron_contributions(m, x, target=t)
+    assert list(nc) == ["1", "3"]
+    w1, b1, w2, b2, w3 = m[0].weight, m[0].bias, m[2].weight, m[2].bias, m[4].weight
+    with torch.no_grad():
+        z1 = x @ w1.T + b1
+        h1 = torch.relu(z1)
+        z2 = h1 @ w2.T + b2
+        h2 = torch.relu(z2)
+        w3t = w3[t]  # (B, 10)
+        c2 = h2 * w3t  # Re3: c2 = H2 ⊙ W3[pred]
+        c1 = h1 * (((z2 > 0).double() * w3t) @ w2)  # c1 = H1 ⊙ (W3[pred]·D2·W2)
+    torch.testing.assert_close(nc["3"], c2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(nc["1"], c1, rtol=1e-12, atol=1e-14)
+    only = neuron_contributions(m, x, target=t, layers=slice(-1, None))
+    assert list(only) == ["3"]
+
+
+def test_neuron_contributions_bias_free_cnn_sum_to_output_per_layer():
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                      nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 2 * 2, 3, bias=False)).double().eval()
+    x = torch.rand(4, 1, 10, 10, dtype=torch.float64)
+    nc = neuron_contributions(m, x, target=1)
+    with torch.no_grad():
+        out = m(x)[:, 1]
+    assert nc["1"].shape == (4, 3, 8, 8) and nc["2"].shape == (4, 3, 8, 8) and nc["4"].shape == (4, 4, 2, 2)
+    for name, c in nc.items():  # no biases: each layer's contributions carry the whole logit
+        torch.testing.assert_close(c.flatten(1).sum(1), out, rtol=1e-10, atol=1e-12, msg=name)
+    ch = channel_contributions(nc["4"])
+    assert ch.shape == (4, 4)
+    torch.testing.assert_close(ch.sum(1), out, rtol=1e-10, atol=1e-12)
+    idx, val = top_units(nc["4"], k=2)
+    assert idx.shape == (4, 2) and (val[:, 0] >= val[:, 1]).all()
+
+
+def test_inplace_relu_gives_same_neuron_contributions():
+    m = _net()
+    m_in = mlp(5, [12, 10], 4).double().eval()
+    m_in.load_state_dict(m.state_dict())
+    m_in[1].inplace = True
+    m_in[3].inplace = True
+    x = _x()
+    a = neuron_contributions(m, x, target=0)
+    b = neuron_contributions(m_in, x, target=0)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_model_untouched():
+    m = _net().train()
+    m[0].weight.requires_grad_(False)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    contributions(m, _x(), target=0, level="probability")
+    neuron_contributions(m, _x(), target=0)
+    assert m.training and all(mod.training for mod in m)
+    assert not m[0].weight.requires_grad and m[2].weight.requires_grad
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())

@@ -1,0 +1,140 @@
+"""The comparison harness: metrics as pure functions, the tidy table, Re3's stability by construction."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+matplotlib.use("Agg")
+pytest.importorskip("captum")
+
+from relu_regions.compare import (  # noqa: E402
+    auc,
+    compare,
+    deletion_insertion,
+    ndcg,
+    plot_comparison,
+    stability,
+    superpixel_mask,
+    to_markdown,
+    top_bottom_test,
+)
+from relu_regions.models import SmallCNN, mlp  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    torch.manual_seed(0)
+    m = mlp(6, [16, 16], 3).eval()
+    x = torch.randn(12, 6)
+    return m, x
+
+
+def test_ndcg_and_auc_by_definition():
+    rel = np.array([3.0, 2.0, 1.0, 0.0])
+    assert ndcg(rel, rel, k=4) == pytest.approx(1.0)
+    rev = ndcg(rel, -rel, k=4)  # ranking 0, 1, 2, 3 (by relevance) reversed
+    dcg = 0 / np.log2(2) + 1 / np.log2(3) + 2 / np.log2(4) + 3 / np.log2(5)
+    idcg = 3 / np.log2(2) + 2 / np.log2(3) + 1 / np.log2(4)
+    assert rev == pytest.approx(dcg / idcg)
+    fr = np.linspace(0, 1, 5)
+    assert auc(fr, fr) == pytest.approx(0.5)
+
+
+def test_stability_of_identical_and_changed_runs():
+    a = torch.randn(5, 8)
+    assert stability([a, a.clone(), a.clone()]) == (1.0, 0.0, 0)
+    b = a.clone()
+    b[torch.arange(5), (a.abs().argmax(1) + 1) % 8] += 100  # a new top-1 feature in every sample
+    rho, cv, top1 = stability([a, b])
+    assert rho < 1 and cv > 0 and top1 == 5
+
+
+def test_deletion_insertion_endpoints(tabular):
+    m, x = tabular
+    attr = torch.randn_like(x)
+    tgt = torch.zeros(len(x), dtype=torch.long)
+    fr, dele, ins = deletion_insertion(m, x, attr, tgt, n_steps=6)
+    with torch.no_grad():
+        p_x = torch.softmax(m(x), 1)[:, 0].mean().item()
+        p_0 = torch.softmax(m(torch.zeros_like(x)), 1)[:, 0].mean().item()
+    assert fr[0] == 0 and fr[-1] == 1 and len(dele) == 7
+    assert dele[0] == pytest.approx(p_x) and dele[-1] == pytest.approx(p_0)
+    assert ins[0] == pytest.approx(p_0) and ins[-1] == pytest.approx(p_x)
+
+
+def test_top_bottom_test_separates_true_importance():
+    m = nn.Linear(6, 2, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[5.0, 4.0, 3.0, 0.01, 0.02, 0.03], [0.0] * 6]))
+    x = torch.rand(20, 6) + 0.5
+    good = m.weight[0].expand_as(x) * x
+    t, p, top, bottom = top_bottom_test(m, x, good, torch.zeros(20, dtype=torch.long), k=2)
+    assert t > 0 and p < 1e-6 and top > bottom
+
+
+def test_compare_table_and_re3_stability(tabular, tmp_path):
+    m, x = tabular
+    state = copy.deepcopy(m.state_dict())
+    res = compare(m, x, target=1, methods=["InputXGradient", "IntegratedGradients", "LRP", "KernelShap", "zennit"],
+                  progress=False, n_seeds=2, shap_samples=30, infidelity_samples=3, ig_steps=8)
+    t = res.table
+    assert list(t["method"]) == ["Re3", "InputXGradient", "IntegratedGradients", "LRP", "KernelShap"]
+    re3 = t.set_index("method").loc["Re3"]
+    assert (re3["stab_spearman"], re3["stab_cv"], re3["top1_changes"]) == (1.0, 0.0, 0)  # by construction
+    assert re3["time_vs_re3"] == 1.0
+    ixg = t.set_index("method").loc["InputXGradient"]
+    assert ixg["spearman"] == pytest.approx(1.0) and ixg["ndcg@k"] == pytest.approx(1.0)
+    assert (t["time_per_sample_s"] > 0).all() and np.isfinite(t["infidelity"]).all()
+    assert "zennit" in res.skipped and "not installed" in res.skipped["zennit"]
+    md = res.to_markdown()
+    assert md.startswith("| method |") and "| Re3 |" in md and "zennit skipped" in md
+    path = tmp_path / "cmp.csv"
+    res.to_csv(path)
+    assert list(pd.read_csv(path)["method"]) == list(t["method"])
+    fig = plot_comparison(res, str(tmp_path / "cmp.png"))
+    assert fig is not None and (tmp_path / "cmp.png").exists()
+    assert set(res.curves["curve"]) == {"deletion", "insertion"}
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="unknown method"):
+        compare(m, x, methods=["SHAPley"], progress=False)
+    with pytest.raises(TypeError, match="unknown option"):
+        compare(m, x, methods=[], progress=False, n_seedz=2)
+
+
+def test_compare_cnn_with_flatten_runs_lrp_and_lime():
+    torch.manual_seed(3)
+    m = SmallCNN().eval()
+    x = torch.rand(3, 1, 8, 8)
+    res = compare(m, x, methods=["LRP", "Lime", "GradientShap"], progress=False, n_seeds=2, lime_samples=20,
+                  superpixel=2, infidelity_samples=2, n_steps=4)
+    t = res.table.set_index("method")
+    assert "LRP" in t.index, res.skipped  # nn.Flatten handled
+    assert t.loc["LRP", "spearman"] == pytest.approx(1.0, abs=1e-6)  # LRP-ε == Re3 on ReLU nets
+    assert not any(hasattr(mod, "rule") for mod in m.modules())
+
+
+def test_package_level_compare_is_callable(tabular):
+    import relu_regions
+
+    m, x = tabular
+    res = relu_regions.compare(m, x, methods=["Saliency"], progress=False, n_steps=2, infidelity_samples=1)
+    assert list(res.table["method"]) == ["Re3", "Saliency"]
+
+
+def test_superpixel_mask():
+    mask = superpixel_mask((1, 28, 28), 7)
+    assert mask.shape == (1, 1, 28, 28) and mask.unique().numel() == 16
+    assert (mask[0, 0, :7, :7] == 0).all() and (mask[0, 0, 27, 27] == 15).all()
+
+
+def test_to_markdown_formats():
+    df = pd.DataFrame({"a": ["x"], "b": [float("nan")], "c": [1234567.0], "d": [0.5]})
+    md = to_markdown(df)
+    assert md.splitlines()[2] == "| x | – | 1.23e+06 | 0.500 |"
