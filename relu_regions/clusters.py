@@ -506,6 +506,14 @@ class DeepKMeans:
     def predict(self, x: Tensor) -> Tensor:
         return self.logits(x).argmax(1)
 
+    def differentiable_logits(self, x: Tensor, beta: float | None = None) -> Tensor:
+        """Hard (or soft) scores with autograd through the network (for gradient baselines); eval mode."""
+        from .state import preserved
+
+        with preserved(self.feature_model, eval_mode=True):
+            z = self.feature_model(x)
+        return self.kmeans.logits(z.reshape(z.shape[0], -1).double(), beta)
+
     def neon(self, x: Tensor, cluster: Any = None, beta: float | None = None, reference: Tensor | None = None,
              chunk_size: int | None = None) -> NeonResult:
         """NEON relevance in the input (``(N, *input_shape)``) and of the hidden features (``hidden_relevance``).
@@ -599,20 +607,23 @@ def insertion_curve(predict: Callable[[Tensor], Tensor], x: Tensor, relevance: T
     ranks.scatter_(1, order, torch.arange(d).expand(n, d).contiguous())
     steps = torch.arange(d + 1)
     member = torch.zeros(n, d + 1, dtype=torch.float64)
-    for i in range(n):
-        rows = fill[torch.randint(len(fill), (n_fill,), generator=gen)].to(x.dtype)
-        mask = ranks[i][None, :] < steps[:, None]  # (D+1, D): first t features in relevance order
-        comp = torch.where(mask[:, None, :], x[i][None, None, :], rows[None, :, :]).reshape(-1, d)
+    per_batch = max(1, chunk // ((d + 1) * n_fill))  # samples whose composites go through predict together
+    for s0 in range(0, n, per_batch):
+        idx = torch.arange(s0, min(n, s0 + per_batch))
+        rows = fill[torch.randint(len(fill), (len(idx), n_fill), generator=gen)].to(x.dtype)  # (b, F, D)
+        mask = ranks[idx][:, None, :] < steps[None, :, None]  # (b, D+1, D): first t features by relevance
+        comp = torch.where(mask[:, :, None, :], x[idx][:, None, None, :], rows[:, None, :, :]).reshape(-1, d)
         pred = torch.cat([torch.as_tensor(predict(comp[s:s + chunk])).reshape(-1)
                           for s in range(0, len(comp), chunk)])
-        member[i] = (pred.reshape(d + 1, n_fill) == cluster[i]).double().mean(1)
+        hit = pred.reshape(len(idx), d + 1, n_fill) == cluster[idx][:, None, None]
+        member[idx] = hit.double().mean(2)
     fr = steps.double() / d
     per = torch.trapezoid(member, fr, dim=1)
     curve = member.mean(0)
     return InsertionResult(fr, curve, float(per.mean()), per)
 
 
-def baseline_relevance(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, method: str,
+def baseline_relevance(model: NeuralizedKMeans | NeuralizedKernelKMeans | DeepKMeans, x: Tensor, method: str,
                        cluster: Any = None, reference: Tensor | None = None, beta: float | None = None,
                        steps: int = 32, seed: int = 0) -> Tensor:
     """Relevance by one of the methods compared in the insertion benchmark.
@@ -623,10 +634,13 @@ def baseline_relevance(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tens
     """
     x = _tensor(x)
     c = _cluster_arg(cluster, model.logits(x))
-    ref = torch.zeros_like(x) if reference is None else _tensor(reference, x.dtype).reshape(-1, x.shape[1])
+    ref = torch.zeros_like(x) if reference is None else _tensor(reference, x.dtype).reshape(-1, *x.shape[1:])
     ref = ref.expand_as(x)
     if method == "neon":
+        if isinstance(model, DeepKMeans):
+            return model.neon(x, c, beta, reference=reference).relevance
         return neon(model, x, c, beta).relevance
+    score = model.differentiable_logits if isinstance(model, DeepKMeans) else model.logits
     if method == "random":
         return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.dtype)
     if method == "diff2":
@@ -635,7 +649,7 @@ def baseline_relevance(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tens
     def grad(z):
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
-            f = model.logits(z).gather(1, c[:, None]).sum()
+            f = score(z).gather(1, c[:, None]).sum()
             (g,) = torch.autograd.grad(f, z)
         return g
 
