@@ -1,0 +1,760 @@
+"""A self-contained analysis report of a piecewise-linear classifier: HTML page + Markdown summary.
+
+:func:`build_report` runs the analysis (predictions, activation regions, exact Re3 contributions, and — when the
+corresponding modules are installed — the attribution comparison, validity curve, boundary distances and a Sankey
+diagram) and returns a :class:`Report`; :meth:`Report.write` writes ``index.html``, ``summary.md`` and
+``figures/*.png`` into a directory *atomically* (everything goes to a temporary sibling directory that is moved
+into place only when complete, so a failure never leaves a half-written report).
+
+The HTML embeds every figure as a base64 PNG and references no external URL, so it renders offline. An
+interactive Sankey diagram is embedded as inline plotly JSON together with plotly's JavaScript bundle (shipped
+inside the ``plotly`` package, so still offline); without plotly a static rendering is used.
+
+Every section that depends on an optional piece (``relu_regions.regions``, ``.attributions``, ``.compare``,
+``.geometry``, ``.plots``) degrades to a line "not available: <reason>" instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .recording import record
+from .state import preserved
+
+Tensor = torch.Tensor
+
+__all__ = ["Figure", "Report", "Section", "build_report", "write_atomically", "REPORT_MARKER"]
+
+#: File written into every report directory; :meth:`Report.write` only replaces directories that carry it.
+REPORT_MARKER = ".relu_regions_report"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report containers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """A PNG figure (``png`` bytes) with a caption; ``name`` is its file name stem under ``figures/``."""
+
+    name: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """One report section.
+
+    Attributes
+    ----------
+    title : str
+    text : list of str
+        Paragraphs (plain text; escaped in HTML).
+    tables : list of (caption, pandas.DataFrame-like or list of dict rows)
+    figures : list of Figure
+    html_fragments : list of str
+        Trusted inline HTML (e.g. an interactive plotly figure), added to the HTML page only.
+    available : bool
+        False when a required optional piece is missing; ``reason`` then says why.
+    """
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[tuple[str, Any]] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    html_fragments: list[str] = field(default_factory=list)
+    available: bool = True
+    reason: str = ""
+
+    @classmethod
+    def missing(cls, title: str, reason: str) -> Section:
+        """A section whose content could not be produced."""
+        return cls(title=title, available=False, reason=reason)
+
+
+@dataclass
+class Report:
+    """The analysis report; render with :meth:`to_html` / :meth:`to_markdown`, save with :meth:`write`.
+
+    Attributes
+    ----------
+    title : str
+    meta : dict
+        Key facts shown at the top (model, data, accuracy, timing, ...).
+    sections : list of Section
+    results : dict
+        Machine-readable numbers (accuracy, region counts, ...) for tests and scripts.
+    """
+
+    title: str
+    meta: dict[str, Any]
+    sections: list[Section]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, title: str) -> Section:
+        """The section with this title (KeyError if absent)."""
+        for s in self.sections:
+            if s.title == title:
+                return s
+        raise KeyError(f"no section {title!r}; sections are {[s.title for s in self.sections]}")
+
+    # -- rendering ---------------------------------------------------------------------------------------------
+
+    def to_markdown(self, figure_dir: str = "figures") -> str:
+        """Markdown summary; figures are linked as ``figure_dir/<name>.png``."""
+        lines = [f"# {self.title}", ""]
+        for k, v in self.meta.items():
+            lines.append(f"- **{k}**: {v}")
+        lines.append("")
+        for s in self.sections:
+            lines += [f"## {s.title}", ""]
+            if not s.available:
+                lines += [f"*not available: {s.reason}*", ""]
+                continue
+            for p in s.text:
+                lines += [p, ""]
+            for caption, table in s.tables:
+                if caption:
+                    lines += [f"**{caption}**", ""]
+                lines += [_table_markdown(table), ""]
+            for f in s.figures:
+                lines += [f"![{f.caption or f.name}]({figure_dir}/{f.name}.png)", ""]
+                if f.caption:
+                    lines += [f"*{f.caption}*", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_html(self) -> str:
+        """A self-contained HTML page: figures as base64 PNG, no external URL."""
+        esc = html.escape
+        body = [f"<h1>{esc(self.title)}</h1>", "<table class='meta'>"]
+        for k, v in self.meta.items():
+            body.append(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>")
+        body.append("</table>")
+        body.append("<nav><ol>" + "".join(f"<li><a href='#s{i}'>{esc(s.title)}</a></li>"
+                                          for i, s in enumerate(self.sections)) + "</ol></nav>")
+        for i, s in enumerate(self.sections):
+            body.append(f"<section id='s{i}'><h2>{esc(s.title)}</h2>")
+            if not s.available:
+                body.append(f"<p class='na'>not available: {esc(s.reason)}</p></section>")
+                continue
+            for p in s.text:
+                body.append(f"<p>{esc(p)}</p>")
+            for caption, table in s.tables:
+                body.append(_table_html(table, caption))
+            for f in s.figures:
+                b64 = base64.b64encode(f.png).decode("ascii")
+                body.append(f"<figure><img alt='{esc(f.caption or f.name)}' src='data:image/png;base64,{b64}'>"
+                            f"<figcaption>{esc(f.caption)}</figcaption></figure>")
+            body.extend(s.html_fragments)
+            body.append("</section>")
+        return _PAGE.format(title=esc(self.title), body="\n".join(body))
+
+    def write(self, out_dir: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Write ``index.html``, ``summary.md`` and ``figures/*.png`` into ``out_dir`` atomically.
+
+        An existing ``out_dir`` is replaced only if it is empty or a previous report (it holds the marker file
+        ``.relu_regions_report``) and ``overwrite`` is true; otherwise ``FileExistsError``.
+        """
+
+        def fill(tmp: Path) -> None:
+            figdir = tmp / "figures"
+            figdir.mkdir()
+            for s in self.sections:
+                for f in s.figures:
+                    (figdir / f"{f.name}.png").write_bytes(f.png)
+            (tmp / "index.html").write_text(self.to_html(), encoding="utf-8")
+            (tmp / "summary.md").write_text(self.to_markdown(), encoding="utf-8")
+            (tmp / REPORT_MARKER).write_text("written by relu-regions\n", encoding="utf-8")
+
+        return write_atomically(out_dir, fill, overwrite=overwrite)
+
+
+def write_atomically(out_dir: str | os.PathLike[str], fill: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Create ``out_dir`` by filling a temporary sibling directory and renaming it into place.
+
+    Parameters
+    ----------
+    out_dir : path
+        Destination directory. If it exists it must be empty or hold :data:`REPORT_MARKER`.
+    fill : callable
+        Writes the content into the temporary directory it is given.
+    overwrite : bool
+        Replace an existing report directory.
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute destination path.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {out} exists and is not a directory")
+        contents = list(out.iterdir())
+        if contents and not (out / REPORT_MARKER).exists():
+            raise FileExistsError(f"--out {out} exists and is not a relu-regions report directory; "
+                                  "choose another --out or remove it")
+        if contents and not overwrite:
+            raise FileExistsError(f"--out {out} already holds a report")
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"the parent directory of --out does not exist: {parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.rename(out, old / "report")
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / "report", out)  # put the previous report back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering helpers
+# --------------------------------------------------------------------------------------------------------------
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }}
+h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
+table {{ border-collapse: collapse; margin: .8em 0; font-size: .92em; }}
+th, td {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; }}
+th {{ background: #f3f3f3; }} table.meta th, table.meta td {{ text-align: left; }}
+caption {{ caption-side: top; font-weight: 600; text-align: left; padding-bottom: .3em; }}
+img {{ max-width: 100%; height: auto; }} figure {{ margin: 1em 0; }} figcaption {{ color: #555; font-size: .9em; }}
+.na {{ color: #a33; font-style: italic; }} nav ol {{ columns: 2; }}
+</style></head>
+<body>
+{body}
+<footer><p style="color:#888;font-size:.85em">Generated by relu-regions. Every number is exact for the stated
+data unless labelled an estimate. This page needs no network access.</p></footer>
+</body></html>
+"""
+
+
+def _rows(table: Any) -> tuple[list[str], list[list[Any]]]:
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):  # pandas DataFrame
+        df = table.reset_index() if getattr(table.index, "name", None) is not None else table
+        return [str(c) for c in df.columns], df.values.tolist()
+    if isinstance(table, list) and table and isinstance(table[0], dict):
+        cols = list(table[0].keys())
+        return cols, [[r.get(c, "") for c in cols] for r in table]
+    raise TypeError(f"cannot render a table from {type(table).__name__}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table_markdown(table: Any) -> str:
+    cols, rows = _rows(table)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _table_html(table: Any, caption: str = "") -> str:
+    cols, rows = _rows(table)
+    esc = html.escape
+    parts = ["<table>"]
+    if caption:
+        parts.append(f"<caption>{esc(caption)}</caption>")
+    parts.append("<tr>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>")
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in r) + "</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        try:
+            matplotlib.use("Agg")
+        except Exception:  # a GUI backend is already active: keep it, figures are still saved to PNG
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _as_figure(obj: Any, name: str, caption: str) -> Figure | None:
+    """Turn what a plotting function returned (matplotlib Figure / Axes / plotly Figure) into a PNG Figure."""
+    if obj is None:
+        return None
+    fig = obj
+    if hasattr(obj, "get_figure") and not hasattr(obj, "savefig"):  # an Axes
+        fig = obj.get_figure()
+    if isinstance(obj, (tuple, list)) and obj and hasattr(obj[0], "savefig"):
+        fig = obj[0]
+    if hasattr(fig, "savefig"):
+        return Figure(name, _png(fig), caption)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ImportError):
+        return f"{e} (the module providing it is not installed or not built yet)"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+def _optional(module: str, attr: str | None = None):
+    """Import ``relu_regions.<module>`` (and an attribute) or raise ImportError with a readable message."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"relu_regions.{module}")
+    except ImportError as e:
+        raise ImportError(f"relu_regions.{module} is missing ({e})") from e
+    if attr is None:
+        return mod
+    if not hasattr(mod, attr):
+        raise ImportError(f"relu_regions.{module}.{attr} is missing")
+    return getattr(mod, attr)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analysis
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _bar(it, desc: str, progress: bool, total: int | None = None):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, leave=False)
+
+
+def predict_and_record(model: nn.Module, X: Tensor, batch_size: int = 512, progress: bool = False,
+                       logits_at: str | None = None) -> tuple[Tensor, list]:
+    """Logits of ``model`` on ``X`` (eval mode, no grad) and the recorded per-layer patterns of all samples.
+
+    Returns
+    -------
+    logits : Tensor ``(N, K)``
+    patterns : list of LayerPattern over all N samples, in execution order
+    """
+    outs = []
+    with preserved(model, eval_mode=True), torch.no_grad(), record(model, logits_at=logits_at) as rec:
+        n = X.shape[0]
+        for sl in _bar(list(_batches(n, batch_size)), "recording", progress):
+            out = model(X[sl])
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            outs.append(out.reshape(out.shape[0], -1))
+        patterns = rec.patterns() if rec.passes and rec.layer_names else []
+    return torch.cat(outs), patterns
+
+
+def _unique_rows(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact region ids from bit-packed patterns (no hashing): (inverse index (N,), counts (R,))."""
+    _, inv, counts = torch.unique(packed, dim=0, return_inverse=True, return_counts=True)
+    return inv, counts
+
+
+def granularities(layer_names: Sequence[str]) -> dict[str, list[str]]:
+    """Default granularities: the whole network, every single layer, and the MLP head when the model has one.
+
+    A head is recognised by layer names under a ``head.`` / ``classifier.`` / ``fc`` submodule (e.g. LeNet's
+    ``head``), or, for a plain ``nn.Sequential``, the layers after the last max pool.
+    """
+    names = list(layer_names)
+    out: dict[str, list[str]] = {"full network": names}
+    head = [n for n in names if n.split(".")[0] in ("head", "classifier", "fc", "mlp")]
+    if head and len(head) < len(names):
+        out["head only"] = head
+    for n in names:
+        out[f"layer {n}"] = [n]
+    return out
+
+
+def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
+                 groups: dict[str, list[str]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Region statistics per granularity, computed exactly from the recorded patterns.
+
+    Columns: regions (distinct activation patterns), samples per region, singletons (share of samples alone in
+    their region), top-1 coverage (share of samples lying in the largest region of their true class, regions
+    assigned to their majority true class), purity (sample-weighted majority-label share), confusion regions
+    (regions whose samples get more than one predicted class, or any misclassification) and boundary samples.
+
+    Returns
+    -------
+    rows : list of dict (one per granularity)
+    inverse : dict granularity -> (N,) exact region index per sample
+    """
+    from .keys import pack_patterns
+
+    by_name = {p.name: p for p in patterns}
+    groups = groups or granularities(list(by_name))
+    n = int(y_true.shape[0])
+    n_classes = int(max(int(y_true.max()), int(y_pred.max())) + 1)
+    rows, inverse = [], {}
+    for gname, layers in groups.items():
+        pats = [by_name[name] for name in layers]
+        packed = pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+        inv, counts = _unique_rows(packed)
+        r = int(counts.numel())
+        hist = torch.zeros(r, n_classes, dtype=torch.long)
+        hist.index_put_((inv.cpu(), y_true.cpu()), torch.ones(n, dtype=torch.long), accumulate=True)
+        phist = torch.zeros(r, n_classes, dtype=torch.long)
+        phist.index_put_((inv.cpu(), y_pred.cpu()), torch.ones(n, dtype=torch.long), accumulate=True)
+        majority = hist.argmax(1)
+        wrong = torch.zeros(r, dtype=torch.long).index_add_(0, inv.cpu(), (y_true != y_pred).long().cpu())
+        confused = ((phist > 0).sum(1) > 1) | (wrong > 0)
+        # top-1 coverage: for each class, its largest region among those with that majority class
+        covered = 0
+        for c in range(n_classes):
+            mine = (majority == c).nonzero().flatten()
+            if mine.numel():
+                covered += int(hist[mine, c].max())
+        nb = torch.stack([p.n_boundary for p in pats]).sum(0) if pats else torch.zeros(n)
+        rows.append({
+            "granularity": gname,
+            "layers": len(layers),
+            "regions": r,
+            "samples/region": round(n / r, 3),
+            "singleton share": round(float((counts == 1).sum()) / n, 4),
+            "top-1 coverage": round(covered / n, 4),
+            "purity": round(float(hist.max(1).values.sum()) / n, 4),
+            "confusion regions": int(confused.sum()),
+            "boundary samples": int((nb > 0).sum()),
+        })
+        inverse[gname] = inv
+    return rows, inverse
+
+
+def re3_contributions(model: nn.Module, X: Tensor, target: Tensor, batch_size: int = 256, progress: bool = False,
+                      logits_at: str | None = None) -> tuple[Tensor, Tensor, float, str]:
+    """Exact per-feature contributions ``A[target] ⊙ x`` of each sample's region, the bias ``d``, and the check.
+
+    Uses :func:`relu_regions.attributions.contributions` when available, otherwise the engine's
+    :func:`relu_regions.affine_map` directly.
+
+    Returns
+    -------
+    contrib : Tensor ``(N, *input_shape)``
+    bias : Tensor ``(N,)`` the region offset ``d`` for the target
+    residual : float
+        max |sum(contrib) + d − f(x)_target| over samples (independent check; ~1e-6 in float32)
+    source : str
+        Which implementation produced the numbers.
+    """
+    from .affine import affine_map
+
+    parts, biases, res = [], [], 0.0
+    for sl in _bar(list(_batches(X.shape[0], batch_size)), "Re3 contributions", progress):
+        amap = affine_map(model, X[sl], target=target[sl], logits_at=logits_at)
+        a = amap.A[:, 0]
+        c = a * X[sl].to(a.dtype)
+        parts.append(c.detach())
+        biases.append(amap.d[:, 0].detach())
+        total = c.reshape(c.shape[0], -1).sum(1) + amap.d[:, 0]
+        res = max(res, float((total - amap.output[:, 0]).abs().max()))
+    return torch.cat(parts), torch.cat(biases), res, "engine affine_map: A[target] ⊙ x"
+
+
+def _image_like(X: Tensor) -> bool:
+    return X.dim() == 4 or (X.dim() == 3 and X.shape[1] > 1 and X.shape[2] > 1)
+
+
+def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str) -> Figure:
+    plt = _plt()
+    k = maps.shape[0]
+    cols = min(5, k)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= k:
+            continue
+        m = maps[i].numpy()
+        v = float(np.abs(m).max()) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
+        ax.set_title(titles[i], fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return Figure(name, _png(fig), caption)
+
+
+def _bars_figure(values: Tensor, class_names: Sequence[str], feature_names: Sequence[str], name: str,
+                 caption: str) -> Figure:
+    plt = _plt()
+    k, d = values.shape
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * d + 2), 3.5))
+    width = 0.8 / k
+    xs = np.arange(d)
+    for c in range(k):
+        ax.bar(xs + c * width - 0.4 + width / 2, values[c].numpy(), width, label=str(class_names[c]))
+    ax.set_xticks(xs)
+    ax.set_xticklabels(feature_names, rotation=45, ha="right", fontsize=8)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel("mean contribution to the class logit")
+    ax.legend(fontsize=8, ncol=min(k, 5))
+    fig.tight_layout()
+    return Figure(name, _png(fig), caption)
+
+
+def _region_size_figure(inverse: dict[str, Tensor], name: str) -> Figure:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for gname, inv in inverse.items():
+        if gname.startswith("layer "):
+            continue
+        counts = torch.bincount(inv).sort(descending=True).values.numpy()
+        ax.plot(np.arange(1, len(counts) + 1), counts, marker=".", lw=1, label=f"{gname} ({len(counts)} regions)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("region rank")
+    ax.set_ylabel("samples in region")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Figure(name, _png(fig), "Region sizes, largest first (exact counts on the analysed data).")
+
+
+def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-regions report",
+                 class_names: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
+                 meta: dict[str, Any] | None = None, n_explain: int | None = None,
+                 compare_samples: int = 32, validity_samples: int = 32, seed: int = 0,
+                 logits_at: str | None = None, progress: bool = False, quick: bool = False) -> Report:
+    """Analyse ``model`` on ``(X, y)`` and assemble the report.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A piecewise-linear classifier returning logits ``(N, K)``. Its state (parameters, flags, hooks) is left
+        exactly as it was.
+    X, y : Tensor
+        Inputs ``(N, *input_shape)`` (float) and integer labels ``(N,)``.
+    title : str
+    class_names, feature_names : sequence of str, optional
+        Names for the plots (tabular data: feature names label the bars).
+    meta : dict, optional
+        Extra key facts for the header (data source, training summary, ...).
+    n_explain : int, optional
+        Number of samples for the exact Re3 contributions (default all; ``quick`` uses at most 200).
+    compare_samples, validity_samples : int
+        Samples used by the (more expensive) attribution comparison and validity/distance sections.
+    seed : int
+        Seed for every random choice (sample subsets, baselines of stochastic attribution methods).
+    logits_at : str, optional
+        Module path of the logits when the model ends in a softmax/sigmoid (see :func:`relu_regions.record`).
+    progress : bool
+        Show tqdm progress bars.
+    quick : bool
+        Smaller subsets everywhere (for tests).
+
+    Returns
+    -------
+    Report
+    """
+    t0 = time.perf_counter()
+    if not isinstance(X, Tensor) or not X.is_floating_point():
+        raise TypeError("X must be a floating-point tensor")
+    y = torch.as_tensor(y).long().reshape(-1)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels")
+    gen = torch.Generator().manual_seed(seed)
+    if quick:
+        compare_samples, validity_samples = min(compare_samples, 8), min(validity_samples, 8)
+
+    logits, patterns = predict_and_record(model, X, progress=progress, logits_at=logits_at)
+    k = logits.shape[1]
+    y_pred = logits.argmax(1).cpu()
+    if int(y.max()) >= k:
+        raise ValueError(f"labels go up to {int(y.max())} but the model has only {k} outputs")
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    acc = float((y_pred == y.cpu()).double().mean())
+    results: dict[str, Any] = {"accuracy": acc, "n_samples": int(X.shape[0]), "n_classes": k,
+                               "layers": [p.name for p in patterns]}
+    header = {"samples analysed": int(X.shape[0]), "input shape": tuple(X.shape[1:]), "classes": k,
+              "accuracy": f"{acc:.4f} ({int((y_pred == y.cpu()).sum())}/{X.shape[0]}, exact)",
+              "piecewise-linear layers": ", ".join(p.name for p in patterns) or "none (affine model)"}
+    header.update(meta or {})
+    sections: list[Section] = []
+
+    # -- accuracy per class ----------------------------------------------------------------------------------
+    per_class = []
+    for c in range(k):
+        m = y.cpu() == c
+        if int(m.sum()):
+            per_class.append({"class": names[c], "samples": int(m.sum()),
+                              "accuracy": round(float((y_pred[m] == c).double().mean()), 4)})
+    sections.append(Section("Accuracy", text=[f"Accuracy on the analysed data: {acc:.4f} (exact count)."],
+                            tables=[("per class", per_class)]))
+
+    # -- regions ---------------------------------------------------------------------------------------------
+    if patterns:
+        groups = granularities([p.name for p in patterns])
+        rows, inverse = region_table(patterns, y.cpu(), y_pred, groups)
+        results["regions"] = {r["granularity"]: r["regions"] for r in rows}
+        sec = Section("Activation regions", text=[
+            "Each sample's activation region is identified exactly by its bit-packed activation pattern (no hashing)."
+            " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'boundary samples'"
+            " lie exactly on a breakpoint of some unit (pre-activation exactly 0, or tied maxima in a max-pool window"
+            " — common when a window is all zeros after a ReLU); there the map of the region selected by the"
+            " convention (active iff > 0, first maximum) is used."],
+            tables=[("regions per granularity", rows)])
+        sec.figures.append(_region_size_figure(inverse, "region_sizes"))
+        sec.text.extend(_regionstats_text(patterns, y.cpu(), y_pred, k))
+        sections.append(sec)
+    else:
+        inverse = {}
+        sections.append(Section("Activation regions", text=["The model has no piecewise-linear unit: it is affine,"
+                                                             " one region."]))
+
+    sections.append(_safe("Region plots", lambda: _plots_section(patterns, y.cpu(), y_pred, k, names)))
+
+    # -- Re3 contributions -----------------------------------------------------------------------------------
+    n_exp = X.shape[0] if n_explain is None else min(n_explain, X.shape[0])
+    if quick:
+        n_exp = min(n_exp, 200)
+    idx = torch.randperm(X.shape[0], generator=gen)[:n_exp].sort().values
+    re3 = _safe("Re3 contributions (exact)", lambda: _re3_section(model, X[idx], y[idx], names, feature_names,
+                                                                  progress, logits_at, results))
+    sections.append(re3)
+
+    # -- attribution comparison, validity, Sankey --------------------------------------------------------------
+    sub = torch.randperm(X.shape[0], generator=gen)
+    sections.append(_safe("Attribution comparison", lambda: _compare_section(model, X[sub[:compare_samples]],
+                                                                              y_pred[sub[:compare_samples]], seed,
+                                                                              results)))
+    sections.append(_safe("Validity and boundary distances", lambda: _validity_section(
+        model, X[sub[:validity_samples]], y_pred[sub[:validity_samples]], seed, results)))
+    sections.append(_safe("One sample's path through the regions (Sankey)", lambda: _sankey_section(
+        model, X, y_pred, int(sub[0]), names, results)))
+
+    results["seconds"] = time.perf_counter() - t0
+    header["analysis time"] = f"{results['seconds']:.1f} s"
+    return Report(title=title, meta=header, sections=sections, results=results)
+
+
+def _safe(title: str, fn: Callable[[], Section]) -> Section:
+    """Build an optional section; a missing or failing optional piece yields 'not available: <reason>'."""
+    try:
+        sec = fn()
+    except (ImportError, NotImplementedError, AttributeError, TypeError, ValueError, RuntimeError) as e:
+        return Section.missing(title, _reason(e))
+    sec.title = title
+    return sec
+
+
+def _regionstats_text(patterns, y_true, y_pred, k) -> list[str]:
+    """Cross-check with RegionStats (issue 4) when it is installed: same full-network region count."""
+    try:
+        RegionStats = _optional("regions", "RegionStats")
+    except ImportError:
+        return []
+    try:
+        from .keys import pack_patterns, region_keys
+
+        keys = region_keys(pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns]))
+        st = RegionStats(k)
+        st.update(keys, y_true, y_pred)
+        return [f"RegionStats cross-check: {st.n_regions()} regions (hashed keys), mean purity "
+                f"{st.mean_purity():.4f}, top-1 coverage {st.coverage(1):.4f}."]
+    except Exception as e:  # a sibling module's bug must not break the report
+        return [f"RegionStats cross-check not available: {_reason(e)}"]
+
+
+def _plots_section(patterns, y_true, y_pred, k, names) -> Section:
+    plots = _optional("plots")
+    raise NotImplementedError(f"report integration of {plots.__name__} pending")
+
+
+def _re3_section(model, X, y, names, feature_names, progress, logits_at, results) -> Section:
+    contrib, bias, residual, source = re3_contributions(model, X, y, progress=progress, logits_at=logits_at)
+    results["re3_residual"] = residual
+    results["re3_samples"] = int(X.shape[0])
+    k = len(names)
+    classes = [c for c in range(k) if int((y == c).sum())]
+    means = torch.stack([contrib[y == c].mean(0) for c in classes]).float().cpu()
+    sec = Section("", text=[
+        f"Contribution of each input feature to the logit of the true class, exactly A[c] ⊙ x in the sample's own "
+        f"region ({source}); the contributions plus the region bias d reproduce the logit: max |Σ contributions"
+        f" + d − logit| = {residual:.3g} over {X.shape[0]} samples (float rounding)."])
+    if _image_like(X[0:1]) and X.dim() == 4:
+        maps = means.sum(1) if means.dim() == 4 else means  # sum over channels
+        sec.figures.append(_heatmap_figure(maps, [f"class {names[c]}" for c in classes], "re3_class_heatmaps",
+                                           "Mean Re3 contribution map per true class (red: towards the class)."))
+        inputs = torch.stack([X[y == c].mean(0) for c in classes]).float().cpu()
+        sec.figures.append(_heatmap_figure(inputs.sum(1), [f"class {names[c]}" for c in classes], "class_means",
+                                           "Mean input per class, for reference."))
+    else:
+        flat = means.reshape(means.shape[0], -1)
+        fnames = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(flat.shape[1])]
+        if flat.shape[1] > 40:  # too many bars: keep the 40 largest mean |contribution|
+            top = flat.abs().mean(0).topk(40).indices.sort().values
+            flat, fnames = flat[:, top], [fnames[i] for i in top.tolist()]
+        sec.figures.append(_bars_figure(flat, [names[c] for c in classes], fnames, "re3_class_bars",
+                                        "Mean Re3 contribution per feature and true class."))
+        sec.tables.append(("mean contribution per feature (rows) and class (columns)",
+                           [{"feature": f, **{names[c]: round(float(flat[i, j]), 4) for i, c in enumerate(classes)}}
+                            for j, f in enumerate(fnames)]))
+    return sec
+
+
+def _compare_section(model, X, target, seed, results) -> Section:
+    compare = _optional("compare", "compare")
+    raise NotImplementedError(f"report integration of {compare.__module__} pending")
+
+
+def _validity_section(model, X, target, seed, results) -> Section:
+    geometry = _optional("geometry")
+    raise NotImplementedError(f"report integration of {geometry.__name__} pending")
+
+
+def _sankey_section(model, X, y_pred, i, names, results) -> Section:
+    plots = _optional("plots")
+    raise NotImplementedError(f"report integration of {plots.__name__} pending")

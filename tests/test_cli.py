@@ -1,0 +1,224 @@
+"""The relu-regions command: demo, analyze (state_dict + class, torch.export program, npz/csv), clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from relu_regions import cli
+from relu_regions.models import SmallCNN, mlp
+
+
+def run(argv, capsys):
+    code = cli.main(list(argv) + ["--no-progress"] if argv and argv[0] in ("demo", "analyze", "compare") else argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture()
+def tabular_files(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 4, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    model = mlp(4, [6, 5], 3)
+    sd = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), sd)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, X=X.numpy(), y=y.numpy())
+    csv = tmp_path / "data.csv"
+    rows = np.concatenate([X.numpy(), y.numpy()[:, None]], 1)
+    np.savetxt(csv, rows, delimiter=",", header="a,b,c,d,label", comments="", fmt="%.6g")
+    (tmp_path / "netdefs.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        from relu_regions.models import mlp
+
+        def make(n_in=4):
+            return mlp(n_in, [6, 5], 3)
+
+        class WithSigmoid(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(4, 6)
+                self.b = nn.Linear(6, 3)
+
+            def forward(self, x):
+                return self.b(self.a(x).sigmoid())
+    """))
+    return tmp_path, model, X, y, sd, npz, csv
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("demo", "analyze", "compare", "examples:"):
+        assert word in out
+    with pytest.raises(SystemExit):
+        cli.main(["analyze", "--help"])
+    out = capsys.readouterr().out
+    assert "--model" in out and "--class" in out and "weights_only=True" in out
+
+
+def test_module_is_runnable():
+    res = subprocess.run([sys.executable, "-m", "relu_regions.cli", "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("relu-regions ")
+
+
+def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "demo_report"
+    code, stdout, err = run(["demo", "--quick", "--out", str(out), "--seed", "3"], capsys)
+    assert code == 0, err
+    assert (out / "index.html").is_file() and (out / "summary.md").is_file()
+    assert list((out / "figures").glob("*.png"))
+    md = (out / "summary.md").read_text()
+    assert "SmallCNN" in md and "## Activation regions" in md
+    # the printed accuracy is the one in the summary
+    acc = stdout.split("accuracy ", 1)[1].split()[0]
+    assert f"{float(acc):.4f}" in md
+
+
+def test_analyze_state_dict_with_class_and_npz(tabular_files, capsys, monkeypatch):
+    tmp, model, X, y, sd, npz, _ = tabular_files
+    monkeypatch.chdir(tmp)
+    out = tmp / "rep"
+    code, stdout, err = run(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(npz),
+                             "--out", str(out), "--quick"], capsys)
+    assert code == 0, err
+    with torch.no_grad():
+        acc = float((model(X).argmax(1) == y).double().mean())
+    assert f"accuracy {acc:.4f}" in stdout
+    assert (out / "index.html").is_file()
+
+
+def test_analyze_exported_program_and_csv(tabular_files, capsys):
+    tmp, model, X, y, _, _, csv = tabular_files
+    ep = torch.export.export(model.eval(), (X[:3],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp / "mlp.pt2"
+    torch.export.save(ep, path)
+    loaded = cli.load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(X), model(X))
+    out = tmp / "rep2"
+    code, stdout, err = run(["analyze", "--model", str(path), "--data", str(csv), "--out", str(out), "--quick"],
+                            capsys)
+    assert code == 0, err
+    md = (out / "summary.md").read_text()
+    assert "| a |" in md or "a" in md  # feature names from the CSV header label the bars table
+    # regions of the rewritten program equal those of the original model
+    import relu_regions as rr
+
+    with rr.record(loaded.model) as r1:
+        loaded.model(X)
+    with rr.record(model) as r2:
+        model(X)
+    assert len(torch.unique(r1.packed(), dim=0)) == len(torch.unique(r2.packed(), dim=0))
+    assert len(r1.layer_names) == 2
+
+
+def test_errors_are_one_line_and_write_nothing(tabular_files, capsys, monkeypatch):
+    tmp, model, X, y, sd, npz, csv = tabular_files
+    monkeypatch.chdir(tmp)
+    out = tmp / "never"
+
+    def check(argv, *needles):
+        code, _, err = run(argv + ["--out", str(out)], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert not out.exists()
+
+    check(["analyze", "--model", "nope.pt", "--class", "netdefs:make", "--data", str(npz)], "no such file")
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", "nope.npz"], "no such file")
+    check(["analyze", "--model", str(sd), "--data", str(npz)], "--class")
+    check(["analyze", "--model", str(sd), "--class", "netdefs", "--data", str(npz)], "module:Class")
+    check(["analyze", "--model", str(sd), "--class", "nomod:X", "--data", str(npz)], "cannot import")
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--class-kwargs", '{"n_in": 5}',
+           "--data", str(npz)], "does not fit")
+    # a whole pickled model is refused (weights_only), with what to do instead
+    whole = tmp / "whole.pt"
+    torch.save(model, whole)
+    check(["analyze", "--model", str(whole), "--class", "netdefs:make", "--data", str(npz)],
+          "refusing", "state_dict")
+    # TorchScript cannot be observed
+    ts = tmp / "ts.pt"
+    torch.jit.save(torch.jit.script(model), ts)
+    check(["analyze", "--model", str(ts), "--data", str(npz)], "TorchScript")
+    check(["analyze", "--model", str(ts), "--class", "netdefs:make", "--data", str(npz)], "TorchScript")
+    # unsupported layer: names the module and the operation
+    monkeypatch.syspath_prepend(str(tmp))
+    import netdefs
+
+    torch.save(netdefs.WithSigmoid().state_dict(), tmp / "sig.pt")
+    check(["analyze", "--model", str(tmp / "sig.pt"), "--class", "netdefs:WithSigmoid", "--data", str(npz)],
+          "sigmoid")
+    # data whose shape does not fit the model
+    np.savez(tmp / "img.npz", X=np.zeros((5, 1, 8, 8), np.float32), y=np.zeros(5, np.int64))
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(tmp / "img.npz")],
+          "does not fit the model")
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(npz), "--input-shape", "3,3"],
+          "--input-shape")
+    np.savez(tmp / "bad.npz", A=np.zeros(3))
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(tmp / "bad.npz")], "'X' and 'y'")
+    (tmp / "data.txt").write_text("1,2\n")
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(tmp / "data.txt")],
+          "unsupported file type")
+    # labels beyond the model's outputs
+    np.savez(tmp / "lab.npz", X=X.numpy(), y=np.full(len(X), 7))
+    check(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(tmp / "lab.npz")], "labels")
+    # an --out that is someone else's directory is not touched
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("keep")
+    code, _, err = run(["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(npz), "--out",
+                        str(foreign), "--quick"], capsys)
+    assert_one_line_error(code, err, "not a relu-regions report")
+    assert [p.name for p in foreign.iterdir()] == ["x.txt"]
+
+
+def test_bad_arguments_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["analyze", "--data", "mnist"])  # --model missing
+    assert e.value.code == 2
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_lightning_style_checkpoint_with_prefix(tmp_path):
+    model = SmallCNN()
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}
+    path = tmp_path / "l.ckpt"
+    torch.save(ckpt, path)
+    loaded = cli.load_model(path, "relu_regions.models:SmallCNN")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+
+
+def test_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    data = cli.load_data(str(tmp_path / "imgs"))
+    assert data.X.shape == (6, 1, 8, 8) and data.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.class_names == ["cat", "dog"]
+    with Image.open(tmp_path / "imgs" / "dog" / "2.png") as im:
+        assert np.allclose(data.X[5, 0].numpy(), np.asarray(im) / 255.0)

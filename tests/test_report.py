@@ -1,0 +1,212 @@
+"""The HTML / Markdown report: self-contained, exact numbers checked by independent routes, atomic writes."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+matplotlib.use("Agg")
+
+from relu_regions import report as rep  # noqa: E402
+from relu_regions.models import SmallCNN, mlp  # noqa: E402
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.urls: list[tuple[str, str, str]] = []
+        self.scripts_with_src: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "script" and a.get("src"):
+            self.scripts_with_src.append(a["src"])
+        if tag == "link":
+            self.links.append(a.get("href", ""))
+        for k, v in attrs:
+            if k in ("src", "href", "data", "poster", "srcset") and v and not v.startswith(("data:", "#")):
+                self.urls.append((tag, k, v))
+
+
+def _tabular(seed=0, n=120, d=5, k=3):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    w = torch.randn(d, k, generator=g)
+    y = (X @ w).argmax(1)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def mlp_report():
+    torch.manual_seed(0)
+    X, y = _tabular()
+    model = mlp(5, [8, 6], 3)
+    report = rep.build_report(model, X, y, feature_names=[f"f{i}" for i in range(5)], class_names=["a", "b", "c"],
+                              meta={"data": "synthetic"}, quick=True)
+    return model, X, y, report
+
+
+def test_accuracy_and_region_counts_match_independent_computation(mlp_report):
+    model, X, y, report = mlp_report
+    with torch.no_grad():
+        h1 = model[0](X)
+        h2 = model[2](h1.relu())
+        pred = model[4](h2.relu()).argmax(1)
+    assert report.results["accuracy"] == pytest.approx(float((pred == y).double().mean()), abs=0)
+    # region = sign pattern of all hidden pre-activations, counted with numpy (no relu_regions code)
+    full = np.unique(np.concatenate([(h1 > 0).numpy(), (h2 > 0).numpy()], 1), axis=0).shape[0]
+    first = np.unique((h1 > 0).numpy(), axis=0).shape[0]
+    regions = report.results["regions"]
+    assert regions["full network"] == full
+    assert regions["layer 1"] == first
+    rows = report.section("Activation regions").tables[0][1]
+    full_row = next(r for r in rows if r["granularity"] == "full network")
+    assert full_row["regions"] == full
+    # purity: sample-weighted majority share, recomputed with a dict
+    pattern = [tuple(r) for r in np.concatenate([(h1 > 0).numpy(), (h2 > 0).numpy()], 1)]
+    groups: dict = {}
+    for p, label in zip(pattern, y.tolist()):
+        groups.setdefault(p, []).append(label)
+    purity = sum(max(np.bincount(v)) for v in groups.values()) / len(y)
+    assert full_row["purity"] == pytest.approx(purity, abs=1e-4)
+
+
+def test_re3_contributions_match_torch_func_jacobian():
+    torch.manual_seed(1)
+    model = mlp(4, [7, 5], 3).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    target = torch.arange(10) % 3
+    contrib, bias, residual, _ = rep.re3_contributions(model, X, target)
+    jac = torch.stack([torch.func.jacrev(model)(X[i])[target[i]] for i in range(10)])
+    torch.testing.assert_close(contrib, jac * X, rtol=1e-10, atol=1e-12)
+    assert residual < 1e-10
+    # the bias is the frozen network at 0: check through a perturbation that stays in the region
+    with torch.no_grad():
+        out = model(X).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(bias, out - (jac * X).sum(1), rtol=1e-9, atol=1e-10)
+
+
+def test_html_is_self_contained(mlp_report, tmp_path):
+    *_, report = mlp_report
+    out = report.write(tmp_path / "r")
+    page = (out / "index.html").read_text(encoding="utf-8")
+    parser = _Collect()
+    parser.feed(page)
+    assert parser.imgs, "the report has no figure"
+    for src in parser.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parser.urls == []
+    assert parser.scripts_with_src == [] and parser.links == []
+    assert "http://" not in page.split("<script")[0] and "https://" not in page.split("<script")[0]
+    # markdown: every linked figure exists
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    linked = [line.split("](", 1)[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert linked and all((out / f).is_file() for f in linked)
+    assert "accuracy" in md.lower()
+
+
+def test_tabular_report_has_bars_and_image_report_has_heatmaps():
+    torch.manual_seed(0)
+    X, y = _tabular()
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    names = [f.name for f in r.section("Re3 contributions (exact)").figures]
+    assert names == ["re3_class_bars"]
+    Xi = torch.rand(30, 1, 8, 8)
+    yi = torch.arange(30) % 10
+    r2 = rep.build_report(SmallCNN(), Xi, yi, quick=True)
+    names2 = [f.name for f in r2.section("Re3 contributions (exact)").figures]
+    assert "re3_class_heatmaps" in names2
+    assert r2.results["re3_residual"] < 1e-3
+    # SmallCNN has a `head` submodule: head-only regions are reported next to whole-network ones
+    assert "head only" in r2.results["regions"]
+    assert r2.results["regions"]["head only"] <= r2.results["regions"]["full network"]
+
+
+def test_model_state_is_preserved():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.1), nn.Linear(6, 3))
+    model.train()
+    model[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    X, y = _tabular()
+    rep.build_report(model, X, y, quick=True)
+    assert model.training and all(m.training for m in model.modules())
+    assert not model[0].weight.requires_grad and model[3].weight.requires_grad
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_missing_piece_gives_not_available(monkeypatch):
+    def boom(module, attr=None):
+        raise ImportError(f"relu_regions.{module} is missing (test)")
+
+    monkeypatch.setattr(rep, "_optional", boom)
+    X, y = _tabular()
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    missing = [s for s in r.sections if not s.available]
+    assert {s.title for s in missing} >= {"Attribution comparison", "Validity and boundary distances"}
+    assert all("missing" in s.reason for s in missing)
+    html_page = r.to_html()
+    assert "not available: relu_regions." in html_page
+    assert "*not available: relu_regions." in r.to_markdown()
+
+
+def test_write_is_atomic_and_refuses_foreign_directories(tmp_path, monkeypatch):
+    X, y = _tabular()
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        r.write(foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+    out = r.write(tmp_path / "rep")
+    first = (out / "index.html").read_text()
+
+    def fail(self, figure_dir="figures"):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(rep.Report, "to_markdown", fail)
+    with pytest.raises(RuntimeError):
+        r.write(out)
+    assert (out / "index.html").read_text() == first  # the previous report is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "rep"]  # no temp leftovers
+    with pytest.raises(RuntimeError):
+        r.write(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_renders_in_headless_chromium(mlp_report, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium installed (apt-get install -y chromium) — HTML was still parsed above")
+    *_, report = mlp_report
+    out = report.write(tmp_path / "r")
+    shot = tmp_path / "shot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # no network: any fetch would fail
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,1600",
+           (out / "index.html").as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=90)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert img.shape == (1600, 1100)
+    assert img.std() > 5  # something was drawn (text, tables, figures), not a blank page
+    Path(out / "screenshot.png").write_bytes(shot.read_bytes())
