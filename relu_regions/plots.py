@@ -1,0 +1,175 @@
+"""Plots of regions and explanations (matplotlib; plotly only for the Sankey, imported on first use).
+
+Every function returns the figure and draws on ``ax`` when given; nothing is shown or saved implicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .regions import DEFAULT, RegionStats
+
+Tensor = torch.Tensor
+
+
+def _axes(ax, figsize=(7, 4)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+    return ax.figure, ax
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+
+
+def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
+                 class_names: Sequence[str] | None = None, ax=None):
+    """Stacked bars of the ``top`` largest regions' sizes, coloured by true class (Re3 Fig. 2a)."""
+    fig, ax = _axes(ax)
+    hist = _np(stats.class_histograms(granularity))
+    order = np.argsort(-hist.sum(1), kind="stable")[:top]
+    bottom = np.zeros(len(order))
+    for c in range(hist.shape[1]):
+        label = class_names[c] if class_names is not None else f"class {c}"
+        ax.bar(np.arange(len(order)), hist[order, c], bottom=bottom, label=label)
+        bottom += hist[order, c]
+    ax.set_xlabel(f"region (largest {len(order)} of {hist.shape[0]})")
+    ax.set_ylabel("samples")
+    ax.set_title("Region sizes by true class")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def importance_heatmap(stats: RegionStats, cls: int = 0, top: int = 20,
+                       feature_names: Sequence[str] | None = None, ax=None):
+    """Heatmap of the mean contribution ``A_r[cls] ⊙ x`` per region (rows) and feature (Re3 Fig. 2b)."""
+    fig, ax = _axes(ax, (8, 5))
+    mc = _np(stats.mean_contributions())[:, min(cls, stats.mean_contributions().shape[1] - 1)]
+    order = np.argsort(-_np(stats.sizes()), kind="stable")[:top]
+    m = mc[order]
+    lim = float(np.abs(m).max()) or 1.0
+    im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_ylabel("region (by size)")
+    if feature_names is not None:
+        ax.set_xticks(range(len(feature_names)))
+        ax.set_xticklabels(feature_names, rotation=60, ha="right", fontsize="small")
+    ax.set_title(f"Mean contribution to class {cls} per region")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def validity(distances: Tensor | dict[str, Tensor], ax=None):
+    """Validity curve(s) (share of explanations valid at every ε) and a violin plot of distances (Re3 Fig. 3)."""
+    import matplotlib.pyplot as plt
+
+    from .geometry import validity_curve, validity_epsilons
+
+    groups = distances if isinstance(distances, dict) else {"distance": distances}
+    if ax is None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    else:
+        a1, a2 = ax
+        fig = a1.figure
+    for name, d in groups.items():
+        e, v = validity_curve(d)
+        eps = validity_epsilons(d)
+        a1.plot(_np(e), _np(v), label=f"{name} (ε90={eps['eps90']:.3g})")
+    for lv in (0.9, 0.75, 0.5):
+        a1.axhline(lv, color="grey", lw=0.5, ls=":")
+    a1.set_xlabel("ε")
+    a1.set_ylabel("share valid")
+    a1.legend(fontsize="small")
+    data = [_np(d)[np.isfinite(_np(d))] for d in groups.values()]
+    a2.violinplot(data, showmedians=True)
+    a2.set_xticks(range(1, len(groups) + 1))
+    a2.set_xticklabels(list(groups))
+    a2.set_ylabel("distance to region boundary")
+    return fig
+
+
+def cluster_importance(stats: RegionStats, feature_names: Sequence[str] | None = None, top: int = 4,
+                       output: int = -1, ax=None):
+    """Bars of the mean effective weights (feature importance) of the ``top`` largest clusters."""
+    fig, ax = _axes(ax, (8, 4))
+    w = _np(stats.mean_weights())[:, output]
+    sizes = _np(stats.sizes())
+    order = np.argsort(-sizes, kind="stable")[:top]
+    n_f = w.shape[1]
+    width = 0.8 / max(1, len(order))
+    for j, r in enumerate(order):
+        ax.bar(np.arange(n_f) + j * width, w[r], width, label=f"cluster {j} (n={sizes[r]})")
+    ax.set_xticks(np.arange(n_f) + 0.4 - width / 2)
+    ax.set_xticklabels(feature_names if feature_names is not None else [str(i) for i in range(n_f)],
+                       rotation=45, ha="right", fontsize="small")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("mean effective weight")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None,
+                  top: int = 8) -> dict[str, Any]:
+    """Flows of one sample's decision pathway: input feature → active unit of the first recorded layer → class.
+
+    Input→unit links are ``|∂z_u/∂x_i · x_i|`` (exact in the region); unit→class links are the unit's activation
+    (a size, not a signed contribution). Convolutional layers are aggregated per channel. Returns nodes and links
+    (used by :func:`sankey`).
+    """
+    from .affine import affine_map, preactivation_maps
+
+    if x.dim() < 2 or x.shape[0] != 1:
+        raise ValueError(f"x must be one sample with a batch dimension, got shape {tuple(x.shape)}")
+    amap = affine_map(model, x)
+    c = int(amap.output[0].argmax()) if target is None else int(target)
+    maps = preactivation_maps(model, x, layers=0)
+    lm = next(iter(maps.values()))
+    jac = lm.jacobian[0]  # (*unit_shape, *input_shape)
+    unit_shape = lm.value.shape[1:]
+    n_in = int(x[0].numel())
+    jac = jac.reshape(*unit_shape, n_in)
+    contrib_in = (jac * x.reshape(-1)).abs()  # (*units, inputs)
+    active = lm.value[0] > 0
+    if len(unit_shape) > 1:  # conv: aggregate per channel
+        contrib_in = (contrib_in * active.unsqueeze(-1)).reshape(unit_shape[0], -1, n_in).sum(1)
+        unit_val = (lm.value[0].clamp(min=0)).reshape(unit_shape[0], -1).sum(1)
+        unit_names = [f"channel {k}" for k in range(unit_shape[0])]
+    else:
+        contrib_in = contrib_in * active.unsqueeze(-1)
+        unit_val = lm.value[0].clamp(min=0)
+        unit_names = [f"unit {k}" for k in range(unit_shape[0])]
+    keep_units = torch.argsort(unit_val, descending=True)[:top]
+    keep_units = keep_units[unit_val[keep_units] > 0]
+    in_tot = contrib_in[keep_units].sum(0)
+    keep_in = torch.argsort(in_tot, descending=True)[:top]
+    fnames = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(n_in)]
+    nodes = [fnames[int(i)] for i in keep_in] + [unit_names[int(u)] for u in keep_units] + [f"class {c}"]
+    src, dst, val = [], [], []
+    for a, i in enumerate(keep_in):
+        for b, u in enumerate(keep_units):
+            v = float(contrib_in[u, i])
+            if v > 0:
+                src.append(a)
+                dst.append(len(keep_in) + b)
+                val.append(v)
+    for b, u in enumerate(keep_units):
+        src.append(len(keep_in) + b)
+        dst.append(len(nodes) - 1)
+        val.append(float(unit_val[u]))
+    return {"nodes": nodes, "source": src, "target": dst, "value": val, "class": c}
+
+
+def sankey(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None, top: int = 8):
+    """Plotly Sankey of one sample's decision pathway (Re3 Fig. 4); plotly is imported lazily."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("relu_regions.plots.sankey needs plotly (pip install plotly)") from e
+    f = pathway_flows(model, x, target, feature_names, top)
+    return go.Figure(go.Sankey(node={"label": f["nodes"]},
+                               link={"source": f["source"], "target": f["target"], "value": f["value"]}))

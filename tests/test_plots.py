@@ -1,0 +1,56 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import relu_regions as rr  # noqa: E402
+from relu_regions import geometry as G  # noqa: E402
+from relu_regions import plots  # noqa: E402
+from relu_regions.models import SmallCNN, mlp  # noqa: E402
+from relu_regions.regions import RegionStats  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    model = mlp(4, [6, 3], 2)
+    x = torch.randn(120, 4)
+    y = (x[:, 0] > 0).long()
+    amap = rr.affine_map(model, x)
+    s = RegionStats(2, keep_inputs=True, keep_contributions=True)
+    s.update(amap.region_ids, y, amap.output.argmax(1), inputs=x, contributions=amap.A * x[:, None], weights=amap.A)
+    return model, x, s
+
+
+def test_static_plots(fitted):
+    import matplotlib.pyplot as plt
+
+    model, x, s = fitted
+    f1 = plots.region_sizes(s, top=5)
+    heights = sum(p.get_height() for p in f1.axes[0].patches)
+    assert heights == pytest.approx(float(s.sizes().sort(descending=True).values[:5].sum()))
+    f2 = plots.importance_heatmap(s, cls=1, feature_names=list("abcd"))
+    assert f2.axes[0].images[0].get_array().shape == (min(20, s.n_regions()), 4)
+    d = G.boundary_distance(model, x).distance
+    f3 = plots.validity({"mlp": d})
+    ydata = f3.axes[0].lines[0].get_ydata()
+    assert ydata[0] == 1.0 and ydata[-1] <= 1.0 / len(d) + 1e-12
+    f4 = plots.cluster_importance(s, feature_names=list("abcd"), top=2)
+    assert len(f4.axes[0].patches) == 2 * 4
+    plt.close("all")
+
+
+def test_sankey_mlp_and_cnn(fitted):
+    model, x, _ = fitted
+    flows = plots.pathway_flows(model, x[:1], feature_names=list("abcd"))
+    assert flows["nodes"][-1].startswith("class")
+    assert all(v > 0 for v in flows["value"])
+    fig = plots.sankey(model, x[:1])
+    assert fig.data[0].type == "sankey"
+    cnn = SmallCNN()
+    fl = plots.pathway_flows(cnn, torch.rand(1, 1, 8, 8), top=4)
+    assert any(n.startswith("channel") for n in fl["nodes"])
+    with pytest.raises(ValueError, match="one sample"):
+        plots.pathway_flows(model, x[:2])
