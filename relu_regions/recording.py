@@ -130,6 +130,7 @@ class _Session:
         self.names = {m: n for n, m in model.named_modules()}
         self.types = {n: type(m).__name__ for n, m in model.named_modules()}
         self.tainted: dict[int, weakref.ref] = {}
+        self.count_boundary = True
 
     # -- passes ---------------------------------------------------------------------------------------------
     def begin_pass(self, inputs: tuple) -> None:
@@ -242,6 +243,7 @@ class _Mode(TorchFunctionMode):
         base = path if mod_type in _UNIT_MODULES else (f"{path}/{_op_name(func)}" if path else _op_name(func))
         name = s.unique(base)
         if s.replay is None:
+            params["count_boundary"] = s.count_boundary
             out, state, n_boundary, n_states = rule.record(func, args, kwargs, x, params)
             params["in_shape"] = tuple(x.shape[1:])
             pattern = LayerPattern(name, rule.kind, state, n_states, n_boundary, params)
@@ -413,7 +415,8 @@ def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
 
 
 @contextmanager
-def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = None) -> Iterator[Recording]:
+def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = None,
+           count_boundary: bool = True) -> Iterator[Recording]:
     """Record the activation pattern of every piecewise-linear unit while ``model`` runs.
 
     Hooks and the function mode are attached on entry and removed on exit, also when the block raises. The
@@ -429,8 +432,11 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         is not piecewise linear (sigmoid, GELU, softmax, LayerNorm, attention, products of two input-dependent
         tensors, BatchNorm with batch statistics).
     logits_at : str, optional
-        Module path whose output is the explained output (e.g. the layer before a softmax head); the forward
-        stops there while recording.
+        Module path whose output is the explained output (e.g. the layer before a softmax head); recording
+        stops there (the user's forward still runs to the end).
+    count_boundary : bool
+        Count units exactly on a breakpoint (pre-activation 0, max-pool ties) per sample. Costs about one extra
+        elementwise pass per layer; switch it off where only region keys are needed and every percent counts.
 
     Examples
     --------
@@ -439,6 +445,7 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
     >>> keys = rec.region_ids()
     """
     with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False) as s:
+        s.count_boundary = count_boundary
         yield Recording(s)
 
 

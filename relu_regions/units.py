@@ -99,7 +99,18 @@ def _write_back(z: Tensor, out: Tensor, params: dict) -> Tensor:
 
 
 def _count(mask: Tensor) -> Tensor:
-    return mask.reshape(mask.shape[0], -1).sum(1)
+    flat = mask.reshape(mask.shape[0], -1)
+    if flat.device.type == "cpu" and not bool(flat.any()):
+        # exact zeros are rare: on the CPU an any() pass is much cheaper than an integer sum (and syncs nothing)
+        return torch.zeros(flat.shape[0], dtype=torch.int64)
+    return flat.sum(1)
+
+
+def _boundary(x: Tensor, params: dict, at: float = 0.0) -> Tensor:
+    """Units whose input equals the breakpoint ``at``, per sample (zeros if counting is switched off)."""
+    if not params.get("count_boundary", True):
+        return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    return _count(x == at)
 
 
 def _expand_state(state: Tensor, z: Tensor) -> Tensor:
@@ -149,7 +160,7 @@ class ReluRule(UnitRule):
 
     def record(self, func, args, kwargs, x, params):
         state = x > 0
-        n_boundary = _count(x == 0)
+        n_boundary = _boundary(x, params)
         return func(*args, **kwargs), state, n_boundary, 2
 
     def frozen(self, z, pattern, func, args, kwargs):
@@ -164,7 +175,7 @@ class LeakyReluRule(UnitRule):
                          "inplace": _inplace(getattr(func, "__name__", ""), args, kwargs, 2)}
 
     def record(self, func, args, kwargs, x, params):
-        return func(*args, **kwargs), x > 0, _count(x == 0), 2
+        return func(*args, **kwargs), x > 0, _boundary(x, params), 2
 
     def frozen(self, z, pattern, func, args, kwargs):
         s = _expand_state(pattern.state, z)
@@ -178,7 +189,7 @@ class PReluRule(UnitRule):
         return args[0], {}
 
     def record(self, func, args, kwargs, x, params):
-        return func(*args, **kwargs), x > 0, _count(x == 0), 2
+        return func(*args, **kwargs), x > 0, _boundary(x, params), 2
 
     def frozen(self, z, pattern, func, args, kwargs):
         w = _arg(args, kwargs, 1, "weight")
@@ -215,14 +226,14 @@ class ClampRule(UnitRule):
     def record(self, func, args, kwargs, x, params):
         lo, hi = params["lo"], params["hi"]
         state = torch.ones_like(x, dtype=torch.int8)
-        boundary = torch.zeros_like(x, dtype=torch.bool)
+        n_boundary = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         if lo is not None:
             state = torch.where(x <= lo, torch.zeros_like(state), state)
-            boundary |= x == lo
+            n_boundary = n_boundary + _boundary(x, params, lo)
         if hi is not None:
             state = torch.where(x >= hi, torch.full_like(state, 2), state)
-            boundary |= x == hi
-        return func(*args, **kwargs), state, _count(boundary), 3
+            n_boundary = n_boundary + _boundary(x, params, hi)
+        return func(*args, **kwargs), state, n_boundary, 3
 
     def frozen(self, z, pattern, func, args, kwargs):
         s = _expand_state(pattern.state, z)
@@ -283,7 +294,7 @@ class MaxPoolRule(UnitRule):
     def _ties(x: Tensor, out: Tensor, idx: Tensor, params: dict) -> Tensor:
         """Windows whose nonzero maximum is attained more than once (counted exactly from the unfolded windows)."""
         zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-        if params["adaptive"]:
+        if params["adaptive"] or not params.get("count_boundary", True):
             return zero  # adaptive windows have no fixed geometry; ties are not counted
         ks, st, pad, dil, _ = params["geometry"]
         m = out.detach()
@@ -294,7 +305,7 @@ class MaxPoolRule(UnitRule):
             flat.scatter_(-1, idx.flatten(-d), float("-inf"))
             pool = F.max_pool1d if d == 1 else F.max_pool2d
             second = pool(flat.view_as(x), ks[-d:] if d == 2 else ks[-1])
-            return ((second == m) & (m != 0)).reshape(x.shape[0], -1).sum(1)
+            return _count((second == m) & (m != 0))
         xx = x.detach()
         if params["dims"] == 1:
             xx = xx.unsqueeze(-2)
@@ -308,7 +319,7 @@ class MaxPoolRule(UnitRule):
             return zero
         # ties at exactly 0 are windows of inactive ReLUs: their affine functions coincide, no boundary there
         ties = ((cols == m.unsqueeze(1)).sum(1) > 1) & (m != 0)
-        return ties.reshape(*batch_shape, -1).reshape(x.shape[0], -1).sum(1)
+        return _count(ties.reshape(*batch_shape, -1).reshape(x.shape[0], -1))
 
     def frozen(self, z, pattern, func, args, kwargs):
         idx = _expand_state(pattern.state, z)
