@@ -385,7 +385,7 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
     -------
     pandas.DataFrame
         One row for the intact model and one per group: units, metric, change vs intact, mean |Δoutput|,
-        share of changed argmax predictions.
+        share of changed argmax predictions (with ``metric="accuracy"``).
     """
     import pandas as pd
 
@@ -402,7 +402,10 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
         rows.append({"lesion": str(name), "units": len(units), "metric": m, "change": m - base,
                      "mean_abs_output_change": float((out - intact).abs().double().mean()),
                      "changed_argmax": float((out.argmax(1) != intact.argmax(1)).double().mean())})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if metric != "accuracy":  # argmax changes only mean something for classifiers
+        df = df.drop(columns="changed_argmax")
+    return df
 
 
 def _out_shape(model: nn.Module, data: Tensor) -> tuple[int, ...]:
