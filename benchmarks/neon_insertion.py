@@ -35,7 +35,9 @@ def machine() -> str:
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except Exception:
         name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} torch threads, no GPU"
+    import os
+
+    return f"{name}, {os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads, no GPU"
 
 
 def markdown(df, index: bool = True, fmt: str = "{:.3f}") -> str:
