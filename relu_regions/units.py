@@ -76,6 +76,10 @@ class LayerPattern:
         return LayerPattern(self.name, self.kind, torch.cat([self.state, other.state]), self.n_states,
                             torch.cat([self.n_boundary, other.n_boundary]), self.params)
 
+    def batch(self, index: slice | Tensor) -> LayerPattern:
+        """The recording of a subset of the batch."""
+        return LayerPattern(self.name, self.kind, self.state[index], self.n_states, self.n_boundary[index], self.params)
+
     def to(self, device: torch.device | str) -> LayerPattern:
         return LayerPattern(self.name, self.kind, self.state.to(device), self.n_states,
                             self.n_boundary.to(device), self.params)
