@@ -13,6 +13,7 @@ tabular data set). Every ratio printed is measured in this run, on this machine 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -44,7 +45,8 @@ def machine() -> str:
     except OSError:
         name = platform.processor() or "?"
     gpu = "GPU" if torch.cuda.is_available() else "no GPU"
-    return f"{torch.get_num_threads()}-thread CPU ({name}), {gpu}; torch {torch.__version__}"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return f"{torch.get_num_threads()}-thread CPU ({name}), {gpu}; torch {torch.__version__}; load average {load}"
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64, lr: float = 1e-3,
