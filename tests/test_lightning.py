@@ -1,0 +1,213 @@
+"""RegionMonitor: statistics equal to an independent evaluation, state safety, checkpoints, DDP equality.
+
+The DDP run (2 CPU processes, gloo, ``ddp_spawn``) happens in a subprocess running this file as a script, so a hang
+cannot block the suite (the subprocess has a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from relu_regions.integrations.lightning import RegionMonitor  # noqa: E402
+from relu_regions.models import mlp  # noqa: E402
+from relu_regions.training import boundary_distances, evaluate  # noqa: E402
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, lr: float = 0.1, direct: bool = False, dict_batches: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(2, [6, 5], 3)
+        self.lr, self.direct, self.dict_batches = lr, direct, dict_batches
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _xy(self, batch):
+        return (batch["inputs"], batch["label"]) if self.dict_batches else batch
+
+    def training_step(self, batch, i):
+        x, y = self._xy(batch)
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, i):
+        x, y = self._xy(batch)
+        out = self.net(x) if self.direct else self(x)
+        self.log("val_loss", F.cross_entropy(out, y))
+
+    def test_step(self, batch, i):
+        x, y = self._xy(batch)
+        self.log("test_loss", F.cross_entropy(self.net(x) if self.direct else self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def loader(ds, bs=16):
+    return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False)
+
+
+def trainer(callbacks=(), tmp=None, **kw):
+    opts = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=1)
+    opts.update(kw)
+    if tmp is not None:
+        opts["default_root_dir"] = str(tmp)
+    return pl.Trainer(callbacks=list(callbacks), **opts)
+
+
+def _hooks(m):
+    return [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in m.modules()]
+
+
+def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged():
+    train, val = make_data(64, 0), make_data(48, 1)
+    mon = RegionMonitor(train_every_n_batches=1, probe_size=20, granularities={"last": -1})
+    model = Lit()
+    hooks = _hooks(model)
+    trainer([mon]).fit(model, loader(train), loader(val))
+    # same training without the callback: identical weights (the callback changes nothing)
+    ref = Lit()
+    trainer().fit(ref, loader(train), loader(val))
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _hooks(model) == hooks
+    # the last validation ran with the final weights: compare with evaluate() on the same data
+    ev = evaluate(model.net, loader(val), n_classes=3, granularities={"last": -1})
+    st = mon.stats["val"]
+    assert st.n_regions() == ev.n_regions() and st.n_regions("last") == ev.n_regions("last")
+    assert st.n_samples == 48 and st.accuracy == ev.accuracy
+    assert st.coverage(1) == ev.coverage(1) and st.mean_purity() == ev.mean_purity()
+    tr = evaluate(model.net, loader(train), n_classes=3)  # train stats: eval-mode passes over the training batches
+    assert mon.stats["train"].n_regions() == tr.n_regions()
+    rows = [h for h in mon.history if h["stage"] == "val"]
+    assert [h["epoch"] for h in rows] == [0, 1]  # the sanity check is not recorded
+    last = rows[-1]
+    assert last["n_regions"] == ev.n_regions()
+    assert last["topC_coverage"] == ev.coverage(3)
+    assert last["confusion_share"] == ev.confusion_share()
+    assert last["train_overlap"] == pytest.approx(tr.overlap(ev))
+    probe = val.tensors[0][:20]
+    assert torch.equal(mon.probe, probe)
+    assert last["boundary_distance_median"] == pytest.approx(float(boundary_distances(model.net, probe).median()))
+    # logged through pl_module.log (float32)
+    t = trainer([mon])
+    t.test(model, loader(val))
+    assert t.callback_metrics["regions/test/n_regions"].item() == ev.n_regions()
+    assert t.callback_metrics["regions/test/mean_purity"].item() == pytest.approx(ev.mean_purity())
+    assert _hooks(model) == hooks
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = mon.plot_history()
+    assert [list(line.get_ydata()) for line in ax.get_lines()][0] == [h["n_regions"] for h in rows]
+
+
+def test_labels_from_dict_batches_user_function_and_clear_errors():
+    ds = make_data(32)
+    dict_loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=lambda it: {
+        "inputs": torch.stack([i[0] for i in it]), "label": torch.stack([i[1] for i in it])})
+    model = Lit(dict_batches=True)
+    hooks = _hooks(model)
+    mon = RegionMonitor(3, probe_size=0)  # "label" is one of the default keys
+    trainer([mon]).test(model, dict_loader)
+    ref = evaluate(model.net, loader(ds), n_classes=3)
+    assert mon.stats["test"].n_regions() == ref.n_regions()
+    mon2 = RegionMonitor(3, get_labels=lambda b: b["label"], probe_size=0)
+    trainer([mon2]).test(model, dict_loader)
+    assert mon2.stats["test"].n_regions() == ref.n_regions()
+    with pytest.raises(KeyError, match="label_key='cls'"):
+        trainer([RegionMonitor(3, label_key="cls")]).test(model, dict_loader)
+    assert _hooks(model) == hooks  # hooks removed after the exception
+    # a step that calls self.net directly: clear error naming the fix
+    with pytest.raises(RuntimeError, match="module='net'"):
+        trainer([RegionMonitor(3)]).test(Lit(direct=True), loader(ds))
+    mon3 = RegionMonitor(3, module="net", probe_size=0)
+    trainer([mon3]).test(Lit(direct=True), loader(ds))
+    assert mon3.stats["test"].n_regions() == ref.n_regions()
+    with pytest.raises(ValueError, match="stages"):
+        RegionMonitor(stages=["fit"])
+
+
+def test_every_n_epochs_and_checkpoint_round_trip(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = make_data(64, 0), make_data(48, 1)
+    mon = RegionMonitor(every_n_epochs=2, probe_size=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer([mon, ckpt], tmp_path, max_epochs=4, enable_checkpointing=True).fit(Lit(), loader(train), loader(val))
+    assert [h["epoch"] for h in mon.history] == [1, 3]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][mon.state_key]
+    fresh = RegionMonitor(every_n_epochs=2, probe_size=8)
+    fresh.load_state_dict(state)
+    assert fresh.history == mon.history
+    assert torch.equal(fresh.probe, mon.probe)
+    a, b = fresh.stats["val"], mon.stats["val"]
+    assert torch.equal(a.region_keys(), b.region_keys()) and torch.equal(a.sizes(), b.sizes())
+    # resuming a fit restores the callback's state through Lightning
+    resumed = RegionMonitor(every_n_epochs=2, probe_size=8)
+    trainer([resumed, ModelCheckpoint(dirpath=tmp_path / "r")], tmp_path, max_epochs=4,
+            enable_checkpointing=True).fit(Lit(), loader(train), loader(val), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.history == mon.history
+
+
+def _ddp_job(out_path: str, devices: int, strategy: str) -> None:
+    """Fit with lr=0 (weights unchanged, so both runs see the same model); write rank 0's logged metrics."""
+    train, val = make_data(64, 0), make_data(48, 1)
+    mon = RegionMonitor(train_every_n_batches=1, probe_size=16, granularities={"last": -1})
+    t = trainer([mon], max_epochs=1, devices=devices, strategy=strategy, num_nodes=1, num_sanity_val_steps=0,
+                use_distributed_sampler=True)
+    model = Lit(lr=0.0)
+    t.fit(model, loader(train, 8), loader(val, 8))  # one spawn only: each costs two fresh interpreters
+    fit_metrics = {k: v.item() for k, v in t.callback_metrics.items() if k.startswith("regions/")}
+    with open(out_path, "w") as f:
+        json.dump({"fit": fit_metrics}, f)
+
+
+def _run_ddp_job(tmp_path):
+    out = tmp_path / "metrics_ddp.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, __file__, str(out), "2", "ddp_spawn"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher and its spawned workers
+        proc.communicate()
+        pytest.fail("the DDP run did not finish within 240 s")
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_log_exactly_the_single_process_numbers(tmp_path):
+    _ddp_job(str(tmp_path / "single.json"), 1, "auto")  # in this process
+    single = json.loads((tmp_path / "single.json").read_text())
+    ddp = _run_ddp_job(tmp_path)
+    assert "regions/val/train_overlap" in single["fit"] and "regions/val/n_regions_last" in single["fit"]
+    assert "regions/val/boundary_distance_median" in single["fit"] and "regions/train/n_regions" in single["fit"]
+    assert ddp == single
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _ddp_job(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter shutdown, which can wait on the finished workers' resources
