@@ -167,6 +167,27 @@ def test_every_n_epochs_and_checkpoint_round_trip(tmp_path):
     assert resumed.history == mon.history
 
 
+def test_compare_in_the_loop_logs_the_table(tmp_path):
+    pytest.importorskip("captum")
+    from lightning.pytorch.loggers import CSVLogger
+
+    ds = make_data(32)
+    mon = RegionMonitor(3, probe_size=6, compare=True,
+                        compare_kwargs={"methods": ["Saliency", "InputXGradient"], "n_steps": 4})
+    t = trainer([mon], tmp_path, logger=CSVLogger(tmp_path))
+    model = Lit()
+    t.test(model, loader(ds))
+    assert len(mon.comparisons) == 1
+    table = mon.comparisons[0][2].table
+    assert list(table["method"]) == ["Re3", "Saliency", "InputXGradient"]
+    # Re3 agrees with itself; the logged value is the table's
+    assert t.callback_metrics["regions/test/compare/Re3/spearman"].item() == pytest.approx(1.0)
+    v = float(table.set_index("method").loc["InputXGradient", "spearman"])
+    assert t.callback_metrics["regions/test/compare/InputXGradient/spearman"].item() == pytest.approx(v, rel=1e-6)
+    assert list(tmp_path.rglob("region_compare_test_epoch0.csv"))
+    assert not RegionMonitor(3).compare  # off by default
+
+
 def _ddp_job(out_path: str, devices: int, strategy: str) -> None:
     """Fit with lr=0 (weights unchanged, so both runs see the same model); write rank 0's logged metrics."""
     train, val = make_data(64, 0), make_data(48, 1)

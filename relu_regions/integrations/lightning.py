@@ -7,9 +7,9 @@ through ``pl_module.log`` (so every logger sees them), under ``"<prefix><stage>/
 
 ``n_regions`` (and ``n_regions_<granularity>`` for extra granularities), ``top1_coverage``, ``topC_coverage``,
 ``mean_purity``, ``confusion_share``, ``accuracy``; for validation also ``train_overlap`` (share of validation samples
-whose region was seen on the training batches of the epoch; needs ``train_every_n_batches``) and
-``boundary_distance_median`` (median exact Euclidean distance from the probe inputs to their region's nearest
-ReLU/clamp hyperplane; see :func:`relu_regions.training.boundary_distances`).
+whose region was seen on the training batches of the epoch; needs ``train_every_n_batches``); for validation and
+test ``boundary_distance_median`` (median exact Euclidean distance from the probe inputs to their region's boundary,
+from :func:`relu_regions.geometry.boundary_distance`).
 
 How the callback finds things
 -----------------------------
@@ -38,6 +38,7 @@ exact equality.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +51,7 @@ try:
 except ImportError as e:  # pragma: no cover - lightning is an optional dependency
     raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
 
-from ..recording import LayerSelection
+from ..recording import LayerSelection, select_layers
 from ..state import preserved
 from ..training import boundary_distances, default_inputs, default_labels, track
 
@@ -227,7 +228,7 @@ class RegionMonitor(Callback):
                     "RegionMonitor(module='net')")
             tracker.stats = self._stats_for(stage, tracker)
             tracker.update(y.to(tracker.last_output.device) if tracker.last_output is not None else y)
-            if stage == "validate" and self.probe is None and self.probe_size and tracker.last_input is not None:
+            if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
                 self._fallback_probe.append(tracker.last_input.cpu())
         finally:
             del self._open[stage]
@@ -244,15 +245,15 @@ class RegionMonitor(Callback):
         self._local[stage] = None
         if self._epoch_active(trainer, stage):
             self._active.add(stage)
-            if stage == "validate":
+            if stage in ("validate", "test"):
                 self._fallback_probe: list[Tensor] = []
                 if self.probe is None and self.probe_size:
-                    self.probe = self._probe_from_dataset(trainer)
+                    self.probe = self._probe_from_dataset(trainer, stage)
         else:
             self._active.discard(stage)
 
-    def _probe_from_dataset(self, trainer: Any) -> Tensor | None:
-        loaders = getattr(trainer, "val_dataloaders", None)
+    def _probe_from_dataset(self, trainer: Any, stage: str) -> Tensor | None:
+        loaders = getattr(trainer, "val_dataloaders" if stage == "validate" else "test_dataloaders", None)
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         ds = getattr(loaders, "dataset", None)
@@ -302,11 +303,11 @@ class RegionMonitor(Callback):
                 if train is not None:
                     self.stats["train"] = train
                     metrics["train_overlap"] = train.overlap(merged)
-            if self.probe is None and getattr(self, "_fallback_probe", None):
-                probe = torch.cat(self._fallback_probe)[: self.probe_size]
-                self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
-            if self.probe is not None and self.probe_size:
-                metrics["boundary_distance_median"] = self.probe_distance(pl_module)
+        if stage != "train" and self.probe is None and getattr(self, "_fallback_probe", None):
+            probe = torch.cat(self._fallback_probe)[: self.probe_size]
+            self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
+        if stage != "train" and self.probe is not None and self.probe_size:
+            metrics["boundary_distance_median"] = self.probe_distance(pl_module)
         for name, value in metrics.items():
             pl_module.log(f"{self.prefix}{short}/{name}", float(value), on_epoch=True, sync_dist=True)
         self.history.append({"epoch": trainer.current_epoch, "stage": short, **metrics})
@@ -326,13 +327,28 @@ class RegionMonitor(Callback):
         return out
 
     def probe_distance(self, pl_module: nn.Module) -> float:
-        """Median exact boundary distance of the probe (see :func:`relu_regions.training.boundary_distances`)."""
+        """Median exact boundary distance (Euclidean) of the probe inputs to their regions' boundaries.
+
+        Uses :func:`relu_regions.geometry.boundary_distance` (every inequality of the region: ReLU-like units,
+        clamps, max-pool argmax comparisons), restricted to the layers that define a region here; inputs whose
+        region has no boundary (``inf``) are left out of the median.
+        """
         net = self._net(pl_module)
         p = next(net.parameters(), None)
         with torch.inference_mode(False), torch.enable_grad():
             x = self.probe.clone().to(p.device if p is not None else "cpu",
                                       p.dtype if p is not None and p.is_floating_point() else None)
-            d = boundary_distances(net, x, self.layers, logits_at=self.logits_at, strict=self.strict)
+            try:
+                from ..geometry import boundary_distance
+            except ImportError:  # an older tree: ReLU / clamp units only
+                d = boundary_distances(net, x, self.layers, logits_at=self.logits_at, strict=self.strict)
+            else:
+                bd = boundary_distance(net, x, logits_at=self.logits_at, strict=self.strict)
+                if self.layers is None:
+                    d = bd.distance
+                else:
+                    names = select_layers(list(bd.layer_names), self.layers)
+                    d = torch.stack([bd.per_layer[n] for n in names]).amin(0)
         d = d[torch.isfinite(d)]
         return float(d.median()) if d.numel() else math.inf
 
@@ -351,14 +367,14 @@ class RegionMonitor(Callback):
         with torch.inference_mode(False), torch.enable_grad(), preserved(net):
             p = next(net.parameters(), None)
             x = self.probe.clone().to(p.device if p is not None else "cpu")
-            result = compare(net, x, **self.compare_kwargs)
+            result = compare(net, x, **{"progress": False, **self.compare_kwargs})
         self.comparisons.append((trainer.current_epoch, short, result))
         table = _as_frame(result)
         if table is not None:
             for _, row in table.iterrows():
                 method = str(row.iloc[0])
                 for col, v in row.iloc[1:].items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)):
                         pl_module.log(f"{self.prefix}{short}/compare/{method}/{col}", float(v), sync_dist=True)
             log_dir = getattr(trainer, "log_dir", None)
             if log_dir and trainer.is_global_zero:
