@@ -257,20 +257,37 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     x = x.detach()
     b = x.shape[0]
     n_inputs = int(x[0].numel())
+    parts = []
     with preserved(model, eval_mode=True):
-        probe_out, _ = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
-        n_outputs = probe_out.reshape(1, -1).shape[1]
-        sel_all = resolve_target(target, b, n_outputs, x.device)
-        route = choose_method(method, 1 if sel_all is not None else n_outputs, n_inputs)
-        size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
-        parts = []
-        it = list(_chunks(b, size))
-        if progress:
-            from tqdm.auto import tqdm
+        sel_all = route = size = None
+        start, bar = 0, None
+        while start < b:
+            # the first chunk's recorded output fixes K, the target indices, the route and the chunk size
+            stop = min(b, start + (size or chunk_size or 256))
+            xs = x[start:stop]
+            with torch.no_grad():
+                out, patterns = run_recorded(model, xs, strict=strict, logits_at=logits_at)
+            out = _flat_out(out, xs.shape[0])
+            if route is None:
+                n_outputs = out.shape[1]
+                sel_all = resolve_target(target, b, n_outputs, x.device)
+                route = choose_method(method, 1 if sel_all is not None else n_outputs, n_inputs)
+                size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
+                if stop - start > size:  # first pass recorded more than one chunk: keep only its first chunk
+                    stop = start + size
+                    xs, out = x[start:stop], out[:size]
+                    patterns = [p.batch(slice(0, size)) for p in patterns]
+                if progress and b > size:
+                    from tqdm.auto import tqdm
 
-            it = tqdm(it, desc=f"affine_map ({route})", unit="chunk")
-        for sl in it:
-            parts.append(_one_chunk(model, x[sl], None if sel_all is None else sel_all[sl], route, logits_at, strict))
+                    bar = tqdm(total=b, desc=f"affine_map ({route})", unit="sample")
+            sel = None if sel_all is None else sel_all[start:stop]
+            parts.append(_one_chunk(model, xs, out, patterns, sel, route, logits_at, strict))
+            if bar is not None:
+                bar.update(stop - start)
+            start = stop
+        if bar is not None:
+            bar.close()
     cat = [torch.cat(p) for p in zip(*[p[:5] for p in parts])]
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, packed=cat[3], n_boundary=cat[4],
                      method=route, layer_names=parts[0][5])
@@ -279,10 +296,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     return amap
 
 
-def _one_chunk(model, x, sel, route, logits_at, strict):
-    with torch.no_grad():
-        out, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
-    out = _flat_out(out, x.shape[0])
+def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):
     a, d = _ROUTES[route](model, patterns, x, sel, out.shape[1], strict=strict, logits_at=logits_at)
     if sel is not None:
         out = out.gather(1, sel[:, None])

@@ -374,7 +374,7 @@ class Recording:
         return out
 
     def packed(self, layers: LayerSelection = None) -> Tensor:
-        """Exact bit-packed patterns, ``(B, n_words)`` int64 (63 bits per word), on the patterns' device."""
+        """Exact bit-packed patterns, ``(B, n_words)`` int64 (64 bits per word), on the patterns' device."""
         pats = self.patterns(layers)
         return pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
 
