@@ -578,6 +578,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+_METHOD_ALIASES = {"ig": "IntegratedGradients", "ixg": "InputXGradient", "shap": "KernelShap",
+                   "kernel_shap": "KernelShap", "kernelshap": "KernelShap", "gradient_shap": "GradientShap",
+                   "deeplift": "DeepLift", "lime": "Lime", "lrp": "LRP", "saliency": "Saliency", "re3": "Re3",
+                   "input_x_gradient": "InputXGradient", "integrated_gradients": "IntegratedGradients"}
+
+
+def _method_names(spec: str, known: Sequence[str]) -> list[str]:
+    """Case-insensitive method names with short aliases (ig, shap, lrp, ...)."""
+    by_lower = {k.lower(): k for k in known}
+    out = []
+    for raw in spec.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        key = name.lower()
+        canon = by_lower.get(key) or _METHOD_ALIASES.get(key)
+        if canon is None or (known and canon not in known):
+            raise CLIError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} "
+                           "(aliases: ig, shap, lrp, ...)")
+        out.append(canon)
+    return out
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
         compare = importlib.import_module("relu_regions.compare")
@@ -595,9 +618,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     X = data.X[:n]
     with torch.no_grad():
         target = model(X).argmax(1)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    kwargs = {"methods": methods} if methods else {}
-    result = compare.compare(model, X, target=target, **kwargs)
+    methods = _method_names(args.methods, getattr(compare, "ALL_METHODS", ())) if args.methods else None
+    kwargs: dict[str, Any] = {"methods": methods} if methods else {}
+    if args.quick:
+        kwargs.update(n_seeds=2, ig_steps=8, n_steps=5, infidelity_samples=2)
+    result = compare.compare(model, X, target=target, progress=not args.no_progress, **kwargs)
     table = result.to_markdown() if hasattr(result, "to_markdown") else str(result)
     print(table)
     if args.out:
@@ -626,7 +651,7 @@ examples:
   relu-regions demo                              # train a small CNN on 8x8 digits, write ./relu_regions_report/
   relu-regions analyze --model lenet.pt --class relu_regions.models:LeNet --data mnist --limit 2000
   relu-regions analyze --model net.pt2 --data data.npz --out my_report
-  relu-regions compare --methods re3,ig,kernel_shap
+  relu-regions compare --methods ig,deeplift,kernel_shap --samples 16
 
 Errors you can fix (bad arguments, missing files, unsupported layers, data that does not fit the model) print one
 line on stderr and exit with status 2; a report directory is written only when complete.

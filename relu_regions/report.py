@@ -38,7 +38,10 @@ from .state import preserved
 
 Tensor = torch.Tensor
 
-__all__ = ["Figure", "Report", "Section", "build_report", "write_atomically", "REPORT_MARKER"]
+__all__ = ["OPTIONAL_SECTIONS", "REPORT_MARKER", "Figure", "Report", "Section", "build_report", "write_atomically"]
+
+#: Optional report sections (see ``build_report(include=...)``).
+OPTIONAL_SECTIONS = ("regionstats", "re3", "compare", "validity", "sankey")
 
 #: File written into every report directory; :meth:`Report.write` only replaces directories that carry it.
 REPORT_MARKER = ".relu_regions_report"
@@ -493,16 +496,26 @@ def re3_contributions(model: nn.Module, X: Tensor, target: Tensor, batch_size: i
     """
     from .affine import affine_map
 
+    try:
+        contributions = _optional("attributions", "contributions")
+    except ImportError:
+        contributions = None
     parts, biases, res = [], [], 0.0
     for sl in _bar(list(_batches(X.shape[0], batch_size)), "Re3 contributions", progress):
-        amap = affine_map(model, X[sl], target=target[sl], logits_at=logits_at)
-        a = amap.A[:, 0]
-        c = a * X[sl].to(a.dtype)
+        if contributions is not None:
+            c_ = contributions(model, X[sl], target=target[sl], level="logit", logits_at=logits_at)
+            c, bias, out = c_.values, c_.offset, c_.output
+        else:
+            amap = affine_map(model, X[sl], target=target[sl], logits_at=logits_at)
+            c = amap.A[:, 0] * X[sl].to(amap.A.dtype)
+            bias, out = amap.d[:, 0], amap.output[:, 0]
         parts.append(c.detach())
-        biases.append(amap.d[:, 0].detach())
-        total = c.reshape(c.shape[0], -1).sum(1) + amap.d[:, 0]
-        res = max(res, float((total - amap.output[:, 0]).abs().max()))
-    return torch.cat(parts), torch.cat(biases), res, "engine affine_map: A[target] ⊙ x"
+        biases.append(bias.detach())
+        total = c.reshape(c.shape[0], -1).sum(1) + bias
+        res = max(res, float((total - out).abs().max()))
+    source = ("relu_regions.attributions.contributions (logit level, zero baseline)" if contributions is not None
+              else "engine affine_map: A[target] ⊙ x")
+    return torch.cat(parts), torch.cat(biases), res, source
 
 
 def _image_like(X: Tensor) -> bool:
@@ -567,7 +580,8 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
                  class_names: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
                  meta: dict[str, Any] | None = None, n_explain: int | None = None,
                  compare_samples: int = 32, validity_samples: int = 32, seed: int = 0,
-                 logits_at: str | None = None, progress: bool = False, quick: bool = False) -> Report:
+                 logits_at: str | None = None, progress: bool = False, quick: bool = False,
+                 include: Sequence[str] | None = None) -> Report:
     """Analyse ``model`` on ``(X, y)`` and assemble the report.
 
     Parameters
@@ -594,6 +608,10 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
         Show tqdm progress bars.
     quick : bool
         Smaller subsets everywhere (for tests).
+    include : sequence of str, optional
+        Optional sections to build, from :data:`OPTIONAL_SECTIONS` (default all): ``"regionstats"``, ``"re3"``,
+        ``"compare"``, ``"validity"``, ``"sankey"``. Sections left out are listed as "not available: not
+        requested".
 
     Returns
     -------
@@ -606,6 +624,10 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels")
     gen = torch.Generator().manual_seed(seed)
+    wanted = set(OPTIONAL_SECTIONS if include is None else include)
+    unknown = wanted - set(OPTIONAL_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {OPTIONAL_SECTIONS}")
     if quick:
         compare_samples, validity_samples = min(compare_samples, 8), min(validity_samples, 8)
 
@@ -647,14 +669,23 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
             " convention (active iff > 0, first maximum) is used."],
             tables=[("regions per granularity", rows)])
         sec.figures.append(_region_size_figure(inverse, "region_sizes"))
-        sec.text.extend(_regionstats_text(patterns, y.cpu(), y_pred, k))
         sections.append(sec)
+        try:
+            if "regionstats" not in wanted:
+                raise NotImplementedError("not requested")
+            overview, figs, notes = _regionstats_section_parts(model, patterns, groups, y.cpu(), y_pred, k, X, names,
+                                                               feature_names, progress, logits_at)
+            sections.append(Section("Region statistics (RegionStats)", text=[
+                "From relu_regions.RegionStats (hashed 64-bit region keys; 'mean_purity' is the unweighted mean"
+                " over regions, 'confused_share' the share of regions with purity below 0.7, coverage as in Re3:"
+                " samples of each class in that class's top-1 / top-C regions).", *notes],
+                tables=[("overview", overview)], figures=figs))
+        except (ImportError, NotImplementedError, AttributeError, TypeError, ValueError, RuntimeError) as e:
+            sections.append(Section.missing("Region statistics (RegionStats)", _reason(e)))
     else:
         inverse = {}
         sections.append(Section("Activation regions", text=["The model has no piecewise-linear unit: it is affine,"
                                                              " one region."]))
-
-    sections.append(_safe("Region plots", lambda: _plots_section(patterns, y.cpu(), y_pred, k, names)))
 
     # -- Re3 contributions -----------------------------------------------------------------------------------
     n_exp = X.shape[0] if n_explain is None else min(n_explain, X.shape[0])
@@ -662,26 +693,34 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
         n_exp = min(n_exp, 200)
     idx = torch.randperm(X.shape[0], generator=gen)[:n_exp].sort().values
     re3 = _safe("Re3 contributions (exact)", lambda: _re3_section(model, X[idx], y[idx], names, feature_names,
-                                                                  progress, logits_at, results))
+                                                                  progress, logits_at, results), "re3" in wanted)
     sections.append(re3)
 
     # -- attribution comparison, validity, Sankey --------------------------------------------------------------
     sub = torch.randperm(X.shape[0], generator=gen)
-    sections.append(_safe("Attribution comparison", lambda: _compare_section(model, X[sub[:compare_samples]],
-                                                                              y_pred[sub[:compare_samples]], seed,
-                                                                              results)))
+    cs, vs = sub[:compare_samples], sub[:validity_samples]
+    if logits_at is None:  # the Captum peers explain the model's output, which must be the logits
+        sections.append(_safe("Attribution comparison", lambda: _compare_section(
+            model, X[cs], y_pred[cs].to(X.device), seed, results, quick=quick, progress=progress),
+            "compare" in wanted))
+    else:
+        sections.append(Section.missing("Attribution comparison", "the Captum peers need a model that outputs its"
+                                                                  " logits (logits_at is set)"))
     sections.append(_safe("Validity and boundary distances", lambda: _validity_section(
-        model, X[sub[:validity_samples]], y_pred[sub[:validity_samples]], seed, results)))
+        model, X[vs], y_pred[vs], seed, results, logits_at=logits_at, kinds={p.name: p.kind for p in patterns}),
+        "validity" in wanted))
     sections.append(_safe("One sample's path through the regions (Sankey)", lambda: _sankey_section(
-        model, X, y_pred, int(sub[0]), names, results)))
+        model, X, y_pred, int(sub[0]), names, results, feature_names), "sankey" in wanted))
 
     results["seconds"] = time.perf_counter() - t0
     header["analysis time"] = f"{results['seconds']:.1f} s"
     return Report(title=title, meta=header, sections=sections, results=results)
 
 
-def _safe(title: str, fn: Callable[[], Section]) -> Section:
+def _safe(title: str, fn: Callable[[], Section], wanted: bool = True) -> Section:
     """Build an optional section; a missing or failing optional piece yields 'not available: <reason>'."""
+    if not wanted:
+        return Section.missing(title, "not requested")
     try:
         sec = fn()
     except (ImportError, NotImplementedError, AttributeError, TypeError, ValueError, RuntimeError) as e:
@@ -690,27 +729,51 @@ def _safe(title: str, fn: Callable[[], Section]) -> Section:
     return sec
 
 
-def _regionstats_text(patterns, y_true, y_pred, k) -> list[str]:
-    """Cross-check with RegionStats (issue 4) when it is installed: same full-network region count."""
-    try:
-        RegionStats = _optional("regions", "RegionStats")
-    except ImportError:
-        return []
-    try:
-        from .keys import pack_patterns, region_keys
+def _regionstats_section_parts(model, patterns, groups, y_true, y_pred, k, X, names, feature_names, progress,
+                               logits_at):
+    """RegionStats (relu_regions.regions) overview table and the region plots (relu_regions.plots)."""
+    RegionStats = _optional("regions", "RegionStats")
+    from .keys import pack_patterns, region_keys
 
-        keys = region_keys(pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns]))
-        st = RegionStats(k)
-        st.update(keys, y_true, y_pred)
-        return [f"RegionStats cross-check: {st.n_regions()} regions (hashed keys), mean purity "
-                f"{st.mean_purity():.4f}, top-1 coverage {st.coverage(1):.4f}."]
+    by_name = {p.name: p for p in patterns}
+    keys = {}
+    for gname, layers in groups.items():
+        pats = [by_name[n] for n in layers]
+        keys["full" if gname == "full network" else gname] = region_keys(
+            pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats]))
+    tabular = not _image_like(X[0:1]) and X[0].numel() <= 64
+    st = RegionStats(k, granularities={g: groups[g if g != "full" else "full network"] for g in keys if g != "full"},
+                     keep_contributions=tabular)
+    contributions = None
+    if tabular:  # per-region mean contributions A_r[c] ⊙ x for every class c (small inputs only)
+        from .affine import affine_map
+
+        parts = []
+        for sl in _bar(list(_batches(X.shape[0], 256)), "contributions (all classes)", progress):
+            amap = affine_map(model, X[sl], logits_at=logits_at)
+            parts.append((amap.A * X[sl].unsqueeze(1).to(amap.A.dtype)).detach())
+        contributions = torch.cat(parts)
+    st.update(keys, y_true, y_pred, contributions=contributions)
+    overview = st.summary()["overview"]
+    figs: list[Figure] = []
+    notes: list[str] = []
+    try:
+        plots = _optional("plots")
+        figs.append(_as_figure(plots.region_sizes(st, class_names=names), "regionstats_sizes",
+                               "Largest regions (full network), stacked by true class (Re3 Fig. 2a)."))
+        if "head only" in keys:
+            figs.append(_as_figure(plots.region_sizes(st, "head only", class_names=names), "regionstats_sizes_head",
+                                   "Largest regions of the MLP head alone, stacked by true class."))
+        if tabular:
+            for c in range(min(k, 3)):
+                figs.append(_as_figure(plots.importance_heatmap(st, cls=c, feature_names=feature_names),
+                                       f"region_importance_class{c}",
+                                       f"Mean contribution to class {names[c]} per region (Re3 Fig. 2b)."))
+    except ImportError as e:
+        notes.append(f"region plots not available: {_reason(e)}")
     except Exception as e:  # a sibling module's bug must not break the report
-        return [f"RegionStats cross-check not available: {_reason(e)}"]
-
-
-def _plots_section(patterns, y_true, y_pred, k, names) -> Section:
-    plots = _optional("plots")
-    raise NotImplementedError(f"report integration of {plots.__name__} pending")
+        notes.append(f"region plots not available: {_reason(e)}")
+    return overview, [f for f in figs if f is not None], notes
 
 
 def _re3_section(model, X, y, names, feature_names, progress, logits_at, results) -> Section:
@@ -745,16 +808,173 @@ def _re3_section(model, X, y, names, feature_names, progress, logits_at, results
     return sec
 
 
-def _compare_section(model, X, target, seed, results) -> Section:
+_COMPARE_COLUMNS = ["method", "time_per_sample_s", "time_vs_re3", "ndcg@k", "spearman", "t_top_vs_bottom",
+                    "p_top_vs_bottom", "stab_spearman", "top1_changes", "deletion_auc", "insertion_auc", "infidelity"]
+
+
+def _compare_section(model, X, target, seed, results, quick=False, progress=False) -> Section:
     compare = _optional("compare", "compare")
-    raise NotImplementedError(f"report integration of {compare.__module__} pending")
+    if quick:
+        methods = ["InputXGradient", "IntegratedGradients"]
+        opts = {"n_seeds": 2, "ig_steps": 8, "n_steps": 5, "infidelity_samples": 2}
+    else:
+        methods = ["Saliency", "InputXGradient", "IntegratedGradients", "DeepLift", "LRP", "GradientShap",
+                   "KernelShap"]
+        opts = {"n_seeds": 2}
+    if X.dim() == 4 and X[0].numel() > 256:
+        opts["superpixel"] = 4  # KernelShap on superpixels for large images, as usual
+    torch.manual_seed(seed)
+    result = compare(model, X, target=target, methods=methods, progress=progress, **opts)
+    table = result.table
+    cols = [c for c in _COMPARE_COLUMNS if c in table.columns]
+    results["compare"] = table[cols].to_dict("records")
+    sec = Section("", text=[
+        f"Re3 (exact) against Captum methods on {X.shape[0]} samples, explaining the predicted class "
+        "(relu_regions.compare). Times are wall-clock per sample measured in this run (estimates of cost, not"
+        " exact); ndcg@k / spearman: agreement of global feature rankings with Re3; t_top_vs_bottom: paired t of"
+        " |Δ logit| when removing each method's top-k vs bottom-k features; stab_spearman / top1_changes: run-to-run"
+        " stability over seeds; deletion (lower better) / insertion (higher better) AUCs of the target probability;"
+        " infidelity: Captum's metric."], tables=[("attribution comparison", table[cols])])
+    for name, why in result.skipped.items():
+        sec.text.append(f"{name} skipped: {why}")
+    try:
+        fig = _as_figure(result.plot(), "attribution_comparison", "Time relative to Re3, agreement with Re3, and"
+                                                                  " deletion/insertion curves.")
+        if fig is not None:
+            sec.figures.append(fig)
+    except Exception as e:  # the plot is optional
+        sec.text.append(f"comparison plot not available: {_reason(e)}")
+    return sec
 
 
-def _validity_section(model, X, target, seed, results) -> Section:
+def _validity_section(model, X, target, seed, results, logits_at=None, kinds=None) -> Section:
     geometry = _optional("geometry")
-    raise NotImplementedError(f"report integration of {geometry.__name__} pending")
+    bd = geometry.boundary_distance(model, X, p=2, method="exact", logits_at=logits_at)
+    exact = bd.distance
+    rows, dists = [], {"exact": exact}
+    notes = []
+    pool = [n for n in bd.layer_names if (kinds or {}).get(n) == "maxpool"]
+    if pool:
+        relu_layers = [n for n in bd.layer_names if n not in pool]
+        on_tie = int((torch.stack([bd.per_layer[n] for n in pool]).min(0).values == 0).sum())
+        if relu_layers:
+            dists["exact, unit inequalities only"] = torch.stack([bd.per_layer[n] for n in relu_layers]).min(0).values
+        notes.append(f"{on_tie} of {X.shape[0]} samples lie exactly on a max-pool tie (equal maxima in a window,"
+                     " typical for a constant image background): their exact distance is 0, since an arbitrarily"
+                     " small perturbation switches the argmax. 'unit inequalities only' ignores the max-pool"
+                     " argmax comparisons (distance to the nearest ReLU/clamp hyperplane).")
+    try:
+        dists["Re3 paper (per-layer)"] = geometry.boundary_distance(model, X, p=2, method="re3",
+                                                                   logits_at=logits_at).distance
+    except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+        results["re3_distance_error"] = _reason(e)
+    for name, d in dists.items():
+        eps = geometry.validity_epsilons(d)
+        fin = d[torch.isfinite(d)]
+        rows.append({"distance": name, "samples": int(d.numel()),
+                     "median": float(fin.median()) if fin.numel() else float("nan"),
+                     "min": float(fin.min()) if fin.numel() else float("nan"), **eps})
+    results["validity"] = rows
+    sec = Section("", text=[
+        f"Exact l2 distance from each of {X.shape[0]} samples to the boundary of its activation region "
+        "(relu_regions.geometry.boundary_distance: min over the region's inequalities of margin / gradient norm),"
+        " and the Re3 paper's per-layer estimate for comparison. The validity curve is the share of explanations"
+        " that stay exact under every perturbation of norm ε; ε90/ε75/ε50 are exact order statistics.", *notes],
+        tables=[("boundary distances (l2) and validity radii", rows)])
+    try:
+        plots = _optional("plots")
+        fig = _as_figure(plots.validity(dists), "validity", "Validity curve (left) and distance violins (right).")
+    except ImportError:
+        fig = _validity_fallback(geometry, dists)
+    if fig is not None:
+        sec.figures.append(fig)
+    return sec
 
 
-def _sankey_section(model, X, y_pred, i, names, results) -> Section:
+def _validity_fallback(geometry, dists) -> Figure:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, d in dists.items():
+        e, v = geometry.validity_curve(d)
+        a1.plot(e.numpy(), v.numpy(), label=name)
+    a1.set_xlabel("ε")
+    a1.set_ylabel("share valid")
+    a1.legend(fontsize=8)
+    data = [d[torch.isfinite(d)].double().cpu().numpy() for d in dists.values()]
+    a2.violinplot(data, showmedians=True)
+    a2.set_xticks(range(1, len(dists) + 1))
+    a2.set_xticklabels(list(dists))
+    a2.set_ylabel("distance to region boundary")
+    fig.tight_layout()
+    return Figure("validity", _png(fig), "Validity curve (left) and distance violins (right).")
+
+
+def _plotly_inline(fig) -> str:
+    """The plotly figure as an inline HTML fragment with plotly.js embedded (no CDN, works offline)."""
+    return fig.to_html(full_html=False, include_plotlyjs=True, config={"displaylogo": False})
+
+
+def _sankey_static(flows: dict[str, Any], title: str) -> Figure:
+    """A static rendering of the pathway flows (input features → units → class) with matplotlib."""
+    plt = _plt()
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MPath
+
+    nodes = flows["nodes"]
+    n = len(nodes)
+    col = np.zeros(n, dtype=int)
+    for s_, t_ in zip(flows["source"], flows["target"]):
+        col[t_] = max(col[t_], col[s_] + 1)
+    ncol = col.max() + 1
+    ys = np.zeros(n)
+    for c in range(ncol):
+        idx = np.flatnonzero(col == c)
+        ys[idx] = np.linspace(0, 1, len(idx) + 2)[1:-1][::-1]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    vmax = max(flows["value"]) if flows["value"] else 1.0
+    for s_, t_, v in zip(flows["source"], flows["target"], flows["value"]):
+        x0, x1 = col[s_] / max(ncol - 1, 1), col[t_] / max(ncol - 1, 1)
+        verts = [(x0, ys[s_]), ((x0 + x1) / 2, ys[s_]), ((x0 + x1) / 2, ys[t_]), (x1, ys[t_])]
+        path = MPath(verts, [MPath.MOVETO, MPath.CURVE4, MPath.CURVE4, MPath.CURVE4])
+        ax.add_patch(PathPatch(path, fc="none", ec="tab:blue", alpha=0.45, lw=0.5 + 10 * v / vmax))
+    for i, name in enumerate(nodes):
+        x = col[i] / max(ncol - 1, 1)
+        ax.plot([x], [ys[i]], "s", color="k", ms=5)
+        ax.annotate(name, (x, ys[i]), xytext=(4 if col[i] < ncol - 1 else -4, 3), textcoords="offset points",
+                    ha="left" if col[i] < ncol - 1 else "right", fontsize=8)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    return Figure("sankey", _png(fig), "Static rendering of the same flows (line width ∝ flow).")
+
+
+def _sankey_section(model, X, y_pred, i, names, results, feature_names=None) -> Section:
     plots = _optional("plots")
-    raise NotImplementedError(f"report integration of {plots.__name__} pending")
+    x = X[i:i + 1]
+    target = int(y_pred[i])
+    flat_names = list(feature_names) if feature_names is not None and len(feature_names) == x[0].numel() else None
+    if flat_names is None and X.dim() == 4:
+        _, c, h, w = X.shape
+        flat_names = [f"px({r},{q})" if c == 1 else f"c{ch}({r},{q})" for ch in range(c) for r in range(h)
+                      for q in range(w)]
+    flows = plots.pathway_flows(model, x, target=target, feature_names=flat_names)
+    results["sankey_sample"] = i
+    title = f"sample {i}: predicted {names[target] if target < len(names) else target}"
+    sec = Section("", text=[
+        f"Decision pathway of {title}: the input features feeding the most active units of the first"
+        " piecewise-linear layer, and those units feeding the predicted class (relu_regions.plots.pathway_flows;"
+        " input→unit flows are exact |∂z/∂x · x| in the sample's region; unit→class flows are activations)."])
+    try:
+        import plotly  # noqa: F401
+
+        fig = plots.sankey(model, x, target=target, feature_names=flat_names)
+        fig.update_layout(title=title, height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        sec.html_fragments.append(_plotly_inline(fig))
+    except ImportError:
+        sec.text.append("plotly is not installed: only the static rendering is shown.")
+    sec.figures.append(_sankey_static(flows, title))
+    top = sorted(zip(flows["source"], flows["target"], flows["value"]), key=lambda t: -t[2])[:10]
+    sec.tables.append(("largest flows", [{"from": flows["nodes"][a], "to": flows["nodes"][b], "flow": round(v, 4)}
+                                         for a, b, v in top]))
+    return sec

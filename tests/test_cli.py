@@ -222,3 +222,16 @@ def test_image_folder(tmp_path, capsys):
     assert data.class_names == ["cat", "dog"]
     with Image.open(tmp_path / "imgs" / "dog" / "2.png") as im:
         assert np.allclose(data.X[5, 0].numpy(), np.asarray(im) / 255.0)
+
+
+def test_compare_command(capsys, tmp_path):
+    pytest.importorskip("captum")
+    pytest.importorskip("relu_regions.compare")
+    out = tmp_path / "cmp.md"
+    code, stdout, err = run(["compare", "--quick", "--methods", "ixg,ig", "--samples", "6", "--out", str(out)],
+                            capsys)
+    assert code == 0, err
+    table = out.read_text()
+    assert "| Re3 |" in table and "| InputXGradient |" in table and "| IntegratedGradients |" in table
+    code, _, err = run(["compare", "--quick", "--methods", "nonsense"], capsys)
+    assert_one_line_error(code, err, "unknown method")

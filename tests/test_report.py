@@ -122,12 +122,12 @@ def test_html_is_self_contained(mlp_report, tmp_path):
 def test_tabular_report_has_bars_and_image_report_has_heatmaps():
     torch.manual_seed(0)
     X, y = _tabular()
-    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True, include=["re3"])
     names = [f.name for f in r.section("Re3 contributions (exact)").figures]
     assert names == ["re3_class_bars"]
     Xi = torch.rand(30, 1, 8, 8)
     yi = torch.arange(30) % 10
-    r2 = rep.build_report(SmallCNN(), Xi, yi, quick=True)
+    r2 = rep.build_report(SmallCNN(), Xi, yi, quick=True, include=["re3"])
     names2 = [f.name for f in r2.section("Re3 contributions (exact)").figures]
     assert "re3_class_heatmaps" in names2
     assert r2.results["re3_residual"] < 1e-3
@@ -143,7 +143,7 @@ def test_model_state_is_preserved():
     model[0].weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     X, y = _tabular()
-    rep.build_report(model, X, y, quick=True)
+    rep.build_report(model, X, y, quick=True, include=["re3", "validity"])
     assert model.training and all(m.training for m in model.modules())
     assert not model[0].weight.requires_grad and model[3].weight.requires_grad
     for k, v in model.state_dict().items():
@@ -156,10 +156,12 @@ def test_missing_piece_gives_not_available(monkeypatch):
 
     monkeypatch.setattr(rep, "_optional", boom)
     X, y = _tabular()
-    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True, include=["compare", "validity", "regionstats"])
     missing = [s for s in r.sections if not s.available]
     assert {s.title for s in missing} >= {"Attribution comparison", "Validity and boundary distances"}
-    assert all("missing" in s.reason for s in missing)
+    assert all("missing" in s.reason or s.reason == "not requested" for s in missing)
+    with pytest.raises(ValueError, match="unknown section"):
+        rep.build_report(mlp(5, [6], 3), X, y, include=["nope"])
     html_page = r.to_html()
     assert "not available: relu_regions." in html_page
     assert "*not available: relu_regions." in r.to_markdown()
@@ -167,7 +169,7 @@ def test_missing_piece_gives_not_available(monkeypatch):
 
 def test_write_is_atomic_and_refuses_foreign_directories(tmp_path, monkeypatch):
     X, y = _tabular()
-    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True)
+    r = rep.build_report(mlp(5, [6], 3), X, y, quick=True, include=[])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
@@ -210,3 +212,25 @@ def test_renders_in_headless_chromium(mlp_report, tmp_path):
     assert img.shape == (1600, 1100)
     assert img.std() > 5  # something was drawn (text, tables, figures), not a blank page
     Path(out / "screenshot.png").write_bytes(shot.read_bytes())
+
+
+def test_optional_sections_when_their_modules_are_present(mlp_report):
+    *_, report = mlp_report
+    pytest.importorskip("captum")
+    for module, title in (("compare", "Attribution comparison"), ("geometry", "Validity and boundary distances"),
+                          ("plots", "One sample's path through the regions (Sankey)"),
+                          ("regions", "Region statistics (RegionStats)")):
+        try:
+            __import__(f"relu_regions.{module}")
+        except ImportError:
+            continue
+        sec = report.section(title)
+        assert sec.available, f"{title}: {sec.reason}"
+    if "compare" in report.results:
+        rows = {r["method"]: r for r in report.results["compare"]}
+        # known identity: in a ReLU network grad = A[t], so InputXGradient equals Re3 (zero baseline) exactly
+        assert rows["InputXGradient"]["spearman"] == pytest.approx(1.0)
+        assert rows["Re3"]["time_vs_re3"] == pytest.approx(1.0)
+    if "validity" in report.results:
+        exact = report.results["validity"][0]
+        assert exact["distance"] == "exact" and exact["eps90"] <= exact["eps50"]
