@@ -131,6 +131,7 @@ class _Session:
         self.types = {n: type(m).__name__ for n, m in model.named_modules()}
         self.tainted: dict[int, weakref.ref] = {}
         self.count_boundary = True
+        self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
 
     # -- passes ---------------------------------------------------------------------------------------------
     def begin_pass(self, inputs: tuple) -> None:
@@ -200,7 +201,7 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         s = self.s
-        if s.current is None:  # ops outside the model's forward (or after logits_at) are not ours
+        if s.current is None or s.suspended:  # outside the model's forward, after logits_at, or a nested session
             return func(*args, **kwargs)
         rules = _RULES.get(func)
         if rules is not None and s.is_tainted(args[0] if args else None):
@@ -269,6 +270,9 @@ _UNIT_MODULES = {"ReLU", "LeakyReLU", "PReLU", "ReLU6", "Hardtanh", "MaxPool1d",
                  "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"}
 
 
+_ACTIVE: list[_Session] = []  # open sessions, innermost last: only the innermost one records
+
+
 @contextmanager
 def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPattern] | None = None,
              observe: Callable[[LayerPattern, Tensor], None] | None = None,
@@ -286,6 +290,8 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
                              f"known paths: {', '.join(n for n in mods if n)[:400]}")
 
         def stop(module, inputs, output):
+            if s.suspended:
+                return
             if stop_at_logits:
                 raise _StopForward(output)
             if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
@@ -294,22 +300,31 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         handles.append(mods[logits_at].register_forward_hook(stop))
 
     def root_pre(module, inputs):
+        if s.suspended:
+            return
         if s.depth == 0:
             s.begin_pass(inputs)
         s.depth += 1
 
     def root_post(module, inputs, output):
+        if s.suspended:
+            return
         s.depth -= 1
         if s.depth == 0:
             s.end_pass()
 
     def pre(module, inputs):
-        s.stack.append(s.unique_module(module))
+        if not s.suspended:
+            s.stack.append(s.unique_module(module))
 
     def post(module, inputs, output):
-        if s.stack:
+        if s.stack and not s.suspended:
             s.stack.pop()
 
+    outer = list(_ACTIVE)
+    for o in outer:
+        o.suspended += 1
+    _ACTIVE.append(s)
     try:
         handles.append(model.register_forward_pre_hook(root_pre))
         for m in model.modules():
@@ -321,6 +336,9 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     finally:
         for h in handles:
             h.remove()
+        _ACTIVE.remove(s)
+        for o in outer:
+            o.suspended -= 1
 
 
 class Recording:

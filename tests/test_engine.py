@@ -410,3 +410,16 @@ def test_cuda_matches_cpu():
     cpu = rr.affine_map(m, x)
     gpu = rr.affine_map(copy.deepcopy(m).cuda(), x.cuda())
     assert torch.allclose(gpu.A.cpu(), cpu.A, atol=1e-5) and torch.equal(gpu.region_ids.cpu(), cpu.region_ids)
+
+
+def test_affine_map_inside_an_open_recording_does_not_leak_into_it():
+    m, shape = _model("lenet")
+    x = _inputs(shape)
+    with rr.record(m) as rec:
+        with torch.no_grad():
+            m(x)
+        am = rr.affine_map(m, x)
+        with torch.no_grad():
+            m(x[:2])
+    assert len(rec.passes) == 2 and len(rec) == len(x) + 2
+    assert torch.equal(rec.region_ids()[: len(x)], am.region_ids)
