@@ -46,6 +46,9 @@ class Lit(pl.LightningModule):
 
     def test_step(self, batch, i):
         x, y = self._xy(batch)
+        if getattr(self, "fail", False):
+            self(x)
+            raise RuntimeError("user step failed")
         self.log("test_loss", F.cross_entropy(self.net(x) if self.direct else self(x), y))
 
     def configure_optimizers(self):
@@ -143,6 +146,12 @@ def test_labels_from_dict_batches_user_function_and_clear_errors():
     assert mon3.stats["test"].n_regions() == ref.n_regions()
     with pytest.raises(ValueError, match="stages"):
         RegionMonitor(stages=["fit"])
+    failing = Lit()
+    failing.fail = True
+    hooks = _hooks(failing)
+    with pytest.raises(RuntimeError, match="user step failed"):
+        trainer([RegionMonitor(3)]).test(failing, loader(ds))
+    assert _hooks(failing) == hooks  # on_exception removed the recording hooks
 
 
 def test_every_n_epochs_and_checkpoint_round_trip(tmp_path):
