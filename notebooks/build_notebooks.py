@@ -30,7 +30,7 @@ from relu_regions.models import SmallCNN
 
 train, test = digits_data(seed=0)           # scikit-learn's 8x8 digits as (N, 1, 8, 8) images in [0, 1]
 model = SmallCNN()
-losses = train_model(model, train.X, train.y, epochs=12, seed=0, progress=False)
+losses = train_model(model, train.X, train.y, epochs=6, lr=5e-3, batch_size=128, seed=0, progress=False)
 with torch.no_grad():
     acc = (model(test.X).argmax(1) == test.y).double().mean().item()
 print(f"held-out accuracy {acc:.4f} on {len(test.y)} images (exact count)")"""
@@ -137,7 +137,7 @@ from relu_regions.datasets import describe_mnist_source, load_mnist
 from relu_regions.models import LeNet, SmallCNN
 
 try:
-    Xtr, ytr = load_mnist("train", limit=3000)
+    Xtr, ytr = load_mnist("train", limit=2000)
     Xte, yte = load_mnist("test", limit=500)
     print("data:", describe_mnist_source("mnist"))
     model = LeNet()
@@ -174,15 +174,15 @@ Timings are measured in this run; agreement is with Re3's exact contributions (s
     ("code", """\
 from relu_regions.compare import compare
 
-res = compare(model, Xte[:8], methods=["IntegratedGradients", "LRP", "KernelShap"], progress=False,
-              n_seeds=2, ig_steps=16, shap_samples=100, superpixel=4, n_steps=8, infidelity_samples=2)
+res = compare(model, Xte[:4], methods=["IntegratedGradients", "LRP", "KernelShap"], progress=False,
+              n_seeds=2, ig_steps=16, shap_samples=60, superpixel=4, n_steps=5, infidelity_samples=2)
 res.table[["method", "time_per_sample_s", "time_vs_re3", "ndcg@k", "spearman", "deletion_auc", "insertion_auc",
            "stab_spearman"]]"""),
     ("md", "## Validity: how far each explanation stays exact (exact distances vs. the Re3 paper's estimate)"),
     ("code", """\
 from relu_regions import geometry, plots
 
-x = Xte[:16]
+x = Xte[:8]
 exact = geometry.boundary_distance(model, x, method="exact")
 re3 = geometry.boundary_distance(model, x, method="re3")
 print("samples exactly on a max-pool tie (distance 0):", int((exact.distance == 0).sum()))
@@ -203,13 +203,14 @@ Captum's metrics."""),
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from relu_regions.integrations.captum import Re3
 
-x, target = test.X[:16], test.y[:16]
+x, target = test.X[:8], test.y[:8]
 methods = {"Re3": Re3(model), "IntegratedGradients": IntegratedGradients(model), "Saliency": Saliency(model)}
 attrs = {name: m.attribute(x, target=target) for name, m in methods.items()}
 re3_attr, delta = Re3(model).attribute(x, target=target, return_convergence_delta=True)
 with torch.no_grad():
     logit = model(x).gather(1, target[:, None])[:, 0]
-print("Re3: max |Σ attributions + delta − logit| =", float((re3_attr.flatten(1).sum(1) + delta - logit).abs().max()))"""),
+err = (re3_attr.flatten(1).sum(1) + delta - logit).abs().max()
+print("Re3: max |Σ attributions + delta − logit| =", float(err))"""),
     ("code", """\
 fig, axes = plt.subplots(len(attrs), 6, figsize=(9, 1.6 * len(attrs)))
 for r, (name, a) in enumerate(attrs.items()):
@@ -220,7 +221,7 @@ for r, (name, a) in enumerate(attrs.items()):
     ("md", "## NoiseTunnel (SmoothGrad) around Re3"),
     ("code", """\
 nt = NoiseTunnel(Re3(model))
-smooth = nt.attribute(x, target=target, nt_type="smoothgrad", nt_samples=8, stdevs=0.05)
+smooth = nt.attribute(x, target=target, nt_type="smoothgrad", nt_samples=4, stdevs=0.05)
 print("SmoothGrad-Re3 shape", tuple(smooth.shape))"""),
     ("md", "## Captum metrics: infidelity and sensitivity"),
     ("code", """\
@@ -234,7 +235,7 @@ torch.manual_seed(0)
 for name, m in methods.items():
     a = m.attribute(x, target=target)
     inf = infidelity(model, perturb, x, a, target=target, n_perturb_samples=4).mean().item()
-    sens = sensitivity_max(m.attribute, x, target=target, n_perturb_samples=4).mean().item()
+    sens = sensitivity_max(m.attribute, x, target=target, n_perturb_samples=2).mean().item()
     print(f"{name:20s} infidelity {inf:.3g}   sensitivity_max {sens:.3g}")"""),
 ]
 
@@ -271,8 +272,8 @@ class Lit(pl.LightningModule):
 
 dl = lambda d, shuffle: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(d.X, d.y), batch_size=64,
                                                     shuffle=shuffle, generator=torch.Generator().manual_seed(0))
-monitor = RegionMonitor(10, module="net", probe_size=32, granularities={"head": slice(-1, None)})
-trainer = pl.Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+monitor = RegionMonitor(10, module="net", probe_size=16, granularities={"head": slice(-1, None)})
+trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
 trainer.fit(Lit(), dl(train, True), dl(test, False))"""),
     ("code", """\
