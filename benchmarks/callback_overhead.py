@@ -73,7 +73,7 @@ def main():
     model = LitCNN()
     variants = {"no callback": lambda: [],
                 "RegionMonitor(probe_size=0)": lambda: [RegionMonitor(10, probe_size=0)],
-                "RegionMonitor() (probe 64, boundary distance)": lambda: [RegionMonitor(10)]}
+                "RegionMonitor() (probe 16, boundary distance)": lambda: [RegionMonitor(10)]}
     times = {k: [] for k in variants}
     epoch_time(model, loader, [], args.device)  # warm-up
     monitor = None

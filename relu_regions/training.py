@@ -302,7 +302,8 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
             # hooks only around the user's forward, one batch at a time
             with track(model, stats, logits_at=logits_at, strict=strict) as tracker:
                 model(x)
-                tracker.update(y, y_pred, contributions=contrib, weights=weights)
+            # the recording outlives the block; computing keys outside it avoids the function mode's overhead
+            tracker.update(y, y_pred, contributions=contrib, weights=weights)
     if stats is None:
         raise ValueError("the data loader yielded no batches")
     return stats

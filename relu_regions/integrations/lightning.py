@@ -83,7 +83,8 @@ class RegionMonitor(Callback):
     probe : Tensor, optional
         Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items.
     probe_size : int
-        Size of the default probe (0 disables the boundary distance).
+        Size of the default probe (0 disables the boundary distance). The exact distance costs about
+        ``probe_size × input features`` forward passes per epoch (see benchmarks/results/callback_overhead.md).
     top : int, optional
         C of the top-C coverage; default ``n_classes``.
     get_labels, label_key, get_inputs
@@ -116,7 +117,7 @@ class RegionMonitor(Callback):
     def __init__(self, n_classes: int | None = None, *, module: str | None = None, layers: LayerSelection = None,
                  granularities: dict[str, LayerSelection] | None = None,
                  stages: Sequence[str] = ("validate", "test"), train_every_n_batches: int | None = None,
-                 every_n_epochs: int = 1, probe: Tensor | None = None, probe_size: int = 64, top: int | None = None,
+                 every_n_epochs: int = 1, probe: Tensor | None = None, probe_size: int = 16, top: int | None = None,
                  get_labels: Callable[[Any], Tensor] | None = None, label_key: str | None = None,
                  get_inputs: Callable[[Any], Tensor] | None = None, logits_at: str | None = None,
                  strict: bool = True, compare: bool = False, compare_every_n_epochs: int | None = None,
@@ -218,21 +219,18 @@ class RegionMonitor(Callback):
     def _end_batch(self, stage: str, batch: Any) -> None:
         if stage not in self._open:
             return
-        cm, tracker = self._open[stage]
-        try:
-            y = self._labels(batch)
-            if not tracker.rec.passes:
-                raise RuntimeError(
-                    f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
-                    f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
-                    "RegionMonitor(module='net')")
-            tracker.stats = self._stats_for(stage, tracker)
-            tracker.update(y.to(tracker.last_output.device) if tracker.last_output is not None else y)
-            if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
-                self._fallback_probe.append(tracker.last_input.cpu())
-        finally:
-            del self._open[stage]
-            cm.__exit__(None, None, None)
+        cm, tracker = self._open.pop(stage)
+        cm.__exit__(None, None, None)  # hooks and the function mode off before the key arithmetic (cheaper)
+        y = self._labels(batch)
+        if not tracker.rec.passes:
+            raise RuntimeError(
+                f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
+                f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
+                "RegionMonitor(module='net')")
+        tracker.stats = self._stats_for(stage, tracker)
+        tracker.update(y.to(tracker.last_output.device) if tracker.last_output is not None else y)
+        if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
+            self._fallback_probe.append(tracker.last_input.cpu())
 
     def _close(self, stage: str | None = None) -> None:
         for s in [stage] if stage else list(self._open):
@@ -422,11 +420,10 @@ class RegionMonitor(Callback):
         net = self._net(pl_module)
         x = self.get_inputs(batch)
         with preserved(net, eval_mode=True), torch.no_grad():
-            cm = track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict)
-            with cm as tracker:
+            with track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict) as tracker:
                 net(x)
-                tracker.stats = self._stats_for("train", tracker)
-                tracker.update(self._labels(batch))
+            tracker.stats = self._stats_for("train", tracker)
+            tracker.update(self._labels(batch))
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._end_epoch(trainer, pl_module, "train")
