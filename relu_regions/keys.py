@@ -58,13 +58,15 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 
 def region_keys(words: Tensor) -> Tensor:
-    """One int64 key per row of packed words (exact when there is a single word)."""
+    """One int64 key per row of packed words (exact when there is a single word).
+
+    Every word is mixed with its position, the mixed words are summed (wrapping) and mixed again: one vectorised
+    pass over all words, no Python loop.
+    """
     if words.shape[1] == 1:
         return words[:, 0].clone()
-    h = torch.full((words.shape[0],), _GOLDEN, dtype=torch.int64, device=words.device)
-    for i in range(words.shape[1]):
-        h = _mix(h ^ _mix(words[:, i] + (i + 1) * 0x9E3779B9))
-    return h
+    salt = (torch.arange(1, words.shape[1] + 1, dtype=torch.int64, device=words.device) * _GOLDEN)
+    return _mix(_mix(words ^ salt).sum(1) + words.shape[1])
 
 
 def pack_patterns(states: Sequence[Tensor], bits_per_unit: Sequence[int]) -> Tensor:

@@ -65,11 +65,21 @@ class LayerPattern:
 
     @property
     def bits_per_unit(self) -> int:
-        return max(1, int(self.n_states - 1).bit_length())
+        return max(1, int(self.key_states - 1).bit_length())
 
     def int_state(self) -> Tensor:
         """State as int64 in ``[0, n_states)``, shape ``(B, n_units)``."""
+        if self.kind == "maxpool" and "geometry" in self.params:
+            return _window_offsets(self)
         return self.state.reshape(self.state.shape[0], -1).to(torch.int64)
+
+    @property
+    def key_states(self) -> int:
+        """Number of states used for keys (a max-pool unit: the window size, not the plane size)."""
+        if self.kind == "maxpool" and "geometry" in self.params:
+            ks = self.params["geometry"][0]
+            return int(ks[0] * ks[1])
+        return self.n_states
 
     def cat(self, other: LayerPattern) -> LayerPattern:
         """Concatenate two recordings of the same call along the batch."""
@@ -83,6 +93,25 @@ class LayerPattern:
     def to(self, device: torch.device | str) -> LayerPattern:
         return LayerPattern(self.name, self.kind, self.state.to(device), self.n_states,
                             self.n_boundary.to(device), self.params)
+
+
+def _window_offsets(p: LayerPattern) -> Tensor:
+    """Max-pool argmax as its offset inside its window, ``(B, n_units)`` in ``[0, kh*kw)``: the same information
+    as the flat plane index (the window is fixed by the output position), in far fewer bits."""
+    ks, st, pad, dil, _ = p.params["geometry"]
+    idx = p.state
+    if p.params["dims"] == 1:
+        idx = idx.unsqueeze(-2)
+        w_in = p.in_shape[-1]
+    else:
+        w_in = p.in_shape[-1]
+    ho, wo = idx.shape[-2:]
+    r, c = idx // w_in, idx % w_in
+    i = torch.arange(ho, device=idx.device).view(-1, 1)
+    j = torch.arange(wo, device=idx.device).view(1, -1)
+    dr = (r - (i * st[0] - pad[0])) // dil[0]
+    dc = (c - (j * st[1] - pad[1])) // dil[1]
+    return (dr * ks[1] + dc).reshape(idx.shape[0], -1).to(torch.int64)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -265,16 +294,17 @@ class MaxPoolRule(UnitRule):
         ret = "with_indices" in name or bool(_arg(args, kwargs, ri_pos, "return_indices", False))
         params = {"fn": name, "dims": 1 if "1d" in name else 2, "return_indices": ret, "adaptive": adaptive}
         if not adaptive:
-            def pair(v, default):
+            def pair(v, default, lead=1):
+                # 1d pools are treated as 2d pools over a height-1 plane: lead is that extra dimension's value
                 v = default if v is None else v
                 if isinstance(v, int):
                     v = (v,) * params["dims"]
                 v = tuple(v)
-                return v if params["dims"] == 2 else (1,) + v
+                return v if params["dims"] == 2 else (lead,) + v
             ks = pair(_arg(args, kwargs, 1, "kernel_size"), None)
             st = _arg(args, kwargs, 2, "stride")
             st = ks if st is None or (isinstance(st, (list, tuple)) and len(st) == 0) else pair(st, None)
-            params["geometry"] = (ks, st, pair(_arg(args, kwargs, 3, "padding", 0), 0),
+            params["geometry"] = (ks, st, pair(_arg(args, kwargs, 3, "padding", 0), 0, lead=0),
                                   pair(_arg(args, kwargs, 4, "dilation", 1), 1),
                                   bool(_arg(args, kwargs, 5, "ceil_mode", False)))
         return args[0], params

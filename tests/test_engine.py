@@ -423,3 +423,31 @@ def test_affine_map_inside_an_open_recording_does_not_leak_into_it():
             m(x[:2])
     assert len(rec.passes) == 2 and len(rec) == len(x) + 2
     assert torch.equal(rec.region_ids()[: len(x)], am.region_ids)
+
+
+def test_maxpool1d_ties_and_window_offsets():
+    m = nn.MaxPool1d(3, 1)
+    x = torch.tensor([[[1.0, 2.0, 2.0, 0.0, 5.0, 5.0, 1.0]]])
+    with rr.record(m) as rec:
+        m(x)
+    assert rec.n_boundary().tolist() == [4]  # [1,2,2] [2,2,0] [0,5,5] [5,5,1] tie; [2,0,5] does not
+    p = rec.patterns()[0]
+    # key states are offsets inside each window: flat index minus the window's start
+    assert p.int_state().tolist() == [[1, 0, 2, 1, 0]] and p.bits_per_unit == 2
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=1), dict(kernel_size=2, padding=1),
+                                dict(kernel_size=3, stride=2, dilation=2)])
+def test_maxpool_window_offsets_determine_the_argmax(kw):
+    m = nn.MaxPool2d(**kw)
+    x = torch.randn(6, 2, 11, 11, generator=torch.Generator().manual_seed(3))
+    with rr.record(m) as rec:
+        m(x)
+    p = rec.patterns()[0]
+    off = p.int_state()
+    assert off.min() >= 0 and off.max() < p.key_states
+    # same offsets <=> same argmax indices, sample by sample
+    idx = p.state.reshape(6, -1)
+    for a in range(6):
+        for b in range(6):
+            assert torch.equal(off[a], off[b]) == torch.equal(idx[a], idx[b])
