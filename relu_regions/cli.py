@@ -494,6 +494,8 @@ def train_demo_model(seed: int = 0, quick: bool = False, progress: bool = True) 
     train, _ = digits_data(seed)
     model = SmallCNN()
     epochs = 1 if quick else 25
+    if quick:  # smoke tests: a few optimisation steps are enough
+        train = LoadedData(train.X[:400], train.y[:400], train.description, train.class_names)
     t0 = time.perf_counter()
     losses = train_model(model, train.X, train.y, epochs=epochs, seed=seed, progress=progress,
                          desc="training SmallCNN on 8x8 digits")
@@ -509,12 +511,18 @@ def train_demo_model(seed: int = 0, quick: bool = False, progress: bool = True) 
 
 
 def _write_report(model, data: LoadedData, args, title: str, meta: dict[str, Any]) -> Path:
+    import warnings
+
     from .report import build_report
 
-    report = build_report(model, data.X, data.y, title=title, class_names=data.class_names,
-                          feature_names=data.feature_names, meta=meta, n_explain=args.explain, seed=args.seed,
-                          logits_at=getattr(args, "logits_at", None), progress=not args.no_progress,
-                          quick=args.quick)
+    with warnings.catch_warnings():
+        # Captum's advisory warnings (e.g. "multiple inputs for KernelShap") are noise for a report run
+        warnings.filterwarnings("ignore", module=r"captum(\.|$)")
+        warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
+        report = build_report(model, data.X, data.y, title=title, class_names=data.class_names,
+                              feature_names=data.feature_names, meta=meta, n_explain=args.explain, seed=args.seed,
+                              logits_at=getattr(args, "logits_at", None), progress=not args.no_progress,
+                              quick=args.quick)
     out = report.write(args.out)
     acc = report.results["accuracy"]
     regions = report.results.get("regions", {}).get("full network")

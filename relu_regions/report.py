@@ -304,11 +304,14 @@ def _table_html(table: Any, caption: str = "") -> str:
     return "".join(parts)
 
 
+_RENDER = {"dpi": 110}  # build_report(quick=True) lowers it for smoke tests
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=_RENDER["dpi"], bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -579,7 +582,7 @@ def _region_size_figure(inverse: dict[str, Tensor], name: str) -> Figure:
 def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-regions report",
                  class_names: Sequence[str] | None = None, feature_names: Sequence[str] | None = None,
                  meta: dict[str, Any] | None = None, n_explain: int | None = None,
-                 compare_samples: int = 32, validity_samples: int = 32, seed: int = 0,
+                 compare_samples: int = 16, validity_samples: int = 32, seed: int = 0,
                  logits_at: str | None = None, progress: bool = False, quick: bool = False,
                  include: Sequence[str] | None = None) -> Report:
     """Analyse ``model`` on ``(X, y)`` and assemble the report.
@@ -617,6 +620,19 @@ def build_report(model: nn.Module, X: Tensor, y: Tensor, *, title: str = "relu-r
     -------
     Report
     """
+    dpi = _RENDER["dpi"]
+    _RENDER["dpi"] = 60 if quick else dpi
+    try:
+        return _build_report(model, X, y, title=title, class_names=class_names, feature_names=feature_names,
+                             meta=meta, n_explain=n_explain, compare_samples=compare_samples,
+                             validity_samples=validity_samples, seed=seed, logits_at=logits_at, progress=progress,
+                             quick=quick, include=include)
+    finally:
+        _RENDER["dpi"] = dpi
+
+
+def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_explain, compare_samples,
+                  validity_samples, seed, logits_at, progress, quick, include) -> Report:
     t0 = time.perf_counter()
     if not isinstance(X, Tensor) or not X.is_floating_point():
         raise TypeError("X must be a floating-point tensor")
