@@ -251,7 +251,8 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; }}
 h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
-table {{ border-collapse: collapse; margin: .8em 0; font-size: .92em; }}
+table {{ border-collapse: collapse; margin: .8em 0; font-size: .92em; display: block; overflow-x: auto;
+         max-width: 100%; }}
 th, td {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; }}
 th {{ background: #f3f3f3; }} table.meta th, table.meta td {{ text-align: left; }}
 caption {{ caption-side: top; font-weight: 600; text-align: left; padding-bottom: .3em; }}
@@ -525,7 +526,7 @@ def _image_like(X: Tensor) -> bool:
     return X.dim() == 4 or (X.dim() == 3 and X.shape[1] > 1 and X.shape[2] > 1)
 
 
-def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str) -> Figure:
+def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str, signed: bool = True) -> Figure:
     plt = _plt()
     k = maps.shape[0]
     cols = min(5, k)
@@ -537,7 +538,7 @@ def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str
             continue
         m = maps[i].numpy()
         v = float(np.abs(m).max()) or 1.0
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v) if signed else ax.imshow(m, cmap="Greys")
         ax.set_title(titles[i], fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -809,7 +810,7 @@ def _re3_section(model, X, y, names, feature_names, progress, logits_at, results
                                            "Mean Re3 contribution map per true class (red: towards the class)."))
         inputs = torch.stack([X[y == c].mean(0) for c in classes]).float().cpu()
         sec.figures.append(_heatmap_figure(inputs.sum(1), [f"class {names[c]}" for c in classes], "class_means",
-                                           "Mean input per class, for reference."))
+                                           "Mean input per class, for reference.", signed=False))
     else:
         flat = means.reshape(means.shape[0], -1)
         fnames = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(flat.shape[1])]
