@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, preactivation_maps
 from .keys import pack_patterns, region_keys
-from .recording import run_frozen, run_recorded
+from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
 
@@ -60,17 +61,22 @@ def _expand(state: Tensor, rows: int) -> Tensor:
     return state if r == 1 else state.repeat(r, *([1] * (state.dim() - 1)))
 
 
-def _window_index(p: LayerPattern, h: int, w: int, device) -> Tensor:
-    """``(k, L)`` flat input indices of every window element (``-1`` for padding)."""
+def _pool_geometry(p: LayerPattern, h: int, w: int) -> tuple:
+    """``(kernel, stride, padding, dilation)`` of a recorded max-pool call on an ``h x w`` input."""
     if p.params.get("adaptive"):
         out = p.state.shape[-2:] if p.params["dims"] == 2 else (1, p.state.shape[-1])
         if h % out[0] or w % out[1]:
             raise NotImplementedError(f"layer '{p.name}': adaptive max-pool with input {h}x{w} not divisible by "
                                       f"output {tuple(out)} has uneven windows; not supported by geometry")
         ks = (h // out[0], w // out[1])
-        st, pad, dil = ks, (0, 0), (1, 1)
-    else:
-        ks, st, pad, dil, _ = p.params["geometry"]
+        return ks, ks, (0, 0), (1, 1)
+    ks, st, pad, dil, _ = p.params["geometry"]
+    return ks, st, pad, dil
+
+
+def _window_index(p: LayerPattern, h: int, w: int, device) -> Tensor:
+    """``(k, L)`` flat input indices of every window element (``-1`` for padding)."""
+    ks, st, pad, dil = _pool_geometry(p, h, w)
     idx = torch.arange(h * w, dtype=torch.float64, device=device).reshape(1, 1, h, w) + 1
     cols = F.unfold(idx, ks, dilation=dil, padding=pad, stride=st)[0]  # zero padding -> index -1 after shift
     return cols.to(torch.int64) - 1
@@ -167,7 +173,7 @@ def _layer_min(m: Tensor, nrm: Tensor) -> tuple[Tensor, Tensor]:
     return d.min(1)
 
 
-def _exact_chunk(model, x, q, logits_at, strict, route):
+def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
     b = x.shape[0]
     with torch.no_grad():
         _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
@@ -176,6 +182,8 @@ def _exact_chunk(model, x, q, logits_at, strict, route):
         tangent, n = _basis(x)
 
         def grab(p, t):
+            if p.name not in wanted:
+                return
             primal, tan = fwAD.unpack_dual(t)
             m = margins(p, primal[:b])
             if tan is None:
@@ -189,7 +197,8 @@ def _exact_chunk(model, x, q, logits_at, strict, route):
             run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                        logits_at=logits_at, observe=grab)
     else:
-        maps = preactivation_maps(model, x, reduce=None, method="reverse", logits_at=logits_at, strict=strict)
+        maps = preactivation_maps(model, x, [p.name for p in patterns if p.name in wanted], reduce=None,
+                                  method="reverse", logits_at=logits_at, strict=strict)
         byname = {p.name: p for p in patterns}
         d_in = int(x[0].numel())
         for name, lm in maps.items():
@@ -202,13 +211,225 @@ def _exact_chunk(model, x, q, logits_at, strict, route):
     return per, [p.name for p in patterns]
 
 
+# --- structured fast path for chains of standard modules ----------------------------------------------------------
+#
+# Most CNNs used with this package are a plain chain Conv/Linear -> ReLU -> MaxPool -> ... of standard modules. For
+# those, input gradients of every inequality are propagated directly as tangents (the bias-free linear part of each
+# module), which is exact like forward mode but (1) never replicates the primal pass, (2) treats everything before and
+# at the first piecewise-linear layer as *shared*: the Jacobian of the first layer's input does not depend on x (no
+# nonlinearity comes before it), so it is computed once per call, the first ReLU only rescales it by 0/1 per sample,
+# and the margins z_a − z_o of a max-pool right after it have gradients J[a] − J[o] whose norms are looked up in a
+# table of all pairs inside each window (for a conv directly on the input: two kernels placed at two positions).
+# Only layers after that are pushed as per-sample tangents (``D`` rows per sample, in chunks).
+
+_LINEAR_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.AvgPool2d, nn.AvgPool1d)
+_PL_LEAVES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.MaxPool2d: "maxpool"}
+
+
+def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at) -> list | None:
+    """The model's leaf modules in call order if the model is a plain chain of supported modules, else None."""
+    if not strict or logits_at is not None:
+        return None
+    calls: list = []
+    leaves = [m for m in model.modules() if not next(m.children(), None)]
+    handles = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out))) for m in leaves]
+    try:
+        with torch.no_grad():
+            out, pats = run_recorded(model, x1, strict=strict)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls or calls[-1][2] is not out:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    plan, prev = [], x1
+    for mod, inp, o in calls:
+        if len(inp) != 1 or inp[0] is not prev or not isinstance(o, Tensor):
+            return None  # something happens between modules (a functional op, a residual, a view): not a chain
+        prev = o
+        kind = _PL_LEAVES.get(type(mod))
+        if kind is None and not isinstance(mod, _LINEAR_LEAVES):
+            return None
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.padding_mode != "zeros":
+            return None
+        if isinstance(mod, nn.Flatten) and mod.start_dim != 1:
+            return None
+        if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
+            return None
+        plan.append((mod, kind, names[id(mod)] if kind else None))
+    pl = [(k, n) for _, k, n in plan if k]
+    if pl != [(p.kind, p.name) for p in pats]:
+        return None
+    return plan
+
+
+def _apply_linear(mod: nn.Module, rows: Tensor) -> Tensor:
+    """The bias-free (linear) part of a supported module applied to tangent rows."""
+    if isinstance(mod, nn.Conv2d):
+        return F.conv2d(rows, mod.weight, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.Conv1d):
+        return F.conv1d(rows, mod.weight, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.Linear):
+        return F.linear(rows, mod.weight)
+    return mod(rows)  # Flatten, Identity, Dropout (eval), average pools: linear already
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _qnorm(t: Tensor, q: float, dim: int) -> Tensor:
+    """``||t||_q`` along ``dim`` (written out: much faster than ``vector_norm`` for outer reductions on CPU)."""
+    if q == 2:
+        return t.square().sum(dim).sqrt()
+    if q == 1:
+        return t.abs().sum(dim)
+    return t.abs().amax(dim)
+
+
+def _pool_pair_norms(t: Tensor, win: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """For shared tangents ``t`` (D, C, HW): ``||t[a] - t[o]||_q`` for all window pairs (C, k, k, L), and
+    ``||t[e]||_q`` for all window elements (C, k, L)."""
+    tw = t[:, :, win.clamp(min=0)]  # (D, C, k, L)
+    rown = _qnorm(tw, q, 0)
+    pair = torch.stack([_qnorm(tw[:, c, :, None, :] - tw[:, c, None, :, :], q, 0)
+                        for c in range(tw.shape[1])])
+    return pair, rown
+
+
+def _fast_chunk(model, plan, x, q, wanted, cache):
+    b = x.shape[0]
+    found: dict[str, tuple[LayerPattern, Tensor]] = {}
+
+    def grab(p, t):
+        if p.name in wanted:
+            found[p.name] = (p, margins(p, t.detach()))
+
+    with torch.no_grad():
+        _, patterns = run_recorded(model, x, strict=True, observe=grab)
+        if [p.name for p in patterns] != [n for _, k, n in plan if k]:
+            raise RuntimeError("the model's piecewise-linear calls changed between samples; use route='forward'")
+        last = max([i for i, (_, k, n) in enumerate(plan) if k and n in wanted], default=-1)
+        byname = {p.name: p for p in patterns}
+        n = int(x[0].numel())
+        t = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, *x.shape[1:])  # shared tangents (D, *shape)
+        shared, scale, binary = True, None, True  # per-sample tangent = t * scale (elementwise, lazy)
+        per: dict[str, tuple[Tensor, Tensor]] = {}
+        for i, (mod, kind, name) in enumerate(plan[:last + 1]):
+            if kind is None:
+                if shared and scale is not None:
+                    t, shared, scale = t.unsqueeze(0) * scale.unsqueeze(1), False, None
+                if shared:  # the same for every chunk: computed once per call
+                    if ("t", i) not in cache:
+                        cache[("t", i)] = _apply_linear(mod, t)
+                    t = cache[("t", i)]
+                else:
+                    t = _rows(mod, t, b, n)
+                continue
+            p = byname[name]
+            if kind in _RELU_LIKE:
+                if name in wanted:
+                    if shared:
+                        if ("norm", name) not in cache:
+                            cache[("norm", name)] = _qnorm(t.reshape(n, -1), q, 0)
+                        nrm = cache[("norm", name)].expand(b, -1)
+                        if scale is not None:
+                            nrm = nrm * scale.reshape(b, -1).abs()
+                    else:
+                        nrm = _qnorm(t.reshape(b, n, -1), q, 1)
+                    per[name] = _layer_min(found[name][1], nrm)
+                s = p.state.to(x.dtype) if kind == "relu" else torch.where(p.state, 1.0, p.params["slope"]).to(x.dtype)
+                binary = binary and kind == "relu"
+                if shared:
+                    scale = s if scale is None else scale * s
+                else:
+                    t = t * s.unsqueeze(1)
+                continue
+            # max-pool
+            c = t.shape[-3]
+            h, w = t.shape[-2:]
+            win = _window_index(p, h, w, x.device)  # (k, L)
+            state = p.state.reshape(b, c, -1)  # (B, C, L) flat argmax indices
+            k, ll = win.shape
+            if ll != state.shape[2]:
+                raise NotImplementedError(f"layer '{name}': max-pool with ceil_mode partial windows is not supported")
+            if name in wanted:
+                pad = (win < 0).expand(b, c, k, ll)
+                ka = (win.view(1, 1, k, ll) == state.unsqueeze(2)).to(torch.int64).argmax(2)  # (B, C, L)
+                if shared and binary:
+                    if ("pair", name) not in cache:
+                        cache[("pair", name)] = _pool_pair_norms(t.reshape(n, c, h * w), win, q)
+                    pair, rown = cache[("pair", name)]
+                    both = pair.unsqueeze(0).expand(b, c, k, k, ll).gather(
+                        2, ka.view(b, c, 1, 1, ll).expand(b, c, 1, k, ll)).squeeze(2)  # (B, C, k_o, L)
+                    if scale is None:
+                        nrm = both
+                    else:
+                        sf = scale.reshape(b, c, h * w) > 0
+                        sa = sf.gather(2, state).unsqueeze(2)  # (B, C, 1, L)
+                        so = sf[:, :, win.clamp(min=0)]  # (B, C, k, L)
+                        ra = rown.unsqueeze(0).expand(b, c, k, ll).gather(2, ka.unsqueeze(2))  # (B, C, 1, L)
+                        ro = rown.unsqueeze(0)
+                        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+                        nrm = torch.where(sa & so, both, torch.where(sa, ra, torch.where(so, ro, zero)))
+                else:
+                    if shared:
+                        t, shared = (t.unsqueeze(0) if scale is None else t.unsqueeze(0) * scale.unsqueeze(1)), False
+                        t = t.expand(b, *t.shape[1:]) if t.shape[0] == 1 else t
+                        scale = None
+                    tf = t.reshape(b, n, c, h, w)
+                    ks, st, pd, dl = _pool_geometry(p, h, w)
+                    ks, st, pd, dl = (_pair(v) for v in (ks, st, pd, dl))
+                    tiles = st == ks and pd == (0, 0) and (dl == (1, 1) or ks == (1, 1)) \
+                        and h % ks[0] == 0 and w % ks[1] == 0
+                    parts = []
+                    step = max(1, (1 << 24) // max(1, b * n * k * ll))  # bound memory: a few channels at a time
+                    for c0 in range(0, c, step):
+                        c1 = min(c, c0 + step)
+                        # windows as (k, L) in _window_index's order (row-major kernel, row-major windows)
+                        tc = tf[:, :, c0:c1]
+                        if tiles:  # non-overlapping windows: views, no copy of the tangents
+                            hh, ww, cc = h // ks[0], w // ks[1], c1 - c0
+                            to = tc.reshape(b, n, cc, hh, ks[0], ww, ks[1])
+                            ta = tc.reshape(b, n, cc, h * w).gather(3, state[:, None, c0:c1].expand(b, n, cc, ll))
+                            dn = _qnorm(ta.view(b, n, cc, hh, 1, ww, 1) - to, q, 1)  # (B, c, hh, k0, ww, k1)
+                            parts.append(dn.permute(0, 1, 3, 5, 2, 4).reshape(b, cc, k, ll))
+                            continue
+                        else:  # padding reads element 0, masked below
+                            idx = win.clamp(min=0).reshape(1, 1, 1, k * ll).expand(b, n, c1 - c0, k * ll)
+                            to = tc.reshape(b, n, c1 - c0, h * w).gather(3, idx).view(b, n, c1 - c0, k, ll)
+                        ta = to.gather(3, ka[:, None, c0:c1, None, :].expand(b, n, c1 - c0, 1, ll))
+                        parts.append(_qnorm(ta - to, q, 1))
+                    nrm = torch.cat(parts, 1)
+                nrm = torch.where(pad, torch.zeros((), dtype=x.dtype, device=x.device), nrm)
+                per[name] = _layer_min(found[name][1], nrm.reshape(b, -1))
+            if i == last:
+                break
+            # the pooled tangents (per sample from here on)
+            if shared:
+                tf = t.reshape(1, n, c, h * w).expand(b, n, c, h * w)
+                tout = tf.gather(3, state.unsqueeze(1).expand(b, n, c, ll))
+                if scale is not None:
+                    tout = tout * scale.reshape(b, 1, c, h * w).gather(3, state.unsqueeze(1))
+                shared, scale = False, None
+            else:
+                tout = t.reshape(b, n, c, h * w).gather(3, state.unsqueeze(1).expand(b, n, c, ll))
+            t = tout.reshape(b, n, *p.unit_shape)
+    return per, [p.name for p in patterns]
+
+
+def _rows(mod: nn.Module, t: Tensor, b: int, n: int) -> Tensor:
+    out = _apply_linear(mod, t.reshape(b * n, *t.shape[2:]))
+    return out.reshape(b, n, *out.shape[1:])
+
+
 def _rep_pattern(p: LayerPattern, r: int) -> LayerPattern:
     """The pattern with each sample's state repeated ``r`` times consecutively (sample-major rows)."""
     st = p.state.repeat_interleave(r, dim=0)
     return LayerPattern(p.name, p.kind, st, p.n_states, p.n_boundary.repeat_interleave(r), p.params)
 
 
-def _re3_chunk(model, x, q, logits_at, strict):
+def _re3_chunk(model, x, q, logits_at, strict, wanted):
     """Re3: |z_j| / ||w_j||_q with w_j the weight row of the Linear / Conv that produced the unit's input."""
     last: list[nn.Module] = []
     per: dict[str, tuple[Tensor, Tensor]] = {}
@@ -217,7 +438,7 @@ def _re3_chunk(model, x, q, logits_at, strict):
         last.append(mod)
 
     def grab(p, t):
-        if p.kind not in _RELU_LIKE and p.kind != "clamp":
+        if (p.kind not in _RELU_LIKE and p.kind != "clamp") or p.name not in wanted:
             return  # Re3 defines distances for ReLU units only
         if not last:
             raise ValueError(f"method='re3': no Linear/Conv module ran before layer '{p.name}'")
@@ -245,7 +466,11 @@ def _re3_chunk(model, x, q, logits_at, strict):
     return per, [p.name for p in patterns if p.name in per]
 
 
+_KINDS = ("relu", "leaky_relu", "prelu", "clamp", "maxpool")
+
+
 def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "exact", *,
+                      layers: LayerSelection = None, kinds: Sequence[str] | None = None,
                       logits_at: str | None = None, strict: bool = True, chunk_size: int | None = None,
                       route: str = "auto", progress: bool = False) -> BoundaryDistances:
     """Distance from each input to the boundary of its activation region, in input space.
@@ -262,12 +487,28 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         ``"exact"``: ``min_j m_j / ||∇ₓ m_j||_q`` over every inequality of the region (ReLU-like units, clamps,
         max-pool argmax comparisons). ``"re3"``: the Re3 paper's per-layer ``|z_j| / ||w_j||_q`` (ReLU and clamp
         units only) — exact for the first layer, an overestimate possible for deeper layers.
+    layers : selection, optional
+        Only the inequalities of these piecewise-linear calls (a name, list of names, int or slice as in
+        :meth:`~relu_regions.Recording.patterns`). Default: all — the distance to the region's boundary.
+    kinds : sequence of str, optional
+        Only calls of these unit kinds (``"relu"``, ``"leaky_relu"``, ``"prelu"``, ``"clamp"``, ``"maxpool"``),
+        applied after ``layers``. ``kinds=("relu",)`` gives the distance to the nearest *ReLU* hyperplane: useful
+        on images with flat backgrounds, where max-pool windows of equal values are ties (a real kink of the max:
+        the exact region distance is 0 there). With a subset of layers the result is the distance at which one of
+        *those* inequalities first fails — not a region distance (other units may switch earlier); ``per_layer``
+        always holds the distances of the computed layers.
     chunk_size : int, optional
-        Samples per chunk (bounds memory: the forward route holds ``D`` replicas of each chunk).
-    route : {"auto", "forward", "reverse"}
-        How input gradients are computed for ``"exact"``: forward mode (one pass with ``D`` tangents, cheapest
-        when the input has fewer features than the widest layer) or reverse mode via
-        :func:`~relu_regions.preactivation_maps` (full Jacobians per layer).
+        Samples per chunk (bounds memory: the forward and structured routes hold ``D`` tangents per sample).
+    route : {"auto", "structured", "forward", "reverse"}
+        How input gradients are computed for ``"exact"`` (all exact): ``"structured"`` for models that are a plain
+        chain of standard modules (Conv1d/2d, Linear, ReLU, LeakyReLU, MaxPool2d, AvgPool, Flatten, Dropout,
+        Identity, called one after the other — e.g. :class:`~relu_regions.models.LeNet`): tangents of the
+        bias-free linear parts, with the Jacobian up to the first piecewise-linear layer computed once per call
+        and first max-pool margins looked up from kernel-pair norms (much faster on CNNs); ``"forward"``: forward
+        mode through the frozen network (one pass with ``D`` tangents, any supported model); ``"reverse"``: full
+        Jacobians per layer by :func:`~relu_regions.preactivation_maps`. ``"auto"``: structured when the model is
+        such a chain (and ``strict``, no ``logits_at``), else forward when the input has at most as many features
+        as the widest layer, else reverse.
     progress : bool
         tqdm progress bar over chunks.
 
@@ -278,32 +519,57 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     q = dual_norm(p)
     if method not in ("exact", "re3"):
         raise ValueError(f"method must be 'exact' or 're3', got {method!r}")
-    if route not in ("auto", "forward", "reverse"):
-        raise ValueError(f"route must be 'auto', 'forward' or 'reverse', got {route!r}")
+    if route not in ("auto", "structured", "forward", "reverse"):
+        raise ValueError(f"route must be 'auto', 'structured', 'forward' or 'reverse', got {route!r}")
+    if kinds is not None:
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        bad = [k for k in kinds if k not in _KINDS]
+        if bad:
+            raise ValueError(f"kinds: unknown unit kind(s) {bad}; choose from {_KINDS}")
     _check_x(x)
     x = x.detach()
     b = x.shape[0]
     d_in = int(x[0].numel())
     with preserved(model, eval_mode=True):
+        plan = None
+        if method == "exact" and route in ("auto", "structured"):
+            plan = _chain_plan(model, x[:1], strict, logits_at)
+            if plan is None and route == "structured":
+                raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
+                                 "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules (and strict=True, no "
+                                 "logits_at); use route='forward' or 'reverse'")
         with torch.no_grad():
             _, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
+        all_names = [pp.name for pp in probe]
+        wanted = set(select_layers(all_names, layers))
+        if kinds is not None:
+            wanted = {pp.name for pp in probe if pp.name in wanted and pp.kind in kinds}
         widest = max([int(torch.Size(pp.in_shape).numel()) for pp in probe] or [0])
         if route == "auto":
-            route = "forward" if d_in <= max(widest, 1) else "reverse"
-        size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
+            route = "structured" if plan is not None else ("forward" if d_in <= max(widest, 1) else "reverse")
+        if route == "structured":
+            # per-sample tangents start after the first layer (its Jacobian is shared)
+            widest2 = max([int(torch.Size(pp.unit_shape).numel()) for pp in probe[1:]] or [1])
+            size = chunk_size or max(1, min(256, (1 << 25) // max(1, d_in * widest2)))
+        else:
+            size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
         chunks = [slice(i, min(b, i + size)) for i in range(0, b, size)]
         if progress:
             from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc=f"boundary_distance ({method})", unit="chunk")
+            chunks = tqdm(chunks, desc=f"boundary_distance ({method}, {route})", unit="chunk")
         parts = []
         names: list[str] = []
+        cache: dict = {}  # shared tangents / norms of the structured route
         for sl in chunks:
-            if method == "exact":
-                per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route)
+            if method == "re3":
+                per, names = _re3_chunk(model, x[sl], q, logits_at, strict, wanted)
+            elif route == "structured":
+                per, names = _fast_chunk(model, plan, x[sl], q, wanted, cache)
             else:
-                per, names = _re3_chunk(model, x[sl], q, logits_at, strict)
+                per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
             parts.append(per)
+    names = [n for n in names if parts and n in parts[0]]
     per_layer = {n: torch.cat([pp[n][0] for pp in parts]) for n in names}
     per_unit = {n: torch.cat([pp[n][1] for pp in parts]) for n in names}
     if names:

@@ -229,3 +229,89 @@ def test_model_untouched_and_bad_input():
         G.what_if(net, x, torch.randn(3, 3))
     with pytest.raises(ValueError, match="batched"):
         G.boundary_distance(net, x[0])
+
+
+# --- structured route (plain chains of standard modules) --------------------------------------------------------
+
+
+def _lenet64():
+    from relu_regions.models import LeNet
+
+    torch.manual_seed(10)
+    return LeNet().double()
+
+
+def test_structured_route_equals_forward_route_on_lenet():
+    net = _lenet64()
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=g)
+    x[1, :, :8] = 0.0  # a flat band: pooling ties (distance 0 at the first pool) in sample 1
+    fw = G.boundary_distance(net, x, route="forward")
+    st = G.boundary_distance(net, x, route="structured")
+    auto = G.boundary_distance(net, x)
+    assert fw.layer_names == st.layer_names == ["features.1", "features.2", "features.4", "features.5", "head.1",
+                                                "head.3"]
+    for n in fw.layer_names:
+        assert torch.allclose(fw.per_layer[n], st.per_layer[n], rtol=1e-10, atol=0), n
+    assert torch.equal(fw.layer, st.layer) and torch.equal(fw.unit, st.unit)
+    assert torch.equal(auto.distance, st.distance)
+    assert float(st.distance[1]) == 0.0 and st.nearest(1)[0] == "features.2"
+
+
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_structured_route_equals_forward_route_with_padding(p):
+    torch.manual_seed(12)
+    net = SmallCNN().double()  # conv padding=1 before the first pool, pool then padded conv
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    fw = G.boundary_distance(net, x, p=p, route="forward")
+    st = G.boundary_distance(net, x, p=p, route="structured", chunk_size=4)
+    for n in fw.layer_names:
+        assert torch.allclose(fw.per_layer[n], st.per_layer[n], rtol=1e-10, atol=0), n
+    assert torch.equal(fw.unit, st.unit)
+
+
+def test_structured_route_leaky_and_pool_padding():
+    """LeakyReLU before a padded, overlapping max-pool: the non-tiling window path."""
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.1), nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(),
+                        nn.Linear(3 * 9, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    for p in (2, 1):
+        fw = G.boundary_distance(net, x, p=p, route="forward")
+        st = G.boundary_distance(net, x, p=p, route="structured")
+        assert torch.allclose(fw.distance, st.distance, rtol=1e-10, atol=0)
+        assert torch.equal(fw.unit, st.unit)
+    # a model that is not a chain (functional op in forward) falls back, or refuses the structured route
+    class NotChain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, z):
+            return self.b(torch.relu(self.a(z)) * 2)
+
+    with pytest.raises(ValueError, match="plain chain"):
+        G.boundary_distance(NotChain(), torch.randn(2, 3), route="structured")
+    assert torch.isfinite(G.boundary_distance(NotChain().double(), torch.randn(2, 3, dtype=torch.float64))
+                          .distance).all()
+
+
+def test_layer_and_kind_selection():
+    torch.manual_seed(16)
+    net = SmallCNN().double()
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    x[:, :, 1:7, 1:7] = 0.25  # a flat patch: first-pool ties (for channels active there)
+    full = G.boundary_distance(net, x)
+    relu = G.boundary_distance(net, x, kinds=("relu",))
+    assert (full.distance == 0).all() and (relu.distance > 0).all()
+    relu_names = ["features.1", "features.4", "head.1"]
+    assert relu.layer_names == relu_names
+    assert torch.equal(relu.distance, torch.stack([full.per_layer[n] for n in relu_names]).amin(0))
+    one = G.boundary_distance(net, x, layers="features.4")
+    assert one.layer_names == ["features.4"] and torch.equal(one.distance, full.per_layer["features.4"])
+    sl = G.boundary_distance(net, x, layers=slice(-1, None), route="forward")
+    assert sl.layer_names == ["head.1"] and torch.allclose(sl.distance, full.per_layer["head.1"], rtol=1e-10)
+    with pytest.raises(ValueError, match="kinds"):
+        G.boundary_distance(net, x, kinds=("sigmoid",))
+    with pytest.raises(KeyError, match="unknown layer"):
+        G.boundary_distance(net, x, layers="nope")
