@@ -27,7 +27,7 @@ _LAZY = {
     "boundary_distance": ("geometry", "boundary_distance"),
 }
 _SUBMODULES = {"geometry", "plots", "clusters", "causal", "datasets", "models", "regions", "attributions",
-               "training", "integrations", "compose", "keys", "units"}
+               "training", "integrations", "compose", "keys", "units", "report", "cli"}
 
 __all__ = ["AffineMap", "LayerMap", "LayerPattern", "PatternMismatchError", "Recording", "ReluRegionsError",
            "UnsupportedModuleError", "affine_map", "preactivation_maps", "record", *_LAZY]
