@@ -830,3 +830,275 @@ def _step_past(probe, tb: float, eta: float):
             return pats, fwd, bwd, t
         eta /= 2
     return pats, max(fwd, 0.0), bwd, t
+
+
+# --- explicit inequalities: input-domain box, largest inscribed ball ----------------------------------------------
+
+
+@dataclass
+class RegionInequalities:
+    """The region's inequalities written out: ``m_j(y) = m_j(x) + g_j · (y - x) >= 0`` for every margin ``j``.
+
+    Attributes
+    ----------
+    margin : Tensor
+        ``(B, M)`` margins at ``x`` (margins that do not exist, e.g. padding in a max-pool window, removed).
+    grad : Tensor
+        ``(B, M, D)`` their input gradients (flattened input).
+    layer : Tensor
+        ``(M,)`` index into ``layer_names`` of each margin's layer.
+    layer_names : list of str
+    """
+
+    margin: Tensor
+    grad: Tensor
+    layer: Tensor
+    layer_names: list
+
+
+def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection = None,
+                        kinds: Sequence[str] | None = None, logits_at: str | None = None,
+                        strict: bool = True) -> RegionInequalities:
+    """All of the region's inequalities with their full input gradients (forward mode, ``D`` tangents per sample).
+
+    Memory ``B·M·D`` for ``M`` margins and ``D`` input features: meant for small models or a few samples; use
+    :func:`boundary_distance` (which only keeps gradient norms) for distances at scale.
+    """
+    _check_x(x)
+    x = x.detach()
+    b = x.shape[0]
+    with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+        names = select_layers([p.name for p in patterns], layers)
+        if kinds is not None:
+            kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+            names = [p.name for p in patterns if p.name in names and p.kind in kinds]
+        tangent, n = _basis(x)
+        ms, gs, lay = [], [], []
+
+        def grab(p, t):
+            if p.name not in names:
+                return
+            primal, tan = fwAD.unpack_dual(t)
+            m = margins(p, primal[:b])
+            g = (torch.zeros(n, b, m.shape[1], dtype=m.dtype, device=m.device) if tan is None
+                 else margins(p, tan, const=False).reshape(n, b, -1))
+            ms.append(m)
+            gs.append(g.permute(1, 2, 0))
+            lay.append(torch.full((m.shape[1],), names.index(p.name), dtype=torch.int64))
+
+        with torch.no_grad(), fwAD.dual_level():
+            primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+            run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
+                       logits_at=logits_at, observe=grab)
+    if not ms:
+        z = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
+        return RegionInequalities(z, z.unsqueeze(2).expand(b, 0, n), torch.zeros(0, dtype=torch.int64), names)
+    m, g, layer = torch.cat(ms, 1), torch.cat(gs, 1), torch.cat(lay)
+    exists = torch.isfinite(m).all(0)  # padding / missing clamp bounds are +inf for every sample
+    return RegionInequalities(m[:, exists], g[:, exists], layer[exists], names)
+
+
+def _as_box(box, x: Tensor) -> tuple[Tensor, Tensor]:
+    try:
+        lo, hi = box
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be a pair (lo, hi) of numbers or tensors shaped like one input, got {box!r}") \
+            from None
+    shape = x.shape[1:]
+    lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device).expand(shape).reshape(-1)
+    hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device).expand(shape).reshape(-1)
+    if (lo > hi).any():
+        raise ValueError("box: lo must be <= hi everywhere")
+    xf = x.reshape(x.shape[0], -1)
+    if ((xf < lo) | (xf > hi)).any():
+        raise ValueError("box: every input must lie inside the box")
+    return lo, hi
+
+
+def _halfspace_box_distance(s: Tensor, a: Tensor, x: Tensor, lo: Tensor, hi: Tensor, p: float) -> Tensor:
+    """``(M,)`` exact ``l_p`` distance from ``x`` to ``{y in box : a_j·(y - x) + s_j <= 0}`` (``inf`` if empty).
+
+    One linear constraint over a box is separable: moving coordinate ``i`` by ``t_i`` (towards decreasing
+    ``a_j·y``, at most ``cap_i`` before the box face) lowers the margin by ``|a_ji| t_i``. The cheapest ``t``
+    reaching ``s_j``: for ``p = 1`` greedily along the largest ``|a_ji|`` (fractional knapsack); for ``p = 2`` and
+    ``inf`` the KKT solution ``t_i = min(λ w_i, cap_i)`` (``w = |a|`` resp. 1), with ``λ`` found exactly on the
+    piecewise-linear, increasing function ``Σ |a_i| min(λ w_i, cap_i)`` by sorting its breakpoints.
+    """
+    absa = a.abs()
+    cap = torch.where(a > 0, x - lo, hi - x).expand_as(a)
+    cap = torch.where(absa > 0, cap, torch.zeros_like(cap))
+    s = s.clamp(min=0)
+    total = (absa * cap).sum(1)
+    inf = torch.full_like(s, math.inf)
+    if a.shape[1] == 0:
+        return torch.where(s == 0, torch.zeros_like(s), inf)
+    if p == 1:
+        order = absa.argsort(1, descending=True)
+        aa, cc = absa.gather(1, order), cap.gather(1, order)
+        red = (aa * cc).cumsum(1)
+        k = (red < s[:, None]).sum(1).clamp(max=a.shape[1] - 1)  # first coordinate that completes the reduction
+        before = torch.cat([torch.zeros_like(red[:, :1]), red[:, :-1]], 1).gather(1, k[:, None])[:, 0]
+        moved = torch.cat([torch.zeros_like(cc[:, :1]), cc.cumsum(1)[:, :-1]], 1).gather(1, k[:, None])[:, 0]
+        ak = aa.gather(1, k[:, None])[:, 0]
+        d = moved + (s - before) / torch.where(ak > 0, ak, torch.ones_like(ak))
+    else:
+        w = absa if p == 2 else (absa > 0).to(a.dtype)
+        beta = torch.where(w > 0, cap / torch.where(w > 0, w, torch.ones_like(w)), inf[:, None].expand_as(w))
+        order = beta.argsort(1)
+        bb, aa, cc, ww = (t.gather(1, order) for t in (beta, absa, cap, w))
+        pre = torch.cat([torch.zeros_like(aa[:, :1]), (aa * cc).cumsum(1)[:, :-1]], 1)  # Σ_{i<k} |a_i| cap_i
+        suf = (aa * ww).flip(1).cumsum(1).flip(1)  # Σ_{i>=k} |a_i| w_i
+        g_at = pre + torch.where(torch.isinf(bb), inf[:, None].expand_as(bb), bb * suf)
+        k = (g_at < s[:, None]).sum(1).clamp(max=a.shape[1] - 1)
+        pk, sk = pre.gather(1, k[:, None])[:, 0], suf.gather(1, k[:, None])[:, 0]
+        lam = (s - pk) / torch.where(sk > 0, sk, torch.ones_like(sk))
+        if p == 2:
+            d = torch.linalg.vector_norm(torch.minimum(lam[:, None] * absa, cap), dim=1)
+        else:
+            d = lam
+    d = torch.where(total < s, inf, d)  # the box never reaches the hyperplane
+    return torch.where(s == 0, torch.zeros_like(d), d)
+
+
+@dataclass
+class BoxDistances:
+    """Result of :func:`boundary_distance_in_box`.
+
+    Attributes
+    ----------
+    distance : Tensor
+        ``(B,)`` distance from ``x`` to the nearest region-boundary point *inside the box*: every point of the box
+        closer than this lies in ``x``'s region (``inf`` when no inequality can fail inside the box).
+    unrestricted : Tensor
+        ``(B,)`` the ordinary region distance (:func:`boundary_distance`); ``distance >= unrestricted``.
+    nearest_in_box : Tensor
+        ``(B,)`` bool: the ordinary nearest boundary point is reachable inside the box (the two distances agree).
+    layer, unit : Tensor
+        ``(B,)`` the inequality attaining ``distance`` (``-1`` / 0 when none): layer index into ``layer_names``
+        and margin index within the layer's margins that exist (as in :class:`RegionInequalities`).
+    layer_names : list of str
+    """
+
+    distance: Tensor
+    unrestricted: Tensor
+    nearest_in_box: Tensor
+    layer: Tensor
+    unit: Tensor
+    layer_names: list
+
+
+def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, layers: LayerSelection = None,
+                             kinds: Sequence[str] | None = None, logits_at: str | None = None,
+                             strict: bool = True) -> BoxDistances:
+    """Exact distance to the region's boundary when inputs are confined to a box (e.g. pixels in ``[0, 1]``).
+
+    The faces of the box are *not* region boundaries: the result is ``min_j dist_p(x, {y in box: m_j(y) <= 0})``,
+    the radius within which every *valid* input lies in the region — never smaller than the ordinary distance,
+    and ``inf`` when no inequality can fail inside the box. Each term is solved exactly (a single linear
+    constraint over a box is separable; see :func:`_halfspace_box_distance`), so no LP is needed. Uses the full
+    gradients of all margins (:func:`region_inequalities`): for small models / few samples.
+
+    Parameters
+    ----------
+    box : (lo, hi)
+        Numbers or tensors broadcastable to one input's shape; every ``x`` must lie inside.
+    p, layers, kinds, logits_at, strict
+        As in :func:`boundary_distance`.
+    """
+    q = dual_norm(p)
+    p = float(p)
+    _check_x(x)
+    lo, hi = _as_box(box, x)
+    ineq = region_inequalities(model, x, layers=layers, kinds=kinds, logits_at=logits_at, strict=strict)
+    xf = x.detach().reshape(x.shape[0], -1)
+    dist, unres, lay, unit = [], [], [], []
+    for i in range(x.shape[0]):
+        g, m = ineq.grad[i], ineq.margin[i]
+        nz = g.abs().amax(1) > 0 if g.shape[1] else torch.zeros(g.shape[0], dtype=torch.bool)
+        db = _halfspace_box_distance(m, g, xf[i], lo, hi, p)
+        db = torch.where(nz, db, torch.full_like(db, math.inf))
+        nrm = torch.linalg.vector_norm(g, ord=q, dim=1)
+        du = torch.where(nz, m.clamp(min=0) / torch.where(nz, nrm, torch.ones_like(nrm)), torch.full_like(db, math.inf))
+        if db.numel():
+            v, j = db.min(0)
+            dist.append(v)
+            unres.append(du.min())
+            lay.append(ineq.layer[j] if torch.isfinite(v) else torch.tensor(-1))
+            first = int((ineq.layer == ineq.layer[j]).nonzero()[0]) if torch.isfinite(v) else int(j)
+            unit.append(torch.tensor(int(j) - first if torch.isfinite(v) else 0))
+        else:
+            dist.append(torch.tensor(math.inf, dtype=x.dtype))
+            unres.append(torch.tensor(math.inf, dtype=x.dtype))
+            lay.append(torch.tensor(-1))
+            unit.append(torch.tensor(0))
+    d, u = torch.stack(dist), torch.stack(unres)
+    close = (d <= u * (1 + 1e-9)) | (torch.isinf(d) & torch.isinf(u))
+    return BoxDistances(d, u, close, torch.stack(lay), torch.stack(unit), ineq.layer_names)
+
+
+@dataclass
+class InscribedBall:
+    """Largest ``l_p`` ball inside each region (Chebyshev ball), from :func:`inscribed_ball`.
+
+    Attributes
+    ----------
+    radius : Tensor
+        ``(B,)`` (``inf`` for an unbounded region without a box).
+    center : Tensor
+        ``(B, *input_shape)`` (``nan`` where the radius is ``inf``).
+    """
+
+    radius: Tensor
+    center: Tensor
+
+
+def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layers: LayerSelection = None,
+                   logits_at: str | None = None, strict: bool = True) -> InscribedBall:
+    """Radius and center of the largest ``l_p`` ball inside ``x``'s region (and the box, if given), by LP.
+
+    Maximise ``r`` subject to ``m_j(x) + g_j·u >= r ||g_j||_q`` for every margin (center ``x + u``) and, with a
+    box, ``lo_i + r <= x_i + u_i <= hi_i - r``. Solved with scipy's HiGHS (``linprog(method="highs")``) in
+    float64, one LP per sample with ``D + 1`` variables and one row per margin: **slow** (seconds per sample for
+    image-sized inputs) — meant for small models and a few samples. Exact up to the LP solver's tolerances
+    (about 1e-9 relative).
+    """
+    import numpy as np
+    from scipy.optimize import linprog
+
+    q = dual_norm(p)
+    _check_x(x)
+    lohi = _as_box(box, x) if box is not None else None
+    ineq = region_inequalities(model, x, layers=layers, logits_at=logits_at, strict=strict)
+    b = x.shape[0]
+    xf = x.detach().reshape(b, -1).to(torch.float64).cpu().numpy()
+    n = xf.shape[1]
+    radius = np.full(b, np.inf)
+    center = np.full((b, n), np.nan)
+    for i in range(b):
+        g = ineq.grad[i].to(torch.float64).cpu().numpy()
+        m = ineq.margin[i].to(torch.float64).cpu().numpy()
+        nrm = np.linalg.norm(g, ord=q, axis=1)
+        keep = nrm > 0
+        g, m, nrm = g[keep], m[keep], nrm[keep]
+        # variables (u, r); rows: -g·u + ||g|| r <= m
+        a_ub = [np.hstack([-g, nrm[:, None]])]
+        b_ub = [m]
+        if lohi is not None:
+            lo, hi = (t.to(torch.float64).cpu().numpy() for t in lohi)
+            eye = np.eye(n)
+            a_ub += [np.hstack([-eye, np.ones((n, 1))]), np.hstack([eye, np.ones((n, 1))])]
+            b_ub += [xf[i] - lo, hi - xf[i]]
+        cost = np.zeros(n + 1)
+        cost[-1] = -1.0
+        res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
+                      bounds=[(None, None)] * n + [(0, None)], method="highs")
+        if res.status == 3:  # unbounded: arbitrarily large balls fit
+            continue
+        if res.status != 0:
+            raise RuntimeError(f"inscribed_ball: HiGHS failed for sample {i}: {res.message}")
+        radius[i] = res.x[-1]
+        center[i] = xf[i] + res.x[:n]
+    return InscribedBall(torch.as_tensor(radius, dtype=x.dtype, device=x.device),
+                         torch.as_tensor(center, dtype=x.dtype, device=x.device).reshape(x.shape))

@@ -315,3 +315,126 @@ def test_layer_and_kind_selection():
         G.boundary_distance(net, x, kinds=("sigmoid",))
     with pytest.raises(KeyError, match="unknown layer"):
         G.boundary_distance(net, x, layers="nope")
+
+
+# --- input-domain box and largest inscribed ball ---------------------------------------------------------------
+
+
+def _triangle_net():
+    """2-D input, ReLU units z1 = x, z2 = y, z3 = 1 - x - y: around (0.1, 0.1) the region is the triangle
+    (0,0), (1,0), (0,1) — every unit active."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    return net
+
+
+def test_inscribed_ball_of_a_triangle():
+    net = _triangle_net()
+    x = torch.tensor([[0.1, 0.1], [0.5, 0.2]], dtype=torch.float64)
+    r2 = (2 - math.sqrt(2)) / 2  # inradius of the right triangle with legs 1
+    ball = G.inscribed_ball(net, x, p=2)
+    assert torch.allclose(ball.radius, torch.full((2,), r2, dtype=torch.float64), rtol=1e-7)
+    assert torch.allclose(ball.center, torch.full((2, 2), r2, dtype=torch.float64), rtol=1e-6)
+    # l_inf ball (a square): c - r >= 0 and 2c + 2r <= 1 -> r = 1/4; l_1 ball (a diamond): 2c + r <= 1 -> r = 1/3
+    assert torch.allclose(G.inscribed_ball(net, x, p=INF).radius, torch.full((2,), 0.25, dtype=torch.float64))
+    assert torch.allclose(G.inscribed_ball(net, x, p=1).radius, torch.full((2,), 1 / 3, dtype=torch.float64))
+    # with a box [0, 0.4]^2 the ball lives in the region ∩ box: here the box's inscribed ball, radius 0.2
+    boxed = G.inscribed_ball(net, x[:1], p=2, box=(0.0, 0.4))
+    assert torch.allclose(boxed.radius, torch.tensor([0.2], dtype=torch.float64), rtol=1e-7)
+    # unbounded region (z3 inactive side), no box: radius inf
+    far = G.inscribed_ball(net, torch.tensor([[2.0, 2.0]], dtype=torch.float64))
+    assert torch.isinf(far.radius).all()
+
+
+def test_inscribed_ball_stays_in_region_random_mlp():
+    torch.manual_seed(20)
+    net = mlp(2, [6, 6], 2).double()
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=g)
+    ball = G.inscribed_ball(net, x, box=(-4.0, 4.0))
+    base = _packed(net, x)
+    assert (ball.radius > 0).all() and torch.isfinite(ball.radius).all()
+    assert torch.equal(_packed(net, ball.center), base)
+    for _ in range(20):
+        u = _unit_dirs(x.shape, 2, g)
+        assert torch.equal(_packed(net, ball.center + 0.999 * ball.radius[:, None] * u), base)
+    # the ball is at least as large as the ball around x itself
+    assert (ball.radius >= G.boundary_distance(net, x).distance * (1 - 1e-7)).all()
+
+
+def test_box_distance_triangle():
+    net = _triangle_net()
+    x = torch.tensor([[0.1, 0.1]], dtype=torch.float64)
+    plain = G.boundary_distance(net, x).distance
+    assert float(plain) == pytest.approx(0.1)
+    # box [0.05, 1]^2: the legs x = 0, y = 0 are outside the box, the hypotenuse is reached at (0.5, 0.5)
+    bd = G.boundary_distance_in_box(net, x, (0.05, 1.0))
+    assert float(bd.distance) == pytest.approx(0.8 / math.sqrt(2), rel=1e-12)
+    assert float(bd.unrestricted) == pytest.approx(0.1) and not bool(bd.nearest_in_box[0])
+    assert bd.layer_names == ["1"] and int(bd.unit[0]) == 2
+    assert float(G.boundary_distance_in_box(net, x, (0.05, 1.0), p=INF).distance) == pytest.approx(0.4)
+    assert float(G.boundary_distance_in_box(net, x, (0.05, 1.0), p=1).distance) == pytest.approx(0.8)
+    # a box the hypotenuse does not meet: nothing can fail inside it
+    assert torch.isinf(G.boundary_distance_in_box(net, x, (0.05, 0.4)).distance).all()
+    # a huge box changes nothing
+    big = G.boundary_distance_in_box(net, x, (-1e3, 1e3))
+    assert torch.allclose(big.distance, plain) and bool(big.nearest_in_box[0])
+    with pytest.raises(ValueError, match="inside the box"):
+        G.boundary_distance_in_box(net, x, (0.2, 1.0))
+
+
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_box_distance_matches_independent_solvers(p):
+    """Against scipy HiGHS LPs per hyperplane for p = inf / 1; for p = 2 (no LP): every box point closer than the
+    distance stays in the region (the exact value for p = 2 is checked on the triangle)."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    torch.manual_seed(22)
+    net = mlp(4, [8, 6], 2).double()
+    g = torch.Generator().manual_seed(23)
+    x = torch.rand(5, 4, dtype=torch.float64, generator=g)
+    lo, hi = 0.0, 1.0
+    bd = G.boundary_distance_in_box(net, x, (lo, hi), p=p)
+    ineq = G.region_inequalities(net, x)
+    plain = G.boundary_distance(net, x, p=p).distance
+    assert torch.allclose(bd.unrestricted, plain, rtol=1e-10)
+    assert (bd.distance >= plain * (1 - 1e-12)).all()
+    for i in range(5):
+        best = math.inf
+        for j in range(ineq.margin.shape[1]):
+            a = ineq.grad[i, j].numpy()
+            s = float(ineq.margin[i, j])
+            if not np.any(a):
+                continue
+            xi = x[i].numpy()
+            if p == 2:
+                continue  # checked below by optimality of the returned distance
+            # variables (u, t): minimise the l_p norm of u subject to a·u <= -s and the box
+            n = 4
+            if p == INF:  # min r, -r <= u <= r
+                c = np.r_[np.zeros(n), 1.0]
+                a_ub = np.vstack([np.r_[a, 0.0], np.hstack([np.eye(n), -np.ones((n, 1))]),
+                                  np.hstack([-np.eye(n), -np.ones((n, 1))])])
+                b_ub = np.r_[-s, np.zeros(2 * n)]
+                bounds = [(lo - xi[k], hi - xi[k]) for k in range(n)] + [(0, None)]
+            else:  # u = u+ - u-, min sum
+                c = np.ones(2 * n)
+                a_ub = np.r_[a, -a][None, :]
+                b_ub = np.array([-s])
+                bounds = [(0, hi - xi[k]) for k in range(n)] + [(0, xi[k] - lo) for k in range(n)]
+            res = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
+            if res.status == 0:
+                best = min(best, res.fun)
+        if p != 2:
+            assert float(bd.distance[i]) == pytest.approx(best, rel=1e-7, abs=1e-12)
+    if p == 2:
+        # inside the reported radius every box point stays in the region; just past it along the optimum, one leaves
+        base = _packed(net, x)
+        for _ in range(30):
+            u = _unit_dirs(x.shape, 2, g)
+            y = (x + 0.999 * torch.where(torch.isfinite(bd.distance), bd.distance, 10.0)[:, None] * u).clamp(lo, hi)
+            inside = ((y - x).norm(dim=1) < bd.distance) | torch.isinf(bd.distance)
+            assert (_packed(net, y) == base).all(1)[inside].all()
