@@ -13,6 +13,17 @@ along the shortest path is the first point where any inequality fails, so no oth
 ``method="re3"`` is the Re3 paper's ``|z_j| / ||w_j||_q`` with ``w_j`` the unit's weight row in its *own layer's*
 input space — exact for the first layer only (it ignores how earlier layers stretch space), kept for comparison.
 
+Routes for the exact distance (:func:`boundary_distance`, all exact): ``"structured"`` for plain chains of standard
+modules such as LeNet (the Jacobian up to the first nonlinearity is shared by all inputs; first max-pool margins use
+kernel-pair norms; later layers are pushed as bias-free tangents), ``"forward"`` and ``"reverse"`` for any supported
+model. ``layers=`` / ``kinds=`` restrict the inequalities (e.g. ReLU hyperplanes only, when max-pool ties on flat
+image backgrounds make the exact region distance 0).
+
+Input domains and balls: :func:`boundary_distance_in_box` gives the exact distance to the nearest boundary point that
+lies inside a box of valid inputs (box faces are not region boundaries); :func:`inscribed_ball` the largest ball
+inside the region (Chebyshev ball) by linear programming with scipy HiGHS — slow, for small models. Both use
+:func:`region_inequalities` (all margins with full input gradients).
+
 What-if and line walks only need *directional* derivatives: one forward-mode (JVP) pass through the frozen network
 with tangent ``δ`` gives every margin's rate of change along ``δ``, hence the exact step at which the first one
 reaches zero — no new forward pass at the perturbed point.
