@@ -191,7 +191,7 @@ class RegionTracker:
 
 @contextmanager
 def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
-          strict: bool = True) -> Iterator[RegionTracker]:
+          strict: bool = True, count_boundary: bool = False) -> Iterator[RegionTracker]:
     """Record region keys and predictions while your own loop runs ``model``; see the module docstring.
 
     Parameters
@@ -205,12 +205,15 @@ def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
         from it and recording stops there.
     strict : bool
         As in :func:`relu_regions.record`.
+    count_boundary : bool
+        As in :func:`relu_regions.record`; off by default because statistics need only the region keys, and
+        counting max-pool ties is most of the recording cost on CNNs.
     """
     mods = dict(model.named_modules())
     if logits_at is not None and logits_at not in mods:
         raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model")
     capture = mods[logits_at] if logits_at is not None else model
-    with preserved(model), record(model, strict=strict, logits_at=logits_at) as rec:
+    with preserved(model), record(model, strict=strict, logits_at=logits_at, count_boundary=count_boundary) as rec:
         tracker = RegionTracker(rec, stats, capture, model)
         try:
             yield tracker

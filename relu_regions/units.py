@@ -49,6 +49,7 @@ class LayerPattern:
     n_states: int
     n_boundary: Tensor
     params: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def unit_shape(self) -> tuple[int, ...]:
@@ -146,6 +147,22 @@ def _boundary(x: Tensor, params: dict, at: float = 0.0) -> Tensor:
     return _count(x == at)
 
 
+def _per_replica(z: Tensor, factor: Tensor) -> Tensor:
+    """``z * factor`` for ``z`` of ``r * B`` rows and ``factor`` of ``B`` rows, broadcasting (no repeated copy)."""
+    b = factor.shape[0]
+    if z.shape[0] == b:
+        return z * factor
+    return (z.view(z.shape[0] // b, *factor.shape) * factor).view(z.shape)
+
+
+def _cached(pattern: LayerPattern, name: str, like: Tensor, build) -> Tensor:
+    key = (name, like.dtype, like.device)
+    t = pattern._cache.get(key)
+    if t is None:
+        t = pattern._cache[key] = build()
+    return t
+
+
 def _expand_state(state: Tensor, z: Tensor) -> Tensor:
     """Repeat a ``(B, ...)`` state for an input batched as ``(r*B, ...)`` (replica-major)."""
     r, rem = divmod(z.shape[0], state.shape[0])
@@ -197,7 +214,8 @@ class ReluRule(UnitRule):
         return func(*args, **kwargs), state, n_boundary, 2
 
     def frozen(self, z, pattern, func, args, kwargs):
-        return _write_back(z, z * _expand_state(pattern.state, z).to(z.dtype), pattern.params)
+        mask = _cached(pattern, "mask", z, lambda: pattern.state.to(z.dtype))
+        return _write_back(z, _per_replica(z, mask), pattern.params)
 
 
 class LeakyReluRule(UnitRule):
@@ -211,8 +229,10 @@ class LeakyReluRule(UnitRule):
         return func(*args, **kwargs), x > 0, _boundary(x, params), 2
 
     def frozen(self, z, pattern, func, args, kwargs):
-        s = _expand_state(pattern.state, z)
-        return _write_back(z, torch.where(s, z, z * pattern.params["slope"]), pattern.params)
+        slopes = _cached(pattern, "slopes", z, lambda: torch.where(
+            pattern.state, torch.ones((), dtype=z.dtype, device=z.device),
+            torch.full((), pattern.params["slope"], dtype=z.dtype, device=z.device)))
+        return _write_back(z, _per_replica(z, slopes), pattern.params)
 
 
 class PReluRule(UnitRule):
@@ -356,7 +376,36 @@ class MaxPoolRule(UnitRule):
         return _count(ties.reshape(*batch_shape, -1).reshape(x.shape[0], -1))
 
     def frozen(self, z, pattern, func, args, kwargs):
-        idx = _expand_state(pattern.state, z)
         d = pattern.params["dims"]
-        out = z.flatten(-d).gather(-1, idx.flatten(-d)).view(idx.shape)
-        return (out, idx) if pattern.params["return_indices"] else out
+        geo = pattern.params.get("geometry")
+        if geo is not None and tuple(geo[1]) == tuple(geo[0]) and not any(geo[2]) and all(v == 1 for v in geo[3]):
+            out = self._frozen_disjoint(z, pattern, geo[0])
+        else:
+            idx = _expand_state(pattern.state, z)
+            out = z.flatten(-d).gather(-1, idx.flatten(-d)).view(idx.shape)
+        if pattern.params["return_indices"]:
+            return out, _expand_state(pattern.state, z)
+        return out
+
+    @staticmethod
+    def _frozen_disjoint(z: Tensor, pattern: LayerPattern, ks: tuple) -> Tensor:
+        """Disjoint windows: multiply by a one-hot selection mask and sum-pool. Dense ops, and a dense backward,
+        where a gather's backward is a slow scatter on CPUs; exact, as each window sums one term and zeros."""
+        d = pattern.params["dims"]
+        idx = pattern.state
+
+        def build():
+            sel = torch.zeros(*idx.shape[:-d], int(torch.Size(pattern.in_shape[-d:]).numel()), dtype=z.dtype,
+                              device=z.device)
+            sel.scatter_(-1, idx.flatten(-d), 1.0)
+            return sel.view(idx.shape[0], *pattern.in_shape)
+
+        picked = _per_replica(z, _cached(pattern, "select", z, build))
+        if d == 1:
+            picked = picked.unsqueeze(-2)
+        ho, wo = (1, idx.shape[-1]) if d == 1 else idx.shape[-2:]
+        picked = picked[..., : ho * ks[0], : wo * ks[1]]
+        lead = picked.shape[:-3]
+        out = F.avg_pool2d(picked.reshape(-1, *picked.shape[-3:]), ks, divisor_override=1)
+        out = out.reshape(*lead, *out.shape[-3:])
+        return out.squeeze(-2) if d == 1 else out
