@@ -532,11 +532,7 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         raise ValueError(f"method must be 'exact' or 're3', got {method!r}")
     if route not in ("auto", "structured", "forward", "reverse"):
         raise ValueError(f"route must be 'auto', 'structured', 'forward' or 'reverse', got {route!r}")
-    if kinds is not None:
-        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        bad = [k for k in kinds if k not in _KINDS]
-        if bad:
-            raise ValueError(f"kinds: unknown unit kind(s) {bad}; choose from {_KINDS}")
+    kinds = _check_kinds(kinds)
     _check_x(x)
     x = x.detach()
     b = x.shape[0]
@@ -594,6 +590,16 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         layer = torch.full((b,), -1, dtype=torch.int64, device=x.device)
         units = torch.zeros(b, dtype=torch.int64, device=x.device)
     return BoundaryDistances(dist, layer, units, per_layer, names, float(p), method)
+
+
+def _check_kinds(kinds) -> tuple | None:
+    if kinds is None:
+        return None
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in _KINDS]
+    if bad:
+        raise ValueError(f"kinds: unknown unit kind(s) {bad}; choose from {_KINDS}")
+    return kinds
 
 
 def _check_x(x) -> None:
@@ -882,8 +888,8 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
         with torch.no_grad():
             _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
         names = select_layers([p.name for p in patterns], layers)
+        kinds = _check_kinds(kinds)
         if kinds is not None:
-            kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
             names = [p.name for p in patterns if p.name in names and p.kind in kinds]
         tangent, n = _basis(x)
         ms, gs, lay = [], [], []
