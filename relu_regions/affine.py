@@ -287,7 +287,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
             start = stop
         if bar is not None:
             bar.close()
-    cat = [torch.cat(p) for p in zip(*[p[:5] for p in parts])]
+    cat = list(parts[0][:5]) if len(parts) == 1 else [torch.cat(p) for p in zip(*[p[:5] for p in parts])]
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, packed=cat[3], n_boundary=cat[4],
                      method=route, layer_names=parts[0][5])
     if check:
