@@ -59,7 +59,10 @@ class AffineMap:
     target : Tensor or None
         ``(B,)`` output index per sample when a target was selected (then ``K == 1``).
     packed : Tensor
-        ``(B, n_words)`` exact bit-packed activation patterns; ``region_ids`` are keys derived from them.
+        ``(B, n_words)`` exact bit-packed activation patterns (packed on first access); ``region_ids`` are keys
+        derived from them.
+    patterns : list of list of LayerPattern
+        The recorded patterns, one list per chunk of samples.
     n_boundary : Tensor
         ``(B,)`` units exactly on a breakpoint; where > 0 the input sits on a region boundary, and ``A`` is the
         map of the region selected by the convention (pre-activation > 0 is active).
@@ -70,10 +73,22 @@ class AffineMap:
     output: Tensor
     x: Tensor
     target: Tensor | None
-    packed: Tensor
+    patterns: list
     n_boundary: Tensor
     method: str
     layer_names: list[str] = field(default_factory=list)
+    _packed: Tensor | None = field(default=None, repr=False)
+    _sizes: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def packed(self) -> Tensor:
+        """``(B, n_words)`` exact bit-packed activation patterns (computed once, on first use)."""
+        if self._packed is None:
+            sizes = self._sizes or [int(c[0].state.shape[0]) for c in self.patterns]
+            parts = [_pack(chunk, n, self.A.device) for chunk, n in zip(self.patterns, sizes)]
+            self._packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._packed
+
 
     @property
     def region_ids(self) -> Tensor:
@@ -102,7 +117,9 @@ class AffineMap:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return replace(self, A=mv(self.A), d=mv(self.d), output=mv(self.output), x=mv(self.x),
-                       target=mv(self.target), packed=mv(self.packed), n_boundary=mv(self.n_boundary))
+                       target=mv(self.target), n_boundary=mv(self.n_boundary),
+                       patterns=[[p.to(device) if device is not None else p for p in c] for c in self.patterns],
+                       _packed=mv(self._packed))
 
     def __len__(self) -> int:
         return self.A.shape[0]
@@ -287,8 +304,12 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
             start = stop
         if bar is not None:
             bar.close()
-    cat = list(parts[0][:5]) if len(parts) == 1 else [torch.cat(p) for p in zip(*[p[:5] for p in parts])]
-    amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, packed=cat[3], n_boundary=cat[4],
+    def join(i):
+        return parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts])
+
+    cat = {i: join(i) for i in (0, 1, 2, 4)}
+    amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, patterns=[p[3] for p in parts],
+                     n_boundary=cat[4], _sizes=[len(p[0]) for p in parts],
                      method=route, layer_names=parts[0][5])
     if check:
         _check(amap)
@@ -300,12 +321,16 @@ def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):
     if sel is not None:
         out = out.gather(1, sel[:, None])
     if patterns:
-        packed = pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns])
         nb = torch.stack([p.n_boundary for p in patterns]).sum(0)
     else:  # an affine network: one region
-        packed = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         nb = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    return a.detach(), d.detach(), out.detach(), packed, nb, [p.name for p in patterns]
+    return a.detach(), d.detach(), out.detach(), patterns, nb, [p.name for p in patterns]
+
+
+def _pack(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
+    if not patterns:  # an affine network: one region
+        return torch.zeros(n, 1, dtype=torch.int64, device=device)
+    return pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns])
 
 
 def _check(amap: AffineMap) -> None:
