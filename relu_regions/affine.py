@@ -264,12 +264,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     -------
     AffineMap
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_batch(x)
     x = x.detach()
     b = x.shape[0]
     n_inputs = int(x[0].numel())
@@ -314,6 +309,16 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     if check:
         _check(amap)
     return amap
+
+
+def check_batch(x: Tensor) -> None:
+    """Raise a clear error unless ``x`` is a batched floating-point tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
 def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .affine import _basis, affine_map, preactivation_maps
+from .affine import check_batch as _check_x
 from .keys import pack_patterns, region_keys
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -600,15 +601,6 @@ def _check_kinds(kinds) -> tuple | None:
     if bad:
         raise ValueError(f"kinds: unknown unit kind(s) {bad}; choose from {_KINDS}")
     return kinds
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
 # --- decision boundary and certified radius ---------------------------------------------------------------------
