@@ -682,7 +682,8 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
             "Each sample's activation region is identified exactly by its bit-packed activation pattern (no hashing)."
             " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'boundary samples'"
             " lie exactly on a breakpoint of some unit (pre-activation exactly 0, or tied maxima in a max-pool window"
-            " — common when a window is all zeros after a ReLU); there the map of the region selected by the"
+            " with a nonzero maximum — common on flat image backgrounds, where a convolution with a positive bias"
+            " gives equal values); there the map of the region selected by the"
             " convention (active iff > 0, first maximum) is used."],
             tables=[("regions per granularity", rows)])
         sec.figures.append(_region_size_figure(inverse, "region_sizes"))
