@@ -34,7 +34,7 @@ import torch.nn as nn
 from .keys import pack_patterns, region_keys
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
-from .units import LayerPattern
+from .units import LayerPattern, boundary_counts
 
 Tensor = torch.Tensor
 TargetType = None | int | Sequence[int] | Tensor
@@ -325,17 +325,14 @@ def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):
     a, d = _ROUTES[route](model, patterns, x, sel, out.shape[1], strict=strict, logits_at=logits_at)
     if sel is not None:
         out = out.gather(1, sel[:, None])
-    if patterns:
-        nb = torch.stack([p.n_boundary for p in patterns]).sum(0)
-    else:  # an affine network: one region
-        nb = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    nb = boundary_counts(patterns, x.shape[0], x.device)
     return a.detach(), d.detach(), out.detach(), patterns, nb, [p.name for p in patterns]
 
 
 def _pack(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
     if not patterns:  # an affine network: one region
         return torch.zeros(n, 1, dtype=torch.int64, device=device)
-    return pack_patterns([p.int_state() for p in patterns], [p.bits_per_unit for p in patterns])
+    return pack_patterns(patterns)
 
 
 def _check(amap: AffineMap) -> None:

@@ -101,7 +101,7 @@ def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | Non
             _, pats = run_recorded(model, t, logits_at=logits_at)
             if not pats:
                 return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            packs.append(pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats]))
+            packs.append(pack_patterns(pats))
     return (packs[0] == packs[1]).all(1)
 
 

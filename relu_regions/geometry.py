@@ -818,7 +818,7 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
         if fwd <= 0:  # starting on a boundary: take the region just after it
             pats, fwd, bwd, t = _step_past(probe, 0.0, eta0)
         while True:
-            packs.append(pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+            packs.append(pack_patterns(pats)
                          if pats else torch.zeros(1, 1, dtype=torch.int64))
             end = t + fwd
             if end >= 1.0 or len(packs) >= max_regions:

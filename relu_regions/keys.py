@@ -69,7 +69,11 @@ def region_keys(words: Tensor) -> Tensor:
     return _mix(_mix(words ^ salt).sum(1) + words.shape[1])
 
 
-def pack_patterns(states: Sequence[Tensor], bits_per_unit: Sequence[int]) -> Tensor:
-    """Pack several layers' ``(B, n_l)`` states into one row of words per sample."""
-    bits = torch.cat([states_to_bits(s, k) for s, k in zip(states, bits_per_unit)], dim=1)
+def pack_patterns(patterns: Sequence) -> Tensor:
+    """Pack several layers' patterns into one row of words per sample.
+
+    ``patterns`` are :class:`~relu_regions.units.LayerPattern` objects (anything with ``int_state()`` and
+    ``bits_per_unit``), in a fixed order.
+    """
+    bits = torch.cat([states_to_bits(p.int_state(), p.bits_per_unit) for p in patterns], dim=1)
     return pack_bits(bits)

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import PatternMismatchError, UnsupportedModuleError
 from .keys import pack_patterns, region_keys
 from .state import preserved
-from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule
+from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
 
 Tensor = torch.Tensor
 LayerSelection = None | str | Sequence[str] | slice | int
@@ -147,9 +147,8 @@ class _Session:
     def end_pass(self) -> None:
         if self.current is None:
             return
-        if self.current is not None:
-            self.passes.append(self.current)
-        if self.replay is not None and self.current is not None and self.cursor != len(self.replay):
+        self.passes.append(self.current)
+        if self.replay is not None and self.cursor != len(self.replay):
             raise PatternMismatchError(
                 f"the replayed forward ran {self.cursor} piecewise-linear operations, the recording has "
                 f"{len(self.replay)}: the model's forward depends on its input beyond its activation pattern")
@@ -394,7 +393,7 @@ class Recording:
     def packed(self, layers: LayerSelection = None) -> Tensor:
         """Exact bit-packed patterns, ``(B, n_words)`` int64 (64 bits per word), on the patterns' device."""
         pats = self.patterns(layers)
-        return pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+        return pack_patterns(pats)
 
     def region_ids(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
@@ -402,8 +401,7 @@ class Recording:
 
     def n_boundary(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties)."""
-        pats = self.patterns(layers)
-        return torch.stack([p.n_boundary for p in pats]).sum(0)
+        return boundary_counts(self.patterns(layers), len(self))
 
     def on_boundary(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` bool: the input lies on the boundary of its region (its map is one of several)."""

@@ -442,6 +442,7 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
     inverse : dict granularity -> (N,) exact region index per sample
     """
     from .keys import pack_patterns
+    from .units import boundary_counts
 
     by_name = {p.name: p for p in patterns}
     groups = groups or granularities(list(by_name))
@@ -450,7 +451,7 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
     rows, inverse = [], {}
     for gname, layers in groups.items():
         pats = [by_name[name] for name in layers]
-        packed = pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats])
+        packed = pack_patterns(pats)
         inv, counts = _unique_rows(packed)
         r = int(counts.numel())
         hist = torch.zeros(r, n_classes, dtype=torch.long)
@@ -466,7 +467,7 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
             mine = (majority == c).nonzero().flatten()
             if mine.numel():
                 covered += int(hist[mine, c].max())
-        nb = torch.stack([p.n_boundary for p in pats]).sum(0) if pats else torch.zeros(n)
+        nb = boundary_counts(pats, n)
         rows.append({
             "granularity": gname,
             "layers": len(layers),
@@ -758,7 +759,7 @@ def _regionstats_section_parts(model, patterns, groups, y_true, y_pred, k, X, na
     for gname, layers in groups.items():
         pats = [by_name[n] for n in layers]
         keys["full" if gname == "full network" else gname] = region_keys(
-            pack_patterns([p.int_state() for p in pats], [p.bits_per_unit for p in pats]))
+            pack_patterns(pats))
     tabular = not _image_like(X[0:1]) and X[0].numel() <= 64
     st = RegionStats(k, granularities={g: groups[g if g != "full" else "full network"] for g in keys if g != "full"},
                      keep_contributions=tabular)

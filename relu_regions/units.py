@@ -12,6 +12,7 @@ Units whose input sits exactly on a breakpoint are counted as *boundary* units.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,6 +95,13 @@ class LayerPattern:
     def to(self, device: torch.device | str) -> LayerPattern:
         return LayerPattern(self.name, self.kind, self.state.to(device), self.n_states,
                             self.n_boundary.to(device), self.params)
+
+
+def boundary_counts(patterns: Sequence[LayerPattern], batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """``(batch,)`` units exactly on a breakpoint, summed over ``patterns`` (zeros when there are none)."""
+    if not patterns:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    return torch.stack([p.n_boundary for p in patterns]).sum(0)
 
 
 def _window_offsets(p: LayerPattern) -> Tensor:
