@@ -19,19 +19,13 @@ import time
 
 import torch
 import torch.nn as nn
+from _common import emit
+from seed_studies import machine
 from tqdm.auto import tqdm
 
 from relu_regions import geometry as G
 from relu_regions.datasets import load_mnist
 from relu_regions.models import LeNet, mlp
-
-try:
-    from seed_studies import machine
-except ImportError:  # run from elsewhere
-    import platform
-
-    def machine() -> str:
-        return platform.processor() or "unknown CPU"
 
 
 def he_init(model: nn.Module, seed: int) -> nn.Module:
@@ -170,11 +164,7 @@ def main() -> None:
                   "once), first-pool margins z_a − z_o use norms of kernel pairs looked up per window, and only the "
                   "layers after the first pool are pushed as 784 tangents per image (bias-free conv / linear parts, "
                   "no primal replicas).", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

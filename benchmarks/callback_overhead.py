@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 
 warnings.filterwarnings("ignore")
 
@@ -46,9 +46,7 @@ class LitCNN(pl.LightningModule):
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    return f"CPU {name}, {torch.get_num_threads()} threads, no GPU"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads, no GPU"
 
 
 def epoch_time(model, loader, callbacks, device) -> float:

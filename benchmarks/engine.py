@@ -11,11 +11,11 @@ Usage: ``python benchmarks/engine.py [--batch 256] [--repeats 10] [--device cpu|
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from _common import cpu_name, emit
 
 import relu_regions as rr
 from relu_regions.models import LeNet, mlp
@@ -24,13 +24,7 @@ from relu_regions.models import LeNet, mlp
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def timeit(fn, repeats: int, device: str) -> float:
@@ -138,11 +132,7 @@ def main() -> None:
     for model, what, t, ratio, target, met in rows:
         met_s = "" if met == "" else ("yes" if met else "**no**")
         lines.append(f"| {model} | {what} | {t * 1e3:.2f} | {ratio:.2f}× | {target} | {met_s} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 
 import relu_regions as rr
 from relu_regions.cli import train_model
@@ -147,7 +148,7 @@ def main() -> None:
     re3_rate = n_re3 / t_re3
     for r in rows:
         r["vs Re3"] = r["images/s"] / re3_rate
-    dev_name = torch.cuda.get_device_name(0) if gpu else _cpu_name()
+    dev_name = torch.cuda.get_device_name(0) if gpu else cpu_name()
     md = [f"# Throughput on MNIST test images, LeNet — {device.type.upper()}{' (quick)' if args.quick else ''}", "",
           f"Device: {dev_name}; torch {torch.__version__}, {torch.get_num_threads()} threads. "
           f"Data: {describe_mnist_source('mnist')}. LeNet trained 1 epoch on 5,000 images: test accuracy "
@@ -167,16 +168,6 @@ def main() -> None:
     out.write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"written to {out}")
-
-
-def _cpu_name() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return "CPU"
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _common import cpu_name
 
 import relu_regions as rr
 from relu_regions.cli import train_model
@@ -36,12 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                    platform.processor() or "unknown CPU")
-    except (OSError, subprocess.SubprocessError):
-        name = platform.processor() or "unknown CPU"
+    name = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{name}, {torch.get_num_threads()} torch threads, {gpu}"
 

@@ -14,13 +14,12 @@ Usage: python benchmarks/neon_insertion.py [--quick] [--out benchmarks/results/n
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_name
 from sklearn.cluster import KMeans
 
 from relu_regions import clusters as C
@@ -30,14 +29,9 @@ METHODS = ["neon", "random", "diff2", "grad2", "ig"]
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        name = platform.processor() or "unknown CPU"
     import os
 
-    return f"{name}, {os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads, no GPU"
+    return f"{cpu_name()}, {os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads, no GPU"
 
 
 def markdown(df, index: bool = True, fmt: str = "{:.3f}") -> str:

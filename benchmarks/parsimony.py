@@ -12,13 +12,12 @@ Usage: ``python benchmarks/parsimony.py [--quick]``. Needs MNIST under ../shared
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 
 from relu_regions.datasets import load_mnist
 from relu_regions.geometry import boundary_distance
@@ -27,12 +26,7 @@ from relu_regions.training import boundary_distances, evaluate, parsimony_penalt
 
 
 def machine() -> str:
-    try:
-        name = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in name.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        name = platform.processor() or "?"
-    return f"{torch.get_num_threads()}-thread CPU ({name}), no GPU" if not torch.cuda.is_available() else \
+    return f"{torch.get_num_threads()}-thread CPU ({cpu_name()}), no GPU" if not torch.cuda.is_available() else \
         torch.cuda.get_device_name()
 
 

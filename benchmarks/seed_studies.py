@@ -14,13 +14,12 @@ Usage: python benchmarks/seed_studies.py [--quick] [--out benchmarks/results/see
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
+from _common import cpu_name, emit
 
 import relu_regions as rr
 from relu_regions.datasets import load_tabular, standardize, stratified_split
@@ -29,12 +28,7 @@ from relu_regions.regions import RegionStats, markdown_table
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} threads, no GPU"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, no GPU"
 
 
 def boolean_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +202,7 @@ def main() -> None:
               "The Re3 paper's numbers could not be retrieved here: column `paper` says n/a.", "",
               markdown_table(pd.DataFrame(rows)), "", f"Time: {t_re3:.0f} s.", ""]
     lines += [f"Total time: {time.time() - t0:.1f} s."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
