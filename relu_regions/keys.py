@@ -1,10 +1,12 @@
-"""Region keys: exact bit-packing of activation patterns and 64-bit keys, computed on the patterns' device.
+"""Region keys: exact packing of activation patterns and 64-bit keys, computed on the patterns' device.
 
-``pack_bits`` packs per-unit states into int64 words of 64 bits each (bit i of the pattern is bit i % 64 of
-word i // 64, through a byte view: exact, and cheap on any device). ``region_keys`` turns packed words into one
-int64 key per sample: the word itself when the pattern fits into 64 bits (exact and injective), otherwise a 64-bit mix
-(splitmix64-style finaliser, wrapping int64 arithmetic) whose collision probability for n distinct patterns is
-about n² / 2^65 — below 1e-9 for a million regions. ``packed`` bits remain available for exact comparison.
+``pack_patterns`` packs every layer's unit states into bytes (two-state units 8 per byte, wider states 4, 2 or 1
+per byte at 2, 4 or 8 bits each; every layer starts on a byte) and the bytes of all layers into int64 words: exact
+and injective, with vectorised passes over the states only (``pack_bits`` is the same for plain bool bits: bit i
+is bit i % 64 of word i // 64). ``region_keys`` turns packed words into one int64 key per sample: the word itself
+when the pattern fits into 64 bits (exact and injective), otherwise a 64-bit mix (splitmix64-style finaliser,
+wrapping int64 arithmetic) whose collision probability for n distinct patterns is about n² / 2^65 — below 1e-9
+for a million regions. ``packed`` words remain available for exact comparison.
 """
 
 from __future__ import annotations
@@ -38,23 +40,67 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
-def states_to_bits(states: Tensor, bits_per_unit: int) -> Tensor:
-    """``(B, n)`` integer states -> ``(B, n * bits_per_unit)`` bool bits (least significant first)."""
-    if bits_per_unit == 1:
-        return states.to(torch.bool)
-    shifts = torch.arange(bits_per_unit, device=states.device)
-    return ((states.unsqueeze(-1) >> shifts) & 1).to(torch.bool).reshape(states.shape[0], -1)
+_GATHER = 0x0102040810204080  # w * _GATHER >> 56 collects the low bit of each of w's 8 bytes, in order
+
+
+def _bool_bytes(bits: Tensor) -> Tensor:
+    """``(B, n)`` bool -> ``(B, ceil(n / 8))`` uint8, bit j of byte i = bit 8i + j.
+
+    Eight bool bytes read as one int64 are folded into one byte by a multiplication (the partial products land
+    on distinct bits of the top byte, so nothing carries): a few passes over n / 8 words, no reduction over a
+    dimension of size 8.
+    """
+    b, n = bits.shape
+    n8 = -(-n // 8) * 8
+    if n8 != n or not bits.is_contiguous() or bits.storage_offset() % 8:
+        padded = torch.zeros(b, max(n8, 8), dtype=torch.bool, device=bits.device)
+        padded[:, :n] = bits
+        bits = padded
+    eight = bits.view(torch.uint8).view(b, -1, 8).view(torch.int64).view(b, -1)
+    return (eight * _GATHER).view(torch.uint8).view(b, -1, 8)[..., 7]  # the top byte, little-endian
+
+
+def _to_words(by: Tensor) -> Tensor:
+    """``(B, n)`` uint8 -> ``(B, ceil(n / 8))`` int64 words (zero padded)."""
+    b, n = by.shape
+    n_words = max(1, -(-n // 8))
+    if n != n_words * 8 or not by.is_contiguous() or by.storage_offset() % 8:
+        padded = torch.zeros(b, n_words * 8, dtype=torch.uint8, device=by.device)
+        padded[:, :n] = by
+        by = padded
+    return by.view(torch.int64)
 
 
 def pack_bits(bits: Tensor) -> Tensor:
-    """Pack ``(B, n)`` bool bits into ``(B, ceil(n / 64))`` int64 words, exactly."""
-    b, n = bits.shape
-    n_words = max(1, -(-n // WORD_BITS))
-    padded = torch.zeros(b, n_words * WORD_BITS, dtype=torch.uint8, device=bits.device)
-    padded[:, :n] = bits
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
-    by = (padded.view(b, n_words * 8, 8) * weights).sum(-1, dtype=torch.uint8)
-    return by.view(b, n_words * 8).view(torch.int64)
+    """Pack ``(B, n)`` bool bits into ``(B, ceil(n / 64))`` int64 words, exactly (bit i is bit i % 64 of word
+    i // 64)."""
+    return _to_words(_bool_bytes(bits))
+
+
+def state_bytes(states: Tensor, bits_per_unit: int) -> Tensor:
+    """``(B, n)`` integer states of ``bits_per_unit`` bits -> ``(B, m)`` uint8, exactly and injectively.
+
+    One bit: 8 units per byte. Up to 2 / 4 / 8 bits: 4 / 2 / 1 units per byte (shifts of small strided slices,
+    never one tensor element per bit). Wider states: their low ``ceil(bits / 8)`` bytes.
+    """
+    b, n = states.shape
+    if bits_per_unit == 1:
+        return _bool_bytes(states.to(torch.bool))
+    if bits_per_unit > 8:
+        nbytes = -(-bits_per_unit // 8)
+        return states.to(torch.int64).contiguous().view(torch.uint8).view(b, n, 8)[..., :nbytes].reshape(b, -1)
+    width = 2 if bits_per_unit <= 2 else 4 if bits_per_unit <= 4 else 8
+    per = 8 // width
+    s = states.to(torch.uint8)
+    if per == 1:
+        return s
+    if n % per:
+        s = torch.cat([s, s.new_zeros(b, per - n % per)], 1)
+    s = s.view(b, -1, per)
+    out = s[..., 0].clone()
+    for j in range(1, per):
+        out |= s[..., j] << (width * j)
+    return out
 
 
 def region_keys(words: Tensor) -> Tensor:
@@ -75,5 +121,5 @@ def pack_patterns(patterns: Sequence) -> Tensor:
     ``patterns`` are :class:`~relu_regions.units.LayerPattern` objects (anything with ``int_state()`` and
     ``bits_per_unit``), in a fixed order.
     """
-    bits = torch.cat([states_to_bits(p.int_state(), p.bits_per_unit) for p in patterns], dim=1)
-    return pack_bits(bits)
+    parts = [state_bytes(p.int_state(), p.bits_per_unit) for p in patterns]
+    return _to_words(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))

@@ -451,3 +451,61 @@ def test_maxpool_window_offsets_determine_the_argmax(kw):
     for a in range(6):
         for b in range(6):
             assert torch.equal(off[a], off[b]) == torch.equal(idx[a], idx[b])
+
+
+@pytest.mark.parametrize("ks", [2, 3, (2, 3)])
+def test_disjoint_pool_ties_match_a_brute_force_count(ks):
+    g = torch.Generator().manual_seed(5)
+    x = F.relu(torch.randint(-2, 3, (8, 3, 12, 12), generator=g).float())  # small integers: many ties, many zeros
+    m = nn.MaxPool2d(ks)
+    with rr.record(m) as rec:
+        m(x)
+    kh, kw = (ks, ks) if isinstance(ks, int) else ks
+    win = x.unfold(2, kh, kh).unfold(3, kw, kw).reshape(8, 3, 12 // kh, 12 // kw, -1)
+    top = win.amax(-1, keepdim=True)
+    expected = (((win == top).sum(-1) > 1) & (top[..., 0] != 0)).reshape(8, -1).sum(1)
+    assert expected.sum() > 0
+    assert torch.equal(rec.n_boundary(), expected)
+
+
+@pytest.mark.parametrize("n_states", [2, 3, 4, 13, 200, 300, 70000])
+def test_state_bytes_are_exact_for_every_width(n_states):
+    from relu_regions.keys import state_bytes
+
+    g = torch.Generator().manual_seed(n_states)
+    states = torch.randint(0, n_states, (64, 37), generator=g)
+    bits = max(1, (n_states - 1).bit_length())
+    by = state_bytes(states if n_states > 2 else states.bool(), bits)
+    width = 1 if bits == 1 else 2 if bits <= 2 else 4 if bits <= 4 else 8 if bits <= 8 else 8 * -(-bits // 8)
+    # unpack: little-endian bit stream of fixed-width fields
+    stream = ((by.long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(64, -1)
+    fields = stream[:, : 37 * width].reshape(64, 37, width)
+    unpacked = (fields << torch.arange(width)).sum(-1)
+    assert torch.equal(unpacked, states)
+
+
+def test_functional_unit_in_a_module_called_twice_is_named_per_call():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.relu(self.lin(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(self.block(x))
+
+    m = Net()
+    n_hooks = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+    with rr.record(m) as rec:
+        # only the root carries hooks while recording: submodules run on torch's fast path
+        assert all(not mod._forward_pre_hooks for mod in m.block.modules())
+        m(torch.randn(3, 4))
+    assert rec.layer_names == ["block/relu", "block/relu#1"]
+    assert n_hooks == sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
