@@ -99,8 +99,11 @@ def speed(args, m, xte, acc) -> str:
     ks = ca.KernelShap(m)
     mask = superpixel_mask(x.shape[1:], 7)
     k = args.shap_samples_n
-    t_ks = timed(lambda: ks.attribute(x[:k], target=tgt[:k], n_samples=200, feature_mask=mask,
-                                      perturbations_per_eval=50), 1) / k
+    # Captum's default evaluates one perturbation per forward (perturbations_per_eval=1): the setting the issue's
+    # "about 2,500x one gradient" describes. Batching 50 perturbations per forward is shown beside it.
+    t_ks = timed(lambda: ks.attribute(x[:k], target=tgt[:k], n_samples=200, feature_mask=mask), 1) / k
+    t_ks50 = timed(lambda: ks.attribute(x[:k], target=tgt[:k], n_samples=200, feature_mask=mask,
+                                        perturbations_per_eval=50), 1) / k
     # where Re3's time goes (engine overhead vs the two passes it needs)
     with torch.no_grad():
         t_fwd = timed(lambda: m(x), r) / n
@@ -110,7 +113,7 @@ def speed(args, m, xte, acc) -> str:
         with torch.no_grad():
             _, pats = run_recorded(m, x)
         z = torch.zeros_like(x, requires_grad=True)
-        out = run_frozen(m, z, pats)
+        out = run_frozen(m, z, pats, fast_input_grads=True)
         (g,) = torch.autograd.grad(out.gather(1, tgt[:, None]).sum(), z)
         return g * x
 
@@ -122,7 +125,9 @@ def speed(args, m, xte, acc) -> str:
         ("Re3 (`Re3.attribute` → `affine_map(target=…, method='reverse')`)", t_re3),
         ("Captum InputXGradient", t_ixg),
         ("Captum IntegratedGradients, n_steps=50", t_ig),
-        (f"Captum KernelShap, 200 samples, 7×7 superpixels (on {k} samples)", t_ks),
+        (f"Captum KernelShap, 200 samples, 7×7 superpixels, Captum's default perturbations_per_eval=1 "
+         f"(on {k} samples)", t_ks),
+        (f"Captum KernelShap, as above with perturbations_per_eval=50 (on {k} samples)", t_ks50),
     ]
     detail = [
         ("plain forward pass (no grad)", t_fwd),
@@ -149,8 +154,9 @@ def speed(args, m, xte, acc) -> str:
         f"- Re3 / InputXGradient = **{ratio_ixg:.2f}** (target ≤ 1.5: {'met' if ratio_ixg <= 1.5 else 'NOT met'})",
         f"- IntegratedGradients-50 / Re3 = **{t_ig / t_re3:.1f}** (target ≥ 50: "
         f"{'met' if t_ig / t_re3 >= 50 else 'NOT met'})",
-        f"- KernelShap-200 / Re3 = **{t_ks / t_re3:.0f}** (target ≥ 1000: "
-        f"{'met' if t_ks / t_re3 >= 1000 else 'NOT met'})",
+        f"- KernelShap-200 (Captum's defaults) / Re3 = **{t_ks / t_re3:.0f}** (target ≥ 1000: "
+        f"{'met' if t_ks / t_re3 >= 1000 else 'NOT met'}); with 50 perturbations per forward: "
+        f"**{t_ks50 / t_re3:.0f}**",
         "",
         "Where Re3's time goes (same run, per sample):",
         "",
@@ -159,9 +165,10 @@ def speed(args, m, xte, acc) -> str:
         *[f"| {name} | {t * 1e3:.3f} | {t / t_ixg:.2f} |" for name, t in detail],
         "",
         "Re3 needs a recorded forward pass (the pattern), a frozen forward pass at 0 and one backward pass; "
-        "InputXGradient needs one forward and one backward. The gap between `affine_map` and the bare public path "
-        "is engine overhead (the one-sample probe pass, region keys / bit-packing, the residual check) — see the "
-        "report to the engine owner.",
+        "InputXGradient needs one forward and one backward. Re3's backward computes the convolutions' input "
+        "gradients as forward convolutions with flipped kernels (`relu_regions.input_grads`), which on this CPU "
+        "is several times faster than torch's own input-gradient kernel that InputXGradient runs; `Re3.attribute` "
+        "adds the residual check A·x + d = f(x) on top of `affine_map(check=False)`.",
     ]
     return "\n".join(lines) + "\n"
 

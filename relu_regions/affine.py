@@ -156,7 +156,7 @@ def _reverse(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Ten
     if sel is not None:
         z = torch.zeros_like(x, requires_grad=True)
         with torch.enable_grad():
-            g = _flat_out(run_frozen(model, z, patterns, **kw), b)
+            g = _flat_out(run_frozen(model, z, patterns, fast_input_grads=True, zero_input=True, **kw), b)
             (grad,) = torch.autograd.grad(g.gather(1, sel[:, None]).sum(), z)
         return grad.unsqueeze(1), g.detach().gather(1, sel[:, None])
     # all K outputs: one forward, then one backward per output through the same graph. Measured on an idle 2-core
@@ -164,7 +164,7 @@ def _reverse(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Ten
     # of the batch in one pass; it also needs the least memory.
     z = torch.zeros_like(x, requires_grad=True)
     with torch.enable_grad():
-        g = _flat_out(run_frozen(model, z, patterns, **kw), b)
+        g = _flat_out(run_frozen(model, z, patterns, fast_input_grads=True, zero_input=True, **kw), b)
         k = g.shape[1]
         rows = [torch.autograd.grad(g[:, i].sum(), z, retain_graph=i < k - 1)[0] for i in range(k)]
     return torch.stack(rows, 1), g.detach()

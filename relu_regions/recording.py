@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import PatternMismatchError, UnsupportedModuleError
+from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, region_keys
 from .state import preserved
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
@@ -130,12 +131,27 @@ class _Session:
         self.current: list[LayerPattern] | None = None
         self.depth = 0
         self.cursor = 0
-        self.names = {id(m): n for n, m in model.named_modules()}  # by id: any object may sit in a frame's self
-        self.types = {n: type(m).__name__ for n, m in model.named_modules()}
+        self._names: dict[int, str] | None = None
+        self._types: dict[str, str] | None = None
         self.tainted: dict[int, weakref.ref] = {}
         self.count_boundary = True
+        self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
+        self.zero_input: Tensor | None = None  # the replay input, when the caller knows it is all zeros
         self._zeros: dict = {}
         self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Module path by module id (by id: any object may sit in a frame's ``self``); built on first use."""
+        if self._names is None:
+            self._names = {id(m): n for n, m in self.model.named_modules()}
+        return self._names
+
+    @property
+    def types(self) -> dict[str, str]:
+        if self._types is None:
+            self._types = {n: type(m).__name__ for n, m in self.model.named_modules()}
+        return self._types
 
     # -- passes ---------------------------------------------------------------------------------------------
     def begin_pass(self, inputs: tuple) -> None:
@@ -246,6 +262,15 @@ class _Mode(TorchFunctionMode):
                         return self._unit(rule, func, args, kwargs, *parsed)
             if func in _CHECKED and s.strict:
                 self._check(func, args, kwargs, n)
+            if s.fast_input_grads and (func is F.conv2d or func is F.linear):
+                zero = s.zero_input is not None and args and args[0] is s.zero_input
+                if func is F.conv2d:
+                    out = conv2d_with_fast_input_grad(args, kwargs, zero=zero)
+                else:
+                    out = linear_at_zero(args, kwargs) if zero else None
+                if out is not None:
+                    s.taint(out)
+                    return out
         out = func(*args, **kwargs)
         if n:
             if isinstance(out, Tensor):
@@ -514,12 +539,18 @@ def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at:
 
 def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *, strict: bool = True,
                logits_at: str | None = None,
-               observe: Callable[[LayerPattern, Tensor], None] | None = None) -> Tensor:
+               observe: Callable[[LayerPattern, Tensor], None] | None = None,
+               fast_input_grads: bool = False, zero_input: bool = False) -> Tensor:
     """Run ``model`` on ``z`` with every piecewise-linear unit frozen in its recorded state.
 
-    ``z`` may hold ``r`` replicas of the recorded batch (``r * B`` rows, replica-major).
+    ``z`` may hold ``r`` replicas of the recorded batch (``r * B`` rows, replica-major). With
+    ``fast_input_grads``, stride-1 2-d convolutions get the flipped-kernel input gradient of
+    :mod:`relu_regions.input_grads` and no parameter gradients; with ``zero_input`` as well (the caller promises
+    ``z`` is all zeros), layers reading ``z`` directly return their bias without a matrix product.
     """
     with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
+        s.fast_input_grads = fast_input_grads
+        s.zero_input = z if fast_input_grads and zero_input else None
         out = _call(model, z)
         if s.current is not None:
             s.end_pass()

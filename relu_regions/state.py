@@ -27,7 +27,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     modules = list(model.modules())
     training = [m.training for m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    hooks = [(m, name, dict(getattr(m, name))) for m in modules for name in _HOOK_DICTS if hasattr(m, name)]
+    # most hook dicts are empty: keep a copy only of the others (this runs once per call of every entry point)
+    hooks = [(m, name, dict(d) if d else None) for m in modules for name in _HOOK_DICTS
+             if (d := getattr(m, name, None)) is not None]
     try:
         if eval_mode:
             model.eval()
@@ -40,6 +42,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
                 p.requires_grad_(flag)
         for m, name, saved in hooks:
             current = getattr(m, name)
-            if current.keys() != saved.keys():
+            if saved is None:
+                if current:
+                    current.clear()
+            elif current.keys() != saved.keys():
                 current.clear()
                 current.update(saved)

@@ -509,3 +509,24 @@ def test_functional_unit_in_a_module_called_twice_is_named_per_call():
         m(torch.randn(3, 4))
     assert rec.layer_names == ["block/relu", "block/relu#1"]
     assert n_hooks == sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+
+
+@pytest.mark.parametrize("conf", [dict(), dict(padding=2), dict(padding=(1, 0), dilation=(2, 1)),
+                                  dict(groups=2), dict(groups=4, padding=1, dilation=2)])
+def test_flipped_kernel_input_gradient_equals_autograd(conf):
+    from relu_regions.input_grads import conv2d_with_fast_input_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 11, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 4 // conf.get("groups", 1), 3, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, w, b, **conf)
+    fast = conv2d_with_fast_input_grad((x, w, b), conf)
+    assert torch.equal(fast, ref)
+    cot = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (want,) = torch.autograd.grad(ref, x, cot)
+    (got,) = torch.autograd.grad(fast, x, cot)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # where the flipped convolution does not apply, the caller keeps torch's own call
+    assert conv2d_with_fast_input_grad((x, w, b), {**conf, "stride": 2}) is None
+    assert conv2d_with_fast_input_grad((x.detach(), w, b), conf) is None
