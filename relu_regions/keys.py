@@ -11,6 +11,7 @@ for a million regions. ``packed`` words remain available for exact comparison.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -111,8 +112,13 @@ def region_keys(words: Tensor) -> Tensor:
     """
     if words.shape[1] == 1:
         return words[:, 0].clone()
-    salt = (torch.arange(1, words.shape[1] + 1, dtype=torch.int64, device=words.device) * _GOLDEN)
-    return _mix(_mix(words ^ salt).sum(1) + words.shape[1])
+    return _mix(_mix(words ^ _salt(words.shape[1], words.device)).sum(1) + words.shape[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _salt(n: int, device: torch.device) -> Tensor:
+    """Per-position salts (constants, cached by size and device)."""
+    return torch.arange(1, n + 1, dtype=torch.int64, device=device) * _GOLDEN
 
 
 def pack_patterns(patterns: Sequence) -> Tensor:

@@ -137,6 +137,8 @@ class _Session:
         self.count_boundary = True
         self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
         self.zero_input: Tensor | None = None  # the replay input, when the caller knows it is all zeros
+        self.zero_uses: list = []  # the torch functions that read zero_input
+        self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on zero_input
         self._zeros: dict = {}
         self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
 
@@ -262,13 +264,18 @@ class _Mode(TorchFunctionMode):
                         return self._unit(rule, func, args, kwargs, *parsed)
             if func in _CHECKED and s.strict:
                 self._check(func, args, kwargs, n)
+            zero = False
+            if s.zero_input is not None and any(a is s.zero_input for a in args):
+                s.zero_uses.append(func)
+                zero = args[0] is s.zero_input
             if s.fast_input_grads and (func is F.conv2d or func is F.linear):
-                zero = s.zero_input is not None and args and args[0] is s.zero_input
                 if func is F.conv2d:
                     out = conv2d_with_fast_input_grad(args, kwargs, zero=zero)
                 else:
                     out = linear_at_zero(args, kwargs) if zero else None
                 if out is not None:
+                    if zero and func is F.linear:
+                        s.first_linear = (out, args[1] if len(args) > 1 else kwargs["weight"], out._version)
                     s.taint(out)
                     return out
         out = func(*args, **kwargs)
@@ -540,7 +547,8 @@ def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at:
 def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *, strict: bool = True,
                logits_at: str | None = None,
                observe: Callable[[LayerPattern, Tensor], None] | None = None,
-               fast_input_grads: bool = False, zero_input: bool = False) -> Tensor:
+               fast_input_grads: bool = False, zero_input: bool = False,
+               session_out: list | None = None) -> Tensor:
     """Run ``model`` on ``z`` with every piecewise-linear unit frozen in its recorded state.
 
     ``z`` may hold ``r`` replicas of the recorded batch (``r * B`` rows, replica-major). With
@@ -551,6 +559,8 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
         s.fast_input_grads = fast_input_grads
         s.zero_input = z if fast_input_grads and zero_input else None
+        if session_out is not None:  # the reverse route reads the session's record of the first layer
+            session_out.append(s)
         out = _call(model, z)
         if s.current is not None:
             s.end_pass()

@@ -269,7 +269,10 @@ class RegionStats:
         keys = {name: rec.region_ids(sel) for name, sel in self.granularities.items()}
         for p in rec.patterns(self.layers):
             if p.kind in ("relu", "leaky_relu", "prelu"):
-                act = p.state.reshape(p.state.shape[0], -1).to("cpu", torch.int64).sum(0)
+                st = p.state.reshape(p.state.shape[0], -1)
+                if st.dtype == torch.bool:  # summed as bytes into int32: 2x faster than a bool -> int64 sum
+                    st = st.view(torch.uint8)
+                act = st.sum(0, dtype=torch.int32).to("cpu", torch.int64)
                 self.unit_active[p.name] = act if p.name not in self.unit_active else self.unit_active[p.name] + act
                 self.unit_samples[p.name] = self.unit_samples.get(p.name, 0) + p.state.shape[0]
         return self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)

@@ -209,11 +209,14 @@ def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
         As in :func:`relu_regions.record`; off by default because statistics need only the region keys, and
         counting max-pool ties is most of the recording cost on CNNs.
     """
-    mods = dict(model.named_modules())
-    if logits_at is not None and logits_at not in mods:
-        raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model")
-    capture = mods[logits_at] if logits_at is not None else model
-    with preserved(model), record(model, strict=strict, logits_at=logits_at, count_boundary=count_boundary) as rec:
+    capture = model
+    if logits_at is not None:
+        mods = dict(model.named_modules())
+        if logits_at not in mods:
+            raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model")
+        capture = mods[logits_at]
+    # record() restores the model's state (hooks included) on exit; the tracker's own hook goes first
+    with record(model, strict=strict, logits_at=logits_at, count_boundary=count_boundary) as rec:
         tracker = RegionTracker(rec, stats, capture, model)
         try:
             yield tracker
