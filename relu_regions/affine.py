@@ -65,7 +65,8 @@ class AffineMap:
         The recorded patterns, one list per chunk of samples.
     n_boundary : Tensor
         ``(B,)`` units exactly on a breakpoint; where > 0 the input sits on a region boundary, and ``A`` is the
-        map of the region selected by the convention (pre-activation > 0 is active).
+        map of the region selected by the convention (pre-activation > 0 is active). Counted on first access
+        (one more recorded forward pass over ``x``), so maps that never ask do not pay for it.
     """
 
     A: Tensor
@@ -74,11 +75,21 @@ class AffineMap:
     x: Tensor
     target: Tensor | None
     patterns: list
-    n_boundary: Tensor
     method: str
     layer_names: list[str] = field(default_factory=list)
     _packed: Tensor | None = field(default=None, repr=False)
     _sizes: list[int] = field(default_factory=list, repr=False)
+    _n_boundary: Tensor | None = field(default=None, repr=False)
+    _recount: object = field(default=None, repr=False, compare=False)  # () -> (B,) counts, for n_boundary
+
+    @property
+    def n_boundary(self) -> Tensor:
+        """``(B,)`` units of ``x`` exactly on a breakpoint (counted once, on first access)."""
+        if self._n_boundary is None:
+            if self._recount is None:
+                raise RuntimeError("this AffineMap carries no boundary counts and no model to count them with")
+            self._n_boundary = self._recount().to(self.A.device)
+        return self._n_boundary
 
     @property
     def packed(self) -> Tensor:
@@ -117,7 +128,7 @@ class AffineMap:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return replace(self, A=mv(self.A), d=mv(self.d), output=mv(self.output), x=mv(self.x),
-                       target=mv(self.target), n_boundary=mv(self.n_boundary),
+                       target=mv(self.target), _n_boundary=mv(self._n_boundary),
                        patterns=[[p.to(device) if device is not None else p for p in c] for c in self.patterns],
                        _packed=mv(self._packed))
 
@@ -289,7 +300,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
             stop = min(b, start + (size or chunk_size or 256))
             xs = x[start:stop]
             with torch.no_grad():
-                out, patterns = run_recorded(model, xs, strict=strict, logits_at=logits_at)
+                out, patterns = run_recorded(model, xs, strict=strict, logits_at=logits_at, count_boundary=False)
             out = _flat_out(out, xs.shape[0])
             if route is None:
                 n_outputs = out.shape[1]
@@ -314,10 +325,10 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     def join(i):
         return parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts])
 
-    cat = {i: join(i) for i in (0, 1, 2, 4)}
+    cat = {i: join(i) for i in (0, 1, 2)}
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, patterns=[p[3] for p in parts],
-                     n_boundary=cat[4], _sizes=[len(p[0]) for p in parts],
-                     method=route, layer_names=parts[0][5])
+                     _sizes=[len(p[0]) for p in parts], method=route, layer_names=parts[0][4],
+                     _recount=lambda: boundary_units(model, x, chunk_size=size, strict=strict, logits_at=logits_at))
     if check:
         _check(amap)
     return amap
@@ -337,8 +348,19 @@ def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):
     a, d = _ROUTES[route](model, patterns, x, sel, out.shape[1], strict=strict, logits_at=logits_at)
     if sel is not None:
         out = out.gather(1, sel[:, None])
-    nb = boundary_counts(patterns, x.shape[0], x.device)
-    return a.detach(), d.detach(), out.detach(), patterns, nb, [p.name for p in patterns]
+    return a.detach(), d.detach(), out.detach(), patterns, [p.name for p in patterns]
+
+
+def boundary_units(model: nn.Module, x: Tensor, *, chunk_size: int = 256, strict: bool = True,
+                   logits_at: str | None = None) -> Tensor:
+    """``(B,)`` number of units of each input exactly on a breakpoint (pre-activation 0, max-pool ties with a
+    nonzero maximum), from recorded forward passes in chunks (the model in eval mode, restored afterwards)."""
+    parts = []
+    with preserved(model, eval_mode=True), torch.no_grad():
+        for sl in _chunks(x.shape[0], chunk_size):
+            _, patterns = run_recorded(model, x[sl], strict=strict, logits_at=logits_at, count_boundary=True)
+            parts.append(boundary_counts(patterns, sl.stop - sl.start, x.device))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
 def _pack(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:

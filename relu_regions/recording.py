@@ -469,7 +469,13 @@ class Recording:
         return region_keys(self.packed(layers))
 
     def n_boundary(self, layers: LayerSelection = None) -> Tensor:
-        """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties)."""
+        """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties).
+
+        Needs ``record(model, count_boundary=True)``; raises otherwise (zeros would claim no input is on a
+        boundary)."""
+        if not self._s.count_boundary:
+            raise RuntimeError("boundary units were not counted: record with "
+                               "relu_regions.record(model, count_boundary=True) to get n_boundary / on_boundary")
         return boundary_counts(self.patterns(layers), len(self))
 
     def on_boundary(self, layers: LayerSelection = None) -> Tensor:
@@ -501,7 +507,7 @@ def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
 
 @contextmanager
 def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = None,
-           count_boundary: bool = True) -> Iterator[Recording]:
+           count_boundary: bool = False) -> Iterator[Recording]:
     """Record the activation pattern of every piecewise-linear unit while ``model`` runs.
 
     Hooks and the function mode are attached on entry and removed on exit, also when the block raises. The
@@ -520,8 +526,10 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         Module path whose output is the explained output (e.g. the layer before a softmax head); recording
         stops there (the user's forward still runs to the end).
     count_boundary : bool
-        Count units exactly on a breakpoint (pre-activation 0, max-pool ties) per sample. Costs about one extra
-        elementwise pass per layer; switch it off where only region keys are needed and every percent counts.
+        Also count units exactly on a breakpoint (pre-activation 0, max-pool ties) per sample, for
+        ``rec.n_boundary()`` / ``rec.on_boundary()``. Off by default: it costs one more pass over every ReLU
+        input and a runner-up search per max-pool window (on a LeNet about a third more than the recording itself);
+        :func:`relu_regions.affine_map` counts on demand (``AffineMap.n_boundary``).
 
     Examples
     --------
@@ -535,9 +543,11 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
 
 
 def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at: str | None = None,
-                 observe: Callable[[LayerPattern, Tensor], None] | None = None) -> tuple[Tensor, list[LayerPattern]]:
+                 observe: Callable[[LayerPattern, Tensor], None] | None = None,
+                 count_boundary: bool = True) -> tuple[Tensor, list[LayerPattern]]:
     """Run ``model(x)`` once under recording; return the explained output and the pass's patterns."""
     with _session(model, strict=strict, logits_at=logits_at, observe=observe) as s:
+        s.count_boundary = count_boundary
         out = _call(model, x)
         if s.current is not None:  # stopped at logits_at: the root hook did not close the pass yet
             s.end_pass()

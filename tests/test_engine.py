@@ -149,16 +149,24 @@ def test_inplace_relu_pattern_is_read_before_the_op():
 def test_boundary_units_are_counted():
     m = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
     x = torch.stack([torch.zeros(3), torch.tensor([1.0, -2.0, 0.5])])
-    with rr.record(m) as rec:
+    with rr.record(m, count_boundary=True) as rec:
         m(x)
     assert rec.n_boundary().tolist() == [4, 0]
     assert rec.on_boundary().tolist() == [True, False]
+    # the affine map counts on demand, with the same result
+    assert rr.affine_map(m, x).n_boundary.tolist() == [4, 0]
+    # without counting (the default) asking for counts is an error, not zeros
+    with rr.record(m) as rec:
+        m(x)
+    with pytest.raises(RuntimeError, match="count_boundary=True"):
+        rec.n_boundary()
     # max-pool ties with a non-zero maximum count as boundary windows
     pool = nn.Sequential(nn.MaxPool2d(2))
     img = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]], [[[1.0, 0.0], [0.0, 0.5]]]])
-    with rr.record(pool) as rec:
+    with rr.record(pool, count_boundary=True) as rec:
         pool(img)
     assert rec.n_boundary().tolist() == [1, 0]
+    assert rr.affine_map(pool, img).n_boundary.tolist() == [1, 0]
 
 
 def test_keys_are_injective_on_many_random_patterns():
@@ -428,7 +436,7 @@ def test_affine_map_inside_an_open_recording_does_not_leak_into_it():
 def test_maxpool1d_ties_and_window_offsets():
     m = nn.MaxPool1d(3, 1)
     x = torch.tensor([[[1.0, 2.0, 2.0, 0.0, 5.0, 5.0, 1.0]]])
-    with rr.record(m) as rec:
+    with rr.record(m, count_boundary=True) as rec:
         m(x)
     assert rec.n_boundary().tolist() == [4]  # [1,2,2] [2,2,0] [0,5,5] [5,5,1] tie; [2,0,5] does not
     p = rec.patterns()[0]
@@ -458,7 +466,7 @@ def test_disjoint_pool_ties_match_a_brute_force_count(ks):
     g = torch.Generator().manual_seed(5)
     x = F.relu(torch.randint(-2, 3, (8, 3, 12, 12), generator=g).float())  # small integers: many ties, many zeros
     m = nn.MaxPool2d(ks)
-    with rr.record(m) as rec:
+    with rr.record(m, count_boundary=True) as rec:
         m(x)
     kh, kw = (ks, ks) if isinstance(ks, int) else ks
     win = x.unfold(2, kh, kh).unfold(3, kw, kw).reshape(8, 3, 12 // kh, 12 // kw, -1)
