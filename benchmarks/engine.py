@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _common import cpu_name, emit
+from _common import cpu_name, emit, interleaved
 
 import relu_regions as rr
 from relu_regions.models import LeNet, mlp
@@ -27,19 +27,41 @@ def machine(device: str) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
-def timeit(fn, repeats: int, device: str) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+def sync_for(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else None
+
+
+def recording_times(model, x, rounds: int, device: str) -> dict[str, float]:
+    """Plain forward vs the same forward inside an open ``record`` context (the steady state of a loop that
+    records every batch), alternating round by round; only the forward itself is timed."""
+    sync = sync_for(device) or (lambda: None)
+    times: dict[str, list[float]] = {"plain": [], "rec": [], "rec_keys": [], "rec_boundary": []}
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    for r in range(rounds + 1):
+        sync()
         t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for _ in range(5):
+            fwd()
+        sync()
+        if r:
+            times["plain"].append((time.perf_counter() - t0) / 5)
+        for key, kw in (("rec", {}), ("rec_keys", {}), ("rec_boundary", {"count_boundary": True})):
+            with rr.record(model, **kw) as rec:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    fwd()
+                    if key == "rec_keys":
+                        rec.region_ids()
+                    rec.clear()
+                sync()
+                if r:
+                    times[key].append((time.perf_counter() - t0) / 5)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, device: str) -> list[tuple]:
@@ -56,61 +78,40 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, devi
         xx = x.clone().requires_grad_(True)
         torch.autograd.grad(model(xx).gather(1, pred[:, None]).sum(), xx)
 
-    with rr.record(model) as rec:  # steady state: the context stays open over many batches
-
-        def recorded():
-            with torch.no_grad():
-                model(x)
-            rec.clear()
-
-        t_rec = timeit(recorded, repeats, device)
-
-    with rr.record(model, count_boundary=False) as rec2:
-
-        def keys_only():
-            with torch.no_grad():
-                model(x)
-            rec2.clear()
-
-        t_keys = timeit(keys_only, repeats, device)
-
-    def recorded_cold():
-        with torch.no_grad(), rr.record(model):
-            model(x)
-
-    t_plain = timeit(plain, repeats, device)
-    t_fb = timeit(fwd_bwd, repeats, device)
-    rows = [
-        (name, "plain forward", t_plain, 1.0, "", ""),
-        (name, "forward under record (open context)", t_rec, t_rec / t_plain, "≤ 1.10× fwd", t_rec / t_plain <= 1.10),
-        (name, "forward under record (enter+exit each batch)", timeit(recorded_cold, repeats, device),
-         None, "", ""),
-        (name, "forward under record, count_boundary=False", t_keys, t_keys / t_plain, "≤ 1.10× fwd",
-         t_keys / t_plain <= 1.10),
-        (name, "plain forward+backward (one class)", t_fb, t_fb / t_plain, "", ""),
-    ]
-    rows[2] = rows[2][:3] + (rows[2][2] / t_plain,) + rows[2][4:]
-    for method in ("reverse", "forward", "compose"):
-        if method != "reverse" and x[0].numel() > 64 and x.shape[0] > 16:
-            xs = x[:16]  # D-replica methods: timed on 16 samples, scaled to the batch (stated in the table)
-            scale = x.shape[0] / 16
-        else:
-            xs, scale = x, 1.0
-        t_pred = timeit(lambda xs=xs, m=method: rr.affine_map(model, xs, target=pred[: len(xs)], method=m,
-                                                              check=False), max(3, repeats // 3), device) * scale
-        t_all = timeit(lambda xs=xs, m=method: rr.affine_map(model, xs, method=m, check=False),
-                       max(3, repeats // 3), device) * scale
-        note = "" if scale == 1 else f" (timed on 16 samples ×{scale:g})"
-        rows.append((name, f"affine_map predicted class, {method}{note}", t_pred, t_pred / t_fb, "≤ 2.5× fwd+bwd"
-                     if method == "reverse" else "", t_pred / t_fb <= 2.5 if method == "reverse" else ""))
-        rows.append((name, f"affine_map all classes, {method}{note}", t_all, t_all / t_plain, "≤ 12× fwd"
-                     if method == "reverse" else "", t_all / t_plain <= 12 if method == "reverse" else ""))
-
     def jac():
         torch.func.vmap(torch.func.jacrev(lambda v: model(v.unsqueeze(0)).squeeze(0)))(x)
 
-    t_jac = timeit(jac, max(3, repeats // 3), device)
-    rows.append((name, "torch.func vmap(jacrev), all classes", t_jac, t_jac / t_plain, "", ""))
+    rt = recording_times(model, x, 4 * repeats, device)
+    t = interleaved({"plain": plain, "fb": fwd_bwd,
+                     "pred": lambda: rr.affine_map(model, x, target=pred, method="reverse", check=False),
+                     "all": lambda: rr.affine_map(model, x, method="reverse", check=False),
+                     "jac": jac}, repeats, sync_for(device), inner={"plain": 5, "fb": 3})
+    t_plain, t_fb = t["plain"], t["fb"]
+    rp = rt["plain"]
+    rows = [
+        (name, "plain forward", t_plain, 1.0, "", ""),
+        (name, "plain forward (timed in the recording rounds below)", rp, 1.0, "", ""),
+        (name, "forward under record (open context, region keys not computed)", rt["rec"], rt["rec"] / rp,
+         "≤ 1.10× fwd", rt["rec"] / rp <= 1.10),
+        (name, "forward under record + `region_ids()`", rt["rec_keys"], rt["rec_keys"] / rp, "", ""),
+        (name, "forward under record(count_boundary=True)", rt["rec_boundary"], rt["rec_boundary"] / rp, "", ""),
+        (name, "plain forward+backward (one class)", t_fb, t_fb / t_plain, "", ""),
+        (name, "affine_map predicted class, reverse", t["pred"], t["pred"] / t_fb, "≤ 2.5× fwd+bwd",
+         t["pred"] / t_fb <= 2.5),
+        (name, "affine_map all classes, reverse", t["all"], t["all"] / t_plain, "≤ 12× fwd", t["all"] / t_plain <= 12),
+        (name, "torch.func vmap(jacrev), all classes", t["jac"], t["jac"] / t_plain, "", ""),
+    ]
+    xs, scale = (x[:16], x.shape[0] / 16) if x[0].numel() > 64 and x.shape[0] > 16 else (x, 1.0)
+    note = "" if scale == 1 else f" (timed on 16 samples ×{scale:g})"
+    for method in ("forward", "compose"):  # D-replica methods: timed on 16 samples, scaled to the batch
+        tm = interleaved({"pred": lambda m=method: rr.affine_map(model, xs, target=pred[: len(xs)], method=m,
+                                                                 check=False),
+                          "all": lambda m=method: rr.affine_map(model, xs, method=m, check=False)},
+                         max(2, repeats // 3), sync_for(device))
+        rows.append((name, f"affine_map predicted class, {method}{note}", tm["pred"] * scale,
+                     tm["pred"] * scale / t_fb, "", ""))
+        rows.append((name, f"affine_map all classes, {method}{note}", tm["all"] * scale,
+                     tm["all"] * scale / t_plain, "", ""))
     return rows
 
 
@@ -122,16 +123,28 @@ def main() -> None:
     p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
     torch.manual_seed(0)
-    rows = bench("MLP 784-256-128-10", mlp(784, [256, 128], 10), torch.rand(args.batch, 784), args.repeats,
-                 args.device)
-    rows += bench("LeNet CNN (MNIST)", LeNet(), torch.rand(args.batch, 1, 28, 28), args.repeats, args.device)
+    mlp_model, lenet = mlp(784, [256, 128], 10), LeNet()
+    rows = bench("MLP 784-256-128-10", mlp_model, torch.rand(args.batch, 784), args.repeats, args.device)
+    rows += bench("LeNet CNN (MNIST)", lenet, torch.rand(args.batch, 1, 28, 28), args.repeats, args.device)
     lines = [f"Machine: {machine(args.device)}; torch {torch.__version__}; device {args.device}; batch {args.batch}; "
-             f"median of {args.repeats} runs (fewer for maps). Ratios: record vs plain forward; "
-             "predicted-class maps vs plain forward+backward; all-class maps and vmap(jacrev) vs plain forward.", "",
+             f"medians over interleaved rounds ({args.repeats} for maps, {4 * args.repeats} × 5 forwards for "
+             "recording; the forward/compose rows on 16 samples, scaled). Ratios: recording vs a plain forward "
+             "timed in the same rounds; predicted-class maps vs plain forward+backward; all-class maps and "
+             "vmap(jacrev) vs plain forward.", "",
              "| model | what | ms / batch | ratio | target | met |", "|---|---|---:|---:|---|---|"]
     for model, what, t, ratio, target, met in rows:
         met_s = "" if met == "" else ("yes" if met else "**no**")
         lines.append(f"| {model} | {what} | {t * 1e3:.2f} | {ratio:.2f}× | {target} | {met_s} |")
+    # recording has a fixed Python cost per torch call (the function mode), so its ratio falls with the batch
+    lines += ["", "Recording overhead against the batch size (same machine, same run):", "",
+              "| model | batch | plain forward (ms) | under record (ms) | ratio | + region_ids (ms) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for label, m, shape in (("MLP 784-256-128-10", mlp_model, (784,)), ("LeNet CNN (MNIST)", lenet, (1, 28, 28))):
+        for bsz in (64, 256, 1024):
+            rt = recording_times(m.to(args.device).eval(), torch.rand(bsz, *shape, device=args.device),
+                                 2 * args.repeats, args.device)
+            lines.append(f"| {label} | {bsz} | {rt['plain'] * 1e3:.2f} | {rt['rec'] * 1e3:.2f} | "
+                         f"{rt['rec'] / rt['plain']:.2f}× | {rt['rec_keys'] * 1e3:.2f} |")
     emit("\n".join(lines), args.out)
 
 
