@@ -4,9 +4,12 @@ Three routes, all exact (up to floating-point rounding), all working on the netw
 unit frozen in the state recorded at ``x`` (see :mod:`relu_regions.recording`):
 
 ``"reverse"``
-    Vector-Jacobian products through the frozen network evaluated at 0: one forward, then one backward pass per
-    explained output. Cost ~ 2 + 2K forward passes for K explained outputs (about 4 for one target); cheapest
-    when outputs < inputs (classifiers).
+    Vector-Jacobian products through the frozen network evaluated at 0: one recorded forward (the pattern), one
+    frozen forward, then one backward pass per explained output. The frozen forward is cheap (the layer that reads
+    the zero input returns its bias, max-pools are gathers) and the backward computes convolution input gradients
+    as flipped-kernel convolutions (:mod:`relu_regions.input_grads`); an MLP's K rows end in one product with its
+    first weight matrix. Measured on a 2-core CPU: one target ≈ one forward+backward of the model, all 10 classes
+    ≈ 11–16 forwards (``benchmarks/results/engine.md``). Cheapest when outputs < inputs (classifiers).
 ``"forward"``
     Jacobian-vector products (forward-mode AD) with one tangent per input feature, run as D replicas of the batch.
     Cost ~ 2·D forward passes for D input features, independent of K; cheapest for few inputs (tabular data).

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,9 +50,10 @@ try:
 except ImportError as e:  # pragma: no cover - lightning is an optional dependency
     raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
 
+from ..geometry import boundary_distance
 from ..recording import LayerSelection, select_layers
 from ..state import preserved
-from ..training import boundary_distances, default_inputs, default_labels, track
+from ..training import default_inputs, default_labels, track
 
 Tensor = torch.Tensor
 
@@ -163,7 +163,6 @@ class RegionMonitor(Callback):
         self._local: dict[str, Any] = {}  # stage -> this rank's RegionStats of the running epoch
         self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
         self._active: set[str] = set()
-        self._warned_compare = False
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -336,29 +335,18 @@ class RegionMonitor(Callback):
         with torch.inference_mode(False), torch.enable_grad():
             x = self.probe.clone().to(p.device if p is not None else "cpu",
                                       p.dtype if p is not None and p.is_floating_point() else None)
-            try:
-                from ..geometry import boundary_distance
-            except ImportError:  # an older tree: ReLU / clamp units only
-                d = boundary_distances(net, x, self.layers, logits_at=self.logits_at, strict=self.strict)
+            bd = boundary_distance(net, x, logits_at=self.logits_at, strict=self.strict)
+            if self.layers is None:
+                d = bd.distance
             else:
-                bd = boundary_distance(net, x, logits_at=self.logits_at, strict=self.strict)
-                if self.layers is None:
-                    d = bd.distance
-                else:
-                    names = select_layers(list(bd.layer_names), self.layers)
-                    d = torch.stack([bd.per_layer[n] for n in names]).amin(0)
+                names = select_layers(list(bd.layer_names), self.layers)
+                d = torch.stack([bd.per_layer[n] for n in names]).amin(0)
         d = d[torch.isfinite(d)]
         return float(d.median()) if d.numel() else math.inf
 
     def _run_compare(self, trainer: Any, pl_module: Any, short: str) -> None:
-        try:
-            from ..compare import compare
-        except ImportError:
-            if not self._warned_compare:
-                warnings.warn("RegionMonitor(compare=True): relu_regions.compare is not available; skipped",
-                              stacklevel=2)
-                self._warned_compare = True
-            return
+        from ..compare import compare
+
         if self.probe is None:
             return
         net = self._net(pl_module)
