@@ -266,16 +266,30 @@ class RegionStats:
         Also counts neuron activation frequencies (Re3 §5.3) of the recorded ReLU-like layers. Call
         ``rec.clear()`` afterwards when streaming.
         """
+        keys, units = self.recording_batch(rec)
+        self.add_unit_counts(units, len(rec))
+        return self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
+
+    def recording_batch(self, rec) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """What :meth:`update_from_recording` needs from a recording, left on its device: region keys per
+        granularity (``(B,)`` each) and per-unit active counts of the ReLU-like layers. For callers that collect
+        batches and add them later in one :meth:`update` (no host synchronisation per batch on a GPU)."""
         keys = {name: rec.region_ids(sel) for name, sel in self.granularities.items()}
+        units = {}
         for p in rec.patterns(self.layers):
             if p.kind in ("relu", "leaky_relu", "prelu"):
                 st = p.state.reshape(p.state.shape[0], -1)
                 if st.dtype == torch.bool:  # summed as bytes into int32: 2x faster than a bool -> int64 sum
                     st = st.view(torch.uint8)
-                act = st.sum(0, dtype=torch.int32).to("cpu", torch.int64)
-                self.unit_active[p.name] = act if p.name not in self.unit_active else self.unit_active[p.name] + act
-                self.unit_samples[p.name] = self.unit_samples.get(p.name, 0) + p.state.shape[0]
-        return self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
+                units[p.name] = st.sum(0, dtype=torch.int32)
+        return keys, units
+
+    def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:
+        """Add per-unit active counts (from :meth:`recording_batch`) observed on ``n_samples`` samples."""
+        for name, act in units.items():
+            act = act.to("cpu", torch.int64)
+            self.unit_active[name] = act if name not in self.unit_active else self.unit_active[name] + act
+            self.unit_samples[name] = self.unit_samples.get(name, 0) + n_samples
 
     def merge(self, other: RegionStats) -> RegionStats:
         """Add the statistics of ``other`` (built on disjoint samples) into ``self``; returns ``self``."""
@@ -396,7 +410,8 @@ class RegionStats:
         """Share of samples lying in their class's ``top`` largest regions.
 
         Regions are assigned to their majority true class; for each class the ``top`` largest regions are taken
-        and the samples of that class inside them are counted (Re3 "top-1 / top-C coverage").
+        (equal sizes: more samples of the class first) and the samples of that class inside them are counted (Re3
+        "top-1 / top-C coverage").
         """
         t = self._get(granularity)
         if not len(t) or self.n_samples == 0:
@@ -408,7 +423,10 @@ class RegionStats:
             if idx.numel() == 0:
                 continue
             own = t.true[idx, c]
-            order = torch.argsort(t.count[idx], descending=True, stable=True)[:top]
+            # largest regions first; among regions of equal size the one with more samples of the class, so that
+            # the result does not depend on the order in which regions were first seen (batching)
+            score = t.count[idx] * (int(own.max()) + 1) + own
+            order = torch.argsort(score, descending=True)[:top]
             covered += int(own[order].sum())
         return covered / self.n_samples
 

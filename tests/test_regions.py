@@ -160,3 +160,19 @@ def test_cluster_table_binary():
         sel = amap.region_ids == row["key"]
         assert torch.allclose(amap.A[sel][0, 0], torch.tensor([row["w_a"], row["w_b"], row["w_c"]]).float(),
                               atol=1e-6)
+
+
+def test_coverage_does_not_depend_on_batching():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randint(0, 40, (600,), generator=g) * 7919  # many regions of equal size
+    y = torch.randint(0, 3, (600,), generator=g)
+    whole = RegionStats(3).update(keys, y, y)
+    parts = RegionStats(3)
+    perm = torch.randperm(600, generator=g)  # a different order of first appearance
+    for sl in perm.split(37):
+        parts.update(keys[sl], y[sl], y[sl])
+    for top in (1, 2, 3, 5):
+        assert whole.coverage(top) == parts.coverage(top)
+    # by hand: two regions of equal size, the one holding more of the class counts
+    s = RegionStats(2).update(torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 0, 0]), torch.tensor([0, 1, 0, 0]))
+    assert s.coverage(1) == pytest.approx(2 / 4)

@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - lightning is an optional dependen
 from ..geometry import boundary_distance
 from ..recording import LayerSelection, select_layers
 from ..state import preserved
-from ..training import default_inputs, default_labels, track
+from ..training import default_inputs, default_labels, predictions, track
 
 Tensor = torch.Tensor
 
@@ -161,6 +161,7 @@ class RegionMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.comparisons: list[tuple[int, str, Any]] = []
         self._local: dict[str, Any] = {}  # stage -> this rank's RegionStats of the running epoch
+        self._pending: dict[str, list] = {}  # stage -> batches recorded but not yet added to _local (on device)
         self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
         self._active: set[str] = set()
 
@@ -226,10 +227,33 @@ class RegionMonitor(Callback):
                 f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
                 f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
                 "RegionMonitor(module='net')")
-        tracker.stats = self._stats_for(stage, tracker)
-        tracker.update(y.to(tracker.last_output.device) if tracker.last_output is not None else y)
+        stats = self._stats_for(stage, tracker)
+        out = tracker.last_output
+        if out is None:
+            raise RuntimeError("RegionMonitor: no model output was captured in this step")
+        y = y.reshape(-1).to(out.device)
+        tracker.take(y.shape[0])
+        # keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch
+        keys, units = stats.recording_batch(tracker.rec)
+        self._pending.setdefault(stage, []).append((keys, y, predictions(out), units, len(tracker.rec)))
+        tracker.rec.clear()
         if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
-            self._fallback_probe.append(tracker.last_input.cpu())
+            if sum(len(t) for t in self._fallback_probe) < self.probe_size:
+                self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
+
+    def _flush(self, stage: str) -> None:
+        """Add the batches collected in this epoch to the stage's statistics, in one update."""
+        items = self._pending.pop(stage, [])
+        if not items:
+            return
+        stats = self._local[stage]
+        keys = {name: torch.cat([it[0][name] for it in items]) for name in items[0][0]}
+        units: dict[str, Tensor] = {}
+        for it in items:
+            for name, act in it[3].items():
+                units[name] = act if name not in units else units[name] + act
+        stats.add_unit_counts(units, sum(it[4] for it in items))
+        stats.update(keys, torch.cat([it[1] for it in items]), torch.cat([it[2] for it in items]))
 
     def _close(self, stage: str | None = None) -> None:
         for s in [stage] if stage else list(self._open):
@@ -240,6 +264,7 @@ class RegionMonitor(Callback):
     # ------------------------------------------------------------------------------------------ epochs
     def _start_epoch(self, trainer: Any, stage: str) -> None:
         self._local[stage] = None
+        self._pending.pop(stage, None)
         if self._epoch_active(trainer, stage):
             self._active.add(stage)
             if stage in ("validate", "test"):
@@ -289,6 +314,7 @@ class RegionMonitor(Callback):
         if stage not in self._active:
             return
         short = _SHORT[stage]
+        self._flush(stage)
         merged = self._gather(trainer, self._local.get(stage))
         if merged is None:
             return
