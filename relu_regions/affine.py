@@ -27,6 +27,7 @@ independent check (:meth:`AffineMap.residual`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -331,7 +332,8 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     cat = {i: join(i) for i in (0, 1, 2)}
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, patterns=[p[3] for p in parts],
                      _sizes=[len(p[0]) for p in parts], method=route, layer_names=parts[0][4],
-                     _recount=lambda: boundary_units(model, x, chunk_size=size, strict=strict, logits_at=logits_at))
+                     _recount=functools.partial(boundary_units, model, x, chunk_size=size, strict=strict,
+                                                logits_at=logits_at))
     if check:
         _check(amap)
     return amap

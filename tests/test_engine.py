@@ -538,3 +538,15 @@ def test_flipped_kernel_input_gradient_equals_autograd(conf):
     # where the flipped convolution does not apply, the caller keeps torch's own call
     assert conv2d_with_fast_input_grad((x, w, b), {**conf, "stride": 2}) is None
     assert conv2d_with_fast_input_grad((x.detach(), w, b), conf) is None
+
+
+def test_affine_map_pickles_and_counts_boundaries_lazily():
+    import pickle
+
+    m = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.stack([torch.zeros(3), torch.tensor([1.0, -2.0, 0.5])])
+    am = rr.affine_map(m, x)
+    assert am._n_boundary is None  # not counted until asked
+    back = pickle.loads(pickle.dumps(am))
+    assert back.n_boundary.tolist() == [4, 0] and torch.equal(back.A, am.A)
+    assert am.to(torch.float64).n_boundary.tolist() == [4, 0]
