@@ -124,7 +124,10 @@ class AffineMap:
         return (self(self.x) - self.output).abs().amax(1)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AffineMap:
-        """Move every tensor (and cast floating ones) like ``Tensor.to``."""
+        """Move every tensor (and cast floating ones) like ``Tensor.to``: ``amap.to("cuda")``,
+        ``amap.to(torch.float64)``, ``amap.to(device, dtype)``."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
 
         def mv(t):
             if t is None:
