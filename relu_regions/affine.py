@@ -36,7 +36,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 from .keys import pack_patterns, region_keys
-from .recording import LayerSelection, run_frozen, run_recorded, select_layers
+from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern, boundary_counts
 
@@ -189,13 +189,16 @@ def _reverse(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Ten
         k = g.shape[1]
         s = sessions[0]
         first = s.first_linear
-        if (first is not None and s.zero_uses == [torch.nn.functional.linear] and x.dim() == 2
+        uses = s.zero_uses
+        if (first is not None and uses and uses[-1] is torch.nn.functional.linear and first[0].dim() == 2
+                and all(f in _RESHAPES for f in uses[:-1]) and first[1].shape[1] == x[0].numel()
                 and first[0]._version == first[2]):
-            # the input feeds one Linear layer and nothing else (an MLP), whose output no in-place op changed:
-            # backward to that output only, then one matrix product for all K rows
+            # the input feeds one Linear layer (maybe through a flatten) and nothing else (an MLP), and no in-place
+            # op changed that layer's output: backward to that output only, then one product for all K rows
             h, weight, _ = first
             rows = [torch.autograd.grad(g[:, i].sum(), h, retain_graph=i < k - 1)[0] for i in range(k)]
-            return torch.stack(rows, 1) @ weight.detach().to(h.dtype), g.detach()
+            a = torch.stack(rows, 1) @ weight.detach().to(h.dtype)
+            return a.reshape(b, k, *x.shape[1:]), g.detach()
         rows = [torch.autograd.grad(g[:, i].sum(), z, retain_graph=i < k - 1)[0] for i in range(k)]
     return torch.stack(rows, 1), g.detach()
 

@@ -94,6 +94,7 @@ _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM}
+_RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
 def _op_name(func: Any) -> str:
@@ -136,8 +137,8 @@ class _Session:
         self.tainted: dict[int, weakref.ref] = {}
         self.count_boundary = True
         self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
-        self.zero_input: Tensor | None = None  # the replay input, when the caller knows it is all zeros
-        self.zero_uses: list = []  # the torch functions that read zero_input
+        self.zero_tensors: list[Tensor] = []  # the replay input when the caller knows it is all zeros, and its reshapes
+        self.zero_uses: list = []  # the torch functions that read those
         self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on zero_input
         self._zeros: dict = {}
         self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
@@ -265,9 +266,14 @@ class _Mode(TorchFunctionMode):
             if func in _CHECKED and s.strict:
                 self._check(func, args, kwargs, n)
             zero = False
-            if s.zero_input is not None and any(a is s.zero_input for a in args):
+            if s.zero_tensors and any(a is z for a in args for z in s.zero_tensors):
                 s.zero_uses.append(func)
-                zero = args[0] is s.zero_input
+                zero = any(args[0] is z for z in s.zero_tensors)
+                if zero and func in _RESHAPES:  # a reshaped zero input (nn.Flatten) is still all zeros
+                    out = func(*args, **kwargs)
+                    s.zero_tensors.append(out)
+                    s.taint(out)
+                    return out
             if s.fast_input_grads and (func is F.conv2d or func is F.linear):
                 if func is F.conv2d:
                     out = conv2d_with_fast_input_grad(args, kwargs, zero=zero)
@@ -568,7 +574,7 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     """
     with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
         s.fast_input_grads = fast_input_grads
-        s.zero_input = z if fast_input_grads and zero_input else None
+        s.zero_tensors = [z] if fast_input_grads and zero_input else []
         if session_out is not None:  # the reverse route reads the session's record of the first layer
             session_out.append(s)
         out = _call(model, z)

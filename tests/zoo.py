@@ -133,6 +133,7 @@ def zoo() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "mlp1": (mlp(6, [16], 4), (6,)),
         "mlp2": (mlp(6, [16, 12], 4), (6,)),
         "mlp3": (mlp(6, [16, 12, 8], 4), (6,)),
+        "flatten_mlp": (nn.Sequential(nn.Flatten(), mlp(12, [10], 4)), (3, 4)),  # image input, MLP body
         "lenet": (LeNet(n_classes=5, image_size=16), (1, 16, 16)),
         "bn_cnn": (BNCNN(), (1, 8, 8)),
         "residual": (ResidualNet(), (6,)),
