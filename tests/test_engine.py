@@ -519,14 +519,15 @@ def test_functional_unit_in_a_module_called_twice_is_named_per_call():
     assert n_hooks == sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
 
 
-@pytest.mark.parametrize("conf", [dict(), dict(padding=2), dict(padding=(1, 0), dilation=(2, 1)),
-                                  dict(groups=2), dict(groups=4, padding=1, dilation=2)])
-def test_flipped_kernel_input_gradient_equals_autograd(conf):
+@pytest.mark.parametrize("c_in, conf", [(4, dict()), (4, dict(padding=2)), (4, dict(padding=(1, 0), dilation=(2, 1))),
+                                        (4, dict(groups=2)), (4, dict(groups=4, padding=1, dilation=2)),
+                                        (1, dict()), (1, dict(padding=(2, 1), dilation=(1, 2)))])
+def test_flipped_kernel_input_gradient_equals_autograd(c_in, conf):
     from relu_regions.input_grads import conv2d_with_fast_input_grad
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 11, 9, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, 4 // conf.get("groups", 1), 3, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, c_in, 11, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, c_in // conf.get("groups", 1), 3, 5, generator=g, dtype=torch.float64)
     b = torch.randn(8, generator=g, dtype=torch.float64)
     ref = F.conv2d(x, w, b, **conf)
     fast = conv2d_with_fast_input_grad((x, w, b), conf)
