@@ -468,11 +468,14 @@ class Recording:
     def packed(self, layers: LayerSelection = None) -> Tensor:
         """Exact bit-packed patterns, ``(B, n_words)`` int64 (64 bits per word), on the patterns' device."""
         pats = self.patterns(layers)
-        return pack_patterns(pats)
+        with torch._C.DisableTorchFunction():  # our own arithmetic: not through the (open) recording mode
+            return pack_patterns(pats)
 
     def region_ids(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
-        return region_keys(self.packed(layers))
+        words = self.packed(layers)
+        with torch._C.DisableTorchFunction():
+            return region_keys(words)
 
     def n_boundary(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties).
