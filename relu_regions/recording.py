@@ -139,7 +139,7 @@ class _Session:
         self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
         self.zero_tensors: list[Tensor] = []  # the replay input when the caller knows it is all zeros, and its reshapes
         self.zero_uses: list = []  # the torch functions that read those
-        self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on zero_input
+        self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on a zero tensor
         self._zeros: dict = {}
         self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
 
@@ -225,7 +225,6 @@ class _Session:
                     n += self.is_tainted(t)
         return n
 
-
     def no_boundary(self, x: Tensor) -> Tensor:
         """A shared ``(B,)`` zero count for unit calls recorded without boundary counting."""
         z = self._zeros.get((x.shape[0], x.device))
@@ -257,6 +256,10 @@ class _Mode(TorchFunctionMode):
             elif isinstance(a, (list, tuple)):
                 n += sum(s.is_tainted(t) for t in a if isinstance(t, Tensor))
         if n:
+            zero = False
+            if s.zero_tensors and any(a is z for a in args for z in s.zero_tensors):
+                s.zero_uses.append(func)  # every reader of the zero input, piecewise-linear units included
+                zero = any(args[0] is z for z in s.zero_tensors)
             rules = _RULES.get(func)
             if rules is not None and s.is_tainted(args[0]):
                 for rule in rules:
@@ -265,11 +268,8 @@ class _Mode(TorchFunctionMode):
                         return self._unit(rule, func, args, kwargs, *parsed)
             if func in _CHECKED and s.strict:
                 self._check(func, args, kwargs, n)
-            zero = False
-            if s.zero_tensors and any(a is z for a in args for z in s.zero_tensors):
-                s.zero_uses.append(func)
-                zero = any(args[0] is z for z in s.zero_tensors)
-                if zero and func in _RESHAPES:  # a reshaped zero input (nn.Flatten) is still all zeros
+            if zero:
+                if func in _RESHAPES:  # a reshaped zero input (nn.Flatten) is still all zeros
                     out = func(*args, **kwargs)
                     s.zero_tensors.append(out)
                     s.taint(out)

@@ -551,3 +551,20 @@ def test_affine_map_pickles_and_counts_boundaries_lazily():
     back = pickle.loads(pickle.dumps(am))
     assert back.n_boundary.tolist() == [4, 0] and torch.equal(back.A, am.A)
     assert am.to(torch.float64).n_boundary.tolist() == [4, 0]
+
+
+def test_all_class_map_when_the_input_also_feeds_a_unit_directly():
+    # the one-product shortcut for MLPs must not apply when the input reaches the output by another path too
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x) + F.relu(x)[:, :3]
+
+    m = TwoPaths().double().eval()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    am = rr.affine_map(m, x, method="reverse")
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0)).squeeze(0)))(x)
+    assert torch.allclose(am.A, jac, atol=1e-12)
