@@ -12,6 +12,7 @@ Units whose input sits exactly on a breakpoint are counted as *boundary* units.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -115,17 +116,21 @@ def _window_offsets(p: LayerPattern) -> Tensor:
     idx = p.state
     if p.params["dims"] == 1:
         idx = idx.unsqueeze(-2)
-    w_in = p.in_shape[-1]
-    ho, wo = idx.shape[-2:]
-    dev = idx.device
-    r0 = (torch.arange(ho, device=dev) * st[0] - pad[0]).view(-1, 1)
-    c0 = (torch.arange(wo, device=dev) * st[1] - pad[1]).view(1, -1)
-    corner = r0 * w_in + c0
-    if p.key_states <= 256:  # the offset fits a byte: subtract modulo 256, after one narrowing cast
-        rel = idx.to(torch.uint8) - corner.to(torch.uint8)
-    else:
-        rel = idx - corner
+    small = p.key_states <= 256  # the offset fits a byte: subtract modulo 256, after one narrowing cast
+    corner = _corners(tuple(idx.shape[-2:]), tuple(st), tuple(pad), p.in_shape[-1], idx.device, small)
+    rel = (idx.to(torch.uint8) if small else idx) - corner
     return rel.reshape(idx.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _corners(out_hw: tuple, st: tuple, pad: tuple, w_in: int, device: torch.device, small: bool) -> Tensor:
+    """Flat plane index of every window's top-left corner, ``(Ho, Wo)`` (uint8 modulo 256 when ``small``); a
+    constant of the pooling geometry, cached."""
+    ho, wo = out_hw
+    r0 = (torch.arange(ho, device=device) * st[0] - pad[0]).view(-1, 1)
+    c0 = (torch.arange(wo, device=device) * st[1] - pad[1]).view(1, -1)
+    corner = r0 * w_in + c0
+    return corner.to(torch.uint8) if small else corner
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
