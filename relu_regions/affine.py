@@ -171,36 +171,39 @@ def _flat_out(out: Tensor, batch: int) -> Tensor:
 def _reverse(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Tensor | None, n_outputs: int,
              **kw) -> tuple:
     b = x.shape[0]
-    if sel is not None:
-        z = torch.zeros_like(x, requires_grad=True)
-        with torch.enable_grad():
-            g = _flat_out(run_frozen(model, z, patterns, fast_input_grads=True, zero_input=True, **kw), b)
-            (grad,) = torch.autograd.grad(g.gather(1, sel[:, None]).sum(), z)
-        return grad.unsqueeze(1), g.detach().gather(1, sel[:, None])
-    # all K outputs: one forward, then one backward per output through the same graph. Measured on an idle 2-core
-    # CPU (LeNet, B=128): 131 ms, vs 180 ms with a vmapped backward (is_grads_batched) and 228 ms with K replicas
-    # of the batch in one pass; it also needs the least memory. For an MLP the last step is one (B*K, H) x (H, D)
-    # product, which alone is ~9x a forward (2-core Xeon, 784-256-128-10, B=256): the floor of any all-class map.
     z = torch.zeros_like(x, requires_grad=True)
     sessions: list = []
     with torch.enable_grad():
         g = _flat_out(run_frozen(model, z, patterns, fast_input_grads=True, zero_input=True, session_out=sessions,
                                  **kw), b)
+        if sel is not None:
+            (grad,) = torch.autograd.grad(g.gather(1, sel[:, None]).sum(), z)
+            return grad.unsqueeze(1), g.detach().gather(1, sel[:, None])
+        # all K outputs: one forward, then one backward per output through the same graph. Measured on an idle
+        # 2-core CPU (LeNet, B=128): 131 ms, vs 180 ms with a vmapped backward (is_grads_batched) and 228 ms with K
+        # replicas of the batch in one pass; it also needs the least memory.
         k = g.shape[1]
-        s = sessions[0]
-        first = s.first_linear
-        uses = s.zero_uses
-        if (first is not None and uses and uses[-1] is torch.nn.functional.linear and first[0].dim() == 2
-                and all(f in _RESHAPES for f in uses[:-1]) and first[1].shape[1] == x[0].numel()
-                and first[0]._version == first[2]):
-            # the input feeds one Linear layer (maybe through a flatten) and nothing else (an MLP), and no in-place
-            # op changed that layer's output: backward to that output only, then one product for all K rows
-            h, weight, _ = first
-            rows = [torch.autograd.grad(g[:, i].sum(), h, retain_graph=i < k - 1)[0] for i in range(k)]
-            a = torch.stack(rows, 1) @ weight.detach().to(h.dtype)
-            return a.reshape(b, k, *x.shape[1:]), g.detach()
-        rows = [torch.autograd.grad(g[:, i].sum(), z, retain_graph=i < k - 1)[0] for i in range(k)]
-    return torch.stack(rows, 1), g.detach()
+        first = _input_linear(sessions[0], x)
+        wrt = z if first is None else first[0]
+        rows = [torch.autograd.grad(g[:, i].sum(), wrt, retain_graph=i < k - 1)[0] for i in range(k)]
+    a = torch.stack(rows, 1)
+    if first is not None:
+        # one (B*K, H) x (H, D) product, ~9x a forward for a 784-256-128-10 MLP at B=256 on a 2-core Xeon: the
+        # floor of any all-class map of that model
+        a = (a @ first[1].detach().to(a.dtype)).reshape(b, k, *x.shape[1:])
+    return a, g.detach()
+
+
+def _input_linear(session, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(output, weight)`` of the Linear layer that is the only reader of the replay's zero input (maybe through
+    reshapes, as behind ``nn.Flatten``) when no in-place op changed that output: an MLP, whose all-class rows can
+    stop at that output and finish with one product. None otherwise."""
+    first, uses = session.first_linear, session.zero_uses
+    if (first is None or not uses or uses[-1] is not torch.nn.functional.linear or first[0].dim() != 2
+            or not all(f in _RESHAPES for f in uses[:-1]) or first[1].shape[1] != x[0].numel()
+            or first[0]._version != first[2]):
+        return None
+    return first[0], first[1]
 
 
 def _basis(x: Tensor) -> tuple[Tensor, int]:

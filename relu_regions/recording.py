@@ -246,15 +246,7 @@ class _Mode(TorchFunctionMode):
         s = self.s
         if s.current is None or s.suspended:  # outside the model's forward, after logits_at, or a nested session
             return func(*args, **kwargs)
-        tainted = s.tainted
-        n = 0
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(a, Tensor):
-                r = tainted.get(id(a))
-                if r is not None and r() is a:
-                    n += 1
-            elif isinstance(a, (list, tuple)):
-                n += sum(s.is_tainted(t) for t in a if isinstance(t, Tensor))
+        n = s.any_tainted(args, kwargs)
         if n:
             zero = False
             if s.zero_tensors and any(a is z for a in args for z in s.zero_tensors):
