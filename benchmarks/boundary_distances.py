@@ -25,17 +25,7 @@ from tqdm.auto import tqdm
 
 from relu_regions import geometry as G
 from relu_regions.datasets import load_mnist
-from relu_regions.models import LeNet, mlp
-
-
-def he_init(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1]))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
+from relu_regions.models import LeNet, he_init, mlp
 
 
 def re3_table(n_points: int, seeds) -> list[str]:

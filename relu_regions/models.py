@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 
 
@@ -16,6 +18,18 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module
         prev = h
     layers.append(nn.Linear(prev, n_out))
     return nn.Sequential(*layers)
+
+
+def he_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every Linear layer of ``model`` in place from a seeded generator: He-normal weights
+    (std sqrt(2 / fan_in)) and N(0, 0.1²) biases, so untrained networks have many regions; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1]))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
 
 
 class LeNet(nn.Module):

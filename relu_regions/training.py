@@ -178,15 +178,27 @@ class RegionTracker:
             Passed on to ``RegionStats.update`` (``(B, K, *input)`` contributions ``A ⊙ x`` and effective weights
             ``A``; summed per region when the stats keep contributions).
         """
+        keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred)
+        self.stats.add_unit_counts(units, n)
+        self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights)
+
+    def take_batch(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
+        """The batch recorded since the last update, left on its device, then clear the recording.
+
+        Returns ``(keys, unit_counts, y_true, y_pred, n)`` as :meth:`RegionStats.recording_batch` gives them, for
+        callers that add batches later in one :meth:`RegionStats.update` (no host synchronisation per batch).
+        """
         y_true = torch.as_tensor(y_true).reshape(-1)
         self.take(y_true.shape[0])
         if y_pred is None:
             if self.last_output is None:
                 raise RuntimeError("no model output was captured; pass y_pred=")
             y_pred = predictions(self.last_output)
-        self.stats.update_from_recording(self.rec, y_true, y_pred, contributions=contributions, weights=weights)
+        keys, units = self.stats.recording_batch(self.rec)
+        n = len(self.rec)
         self.rec.clear()
         self.n_updates += 1
+        return keys, units, y_true, y_pred, n
 
 
 @contextmanager

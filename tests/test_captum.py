@@ -124,12 +124,18 @@ def test_bias_free_equals_ig_and_deeplift():
     assert delta.abs().max() <= 1e-12  # no biases: the region's offset is 0
 
 
-def test_with_biases_ig_and_deeplift_differ():
-    torch.manual_seed(5)
-    m = mlp(6, [12, 12], 3).double().eval()
+def _biased_mlp(seed, n_in, hidden, n_out):
+    """A float64 MLP in eval mode with large biases (N(0, 0.25)), seeded by ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    m = mlp(n_in, hidden, n_out).double().eval()
     for mod in m:
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.bias, std=0.5)
+    return m
+
+
+def test_with_biases_ig_and_deeplift_differ():
+    m = _biased_mlp(5, 6, [12, 12], 3)
     x = torch.randn(8, 6, dtype=torch.float64)
     ours, delta = Re3(m).attribute(x, target=1, return_convergence_delta=True)
     ig = IntegratedGradients(m).attribute(x, target=1, n_steps=64)
@@ -230,11 +236,7 @@ def test_noise_tunnel_infidelity_sensitivity(lenet, images):
 
 
 def test_infidelity_in_region_is_zero_for_re3_not_for_ig():
-    torch.manual_seed(9)
-    m = mlp(5, [16, 16], 3).double().eval()
-    for mod in m:
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.bias, std=0.5)
+    m = _biased_mlp(9, 5, [16, 16], 3)
     x = torch.randn(6, 5, dtype=torch.float64) + 0.5
     eps = 1e-5
     gen = torch.Generator().manual_seed(0)

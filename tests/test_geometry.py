@@ -6,19 +6,9 @@ import torch.nn as nn
 
 import relu_regions as rr
 from relu_regions import geometry as G
-from relu_regions.models import SmallCNN, mlp
+from relu_regions.models import SmallCNN, he_init, mlp
 
 INF = float("inf")
-
-
-def _he(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1]))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 def _packed(model, x):
@@ -41,7 +31,7 @@ def _unit_dirs(shape, p, g):
 @pytest.fixture(scope="module")
 def deep():
     torch.manual_seed(0)
-    return _he(mlp(6, [16, 16, 12], 3)).double()
+    return he_init(mlp(6, [16, 16, 12], 3)).double()
 
 
 @pytest.mark.parametrize("p", [2, INF, 1])

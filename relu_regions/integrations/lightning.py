@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - lightning is an optional dependen
 from ..geometry import boundary_distance
 from ..recording import LayerSelection, select_layers
 from ..state import preserved
-from ..training import default_inputs, default_labels, predictions, track
+from ..training import default_inputs, default_labels, track
 
 Tensor = torch.Tensor
 
@@ -227,16 +227,12 @@ class RegionMonitor(Callback):
                 f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
                 f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
                 "RegionMonitor(module='net')")
-        stats = self._stats_for(stage, tracker)
+        tracker.stats = self._stats_for(stage, tracker)
         out = tracker.last_output
         if out is None:
             raise RuntimeError("RegionMonitor: no model output was captured in this step")
-        y = y.reshape(-1).to(out.device)
-        tracker.take(y.shape[0])
         # keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch
-        keys, units = stats.recording_batch(tracker.rec)
-        self._pending.setdefault(stage, []).append((keys, y, predictions(out), units, len(tracker.rec)))
-        tracker.rec.clear()
+        self._pending.setdefault(stage, []).append(tracker.take_batch(y.reshape(-1).to(out.device)))
         if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
             if sum(len(t) for t in self._fallback_probe) < self.probe_size:
                 self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
@@ -250,10 +246,10 @@ class RegionMonitor(Callback):
         keys = {name: torch.cat([it[0][name] for it in items]) for name in items[0][0]}
         units: dict[str, Tensor] = {}
         for it in items:
-            for name, act in it[3].items():
+            for name, act in it[1].items():
                 units[name] = act if name not in units else units[name] + act
         stats.add_unit_counts(units, sum(it[4] for it in items))
-        stats.update(keys, torch.cat([it[1] for it in items]), torch.cat([it[2] for it in items]))
+        stats.update(keys, torch.cat([it[2] for it in items]), torch.cat([it[3] for it in items]))
 
     def _close(self, stage: str | None = None) -> None:
         for s in [stage] if stage else list(self._open):
@@ -484,7 +480,7 @@ class RegionMonitor(Callback):
 class _Deferred:
     """Placeholder stats until the first batch tells the number of classes."""
 
-    def update_from_recording(self, *a, **k):  # pragma: no cover - replaced before use
+    def recording_batch(self, *a, **k):  # pragma: no cover - replaced before use
         raise RuntimeError("internal: stats not set")
 
 
