@@ -9,6 +9,10 @@ bit-identical. Each recorded unit op carries the path of the innermost model mod
 the call stack); hooks on the root module only (registered through handles, removed on exit, also on exceptions)
 mark where a forward pass begins and ends.
 
+Models whose every unit is an ``nn.ReLU`` / ``nn.MaxPool`` module, with nothing else on the input's path that needs
+the mode (checked once per model by a torch.fx trace), are recorded by forward hooks on the unit modules instead
+(:mod:`relu_regions.hook_recording`, ``record(route=...)``): the same patterns without the mode's per-call cost.
+
 The same mode, given a recorded pattern, *replays* the forward with every piecewise-linear unit frozen in its
 recorded state. The frozen network is an affine function of its input: that is the region's map.
 """
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import PatternMismatchError, UnsupportedModuleError
+from .hook_recording import PLANS, HookPlan, attach
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, region_keys
 from .state import preserved
@@ -355,26 +360,25 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
              observe: Callable[[LayerPattern, Tensor], None] | None = None,
              logits_at: str | None = None, stop_at_logits: bool = True,
              mode_cls: type[TorchFunctionMode] | None = None,
-             session_cls: type[_Session] | None = None) -> Iterator[_Session]:
+             session_cls: type[_Session] | None = None,
+             hooks: tuple[HookPlan, dict] | None = None) -> Iterator[_Session]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     s = (session_cls or _Session)(model, strict, replay, observe)
-    handles = []
-    if logits_at is not None:
-        mods = dict(model.named_modules())
-        if logits_at not in mods:
-            raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model; "
-                             f"known paths: {', '.join(n for n in mods if n)[:400]}")
+    mods = dict(model.named_modules()) if logits_at is not None else {}
+    if logits_at is not None and logits_at not in mods:
+        raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model; "
+                         f"known paths: {', '.join(n for n in mods if n)[:400]}")
+    handles: list = []
+    restore = None
 
-        def stop(module, inputs, output):
-            if s.suspended:
-                return
-            if stop_at_logits:
-                raise _StopForward(output)
-            if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
-                s.end_pass()
-
-        handles.append(mods[logits_at].register_forward_hook(stop))
+    def stop(module, inputs, output):
+        if s.suspended:
+            return
+        if stop_at_logits:
+            raise _StopForward(output)
+        if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
+            s.end_pass()
 
     def root_pre(module, inputs):
         if s.suspended:
@@ -395,13 +399,22 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         o.suspended += 1
     _ACTIVE.append(s)
     try:
+        if hooks is not None:  # unit hooks first: they run before the logits_at hook on the same module
+            handles, restore = attach(*hooks, s)
+        if logits_at is not None:
+            handles.append(mods[logits_at].register_forward_hook(stop))
         handles.append(model.register_forward_pre_hook(root_pre))
         handles.append(model.register_forward_hook(root_post, always_call=True))
-        with (mode_cls or _Mode)(s):
+        if hooks is not None:
             yield s
+        else:
+            with (mode_cls or _Mode)(s):
+                yield s
     finally:
         for h in handles:
             h.remove()
+        if restore is not None:
+            restore()
         _ACTIVE.remove(s)
         for o in outer:
             o.suspended -= 1
@@ -414,8 +427,9 @@ class Recording:
     them (streaming consumers call it after each batch).
     """
 
-    def __init__(self, session: _Session):
+    def __init__(self, session: _Session, route: str = "mode"):
         self._s = session
+        self.route = route  #: "hooks" or "mode": how the calls were seen (see :func:`record`)
 
     @property
     def passes(self) -> list[list[LayerPattern]]:
@@ -508,7 +522,7 @@ def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
 
 @contextmanager
 def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = None,
-           count_boundary: bool = False) -> Iterator[Recording]:
+           count_boundary: bool = False, route: str = "auto") -> Iterator[Recording]:
     """Record the activation pattern of every piecewise-linear unit while ``model`` runs.
 
     Hooks and the function mode are attached on entry and removed on exit, also when the block raises. The
@@ -531,6 +545,14 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         ``rec.n_boundary()`` / ``rec.on_boundary()``. Off by default: it costs one more pass over every ReLU
         input and a runner-up search per max-pool window (on a LeNet about a third more than the recording itself);
         :func:`relu_regions.affine_map` counts on demand (``AffineMap.n_boundary``).
+    route : {"auto", "hooks", "mode"}
+        How calls are seen. ``"mode"``: a torch function mode sees every torch call of the forward (any model,
+        functional units, the checks of ``strict``). ``"hooks"``: forward hooks on the ``nn.ReLU`` /
+        ``nn.MaxPool1d/2d`` modules only, allowed when a one-time torch.fx trace shows that nothing else on the
+        input's path needs the mode (:mod:`relu_regions.hook_recording`); same patterns at a fraction of the cost,
+        raises ``ValueError`` with the reason otherwise. ``"auto"`` (default): hooks where allowed and
+        ``count_boundary`` is off, else the mode. ``rec.route`` says which one ran. A forward that branches on
+        Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch).
 
     Examples
     --------
@@ -538,9 +560,20 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
     ...     logits = model(x)
     >>> keys = rec.region_ids()
     """
-    with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False) as s:
+    if route not in ("auto", "hooks", "mode"):
+        raise ValueError(f"route must be 'auto', 'hooks' or 'mode', got {route!r}")
+    hooks = None
+    if route != "mode" and not (route == "auto" and count_boundary) and isinstance(model, nn.Module):
+        plan, modules = PLANS.get(model, logits_at)
+        if isinstance(plan, HookPlan) and not count_boundary:
+            hooks = (plan, modules)
+        elif route == "hooks":
+            why = "count_boundary=True needs the function mode" if isinstance(plan, HookPlan) else plan
+            raise ValueError(f"route='hooks' cannot record this model: {why}; use route='auto' or 'mode'")
+    with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False,
+                                    hooks=hooks) as s:
         s.count_boundary = count_boundary
-        yield Recording(s)
+        yield Recording(s, "hooks" if hooks is not None else "mode")
 
 
 def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at: str | None = None,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from zoo import zoo
 
 import relu_regions as rr
-from relu_regions.keys import pack_bits, region_keys
+from relu_regions.keys import count_true, pack_bits, region_keys
 
 ZOO = zoo()
 METHODS = ["reverse", "forward", "compose"]
@@ -474,6 +474,16 @@ def test_disjoint_pool_ties_match_a_brute_force_count(ks):
     expected = (((win == top).sum(-1) > 1) & (top[..., 0] != 0)).reshape(8, -1).sum(1)
     assert expected.sum() > 0
     assert torch.equal(rec.n_boundary(), expected)
+
+
+@pytest.mark.parametrize("b, n", [(1, 1), (7, 13), (255, 64), (256, 64), (600, 84), (1000, 3456)])
+def test_count_true_equals_a_plain_column_sum(b, n):
+    g = torch.Generator().manual_seed(b + n)
+    bits = torch.rand(b, n, generator=g) < torch.rand(n, generator=g)  # columns from never to always true
+    bits[:, 0] = True  # a full column: the largest count, b
+    ref = bits.to(torch.int64).sum(0)
+    assert torch.equal(count_true(bits).to(torch.int64), ref)
+    assert torch.equal(count_true(bits[:, 1:]).to(torch.int64), ref[1:])  # unaligned, non-contiguous view
 
 
 @pytest.mark.parametrize("n_states", [2, 3, 4, 13, 200, 300, 70000])

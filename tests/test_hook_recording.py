@@ -1,0 +1,207 @@
+"""The hook-only recording route against the function mode: same patterns, same errors, the model unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from zoo import zoo
+
+import relu_regions as rr
+from relu_regions.hook_recording import HookPlan, hook_plan
+
+ZOO = zoo()
+# the zoo models whose units are all nn.ReLU / nn.MaxPool modules: these must take the hook route
+HOOKED = {"mlp1", "mlp2", "mlp3", "flatten_mlp", "lenet", "bn_cnn", "residual", "inplace", "reused"}
+
+
+def _inputs(shape, n=7, seed=3):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _patterns(model, x, route, **kw):
+    with torch.no_grad(), rr.record(model, route=route, **kw) as rec:
+        out = model(x)
+        out2 = model(x[:3])  # a second pass: names restart per pass
+    return out, out2, rec
+
+
+def _assert_same(a, b):
+    assert a.layer_names == b.layer_names
+    for pa, pb in zip(a.passes, b.passes, strict=True):
+        for p, q in zip(pa, pb, strict=True):
+            assert (p.name, p.kind, p.n_states, p.params) == (q.name, q.kind, q.n_states, q.params)
+            assert p.state.dtype == q.state.dtype and torch.equal(p.state, q.state), p.name
+    assert torch.equal(a.region_ids(), b.region_ids())
+    for name in a.layer_names:
+        assert torch.equal(a.packed(name), b.packed(name))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_hook_route_records_what_the_function_mode_records(name):
+    model, shape = ZOO[name]
+    x = _inputs(shape)
+    out_m, out2_m, by_mode = _patterns(model, x, "mode")
+    out_a, out2_a, by_auto = _patterns(model, x, "auto")
+    assert by_mode.route == "mode"
+    assert by_auto.route == ("hooks" if name in HOOKED else "mode"), hook_plan(model)
+    assert torch.equal(out_m, out_a) and torch.equal(out2_m, out2_a)  # outputs bit-identical on both routes
+    _assert_same(by_mode, by_auto)
+
+
+def test_hook_route_on_a_trained_lenet_sized_batch():
+    model, shape = ZOO["lenet"]
+    x = _inputs(shape, n=64, seed=0)
+    _assert_same(_patterns(model, x, "mode")[2], _patterns(model, x, "hooks")[2])
+
+
+def test_maxpool_that_returns_indices_itself_and_maxpool1d():
+    class Unpool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3, padding=1)
+            self.act = nn.ReLU()
+            self.pool = nn.MaxPool2d(2, return_indices=True)
+            self.pool1 = nn.MaxPool1d(3, stride=2, padding=1, ceil_mode=True)
+            self.out = nn.Linear(3 * 3, 2)
+
+        def forward(self, x):
+            v, i = self.pool(self.act(self.conv(x)))
+            return self.out(self.pool1(v.flatten(2)).flatten(1))
+
+    model = Unpool().eval()
+    x = _inputs((1, 4, 4))
+    out_m, _, a = _patterns(model, x, "mode")
+    out_h, _, b = _patterns(model, x, "hooks")
+    assert b.route == "hooks" and torch.equal(out_m, out_h)
+    _assert_same(a, b)
+    assert model.pool.return_indices and not model.pool1.return_indices
+
+
+def test_functional_units_and_other_activations_keep_the_function_mode():
+    for name in ("functional", "mixed", "conv1d"):
+        model, shape = ZOO[name]
+        plan = hook_plan(model)
+        assert isinstance(plan, str), name
+        with pytest.raises(ValueError, match="route='hooks' cannot record"):
+            with rr.record(model, route="hooks"):
+                pass
+    assert "relu" in hook_plan(ZOO["functional"][0])
+    assert "LeakyReLU" in hook_plan(ZOO["conv1d"][0])
+    with pytest.raises(ValueError, match="count_boundary"):
+        with rr.record(ZOO["mlp1"][0], route="hooks", count_boundary=True):
+            pass
+    with rr.record(ZOO["mlp1"][0], count_boundary=True) as rec:  # auto: the mode counts boundaries
+        ZOO["mlp1"][0](_inputs((6,)))
+    assert rec.route == "mode" and rec.n_boundary().shape == (7,)
+    with pytest.raises(ValueError, match="route must be"):
+        with rr.record(ZOO["mlp1"][0], route="fx"):
+            pass
+
+
+@pytest.mark.parametrize("model, op", [
+    (nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.ReLU(), nn.Linear(5, 2)), "gelu"),
+    (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Softmax(-1), nn.Linear(5, 2)), "softmax"),
+    (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 2)), "layer_norm"),
+])
+def test_unsupported_operations_still_raise_on_the_default_route(model, op):
+    with pytest.raises(rr.UnsupportedModuleError, match=op):
+        with rr.record(model):
+            model(torch.randn(3, 4))
+
+
+def test_product_of_two_input_dependent_tensors_is_not_hooked():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.a(x)) * self.b(x)
+
+    gate = Gate()
+    assert "two input-dependent" in hook_plan(gate)
+    with pytest.raises(rr.UnsupportedModuleError, match="two input-dependent"):
+        with rr.record(gate):
+            gate(torch.randn(2, 4))
+
+
+def test_batchnorm_in_train_mode_raises_the_same_error_on_both_routes():
+    model, shape = copy.deepcopy(ZOO["bn_cnn"])
+    model.train()
+    assert isinstance(hook_plan(model), HookPlan)
+    messages = []
+    for route in ("mode", "hooks"):
+        with pytest.raises(rr.UnsupportedModuleError, match="batch statistics") as err:
+            with rr.record(model, route=route):
+                model(_inputs(shape))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "'net.1'" in messages[0]
+    assert model.training
+
+
+def test_logits_at_stops_both_routes_at_the_same_layer():
+    body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = nn.Sequential(body, nn.Softmax(dim=1))
+    for logits_at in ("0", "0.2"):
+        x = torch.randn(5, 4)
+        p_m, _, a = _patterns(model, x, "mode", logits_at=logits_at)
+        p_h, _, b = _patterns(model, x, "hooks", logits_at=logits_at)
+        assert b.route == "hooks" and torch.equal(p_m, p_h)
+        _assert_same(a, b)
+    assert a.layer_names == ["0.1"]
+
+
+def test_the_plan_follows_changes_of_the_model():
+    model = copy.deepcopy(ZOO["mlp2"][0])
+    x = _inputs((6,))
+    with rr.record(model) as rec:
+        model(x)
+    assert rec.route == "hooks"
+    model[1] = nn.GELU()  # a module swapped after the first recording
+    with pytest.raises(rr.UnsupportedModuleError, match="gelu"):
+        with rr.record(model):
+            model(x)
+    model[1] = nn.ReLU()
+    model.forward = lambda v: F.relu(nn.Sequential.forward(model, v))  # an instance-level forward
+    with rr.record(model) as rec:
+        model(x)
+    assert rec.route == "mode" and rec.layer_names[-1] == "relu"
+
+
+def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    x = _inputs(shape)
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+    class Boom(Exception):
+        pass
+
+    def explode(module, inputs):
+        raise Boom()
+
+    h = model.features[4].register_forward_pre_hook(explode)  # after the first pool has asked for its indices
+    with pytest.raises(Boom):
+        with rr.record(model, route="hooks"):
+            model(x)
+    h.remove()
+    assert not model.features[2].return_indices and not model.features[5].return_indices
+    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    with torch.no_grad():
+        assert model(x).shape == (7, 5)  # the pools return plain tensors again
+
+
+def test_nested_affine_map_does_not_leak_into_a_hooked_recording():
+    model, shape = ZOO["lenet"]
+    x = _inputs(shape)
+    with rr.record(model) as rec:
+        with torch.no_grad():
+            model(x)
+        am = rr.affine_map(model, x)
+        with torch.no_grad():
+            model(x[:2])
+    assert rec.route == "hooks" and len(rec.passes) == 2 and len(rec) == len(x) + 2
+    assert torch.equal(rec.region_ids()[: len(x)], am.region_ids)
