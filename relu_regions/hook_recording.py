@@ -43,13 +43,15 @@ _LINEAR_MODULES = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Flatten, nn.Unflatten, nn
                    nn.Dropout2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                    nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, *_BATCH_NORMS, *_UNITS}
 # linear in each tensor argument, and affine in all of them together as long as at most one depends on the input
-_SCALING = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "__mul__", "__rmul__",
-            "__truediv__"}
+_SCALING = {operator.mul, operator.truediv, operator.matmul, torch.mul, torch.div, torch.matmul, F.linear,
+            F.conv1d, F.conv2d, "mul", "div", "matmul", "__mul__", "__rmul__", "__truediv__", "__matmul__"}
 _LINEAR_OPS = {operator.add, operator.sub, operator.neg, operator.pos, operator.getitem, torch.add, torch.sub,
                torch.cat, torch.stack, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
                torch.permute, torch.narrow, "add", "sub", "__add__", "__radd__", "__sub__", "__rsub__", "__neg__",
                "view", "reshape", "flatten", "unflatten", "size", "dim", "contiguous", "permute", "transpose",
-               "unsqueeze", "squeeze", "narrow", "clone", "__getitem__", *_SCALING}
+               "unsqueeze", "squeeze", "narrow", "clone", "__getitem__", F.pad, F.dropout, F.avg_pool1d,
+               F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean", *_SCALING}
+_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}  # getattr on an input-dependent tensor that reads no values
 
 
 @dataclass(frozen=True)
@@ -138,15 +140,25 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
             elif isinstance(m, _BATCH_NORMS) and node.target not in norms:
                 norms.append(node.target)
         elif node.op in ("call_function", "call_method") and dep:
+            if node.target is getattr and len(node.args) == 2 and node.args[1] in _ATTRIBUTES:
+                continue
             if node.target not in _LINEAR_OPS:
                 return f"{what} on input-dependent data needs the function mode"
             if node.target in _SCALING and sum(a in tainted for a in node.all_input_nodes) > 1:
                 return f"{what} of two input-dependent tensors"
-            if node.target in (operator.getitem, "__getitem__") and node.args[0] not in tainted:
+            if node.target in (operator.getitem, "__getitem__") and any(
+                    a in tainted for a in _nodes(node.args[1:])):
                 return "an index that depends on the input"
     if not units:
         return "no ReLU or max-pool modules"
     return HookPlan(tuple(units), tuple(norms))
+
+
+def _nodes(args) -> list:
+    """The fx nodes inside (nested) call arguments."""
+    out: list = []
+    torch.fx.node.map_arg(args, out.append)
+    return out
 
 
 def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list, Callable[[], None]]:

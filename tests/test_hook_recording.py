@@ -81,6 +81,40 @@ def test_maxpool_that_returns_indices_itself_and_maxpool1d():
     assert model.pool.return_indices and not model.pool1.return_indices
 
 
+class _ShapeReads(nn.Module):
+    """Common CNN idioms the fx check must accept: reshapes by the input's own size, functional dropout / pad /
+    linear with a parameter, a slice by a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.r, self.pool = nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)
+        self.w = nn.Parameter(torch.randn(3, 2 * 4 * 4))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.pool(self.r(F.pad(self.c(x), (1, 1, 1, 1))))
+        h = F.dropout(h, 0.1, self.training)
+        a = F.linear(h.view(h.shape[0], -1), self.w)
+        b = F.linear(h.view(h.size(0), -1), self.w)
+        return self.act(a - 0.5 * b)[:, :2]
+
+
+def test_common_idioms_take_the_hook_route_and_match_the_mode():
+    model = _ShapeReads().eval()
+    x = _inputs((1, 8, 8))
+    out_m, _, a = _patterns(model, x, "mode")
+    out_h, _, b = _patterns(model, x, "auto")
+    assert b.route == "hooks" and torch.equal(out_m, out_h)
+    _assert_same(a, b)
+
+    class IndexByValue(_ShapeReads):
+        def forward(self, x):
+            h = self.r(self.c(x)).flatten(1)
+            return h[:, h.size(1) - 1]  # an index computed from the input (its size): the mode decides
+
+    assert "index" in hook_plan(IndexByValue())
+
+
 def test_functional_units_and_other_activations_keep_the_function_mode():
     for name in ("functional", "mixed", "conv1d"):
         model, shape = ZOO[name]
