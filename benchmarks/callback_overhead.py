@@ -43,6 +43,9 @@ class LitCNN(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(self(x), y))
 
 
+NOTES = "<!-- notes: kept by re-runs -->"
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -96,8 +99,12 @@ def main():
         lines += ["", f"Regions seen in the epoch (all layers): {monitor.stats['val'].n_regions()} of "
                       f"{monitor.stats['val'].n_samples} images."]
     lines.append("")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # hand-written analysis below the marker survives a re-run (it says when it was measured)
+    old = out.read_text() if out.exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""
+    out.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
     print("\n".join(lines))
 
 
