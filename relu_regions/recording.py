@@ -560,27 +560,36 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
     ...     logits = model(x)
     >>> keys = rec.region_ids()
     """
-    if route not in ("auto", "hooks", "mode"):
-        raise ValueError(f"route must be 'auto', 'hooks' or 'mode', got {route!r}")
-    hooks = None
-    if route != "mode" and not (route == "auto" and count_boundary) and isinstance(model, nn.Module):
-        plan, modules = PLANS.get(model, logits_at)
-        if isinstance(plan, HookPlan) and not count_boundary:
-            hooks = (plan, modules)
-        elif route == "hooks":
-            why = "count_boundary=True needs the function mode" if isinstance(plan, HookPlan) else plan
-            raise ValueError(f"route='hooks' cannot record this model: {why}; use route='auto' or 'mode'")
+    hooks = _hook_route(model, logits_at, count_boundary, route)
     with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False,
                                     hooks=hooks) as s:
         s.count_boundary = count_boundary
         yield Recording(s, "hooks" if hooks is not None else "mode")
 
 
+def _hook_route(model: nn.Module, logits_at: str | None, count_boundary: bool,
+                route: str) -> tuple[HookPlan, dict] | None:
+    """The hook plan when ``route`` allows and the model qualifies (see :func:`record`), else None."""
+    if route not in ("auto", "hooks", "mode"):
+        raise ValueError(f"route must be 'auto', 'hooks' or 'mode', got {route!r}")
+    if route == "mode" or (route == "auto" and count_boundary) or not isinstance(model, nn.Module):
+        return None
+    plan, modules = PLANS.get(model, logits_at)
+    if isinstance(plan, HookPlan) and not count_boundary:
+        return plan, modules
+    if route == "hooks":
+        why = "count_boundary=True needs the function mode" if isinstance(plan, HookPlan) else plan
+        raise ValueError(f"route='hooks' cannot record this model: {why}; use route='auto' or 'mode'")
+    return None
+
+
 def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at: str | None = None,
                  observe: Callable[[LayerPattern, Tensor], None] | None = None,
                  count_boundary: bool = True) -> tuple[Tensor, list[LayerPattern]]:
-    """Run ``model(x)`` once under recording; return the explained output and the pass's patterns."""
-    with _session(model, strict=strict, logits_at=logits_at, observe=observe) as s:
+    """Run ``model(x)`` once under recording; return the explained output and the pass's patterns (recorded by
+    the hook route where :func:`record` would take it and nothing is observed)."""
+    hooks = None if observe is not None else _hook_route(model, logits_at, count_boundary, "auto")
+    with _session(model, strict=strict, logits_at=logits_at, observe=observe, hooks=hooks) as s:
         s.count_boundary = count_boundary
         out = _call(model, x)
         if s.current is not None:  # stopped at logits_at: the root hook did not close the pass yet
