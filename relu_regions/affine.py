@@ -35,7 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
-from .keys import pack_patterns, region_keys
+from .keys import pack_patterns, pattern_keys
 from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern, boundary_counts
@@ -63,8 +63,8 @@ class AffineMap:
     target : Tensor or None
         ``(B,)`` output index per sample when a target was selected (then ``K == 1``).
     packed : Tensor
-        ``(B, n_words)`` exact bit-packed activation patterns (packed on first access); ``region_ids`` are keys
-        derived from them.
+        ``(B, n_words)`` exact bit-packed activation patterns (packed on first access); ``region_ids`` are the
+        keys of :func:`relu_regions.keys.pattern_keys` (equal patterns, equal keys).
     patterns : list of list of LayerPattern
         The recorded patterns, one list per chunk of samples.
     n_boundary : Tensor
@@ -82,6 +82,7 @@ class AffineMap:
     method: str
     layer_names: list[str] = field(default_factory=list)
     _packed: Tensor | None = field(default=None, repr=False)
+    _keys: Tensor | None = field(default=None, repr=False)
     _sizes: list[int] = field(default_factory=list, repr=False)
     _n_boundary: Tensor | None = field(default=None, repr=False)
     _recount: object = field(default=None, repr=False, compare=False)  # () -> (B,) counts, for n_boundary
@@ -104,11 +105,15 @@ class AffineMap:
             self._packed = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._packed
 
-
     @property
     def region_ids(self) -> Tensor:
-        """``(B,)`` int64 region keys."""
-        return region_keys(self.packed)
+        """``(B,)`` int64 region keys (the same as :meth:`Recording.region_ids` gives for the same patterns)."""
+        if self._keys is None:
+            sizes = self._sizes or [int(c[0].state.shape[0]) for c in self.patterns]
+            parts = [pattern_keys(chunk) if chunk else torch.zeros(n, dtype=torch.int64, device=self.A.device)
+                     for chunk, n in zip(self.patterns, sizes)]
+            self._keys = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._keys
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -137,7 +142,7 @@ class AffineMap:
         return replace(self, A=mv(self.A), d=mv(self.d), output=mv(self.output), x=mv(self.x),
                        target=mv(self.target), _n_boundary=mv(self._n_boundary),
                        patterns=[[p.to(device) if device is not None else p for p in c] for c in self.patterns],
-                       _packed=mv(self._packed))
+                       _packed=mv(self._packed), _keys=mv(self._keys))
 
     def __len__(self) -> int:
         return self.A.shape[0]

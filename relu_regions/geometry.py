@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, preactivation_maps
 from .affine import check_batch as _check_x
-from .keys import pack_patterns, region_keys
+from .keys import pack_patterns, pattern_keys
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
@@ -801,7 +801,7 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
         x0, x1 = x0.double(), x1.double()
     v = x1 - x0
     bps = [0.0]
-    packs = []
+    packs, keys = [], []
     with preserved(net, eval_mode=True):
 
         def probe(t):
@@ -818,8 +818,8 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
         if fwd <= 0:  # starting on a boundary: take the region just after it
             pats, fwd, bwd, t = _step_past(probe, 0.0, eta0)
         while True:
-            packs.append(pack_patterns(pats)
-                         if pats else torch.zeros(1, 1, dtype=torch.int64))
+            packs.append(pack_patterns(pats) if pats else torch.zeros(1, 1, dtype=torch.int64))
+            keys.append(pattern_keys(pats) if pats else torch.zeros(1, dtype=torch.int64))
             end = t + fwd
             if end >= 1.0 or len(packs) >= max_regions:
                 bps.append(1.0)
@@ -827,7 +827,7 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
             bps.append(end)
             pats, fwd, bwd, t = _step_past(probe, end, eta0)
     packed = torch.cat(packs)
-    return LineWalk(torch.tensor(bps, dtype=torch.float64), region_keys(packed), packed)
+    return LineWalk(torch.tensor(bps, dtype=torch.float64), torch.cat(keys), packed)
 
 
 def _step_past(probe, tb: float, eta: float):

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import PatternMismatchError, UnsupportedModuleError
 from .hook_recording import PLANS, HookPlan, attach
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
-from .keys import pack_patterns, region_keys
+from .keys import pack_patterns, pattern_keys
 from .state import preserved
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
 
@@ -479,9 +479,9 @@ class Recording:
 
     def region_ids(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
-        words = self.packed(layers)
+        pats = self.patterns(layers)
         with torch._C.DisableTorchFunction():
-            return region_keys(words)
+            return pattern_keys(pats)
 
     def n_boundary(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties).

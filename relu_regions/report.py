@@ -752,14 +752,13 @@ def _regionstats_section_parts(model, patterns, groups, y_true, y_pred, k, X, na
                                logits_at):
     """RegionStats (relu_regions.regions) overview table and the region plots (relu_regions.plots)."""
     RegionStats = _optional("regions", "RegionStats")
-    from .keys import pack_patterns, region_keys
+    from .keys import pattern_keys
 
     by_name = {p.name: p for p in patterns}
     keys = {}
     for gname, layers in groups.items():
         pats = [by_name[n] for n in layers]
-        keys["full" if gname == "full network" else gname] = region_keys(
-            pack_patterns(pats))
+        keys["full" if gname == "full network" else gname] = pattern_keys(pats)
     tabular = not _image_like(X[0:1]) and X[0].numel() <= 64
     st = RegionStats(k, granularities={g: groups[g if g != "full" else "full network"] for g in keys if g != "full"},
                      keep_contributions=tabular)

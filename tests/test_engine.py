@@ -502,6 +502,61 @@ def test_state_bytes_are_exact_for_every_width(n_states):
     assert torch.equal(unpacked, states)
 
 
+def _random_patterns(n, g, duplicates=True):
+    """Three layers: 300 two-state units, 40 three-state units, 5 units of 70000 states (three bytes each)."""
+    from relu_regions.units import LayerPattern
+
+    states = [torch.rand(n, 300, generator=g) < 0.5, torch.randint(0, 3, (n, 40), generator=g, dtype=torch.int8),
+              torch.randint(0, 70000, (n, 5), generator=g)]
+    if duplicates:
+        for s in states:
+            s[: n // 10] = s[n // 2: n // 2 + n // 10]  # planted duplicates
+    counts = (2, 3, 70000)
+    pats = [LayerPattern(f"l{i}", "relu" if c == 2 else "clamp", s, c, torch.zeros(n, dtype=torch.int64))
+            for i, (s, c) in enumerate(zip(states, counts))]
+    return pats, torch.cat([s.reshape(n, -1).to(torch.int64) for s in states], 1)
+
+
+def test_pattern_keys_separate_many_random_patterns_and_single_unit_changes():
+    from relu_regions.keys import pattern_keys
+
+    g = torch.Generator().manual_seed(1)
+    n = 120_000
+    pats, flat = _random_patterns(n, g)
+    keys = pattern_keys(pats)
+    assert torch.unique(keys).numel() == torch.unique(flat, dim=0).shape[0]
+    assert torch.equal(keys[: n // 10], keys[n // 2: n // 2 + n // 10])
+    # every pattern at Hamming distance one from a base pattern gets its own key
+    base, _ = _random_patterns(1, g, duplicates=False)
+    flips = base[0].state.repeat(300, 1)
+    flips[torch.arange(300), torch.arange(300)] ^= True
+    one = [type(base[0])("l0", "relu", torch.cat([base[0].state, flips]), 2, torch.zeros(301, dtype=torch.int64))]
+    one += [type(p)(p.name, p.kind, p.state.repeat(301, 1), p.n_states, torch.zeros(301, dtype=torch.int64))
+            for p in base[1:]]
+    assert torch.unique(pattern_keys(one)).numel() == 301
+
+
+def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product_route(monkeypatch):
+    from relu_regions import keys as K
+
+    g = torch.Generator().manual_seed(2)
+    pats, _ = _random_patterns(500, g)
+    small = [type(pats[0])("s", "relu", pats[0].state[:, :60], 2, torch.zeros(500, dtype=torch.int64))]
+    assert torch.equal(K.pattern_keys(small), K.pack_patterns(small)[:, 0])  # 60 units: the exact word
+    chunk = K._CHUNK
+    extreme = torch.full((3, chunk), -128, dtype=torch.int8)  # the largest sum a product may hold
+    r = torch.full((chunk, 8), 127, dtype=torch.int8)
+    assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
+    ref = K.pattern_keys(pats)
+    monkeypatch.setattr(K, "_GROUP", 1)  # one product per layer instead of one for all three
+    assert torch.equal(K.pattern_keys(pats), ref)
+    monkeypatch.setattr(K, "_CHUNK", 7)  # many partial products: the same integer sums
+    assert torch.equal(K.pattern_keys(pats), ref)
+    monkeypatch.delattr(torch, "_int_mm")  # the float64 product used off the CPU
+    assert torch.equal(K.pattern_keys(pats), ref)
+    assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
+
+
 def test_functional_unit_in_a_module_called_twice_is_named_per_call():
     class Block(nn.Module):
         def __init__(self):
