@@ -115,6 +115,14 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
                 yield o
 
 
+class _Pass(list):
+    """The patterns of one forward pass, in execution order, and the pass's batch size (from its first input
+    tensor; known also for a model without piecewise-linear units)."""
+
+    batch: int | None = None
+    device: torch.device | None = None
+
+
 class _StopForward(Exception):
     """Raised by the ``logits_at`` hook to end the forward pass at the logits."""
 
@@ -166,10 +174,12 @@ class _Session:
         self.counts.clear()
         self.tainted.clear()
         self.cursor = 0
-        self.current = []
+        self.current = _Pass()
         for t in inputs:
             for tt in _tensors(t):
                 self.taint(tt)
+                if self.current.batch is None and tt.dim():
+                    self.current.batch, self.current.device = int(tt.shape[0]), tt.device
 
     def end_pass(self) -> None:
         if self.current is None:
@@ -474,12 +484,16 @@ class Recording:
     def packed(self, layers: LayerSelection = None) -> Tensor:
         """Exact bit-packed patterns, ``(B, n_words)`` int64 (64 bits per word), on the patterns' device."""
         pats = self.patterns(layers)
+        if not pats:  # no piecewise-linear unit ran: every input is in the one region of an affine model
+            return torch.zeros(len(self), 1, dtype=torch.int64, device=self._device())
         with torch._C.DisableTorchFunction():  # our own arithmetic: not through the (open) recording mode
             return pack_patterns(pats)
 
     def region_ids(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
         pats = self.patterns(layers)
+        if not pats:  # an affine model: one region
+            return torch.zeros(len(self), dtype=torch.int64, device=self._device())
         with torch._C.DisableTorchFunction():
             return pattern_keys(pats)
 
@@ -497,8 +511,11 @@ class Recording:
         """``(B,)`` bool: the input lies on the boundary of its region (its map is one of several)."""
         return self.n_boundary(layers) > 0
 
+    def _device(self) -> torch.device | None:
+        return next((p.device for p in self.passes if getattr(p, "device", None) is not None), None)
+
     def __len__(self) -> int:
-        return sum(p[0].state.shape[0] for p in self.passes if p)
+        return sum(p[0].state.shape[0] if p else (getattr(p, "batch", None) or 0) for p in self.passes)
 
     def __repr__(self) -> str:
         return f"Recording(passes={len(self.passes)}, samples={len(self)}, layers={self.layer_names})"

@@ -158,7 +158,8 @@ class RegionTracker:
             raise RuntimeError("the model did not run since the last update: nothing was recorded (if your step calls "
                                "a submodule directly, track/monitor that submodule)")
         if len(self.rec) != n:
-            if passes[-1] and passes[-1][0].state.shape[0] == n:
+            last = passes[-1][0].state.shape[0] if passes[-1] else getattr(passes[-1], "batch", None)
+            if last == n:
                 del passes[:-1]
             else:
                 raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "

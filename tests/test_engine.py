@@ -557,6 +557,17 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
     assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
 
 
+def test_a_model_without_units_is_one_region():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2))
+    with rr.record(m) as rec:
+        m(torch.randn(5, 3))
+        m(torch.randn(2, 3))
+    assert rec.layer_names == [] and len(rec) == 7
+    assert torch.equal(rec.region_ids(), torch.zeros(7, dtype=torch.int64)) and rec.packed().shape == (7, 1)
+    stats = rr.evaluate(m, [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))], n_classes=2, progress=False)
+    assert stats.n_regions() == 1 and stats.n_samples == 4
+
+
 def test_functional_unit_in_a_module_called_twice_is_named_per_call():
     class Block(nn.Module):
         def __init__(self):
