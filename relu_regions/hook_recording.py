@@ -51,6 +51,7 @@ _LINEAR_OPS = {operator.add, operator.sub, operator.neg, operator.pos, operator.
                "view", "reshape", "flatten", "unflatten", "size", "dim", "contiguous", "permute", "transpose",
                "unsqueeze", "squeeze", "narrow", "clone", "__getitem__", F.pad, F.dropout, F.avg_pool1d,
                F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean", *_SCALING}
+_DIVISIONS = {operator.truediv, torch.div, "div", "__truediv__"}
 _ATTRIBUTES = {"shape", "dtype", "device", "ndim"}  # getattr on an input-dependent tensor that reads no values
 
 
@@ -146,6 +147,8 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
                 return f"{what} on input-dependent data needs the function mode"
             if node.target in _SCALING and sum(a in tainted for a in node.all_input_nodes) > 1:
                 return f"{what} of two input-dependent tensors"
+            if node.target in _DIVISIONS and len(node.args) > 1 and any(a in tainted for a in _nodes(node.args[1:])):
+                return f"{what} by an input-dependent divisor"
             if node.target in (operator.getitem, "__getitem__") and any(
                     a in tainted for a in _nodes(node.args[1:])):
                 return "an index that depends on the input"

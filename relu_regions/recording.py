@@ -93,6 +93,9 @@ def _build_bilinear() -> set:
     return set(fs)
 
 
+_DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
+
+
 _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
@@ -307,10 +310,13 @@ class _Mode(TorchFunctionMode):
         if nonlinear or func in _BILINEAR or func is _BATCH_NORM:
             if n is None:
                 n = s.any_tainted(args, kwargs)
+            # an input-dependent divisor (1/z is not piecewise linear); __rtruediv__(z, c) computes c / z
+            divisor = func is torch.Tensor.__rtruediv__ or (func in _DIVISIONS and len(args) > 1 and
+                                                            s.is_tainted(args[1]))
             if func is _BATCH_NORM:
                 bad = n and bool(args[5] if len(args) > 5 else kwargs.get("training", False))
             else:
-                bad = n >= 2 if not nonlinear else n >= 1
+                bad = divisor or (n >= 2 if not nonlinear else n >= 1)
             if bad:
                 path = s.where()
                 hint = ""
@@ -318,6 +324,7 @@ class _Mode(TorchFunctionMode):
                     hint = (" If this is the output activation (softmax/sigmoid head), pass logits_at='<module path>'"
                             " naming the module that produces the logits, or explain a model without the head.")
                 what = ("batch_norm in training mode (batch statistics)" if func is _BATCH_NORM
+                        else f"a division by an input-dependent tensor ('{_op_name(func)}')" if divisor
                         else f"'{_op_name(func)}'" + ("" if nonlinear else " of two input-dependent tensors"))
                 raise UnsupportedModuleError(
                     f"{s.describe(path)} calls {what}, which is not piecewise linear in the input.{hint}")

@@ -227,6 +227,16 @@ class _Attention(nn.Module):
         return (self.q(x) * self.k(x)).sum(-1, keepdim=True)
 
 
+class _Reciprocal(nn.Module):
+    def __init__(self, div=None):
+        super().__init__()
+        self.lin, self.div = nn.Linear(4, 2), div
+
+    def forward(self, x):
+        h = self.lin(x).relu() + 1
+        return 2.0 / h if self.div is None else self.div(torch.ones_like(h), h)
+
+
 @pytest.mark.parametrize("model, where, op", [
     (_Gelu(), "body.1", "gelu"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
@@ -235,6 +245,8 @@ class _Attention(nn.Module):
     (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 2)), "1", "layer_norm"),
     (nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 2)), "1", "silu"),
     (_Attention(), "<root>", "of two input-dependent tensors"),
+    (_Reciprocal(), "<root>", "division by an input-dependent tensor"),
+    (_Reciprocal(torch.div), "<root>", "division by an input-dependent tensor"),
 ])
 @pytest.mark.parametrize("method", METHODS)
 def test_unsupported_modules_raise_naming_module_and_op(model, where, op, method):

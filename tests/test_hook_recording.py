@@ -163,6 +163,27 @@ def test_product_of_two_input_dependent_tensors_is_not_hooked():
             gate(torch.randn(2, 4))
 
 
+def test_division_by_the_input_is_not_hooked_division_by_a_constant_is():
+    class Div(nn.Module):
+        def __init__(self, reciprocal):
+            super().__init__()
+            self.lin, self.act, self.reciprocal = nn.Linear(4, 3), nn.ReLU(), reciprocal
+
+        def forward(self, x):
+            h = self.act(self.lin(x)) + 1
+            return 1.0 / h if self.reciprocal else h / 4.0
+
+    reciprocal = Div(True)
+    assert "divisor" in hook_plan(reciprocal)
+    with pytest.raises(rr.UnsupportedModuleError, match="division by an input-dependent tensor"):
+        with rr.record(reciprocal):
+            reciprocal(torch.randn(2, 4))
+    model = Div(False)
+    with rr.record(model) as rec:
+        model(torch.randn(2, 4))
+    assert rec.route == "hooks" and rec.layer_names == ["act"]
+
+
 def test_batchnorm_in_train_mode_raises_the_same_error_on_both_routes():
     model, shape = copy.deepcopy(ZOO["bn_cnn"])
     model.train()
