@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,7 +103,9 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     if replaced is not None:  # fx traces the class's forward, the module runs the instance's
         return f"module '{replaced or '<root>'}' has a forward set on the instance"
     try:
-        graph = torch.fx.Tracer().trace(model)
+        with warnings.catch_warnings():  # the check is ours: fx's advice on the user's code is not wanted here
+            warnings.simplefilter("ignore")
+            graph = torch.fx.Tracer().trace(model)
     except Exception as e:  # any failure of symbolic tracing (data-dependent Python, unsupported calls)
         first = str(e).splitlines()[0][:120] if str(e) else ""
         return f"torch.fx cannot trace the forward ({type(e).__name__}: {first})"
