@@ -432,10 +432,11 @@ def test_cuda_matches_cpu():
     assert torch.allclose(gpu.A.cpu(), cpu.A, atol=1e-5) and torch.equal(gpu.region_ids.cpu(), cpu.region_ids)
 
 
-def test_affine_map_inside_an_open_recording_does_not_leak_into_it():
+@pytest.mark.parametrize("route", ["hooks", "mode"])
+def test_affine_map_inside_an_open_recording_does_not_leak_into_it(route):
     m, shape = _model("lenet")
     x = _inputs(shape)
-    with rr.record(m) as rec:
+    with rr.record(m, route=route) as rec:
         with torch.no_grad():
             m(x)
         am = rr.affine_map(m, x)

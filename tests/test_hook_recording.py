@@ -29,6 +29,15 @@ def _patterns(model, x, route, **kw):
     return out, out2, rec
 
 
+def _hooked_like_the_mode(model, x, route="hooks", **kw):
+    """Record on both routes; assert the hook route ran, outputs are bit-identical and patterns equal."""
+    out_m, _, a = _patterns(model, x, "mode", **kw)
+    out_h, _, b = _patterns(model, x, route, **kw)
+    assert b.route == "hooks" and torch.equal(out_m, out_h)
+    _assert_same(a, b)
+    return a
+
+
 def _assert_same(a, b):
     assert a.layer_names == b.layer_names
     for pa, pb in zip(a.passes, b.passes, strict=True):
@@ -55,7 +64,7 @@ def test_hook_route_records_what_the_function_mode_records(name):
 def test_hook_route_on_a_trained_lenet_sized_batch():
     model, shape = ZOO["lenet"]
     x = _inputs(shape, n=64, seed=0)
-    _assert_same(_patterns(model, x, "mode")[2], _patterns(model, x, "hooks")[2])
+    _hooked_like_the_mode(model, x)
 
 
 def test_maxpool_that_returns_indices_itself_and_maxpool1d():
@@ -73,11 +82,7 @@ def test_maxpool_that_returns_indices_itself_and_maxpool1d():
             return self.out(self.pool1(v.flatten(2)).flatten(1))
 
     model = Unpool().eval()
-    x = _inputs((1, 4, 4))
-    out_m, _, a = _patterns(model, x, "mode")
-    out_h, _, b = _patterns(model, x, "hooks")
-    assert b.route == "hooks" and torch.equal(out_m, out_h)
-    _assert_same(a, b)
+    _hooked_like_the_mode(model, _inputs((1, 4, 4)))
     assert model.pool.return_indices and not model.pool1.return_indices
 
 
@@ -100,12 +105,7 @@ class _ShapeReads(nn.Module):
 
 
 def test_common_idioms_take_the_hook_route_and_match_the_mode():
-    model = _ShapeReads().eval()
-    x = _inputs((1, 8, 8))
-    out_m, _, a = _patterns(model, x, "mode")
-    out_h, _, b = _patterns(model, x, "auto")
-    assert b.route == "hooks" and torch.equal(out_m, out_h)
-    _assert_same(a, b)
+    _hooked_like_the_mode(_ShapeReads().eval(), _inputs((1, 8, 8)), route="auto")
 
     class IndexByValue(_ShapeReads):
         def forward(self, x):
@@ -202,11 +202,7 @@ def test_logits_at_stops_both_routes_at_the_same_layer():
     body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     model = nn.Sequential(body, nn.Softmax(dim=1))
     for logits_at in ("0", "0.2"):
-        x = torch.randn(5, 4)
-        p_m, _, a = _patterns(model, x, "mode", logits_at=logits_at)
-        p_h, _, b = _patterns(model, x, "hooks", logits_at=logits_at)
-        assert b.route == "hooks" and torch.equal(p_m, p_h)
-        _assert_same(a, b)
+        a = _hooked_like_the_mode(model, torch.randn(5, 4), logits_at=logits_at)
     assert a.layer_names == ["0.1"]
 
 
@@ -248,15 +244,3 @@ def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
     with torch.no_grad():
         assert model(x).shape == (7, 5)  # the pools return plain tensors again
 
-
-def test_nested_affine_map_does_not_leak_into_a_hooked_recording():
-    model, shape = ZOO["lenet"]
-    x = _inputs(shape)
-    with rr.record(model) as rec:
-        with torch.no_grad():
-            model(x)
-        am = rr.affine_map(model, x)
-        with torch.no_grad():
-            model(x[:2])
-    assert rec.route == "hooks" and len(rec.passes) == 2 and len(rec) == len(x) + 2
-    assert torch.equal(rec.region_ids()[: len(x)], am.region_ids)
