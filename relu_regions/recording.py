@@ -576,7 +576,9 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         input's path needs the mode (:mod:`relu_regions.hook_recording`); same patterns at a fraction of the cost,
         raises ``ValueError`` with the reason otherwise. ``"auto"`` (default): hooks where allowed and
         ``count_boundary`` is off, else the mode. ``rec.route`` says which one ran. A forward that branches on
-        Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch).
+        Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch); so does a
+        model run by other threads meanwhile (the hook route sets a max-pool's ``return_indices`` for the
+        duration of its call, and restores it).
 
     Examples
     --------
