@@ -22,11 +22,19 @@ from relu_regions.models import mlp  # noqa: E402
 from relu_regions.training import boundary_distances, evaluate  # noqa: E402
 
 
+class _FunctionalReLU(torch.nn.Module):
+    """A user-written activation module (F.relu inside): recorded through the function mode, not the hooks."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+
 class Lit(pl.LightningModule):
-    def __init__(self, lr: float = 0.1, direct: bool = False, dict_batches: bool = False):
+    def __init__(self, lr: float = 0.1, direct: bool = False, dict_batches: bool = False,
+                 functional: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.net = mlp(2, [6, 5], 3)
+        self.net = mlp(2, [6, 5], 3, activation=_FunctionalReLU if functional else torch.nn.ReLU)
         self.lr, self.direct, self.dict_batches = lr, direct, dict_batches
 
     def forward(self, x):
@@ -79,14 +87,18 @@ def _hooks(m):
     return [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in m.modules()]
 
 
-def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged():
+@pytest.mark.parametrize("functional", [False, True], ids=["hook-route", "function-mode"])
+def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged(functional):
+    from relu_regions.hook_recording import HookPlan, hook_plan
+
     train, val = make_data(64, 0), make_data(48, 1)
     mon = RegionMonitor(train_every_n_batches=1, probe_size=20, granularities={"last": -1})
-    model = Lit()
+    model = Lit(functional=functional)
+    assert isinstance(hook_plan(model), HookPlan) != functional
     hooks = _hooks(model)
     trainer([mon]).fit(model, loader(train), loader(val))
     # same training without the callback: identical weights (the callback changes nothing)
-    ref = Lit()
+    ref = Lit(functional=functional)
     trainer().fit(ref, loader(train), loader(val))
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
