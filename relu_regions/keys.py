@@ -161,6 +161,7 @@ def pack_patterns(patterns: Sequence) -> Tensor:
 
 _COLUMNS = 8
 _CHUNK = 131072  # units per product: |sum| <= 131072 * 128 * 127 < 2**31, so int32 sums are exact
+_FLOAT_BLOCK = 1 << 23  # states converted to float64 at a time off the CPU (64 MB)
 _GROUP = 4096  # consecutive layers narrower than this together are projected in one product
 
 
@@ -178,8 +179,14 @@ def _int8_product(a: Tensor, r: Tensor) -> Tensor:
     elsewhere."""
     if a.device.type == "cpu" and hasattr(torch, "_int_mm"):
         return torch._int_mm(a, r)
-    # float64 holds these integer sums exactly; CUDA's int8 product has shape constraints this avoids
-    return (a.to(torch.float64) @ r.to(torch.float64)).to(torch.int64)
+    # float64 holds these integer sums exactly (CUDA's int8 product has shape constraints this avoids); in column
+    # blocks, so that the float64 copy of the states stays below _FLOAT_BLOCK elements
+    step = max(8, _FLOAT_BLOCK // max(1, a.shape[0]))
+    out = None
+    for start in range(0, a.shape[1], step):
+        part = (a[:, start:start + step].to(torch.float64) @ r[start:start + step].to(torch.float64)).to(torch.int64)
+        out = part if out is None else out + part
+    return out if out is not None else torch.zeros(a.shape[0], r.shape[1], dtype=torch.int64, device=a.device)
 
 
 def _unit_bytes(p) -> Tensor:

@@ -567,6 +567,10 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
     assert torch.equal(K.pattern_keys(pats), ref)
     monkeypatch.delattr(torch, "_int_mm")  # the float64 product used off the CPU
     assert torch.equal(K.pattern_keys(pats), ref)
+    monkeypatch.setattr(K, "_CHUNK", chunk)
+    monkeypatch.setattr(K, "_GROUP", 4096)
+    monkeypatch.setattr(K, "_FLOAT_BLOCK", 5 * 500)  # ... in column blocks of 8 units
+    assert torch.equal(K.pattern_keys(pats), ref)
     assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
 
 
