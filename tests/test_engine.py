@@ -585,6 +585,27 @@ def test_a_model_without_units_is_one_region():
     assert stats.n_regions() == 1 and stats.n_samples == 4
 
 
+@pytest.mark.parametrize("kernel", [2, 20])
+def test_keys_partition_inputs_like_the_exact_packed_patterns(kernel):
+    # one-byte and two-byte max-pool states (a 20x20 window spans 780 flat indices of a 40-wide plane)
+    torch.manual_seed(kernel)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(kernel, stride=kernel // 2 or 1),
+                      nn.Flatten(), nn.LazyLinear(4), nn.ReLU())
+    x = torch.randn(300, 1, 40, 40)
+    x[150:] = x[:150]  # duplicates: equal patterns
+    x[150:225, :, :4] += 0.05 * torch.randn(75, 1, 4, 40)  # ... a third perturbed: their patterns change
+    with torch.no_grad():
+        m(x[:1])
+        with rr.record(m) as rec:
+            m(x)
+    keys, packed = rec.region_ids(), rec.packed()
+    assert rec.patterns()[1].bits_per_unit == (6 if kernel == 2 else 10)  # spans 42 and 780
+    n_keys = torch.unique(keys).numel()
+    n_patterns = torch.unique(packed, dim=0).shape[0]
+    n_pairs = torch.unique(torch.cat([keys[:, None], packed], 1), dim=0).shape[0]
+    assert n_keys == n_patterns == n_pairs and 150 < n_patterns < 300
+
+
 def test_functional_unit_in_a_module_called_twice_is_named_per_call():
     class Block(nn.Module):
         def __init__(self):
