@@ -359,6 +359,8 @@ def check_batch(x: Tensor) -> None:
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x holds no samples (shape {tuple(x.shape)}): there is no region to compute")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 

@@ -60,6 +60,8 @@ def _bool_bytes(bits: Tensor) -> Tensor:
     """
     b, n = bits.shape
     n8 = -(-n // 8) * 8
+    if b == 0:
+        return torch.zeros(0, n8 // 8, dtype=torch.uint8, device=bits.device)
     if n8 != n or not bits.is_contiguous() or bits.storage_offset() % 8:
         padded = torch.zeros(b, max(n8, 8), dtype=torch.bool, device=bits.device)
         padded[:, :n] = bits
@@ -77,6 +79,8 @@ def count_true(bits: Tensor) -> Tensor:
     """
     b, n = bits.shape
     n8 = max(8, -(-n // 8) * 8)
+    if b == 0:
+        return torch.zeros(n, dtype=torch.int32, device=bits.device)
     if n8 != n or not bits.is_contiguous() or bits.storage_offset() % 8:
         padded = torch.zeros(b, n8, dtype=torch.bool, device=bits.device)
         padded[:, :n] = bits
@@ -113,6 +117,8 @@ def state_bytes(states: Tensor, bits_per_unit: int) -> Tensor:
     never one tensor element per bit). Wider states: their low ``ceil(bits / 8)`` bytes.
     """
     b, n = states.shape
+    if b == 0:
+        return torch.zeros(0, _packed_bytes(n, bits_per_unit), dtype=torch.uint8, device=states.device)
     if bits_per_unit == 1:
         return _bool_bytes(states.to(torch.bool))
     if bits_per_unit > 8:
@@ -196,7 +202,7 @@ def _unit_bytes(p) -> Tensor:
     than its span (``key_states``), so they stay distinct modulo 256 (65536) when the span fits a byte (two) --
     the same information as the offset from the window's corner, without subtracting the corner."""
     if p.kind == "maxpool" and "geometry" in p.params:
-        s = p.state.reshape(p.state.shape[0], -1)
+        s = p.flat_state()
     else:
         s = p.int_state()
     if s.dtype == torch.bool:
@@ -223,6 +229,8 @@ def pattern_keys(patterns: Sequence) -> Tensor:
     ``patterns`` are :class:`~relu_regions.units.LayerPattern` objects, in a fixed order; equal patterns give
     equal keys on every device.
     """
+    if patterns and patterns[0].state.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=patterns[0].state.device)
     if sum(_packed_bytes(p.n_units, p.bits_per_unit) for p in patterns) <= WORD_BITS // 8:
         return region_keys(pack_patterns(patterns))  # one word: the key is the pattern itself
     parts = [_unit_bytes(p) for p in patterns]

@@ -279,7 +279,7 @@ class RegionStats:
         units = {}
         for p in rec.patterns(self.layers):
             if p.kind in ("relu", "leaky_relu", "prelu"):
-                units[p.name] = count_true(p.state.reshape(p.state.shape[0], -1))
+                units[p.name] = count_true(p.flat_state())
         return keys, units
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:

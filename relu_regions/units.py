@@ -70,11 +70,15 @@ class LayerPattern:
     def bits_per_unit(self) -> int:
         return max(1, int(self.key_states - 1).bit_length())
 
+    def flat_state(self) -> Tensor:
+        """The state as ``(B, n_units)`` (also for an empty batch)."""
+        return self.state.reshape(self.state.shape[0], self.n_units)
+
     def int_state(self) -> Tensor:
         """State as small integers in ``[0, key_states)``, shape ``(B, n_units)`` (bool for two-state units)."""
         if self.kind == "maxpool" and "geometry" in self.params:
             return _window_offsets(self)
-        flat = self.state.reshape(self.state.shape[0], -1)
+        flat = self.flat_state()
         return flat if flat.dtype in (torch.bool, torch.uint8, torch.int8) else flat.to(torch.int64)
 
     @property
@@ -119,7 +123,7 @@ def _window_offsets(p: LayerPattern) -> Tensor:
     small = p.key_states <= 256  # the offset fits a byte: subtract modulo 256, after one narrowing cast
     corner = _corners(tuple(idx.shape[-2:]), tuple(st), tuple(pad), p.in_shape[-1], idx.device, small)
     rel = (idx.to(torch.uint8) if small else idx) - corner
-    return rel.reshape(idx.shape[0], -1)
+    return rel.flatten(1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,7 +155,7 @@ def _write_back(z: Tensor, out: Tensor, params: dict) -> Tensor:
 
 
 def _count(mask: Tensor) -> Tensor:
-    flat = mask.reshape(mask.shape[0], -1)
+    flat = mask.flatten(1)
     if flat.device.type == "cpu" and not bool(flat.any()):
         # exact zeros are rare: on the CPU an any() pass is much cheaper than an integer sum (and syncs nothing)
         return torch.zeros(flat.shape[0], dtype=torch.int64)
@@ -163,6 +167,8 @@ def _boundary(x: Tensor, params: dict, at: float = 0.0) -> Tensor | None:
     recorder fills in shared zeros)."""
     if not params.get("count_boundary", True):
         return None
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
     flat = (x.detach() if at == 0 else x.detach() - at).reshape(x.shape[0], -1)  # x - at == 0 iff x == at
     # count_nonzero reads floats in one pass, with no bool temporary (a third of the time of (x == 0).sum());
     # on the CPU a global count first: exact zeros are rare, and that count syncs nothing there
@@ -401,7 +407,7 @@ class MaxPoolRule(UnitRule):
         if not params.get("count_boundary", True):
             return None
         zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-        if params["adaptive"]:
+        if params["adaptive"] or x.shape[0] == 0:
             return zero  # adaptive windows have no fixed geometry; ties are not counted
         ks, st, pad, dil, _ = params["geometry"]
         m = out.detach()

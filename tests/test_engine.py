@@ -606,6 +606,22 @@ def test_keys_partition_inputs_like_the_exact_packed_patterns(kernel):
     assert n_keys == n_patterns == n_pairs and 150 < n_patterns < 300
 
 
+@pytest.mark.parametrize("name", ["mlp2", "lenet", "functional", "conv1d", "mixed"])
+def test_an_empty_batch_records_no_samples(name):
+    m, shape = ZOO[name]
+    for kw in ({}, {"route": "mode", "count_boundary": True}):
+        with torch.no_grad(), rr.record(m, **kw) as rec:
+            m(torch.zeros(0, *shape))
+        assert len(rec) == 0 and rec.region_ids().shape == (0,) and rec.packed().shape[0] == 0
+        stats = rr.RegionStats(4)
+        stats.update_from_recording(rec, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        assert stats.n_samples == 0 and stats.n_regions() == 0
+        if kw:
+            assert rec.n_boundary().shape == (0,)
+    with pytest.raises(ValueError, match="no samples"):
+        rr.affine_map(m, torch.zeros(0, *shape))
+
+
 def test_functional_unit_in_a_module_called_twice_is_named_per_call():
     class Block(nn.Module):
         def __init__(self):
