@@ -26,7 +26,8 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     """
     modules = list(model.modules())
     training = [m.training for m in modules]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+    # from the module list already at hand (a shared parameter may appear twice: restoring it twice is harmless)
+    grads = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
     # most hook dicts are empty: keep a copy only of the others (this runs once per call of every entry point)
     hooks = [(m, name, dict(d) if d else None) for m in modules for name in _HOOK_DICTS
              if (d := getattr(m, name, None)) is not None]
@@ -36,7 +37,8 @@ def preserved(model: nn.Module, eval_mode: bool = False):
         yield model
     finally:
         for m, flag in zip(modules, training):
-            m.training = flag
+            if m.training is not flag:  # Module.__setattr__ costs ~10 µs: only where a flag changed
+                m.training = flag
         for p, flag in grads:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
