@@ -16,6 +16,7 @@ collides with probability at most 1/254 over the draw of the matrix, so the proj
 replaced packing + mixing ~200 words per sample because a product over the unpacked states is one BLAS-like
 call per layer (LeNet, batch 250, 2-core CPU: ~0.6 ms against ~1.5 ms).
 """
+
 from __future__ import annotations
 
 import functools
