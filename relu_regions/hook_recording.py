@@ -15,9 +15,11 @@ function mode only), a model fx cannot trace, a forward with more than one argum
 which also gives the clear errors for operations that are not piecewise linear. The plan is cached per model
 (weakly) and re-derived whenever a module, a module's class or ``forward``, or a training flag changes.
 
-Limit, as for every fx-based tool: the trace follows the branches a forward takes on Python values at trace time.
+Limits, as for every fx-based tool: the trace follows the branches a forward takes on Python values at trace time.
 A forward that switches on a plain attribute (``if self.use_gelu:``) after the first recording would be recorded
-by the stale plan; pass ``route="mode"`` to :func:`relu_regions.record` for such models.
+by the stale plan; pass ``route="mode"`` to :func:`relu_regions.record` for such models. The trace runs the
+forward's Python code once with symbolic tensors (no tensor is computed, no parameter or buffer changes); a
+forward with other side effects (a call counter, a print) sees that one extra call.
 """
 
 from __future__ import annotations
