@@ -100,20 +100,21 @@ class AffineMap:
     def packed(self) -> Tensor:
         """``(B, n_words)`` exact bit-packed activation patterns (computed once, on first use)."""
         if self._packed is None:
-            sizes = self._sizes or [int(c[0].state.shape[0]) for c in self.patterns]
-            parts = [_pack(chunk, n, self.A.device) for chunk, n in zip(self.patterns, sizes)]
-            self._packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._packed = self._per_chunk(_pack)
         return self._packed
 
     @property
     def region_ids(self) -> Tensor:
         """``(B,)`` int64 region keys (the same as :meth:`Recording.region_ids` gives for the same patterns)."""
         if self._keys is None:
-            sizes = self._sizes or [int(c[0].state.shape[0]) for c in self.patterns]
-            parts = [pattern_keys(chunk) if chunk else torch.zeros(n, dtype=torch.int64, device=self.A.device)
-                     for chunk, n in zip(self.patterns, sizes)]
-            self._keys = parts[0] if len(parts) == 1 else torch.cat(parts)
+            self._keys = self._per_chunk(_keys)
         return self._keys
+
+    def _per_chunk(self, fn) -> Tensor:
+        """``fn(patterns, n, device)`` of every chunk of samples, concatenated along the batch."""
+        sizes = self._sizes or [int(c[0].state.shape[0]) for c in self.patterns]
+        parts = [fn(chunk, n, self.A.device) for chunk, n in zip(self.patterns, sizes)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -388,6 +389,12 @@ def _pack(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
     if not patterns:  # an affine network: one region
         return torch.zeros(n, 1, dtype=torch.int64, device=device)
     return pack_patterns(patterns)
+
+
+def _keys(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
+    if not patterns:  # an affine network: one region
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    return pattern_keys(patterns)
 
 
 def _check(amap: AffineMap) -> None:
