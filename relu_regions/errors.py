@@ -17,5 +17,13 @@ class UnsupportedModuleError(ReluRegionsError, ValueError):
     """
 
 
+BATCH_STATISTICS = "batch_norm in training mode (batch statistics)"
+
+
+def not_piecewise_linear(where: str, what: str, hint: str = "") -> UnsupportedModuleError:
+    """The error for ``where`` (a module description) calling ``what``; one wording for every recording route."""
+    return UnsupportedModuleError(f"{where} calls {what}, which is not piecewise linear in the input.{hint}")
+
+
 class PatternMismatchError(ReluRegionsError, RuntimeError):
     """A replayed forward pass did not follow the recorded sequence of piecewise-linear operations."""

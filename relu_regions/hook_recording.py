@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UnsupportedModuleError
+from .errors import BATCH_STATISTICS, not_piecewise_linear
 from .units import LayerPattern, MaxPoolRule
 
 Tensor = torch.Tensor
@@ -229,8 +229,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
             if s.current is None or s.suspended or not s.strict:
                 return
             if module.training or (module.running_mean is None and module.running_var is None):
-                raise UnsupportedModuleError(f"{s.describe(path)} calls batch_norm in training mode (batch "
-                                             "statistics), which is not piecewise linear in the input.")
+                raise not_piecewise_linear(s.describe(path), BATCH_STATISTICS)
         return hook
 
     def restore() -> None:

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import PatternMismatchError, UnsupportedModuleError
+from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
 from .hook_recording import PLANS, HookPlan, attach
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
@@ -144,7 +144,7 @@ class _Session:
         self.replay = list(replay) if replay is not None else None
         self.observe = observe
         self.counts: dict[str, int] = {}
-        self.passes: list[list[LayerPattern]] = []
+        self.passes: list[_Pass] = []
         self.current: list[LayerPattern] | None = None
         self.depth = 0
         self.cursor = 0
@@ -323,11 +323,10 @@ class _Mode(TorchFunctionMode):
                 if nonlinear:
                     hint = (" If this is the output activation (softmax/sigmoid head), pass logits_at='<module path>'"
                             " naming the module that produces the logits, or explain a model without the head.")
-                what = ("batch_norm in training mode (batch statistics)" if func is _BATCH_NORM
+                what = (BATCH_STATISTICS if func is _BATCH_NORM
                         else f"a division by an input-dependent tensor ('{_op_name(func)}')" if divisor
                         else f"'{_op_name(func)}'" + ("" if nonlinear else " of two input-dependent tensors"))
-                raise UnsupportedModuleError(
-                    f"{s.describe(path)} calls {what}, which is not piecewise linear in the input.{hint}")
+                raise not_piecewise_linear(s.describe(path), what, hint)
 
     def _name(self, func) -> str:
         s = self.s
@@ -519,10 +518,10 @@ class Recording:
         return self.n_boundary(layers) > 0
 
     def _device(self) -> torch.device | None:
-        return next((p.device for p in self.passes if getattr(p, "device", None) is not None), None)
+        return next((p.device for p in self.passes if p.device is not None), None)
 
     def __len__(self) -> int:
-        return sum(p[0].state.shape[0] if p else (getattr(p, "batch", None) or 0) for p in self.passes)
+        return sum(p[0].state.shape[0] if p else (p.batch or 0) for p in self.passes)
 
     def __repr__(self) -> str:
         return f"Recording(passes={len(self.passes)}, samples={len(self)}, layers={self.layer_names})"

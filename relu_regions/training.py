@@ -158,7 +158,7 @@ class RegionTracker:
             raise RuntimeError("the model did not run since the last update: nothing was recorded (if your step calls "
                                "a submodule directly, track/monitor that submodule)")
         if len(self.rec) != n:
-            last = passes[-1][0].state.shape[0] if passes[-1] else getattr(passes[-1], "batch", None)
+            last = passes[-1][0].state.shape[0] if passes[-1] else passes[-1].batch
             if last == n:
                 del passes[:-1]
             else:
