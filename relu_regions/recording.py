@@ -177,12 +177,15 @@ class _Session:
         self.counts.clear()
         self.tainted.clear()
         self.cursor = 0
-        self.current = _Pass()
+        # the batch and device are read before the pass opens: under the function mode, reads inside a pass count
+        # as uses of the input (the reverse route's MLP shortcut needs the first Linear as the input's only reader)
+        new = _Pass()
         for t in inputs:
             for tt in _tensors(t):
                 self.taint(tt)
-                if self.current.batch is None and tt.dim():
-                    self.current.batch, self.current.device = int(tt.shape[0]), tt.device
+                if new.batch is None and tt.dim():
+                    new.batch, new.device = int(tt.shape[0]), tt.device
+        self.current = new
 
     def end_pass(self) -> None:
         if self.current is None:

@@ -698,3 +698,22 @@ def test_all_class_map_when_the_input_also_feeds_a_unit_directly():
     am = rr.affine_map(m, x, method="reverse")
     jac = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0)).squeeze(0)))(x)
     assert torch.allclose(am.A, jac, atol=1e-12)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_all_class_map_of_an_mlp_stops_at_the_first_linear(flatten, monkeypatch):
+    # the reverse route's MLP shortcut (rows stop at the first Linear's output, one product with its weight) is
+    # what keeps the all-class map near a GEMM; a metadata read of the input inside the pass once disabled it
+    from relu_regions import affine
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)]
+    m = nn.Sequential(*([nn.Flatten()] if flatten else []), *layers).double().eval()
+    x = torch.randn(5, *((3, 4) if flatten else (12,)), dtype=torch.float64)
+    taken = []
+    real = affine._input_linear
+    monkeypatch.setattr(affine, "_input_linear", lambda s, x: taken.append(real(s, x)) or taken[-1])
+    am = rr.affine_map(m, x, method="reverse")
+    assert taken and taken[0] is not None and taken[0][1] is layers[0].weight
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0)).squeeze(0)))(x)
+    assert torch.allclose(am.A, jac, atol=1e-12)
