@@ -200,9 +200,11 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
             m = margins(p, primal[:b])
             if tan is None:
                 g = torch.zeros(n, b, m.shape[1], dtype=m.dtype, device=m.device)
+            elif p.kind in _RELU_LIKE:  # margins ±z: the sign does not change a norm, so skip the flip
+                g = tan.reshape(n, b, -1)
             else:
                 g = margins(p, tan, const=False).reshape(n, b, -1)
-            per[p.name] = _layer_min(m, torch.linalg.vector_norm(g, ord=q, dim=0))
+            per[p.name] = _layer_min(m, _qnorm(g, q, 0))
 
         with torch.no_grad(), fwAD.dual_level():
             primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])

@@ -46,15 +46,22 @@ def test_points_inside_radius_stay_in_region(deep, p):
         assert torch.equal(_packed(deep, x + 0.999 * r[:, None] * u), base)
 
 
-def test_cnn_with_maxpool_inside_radius_and_routes_agree():
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_cnn_with_maxpool_inside_radius_and_routes_agree(p):
     torch.manual_seed(0)
     net = SmallCNN().double()
+    net.features[1] = nn.LeakyReLU(0.1)  # ReLU-like margins of both signs, by their own slope
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=g)
-    fw = G.boundary_distance(net, x, route="forward")
-    rv = G.boundary_distance(net, x, route="reverse")
+    fw = G.boundary_distance(net, x, p=p, route="forward")
+    rv = G.boundary_distance(net, x, p=p, route="reverse")
+    assert fw.layer_names == rv.layer_names and len(fw.layer_names) == 4
+    for name in fw.layer_names:  # every layer, not only the nearest one
+        assert torch.allclose(fw.per_layer[name], rv.per_layer[name], rtol=1e-9), name
     assert torch.allclose(fw.distance, rv.distance, rtol=1e-9)
     assert (fw.layer == rv.layer).all()
+    if p != 2:
+        return
     base = _packed(net, x)
     for _ in range(5):
         u = _unit_dirs(x.shape, 2, g)
