@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -186,6 +187,33 @@ def test_every_n_epochs_and_checkpoint_round_trip(tmp_path):
     trainer([resumed, ModelCheckpoint(dirpath=tmp_path / "r")], tmp_path, max_epochs=4,
             enable_checkpointing=True).fit(Lit(), loader(train), loader(val), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.history == mon.history
+
+
+def test_probe_every_n_epochs_and_the_slow_probe_warning(monkeypatch):
+    import relu_regions.integrations.lightning as L
+
+    train, val = make_data(64, 0), make_data(48, 1)
+    mon = RegionMonitor(probe_size=8, probe_every_n_epochs=2)
+    with pytest.warns() as seen:
+        trainer([mon], max_epochs=5).fit(Lit(), loader(train), loader(val))
+    assert [h["epoch"] for h in mon.history] == [0, 1, 2, 3, 4]
+    assert ["boundary_distance_median" in h for h in mon.history] == [True, False, True, False, True]
+    assert not [w for w in seen if "boundary distance" in str(w.message)]  # a tiny MLP's probe is fast
+    assert mon.state_dict()["probe_epochs"] == 5
+    # a probe slower than its epoch (and than the floor, here 0 s) is reported once, with the way out
+    monkeypatch.setattr(L, "_SLOW_PROBE_SECONDS", 0.0)
+    def slow_probe(self, m):  # always longer than the epoch so far
+        time.sleep(time.perf_counter() - self._epoch_start["validate"] + 0.05)
+        return 1.0
+
+    monkeypatch.setattr(RegionMonitor, "probe_distance", slow_probe)
+    mon2 = RegionMonitor(probe_size=8)
+    with pytest.warns(UserWarning, match="probe_size x input features") as seen:
+        trainer([mon2], max_epochs=2).fit(Lit(), loader(train), loader(val))
+    assert sum("boundary distance" in str(w.message) for w in seen) == 1
+    assert [h["boundary_distance_median"] for h in mon2.history] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="probe_every_n_epochs"):
+        RegionMonitor(probe_every_n_epochs=0)
 
 
 def test_compare_in_the_loop_logs_the_table(tmp_path):

@@ -9,7 +9,15 @@ through ``pl_module.log`` (so every logger sees them), under ``"<prefix><stage>/
 ``mean_purity``, ``confusion_share``, ``accuracy``; for validation also ``train_overlap`` (share of validation samples
 whose region was seen on the training batches of the epoch; needs ``train_every_n_batches``); for validation and
 test ``boundary_distance_median`` (median exact Euclidean distance from the probe inputs to their region's boundary,
-from :func:`relu_regions.geometry.boundary_distance`).
+from :func:`relu_regions.geometry.boundary_distance`; every ``probe_every_n_epochs`` recorded validation epochs, and
+at test).
+
+The exact distance costs about ``probe_size × input features`` forward passes of the network: ~0.4 s on a 2-core
+CPU for 16 MNIST images through the small LeNet, ~30 s through the CNN of PyTorch's MNIST example (60k units), a
+small fraction of that on a GPU. When it takes longer than the validation epoch itself, the callback says so once
+(a ``UserWarning`` naming the times and the options ``probe_size`` / ``probe_every_n_epochs``). On MNIST-like
+images with flat backgrounds, max-pool windows of equal values are exact ties, so the distance to the region's
+boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the distance to the nearest ReLU hyperplane.
 
 How the callback finds things
 -----------------------------
@@ -39,6 +47,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +70,7 @@ Tensor = torch.Tensor
 __all__ = ["RegionMonitor"]
 
 _STAGES = ("train", "validate", "test")
+_SLOW_PROBE_SECONDS = 1.0  # below this, a probe is never reported as slow
 _SHORT = {"train": "train", "validate": "val", "test": "test"}
 
 
@@ -85,6 +96,8 @@ class RegionMonitor(Callback):
     probe_size : int
         Size of the default probe (0 disables the boundary distance). The exact distance costs about
         ``probe_size × input features`` forward passes per epoch (see benchmarks/results/callback_overhead.md).
+    probe_every_n_epochs : int
+        Compute the boundary distance on every n-th recorded validation epoch (always at test).
     top : int, optional
         C of the top-C coverage; default ``n_classes``.
     get_labels, label_key, get_inputs
@@ -117,7 +130,8 @@ class RegionMonitor(Callback):
     def __init__(self, n_classes: int | None = None, *, module: str | None = None, layers: LayerSelection = None,
                  granularities: dict[str, LayerSelection] | None = None,
                  stages: Sequence[str] = ("validate", "test"), train_every_n_batches: int | None = None,
-                 every_n_epochs: int = 1, probe: Tensor | None = None, probe_size: int = 16, top: int | None = None,
+                 every_n_epochs: int = 1, probe: Tensor | None = None, probe_size: int = 16,
+                 probe_every_n_epochs: int = 1, top: int | None = None,
                  get_labels: Callable[[Any], Tensor] | None = None, label_key: str | None = None,
                  get_inputs: Callable[[Any], Tensor] | None = None, logits_at: str | None = None,
                  strict: bool = True, compare: bool = False, compare_every_n_epochs: int | None = None,
@@ -135,6 +149,8 @@ class RegionMonitor(Callback):
             train_every_n_batches = 1
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if probe_every_n_epochs < 1:
+            raise ValueError(f"probe_every_n_epochs must be >= 1, got {probe_every_n_epochs}")
         if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 1):
             raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
         self.n_classes = n_classes
@@ -146,6 +162,7 @@ class RegionMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.probe = None if probe is None else probe.detach().cpu()
         self.probe_size = probe_size
+        self.probe_every_n_epochs = probe_every_n_epochs
         self.top = top
         self.get_labels = get_labels
         self.label_key = label_key
@@ -164,6 +181,9 @@ class RegionMonitor(Callback):
         self._pending: dict[str, list] = {}  # stage -> batches recorded but not yet added to _local (on device)
         self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
         self._active: set[str] = set()
+        self._epoch_start: dict[str, float] = {}  # stage -> perf_counter at epoch start (the slow-probe warning)
+        self._probe_epochs = 0  # recorded validation epochs seen (probe_every_n_epochs)
+        self._warned_slow_probe = False
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -259,6 +279,7 @@ class RegionMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ epochs
     def _start_epoch(self, trainer: Any, stage: str) -> None:
+        self._epoch_start[stage] = time.perf_counter()
         self._local[stage] = None
         self._pending.pop(stage, None)
         if self._epoch_active(trainer, stage):
@@ -325,14 +346,38 @@ class RegionMonitor(Callback):
         if stage != "train" and self.probe is None and getattr(self, "_fallback_probe", None):
             probe = torch.cat(self._fallback_probe)[: self.probe_size]
             self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
-        if stage != "train" and self.probe is not None and self.probe_size:
+        if stage != "train" and self.probe is not None and self.probe_size and self._probe_due(stage):
+            t0 = time.perf_counter()
             metrics["boundary_distance_median"] = self.probe_distance(pl_module)
+            self._check_probe_time(stage, time.perf_counter() - t0, t0 - self._epoch_start.get(stage, t0))
         for name, value in metrics.items():
             pl_module.log(f"{self.prefix}{short}/{name}", float(value), on_epoch=True, sync_dist=True)
         self.history.append({"epoch": trainer.current_epoch, "stage": short, **metrics})
         if self.compare and (stage == "test" or (self.compare_every_n_epochs and stage == "validate" and
                                                   (trainer.current_epoch + 1) % self.compare_every_n_epochs == 0)):
             self._run_compare(trainer, pl_module, short)
+
+    def _probe_due(self, stage: str) -> bool:
+        if stage == "test":
+            return True
+        self._probe_epochs += 1
+        return (self._probe_epochs - 1) % self.probe_every_n_epochs == 0
+
+    def _check_probe_time(self, stage: str, probe_s: float, epoch_s: float) -> None:
+        """Warn once when the probe's boundary distance took longer than the epoch it ends (and over a second)."""
+        if self._warned_slow_probe or probe_s <= max(_SLOW_PROBE_SECONDS, epoch_s):
+            return
+        self._warned_slow_probe = True
+        n = len(self.probe) if self.probe is not None else 0
+        msg = (f"RegionMonitor: the exact boundary distance of the {n} probe inputs took {probe_s:.1f} s, longer than "
+               f"the {_SHORT[stage]} epoch it ends ({epoch_s:.1f} s); it costs about probe_size x input features "
+               "forward passes. Pass a smaller probe_size, probe_every_n_epochs=k, or probe_size=0 to turn it off.")
+        try:
+            from lightning.pytorch.utilities import rank_zero_warn
+        except ImportError:  # pragma: no cover - older Lightning
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        else:
+            rank_zero_warn(msg, category=UserWarning)
 
     def metrics(self, stats: Any) -> dict[str, float]:
         """The scalars logged for one stage's statistics."""
@@ -448,7 +493,7 @@ class RegionMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"n_classes": self.n_classes, "history": [dict(h) for h in self.history],
                 "stats": {k: _to_cpu(v.state_dict()) for k, v in self.stats.items()},
-                "probe": None if self.probe is None else self.probe.clone()}
+                "probe": None if self.probe is None else self.probe.clone(), "probe_epochs": self._probe_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from ..regions import RegionStats
@@ -457,6 +502,7 @@ class RegionMonitor(Callback):
         self.history = [dict(h) for h in state_dict["history"]]
         self.stats = {k: RegionStats.from_state_dict(v) for k, v in state_dict["stats"].items()}
         self.probe = None if state_dict["probe"] is None else state_dict["probe"].clone()
+        self._probe_epochs = int(state_dict.get("probe_epochs", 0))  # absent in checkpoints before 0.1.0's option
 
     # ------------------------------------------------------------------------------------------- plots
     def plot_history(self, metric: str = "n_regions", stages: Sequence[str] = ("val", "train"), ax: Any = None):
