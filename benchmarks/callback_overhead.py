@@ -1,11 +1,14 @@
-"""Overhead of RegionMonitor on validation epochs of the MNIST LeNet (target: at most 15% extra time).
+"""Overhead of RegionMonitor on validation epochs of MNIST CNNs (target: at most 15% extra time).
 
 Runs ``Trainer.validate`` over MNIST test images with no callback, with ``RegionMonitor(probe_size=0)`` (region
-statistics only) and with the default probe of 64 images (adds the exact boundary distance at epoch end), in
-interleaved repeats, and reports median epoch times and their ratios measured in this one run. Writes
+statistics only) and with the default probe of 16 images (adds the exact boundary distance at epoch end), in
+interleaved repeats, and reports median epoch times and their ratios measured in this one run, for two CNNs: the
+project's LeNet (``relu_regions.models.LeNet``, ~0.3 M multiply-adds per image: the callback's per-unit work is
+large beside its forward) and the CNN of PyTorch's MNIST example (``pytorch/examples``, mnist/main.py: two 3x3
+convolutions with 32 and 64 channels, max-pool, dropout, 9216-128-10; ~12 M multiply-adds per image). Writes
 ``benchmarks/results/callback_overhead.md``.
 
-Usage: ``python benchmarks/callback_overhead.py [--quick] [--device cpu|cuda]``.
+Usage: ``python benchmarks/callback_overhead.py [--quick] [--device cpu|cuda] [--models lenet,examples]``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from _common import cpu_name
 
@@ -29,11 +33,33 @@ from relu_regions.integrations.lightning import RegionMonitor  # noqa: E402
 from relu_regions.models import LeNet  # noqa: E402
 
 
-class LitCNN(pl.LightningModule):
+class ExamplesNet(nn.Module):
+    """The CNN of PyTorch's MNIST example (pytorch/examples, mnist/main.py), forward as written there: functional
+    ReLU and max-pool, ``torch.flatten``, and a ``log_softmax`` head (so the monitor explains ``fc2``'s output:
+    ``logits_at="net.fc2"``)."""
+
     def __init__(self):
         super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
+        self.dropout1, self.dropout2 = nn.Dropout(0.25), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = torch.flatten(self.dropout1(F.max_pool2d(x, 2)), 1)
+        x = self.fc2(self.dropout2(F.relu(self.fc1(x))))
+        return F.log_softmax(x, dim=1)
+
+
+MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}),
+          "examples": ("PyTorch examples MNIST CNN (mnist/main.py)", ExamplesNet, {"logits_at": "net.fc2"})}
+
+
+class LitCNN(pl.LightningModule):
+    def __init__(self, net: type[nn.Module] = LeNet):
+        super().__init__()
         torch.manual_seed(0)
-        self.net = LeNet()
+        self.net = net()
 
     def forward(self, x):
         return self.net(x)
@@ -62,43 +88,58 @@ def epoch_time(model, loader, callbacks, device) -> float:
     return time.perf_counter() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "callback_overhead.md"))
-    args = ap.parse_args()
-    n, repeats, bs = (4000, 3, 250) if args.quick else (10000, 5, 250)
-    x, y = load_mnist("test", limit=n)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs)
-    model = LitCNN()
+def measure(net: type[nn.Module], kw: dict, loader, repeats: int, device: str) -> tuple[dict[str, list[float]], object]:
+    model = LitCNN(net)
     variants = {"no callback": lambda: [],
-                "RegionMonitor(probe_size=0)": lambda: [RegionMonitor(10, probe_size=0)],
-                "RegionMonitor() (probe 16, boundary distance)": lambda: [RegionMonitor(10)]}
-    times = {k: [] for k in variants}
-    epoch_time(model, loader, [], args.device)  # warm-up
+                "RegionMonitor(probe_size=0)": lambda: [RegionMonitor(10, probe_size=0, **kw)],
+                "RegionMonitor() (probe 16, boundary distance)": lambda: [RegionMonitor(10, **kw)]}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    epoch_time(model, loader, [], device)  # warm-up
     monitor = None
     for _ in range(repeats):
         for k, make in variants.items():
             cbs = make()
-            times[k].append(epoch_time(model, loader, cbs, args.device))
+            times[k].append(epoch_time(model, loader, cbs, device))
             if cbs:
                 monitor = cbs[0]
-    base = statistics.median(times["no callback"])
-    lines = ["# RegionMonitor overhead on validation epochs (MNIST LeNet)", "",
+    return times, monitor
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="lenet,examples", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "callback_overhead.md"))
+    args = ap.parse_args()
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+    n, repeats, bs = (4000, 3, 250) if args.quick else (10000, 5, 250)
+    x, y = load_mnist("test", limit=n)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs)
+    lines = ["# RegionMonitor overhead on validation epochs (MNIST CNNs)", "",
              f"Machine: {machine(args.device)}; device `{args.device}`. The CPU is shared with other jobs, so "
              "absolute times are noisy; ratios come from interleaved repeats in one run.",
              f"Command: `python benchmarks/callback_overhead.py{' --quick' if args.quick else ''}`. One validation "
-             f"epoch = {n} MNIST test images, batch {bs}, untrained LeNet (timing does not depend on the weights); "
-             f"median of {repeats} repeats.", "",
-             "| variant | median epoch time (s) | all repeats (s) | ratio to no callback |", "|---|---|---|---|"]
-    for k, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"| {k} | {med:.3f} | {', '.join(f'{t:.2f}' for t in ts)} | {med / base:.3f} |")
-    if monitor is not None and "val" in monitor.stats:
-        lines += ["", f"Regions seen in the epoch (all layers): {monitor.stats['val'].n_regions()} of "
-                      f"{monitor.stats['val'].n_samples} images."]
-    lines.append("")
+             f"epoch = {n} MNIST test images, batch {bs}, untrained networks (timing does not depend on the weights); "
+             f"median of {repeats} repeats. Target: at most 1.15x the epoch without the callback.", ""]
+    for name in names:
+        title, net, kw = MODELS[name]
+        times, monitor = measure(net, kw, loader, repeats, args.device)
+        base = statistics.median(times["no callback"])
+        lines += [f"## {title}" + (f" — `RegionMonitor(10, {', '.join(f'{k}={v!r}' for k, v in kw.items())})`"
+                                     if kw else ""), "",
+                  "| variant | median epoch time (s) | all repeats (s) | ratio to no callback |", "|---|---|---|---|"]
+        for k, ts in times.items():
+            med = statistics.median(ts)
+            lines.append(f"| {k} | {med:.3f} | {', '.join(f'{t:.2f}' for t in ts)} | {med / base:.3f} |")
+        if monitor is not None and "val" in monitor.stats:
+            lines += ["", f"Regions seen in the epoch (all layers): {monitor.stats['val'].n_regions()} of "
+                          f"{monitor.stats['val'].n_samples} images."]
+        lines.append("")
+        print("\n".join(lines[-8:]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # hand-written analysis below the marker survives a re-run (it says when it was measured)

@@ -17,7 +17,8 @@ CPU for 16 MNIST images through the small LeNet, ~30 s through the CNN of PyTorc
 small fraction of that on a GPU. When it takes longer than the validation epoch itself, the callback says so once
 (a ``UserWarning`` naming the times and the options ``probe_size`` / ``probe_every_n_epochs``). On MNIST-like
 images with flat backgrounds, max-pool windows of equal values are exact ties, so the distance to the region's
-boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the distance to the nearest ReLU hyperplane.
+boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the distance to the nearest ReLU hyperplane
+(and counts the regions of those layers).
 
 How the callback finds things
 -----------------------------
