@@ -14,10 +14,11 @@ along the shortest path is the first point where any inequality fails, so no oth
 input space — exact for the first layer only (it ignores how earlier layers stretch space), kept for comparison.
 
 Routes for the exact distance (:func:`boundary_distance`, all exact): ``"structured"`` for plain chains of standard
-modules such as LeNet (the Jacobian up to the first nonlinearity is shared by all inputs; first max-pool margins use
-kernel-pair norms; later layers are pushed as bias-free tangents), ``"forward"`` and ``"reverse"`` for any supported
-model. ``layers=`` / ``kinds=`` restrict the inequalities (e.g. ReLU hyperplanes only, when max-pool ties on flat
-image backgrounds make the exact region distance 0).
+modules and functional ReLU / max-pool / flatten calls, such as LeNet or PyTorch's MNIST example CNN (the Jacobian
+up to the first nonlinearity is shared by all inputs; first max-pool margins use kernel-pair norms; later layers are
+pushed as bias-free tangents), ``"forward"`` and ``"reverse"`` for any supported model. ``layers=`` / ``kinds=``
+restrict the inequalities (e.g. ReLU hyperplanes only, when max-pool ties on flat image backgrounds make the exact
+region distance 0).
 
 Input domains and balls: :func:`boundary_distance_in_box` gives the exact distance to the nearest boundary point that
 lies inside a box of valid inputs (box faces are not region boundaries); :func:`inscribed_ball` the largest ball
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -238,43 +240,133 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
 
 _LINEAR_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.AvgPool2d, nn.AvgPool1d)
 _PL_LEAVES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.MaxPool2d: "maxpool"}
+# functional calls of the chain: units, and the batch-preserving flattens written in forwards
+_PL_CALLS = {F.relu: "relu", torch.relu: "relu", "relu": "relu", F.leaky_relu: "leaky_relu",
+             F.max_pool2d: "maxpool"}
+_FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
+_SIZE_READS = {"size", "dim"}
 
 
 def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at) -> list | None:
-    """The model's leaf modules in call order if the model is a plain chain of supported modules, else None."""
-    if not strict or logits_at is not None:
+    """``[(step, kind, name)]`` if the model (up to ``logits_at``) is a plain chain, else None.
+
+    A chain is a sequence of supported modules and functional calls, each reading only the previous one's output:
+    Conv1d/2d, Linear, Flatten, Identity, Dropout, AvgPool; ReLU, LeakyReLU, MaxPool2d as modules or as
+    ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.leaky_relu`` / ``F.max_pool2d``; and the flattens forwards
+    write (``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``). Read from a ``torch.fx`` trace, then checked on
+    ``x1``: the chain's steps must reproduce the model's (explained) output bit for bit and its piecewise-linear
+    calls must be the recorded ones, so a trace that does not describe the run is never used. ``step`` is the module
+    applied to tangents for linear steps (bias dropped by :func:`_apply_linear`); None for units.
+    """
+    if not strict:
         return None
-    calls: list = []
-    leaves = [m for m in model.modules() if not next(m.children(), None)]
-    handles = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out))) for m in leaves]
+    from .hook_recording import fx_graph, until_logits
+
     try:
-        with torch.no_grad():
-            out, pats = run_recorded(model, x1, strict=strict)
-    finally:
-        for h in handles:
-            h.remove()
-    if not calls or calls[-1][2] is not out:
+        nodes = until_logits(list(fx_graph(model).nodes), logits_at)
+    except Exception:  # not traceable: the forward / reverse routes handle it
         return None
-    names = {id(m): n for n, m in model.named_modules()}
-    plan, prev = [], x1
-    for mod, inp, o in calls:
-        if len(inp) != 1 or inp[0] is not prev or not isinstance(o, Tensor):
-            return None  # something happens between modules (a functional op, a residual, a view): not a chain
-        prev = o
+    if not nodes or nodes[0].op != "placeholder" or any(n.op == "placeholder" for n in nodes[1:]):
+        return None
+    modules = dict(model.named_modules())
+    steps: list = []  # (step module or None, kind or None, primal function for the check)
+    prev, side = nodes[0], set()
+    for node in nodes[1:]:
+        if node.op == "output":
+            if node.args[0] is not prev:
+                return None
+            break
+        deps = node.all_input_nodes
+        if prev not in deps and not side.intersection(deps):
+            if any(d.op != "get_attr" for d in deps):
+                return None  # uses something of the chain other than its head: a residual, a branch
+            continue
+        if _is_size_read(node, prev, side):
+            side.add(node)
+            continue
+        if [u for u in prev.users if u not in side and u is not node]:
+            return None  # the head is read twice: not a chain
+        step = _chain_step(node, prev, side, modules)
+        if step is None:
+            return None
+        steps.append(step)
+        prev = node
+    plan_kinds = [k for _, k, _ in steps if k]
+    with torch.no_grad():
+        out, pats = run_recorded(model, x1, strict=strict, logits_at=logits_at)
+        t = x1
+        for _, _, fn in steps:
+            t = fn(t)
+    if plan_kinds != [p.kind for p in pats] or not isinstance(out, Tensor) or t.shape != out.shape \
+            or not torch.equal(t, out):
+        return None
+    names = iter(p.name for p in pats)
+    return [(mod, kind, next(names) if kind else None) for mod, kind, _ in steps]
+
+
+def _is_size_read(node, prev, side: set) -> bool:
+    """``x.size(...)`` / ``x.dim()`` / ``x.shape`` of the chain's head, or an item of one: reads no values."""
+    if node.op == "call_method" and node.target in _SIZE_READS and node.args and node.args[0] is prev:
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[0] is prev and node.args[1] == "shape":
+        return True
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in side
+
+
+def _chain_step(node, prev, side: set, modules: dict) -> tuple | None:
+    """``(module for tangents or None, kind or None, primal function)`` of one chain node, or None."""
+    args, kwargs = node.args, dict(node.kwargs)
+    if not args or args[0] is not prev:
+        return None
+    if node.op == "call_module":
+        mod = modules[node.target]
         kind = _PL_LEAVES.get(type(mod))
-        if kind is None and not isinstance(mod, _LINEAR_LEAVES):
+        if len(args) != 1 or kwargs or (kind is None and not isinstance(mod, _LINEAR_LEAVES)):
             return None
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.padding_mode != "zeros":
             return None
-        if isinstance(mod, nn.Flatten) and mod.start_dim != 1:
+        if isinstance(mod, nn.Flatten) and (mod.start_dim != 1 or mod.end_dim != -1):
             return None
         if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
             return None
-        plan.append((mod, kind, names[id(mod)] if kind else None))
-    pl = [(k, n) for _, k, n in plan if k]
-    if pl != [(p.kind, p.name) for p in pats]:
+        return mod, kind, mod
+    if node.op not in ("call_function", "call_method"):
         return None
-    return plan
+    rest = args[1:]
+    if any(isinstance(a, torch.fx.Node) and a not in side for a in (*rest, *kwargs.values())):
+        return None
+    kind = _PL_CALLS.get(node.target)
+    if kind is not None:
+        if kwargs.get("return_indices") or (kind == "maxpool" and len(rest) >= 6 and rest[5]):
+            return None
+        if kind == "relu":  # (an inplace flag is dropped: the check must not write into its input)
+            return None, kind, F.relu
+        if kind == "leaky_relu":
+            slope = rest[0] if rest else kwargs.get("negative_slope", 0.01)
+            return None, kind, lambda t: F.leaky_relu(t, slope)
+        return None, kind, lambda t: F.max_pool2d(t, *rest, **kwargs)
+    if node.target in _FLATTENS:
+        flat = nn.Flatten()
+        if node.target in (torch.flatten, "flatten"):
+            ok = (rest in ((1,), (1, -1)) and not kwargs) or (not rest and kwargs in ({"start_dim": 1},
+                                                                                      {"start_dim": 1, "end_dim": -1}))
+        else:  # view / reshape to (batch, -1), the batch read from the head's size
+            shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            ok = not kwargs and len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], torch.fx.Node) \
+                and shape[0] in side and _reads_batch(shape[0], prev)
+        return (flat, None, flat) if ok else None
+    return None
+
+
+def _reads_batch(node, prev) -> bool:
+    """``node`` is ``prev.size(0)``, ``prev.shape[0]`` or ``prev.size()[0]``."""
+    if node.op == "call_method" and node.target == "size":
+        return node.args[0] is prev and (node.args[1:] == (0,) or node.kwargs == {"dim": 0})
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        return (src.op == "call_function" and src.target is getattr and src.args == (prev, "shape")) or (
+            src.op == "call_method" and src.target == "size" and src.args == (prev,) and not src.kwargs)
+    return False
 
 
 def _apply_linear(mod: nn.Module, rows: Tensor) -> Tensor:
@@ -311,7 +403,7 @@ def _pool_pair_norms(t: Tensor, win: Tensor, q: float) -> tuple[Tensor, Tensor]:
     return pair, rown
 
 
-def _fast_chunk(model, plan, x, q, wanted, cache):
+def _fast_chunk(model, plan, x, q, wanted, cache, logits_at=None):
     b = x.shape[0]
     found: dict[str, tuple[LayerPattern, Tensor]] = {}
 
@@ -320,7 +412,7 @@ def _fast_chunk(model, plan, x, q, wanted, cache):
             found[p.name] = (p, margins(p, t.detach()))
 
     with torch.no_grad():
-        _, patterns = run_recorded(model, x, strict=True, observe=grab)
+        _, patterns = run_recorded(model, x, strict=True, logits_at=logits_at, observe=grab)
         if [p.name for p in patterns] != [n for _, k, n in plan if k]:
             raise RuntimeError("the model's piecewise-linear calls changed between samples; use route='forward'")
         last = max([i for i, (_, k, n) in enumerate(plan) if k and n in wanted], default=-1)
@@ -352,7 +444,11 @@ def _fast_chunk(model, plan, x, q, wanted, cache):
                     else:
                         nrm = _qnorm(t.reshape(b, n, -1), q, 1)
                     per[name] = _layer_min(found[name][1], nrm)
-                s = p.state.to(x.dtype) if kind == "relu" else torch.where(p.state, 1.0, p.params["slope"]).to(x.dtype)
+                if kind == "relu":
+                    s = p.state.to(x.dtype)
+                else:  # the slope in x's dtype (a Python float would make a float32 tensor: 1e-8 off in float64)
+                    one = torch.ones((), dtype=x.dtype, device=x.device)
+                    s = torch.where(p.state, one, one * p.params["slope"])
                 binary = binary and kind == "relu"
                 if shared:
                     scale = s if scale is None else scale * s
@@ -516,12 +612,14 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     route : {"auto", "structured", "forward", "reverse"}
         How input gradients are computed for ``"exact"`` (all exact): ``"structured"`` for models that are a plain
         chain of standard modules (Conv1d/2d, Linear, ReLU, LeakyReLU, MaxPool2d, AvgPool, Flatten, Dropout,
-        Identity, called one after the other — e.g. :class:`~relu_regions.models.LeNet`): tangents of the
+        Identity, called one after the other — e.g. :class:`~relu_regions.models.LeNet` — where ReLU, LeakyReLU,
+        max-pool and flatten may also be functional calls, as in PyTorch's MNIST example; up to ``logits_at``
+        when given; read from a ``torch.fx`` trace and checked against the run): tangents of the
         bias-free linear parts, with the Jacobian up to the first piecewise-linear layer computed once per call
         and first max-pool margins looked up from kernel-pair norms (much faster on CNNs); ``"forward"``: forward
         mode through the frozen network (one pass with ``D`` tangents, any supported model); ``"reverse"``: full
         Jacobians per layer by :func:`~relu_regions.preactivation_maps`. ``"auto"``: structured when the model is
-        such a chain (and ``strict``, no ``logits_at``), else forward when the input has at most as many features
+        such a chain (and ``strict``), else forward when the input has at most as many features
         as the widest layer, else reverse.
     progress : bool
         tqdm progress bar over chunks.
@@ -546,8 +644,8 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             plan = _chain_plan(model, x[:1], strict, logits_at)
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
-                                 "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules (and strict=True, no "
-                                 "logits_at); use route='forward' or 'reverse'")
+                                 "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "
+                                 "max-pool and flatten calls (and strict=True); use route='forward' or 'reverse'")
         with torch.no_grad():
             _, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
         all_names = [pp.name for pp in probe]
@@ -575,7 +673,7 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             if method == "re3":
                 per, names = _re3_chunk(model, x[sl], q, logits_at, strict, wanted)
             elif route == "structured":
-                per, names = _fast_chunk(model, plan, x[sl], q, wanted, cache)
+                per, names = _fast_chunk(model, plan, x[sl], q, wanted, cache, logits_at)
             else:
                 per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
             parts.append(per)

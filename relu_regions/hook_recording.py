@@ -105,9 +105,7 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     if replaced is not None:  # fx traces the class's forward, the module runs the instance's
         return f"module '{replaced or '<root>'}' has a forward set on the instance"
     try:
-        with warnings.catch_warnings():  # the check is ours: fx's advice on the user's code is not wanted here
-            warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(model)
+        graph = fx_graph(model)
     except Exception as e:  # any failure of symbolic tracing (data-dependent Python, unsupported calls)
         first = str(e).splitlines()[0][:120] if str(e) else ""
         return f"torch.fx cannot trace the forward ({type(e).__name__}: {first})"
@@ -115,15 +113,9 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     tainted: set = set()
     units: list[tuple[str, str]] = []
     norms: list[str] = []
-    nodes = list(graph.nodes)
-    if logits_at is not None:
-        # the explained output is ready after the last node run inside the logits module; the function mode does
-        # not look past it either
-        inside = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == logits_at
-                  or any(v[0] == logits_at for v in (n.meta.get("nn_module_stack") or {}).values())]
-        if not inside:
-            return f"the trace does not show where logits_at='{logits_at}' runs"
-        nodes = nodes[: inside[-1] + 1]
+    nodes = until_logits(list(graph.nodes), logits_at)
+    if nodes is None:
+        return f"the trace does not show where logits_at='{logits_at}' runs"
     for node in nodes:
         what = f"'{getattr(node.target, '__name__', node.target)}'"
         dep = node.op == "placeholder" or any(a in tainted for a in node.all_input_nodes)
@@ -160,6 +152,23 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     if not units:
         return "no ReLU or max-pool modules"
     return HookPlan(tuple(units), tuple(norms))
+
+
+def fx_graph(model: nn.Module) -> torch.fx.Graph:
+    """The ``torch.fx`` graph of ``model``'s forward (raises whatever symbolic tracing raises)."""
+    with warnings.catch_warnings():  # the checks are ours: fx's advice on the user's code is not wanted here
+        warnings.simplefilter("ignore")
+        return torch.fx.Tracer().trace(model)
+
+
+def until_logits(nodes: list, logits_at: str | None) -> list | None:
+    """The graph's nodes up to the last one run inside the module ``logits_at`` (all when None; None when the trace
+    does not show that module). The explained output is ready there; the function mode does not look past it."""
+    if logits_at is None:
+        return nodes
+    inside = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == logits_at
+              or any(v[0] == logits_at for v in (n.meta.get("nn_module_stack") or {}).values())]
+    return nodes[: inside[-1] + 1] if inside else None
 
 
 def _nodes(args) -> list:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import relu_regions as rr
 from relu_regions import geometry as G
@@ -435,3 +436,89 @@ def test_box_distance_matches_independent_solvers(p):
             y = (x + 0.999 * torch.where(torch.isfinite(bd.distance), bd.distance, 10.0)[:, None] * u).clamp(lo, hi)
             inside = ((y - x).norm(dim=1) < bd.distance) | torch.isinf(bd.distance)
             assert (_packed(net, y) == base).all(1)[inside].all()
+
+
+class _ExampleLike(nn.Module):
+    """PyTorch's MNIST example CNN in miniature, forward written the same way (functional units, flatten in the
+    forward, log-softmax head), with the flatten and activation spelled in the other common ways on request."""
+
+    def __init__(self, flatten: str = "torch.flatten", act: str = "F.relu"):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)
+        self.dropout = nn.Dropout(0.25)
+        self.fc1, self.fc2 = nn.Linear(54, 7), nn.Linear(7, 3)
+        self.flatten, self.act = flatten, act
+
+    def _act(self, x):
+        if self.act == "F.relu":
+            return F.relu(x)
+        if self.act == "Tensor.relu":
+            return x.relu()
+        return F.leaky_relu(x, 0.2)
+
+    def forward(self, x):
+        x = self._act(self.conv2(self._act(self.conv1(x))))
+        x = self.dropout(F.max_pool2d(x, 2))
+        if self.flatten == "torch.flatten":
+            x = torch.flatten(x, 1)
+        elif self.flatten == "view":
+            x = x.view(x.size(0), -1)
+        elif self.flatten == "reshape":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = x.flatten(1)
+        x = self.fc2(self._act(self.fc1(x)))
+        return F.log_softmax(x, dim=1)
+
+
+@pytest.mark.parametrize("flatten, act, p", [("torch.flatten", "F.relu", 2), ("view", "Tensor.relu", INF),
+                                             ("reshape", "F.leaky_relu", 1), ("method", "F.relu", 2)])
+def test_structured_route_reads_functional_chains_up_to_logits_at(flatten, act, p, monkeypatch):
+    torch.manual_seed(20)
+    net = _ExampleLike(flatten, act).double()
+    x = torch.rand(5, 1, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    x[0, :, :5] = 0.0  # a flat band: pooling ties in sample 0
+    calls = []
+    real = G._fast_chunk
+    monkeypatch.setattr(G, "_fast_chunk", lambda *a: calls.append(1) or real(*a))
+    auto = G.boundary_distance(net, x, p=p, logits_at="fc2")
+    assert calls  # "auto" took the structured route
+    fw = G.boundary_distance(net, x, p=p, logits_at="fc2", route="forward")
+    assert auto.layer_names == fw.layer_names and len(fw.layer_names) == 4
+    for n in fw.layer_names:
+        assert torch.allclose(auto.per_layer[n], fw.per_layer[n], rtol=1e-10, atol=0), n
+    assert torch.equal(auto.unit, fw.unit) and torch.equal(auto.layer, fw.layer)
+    # without logits_at the log-softmax head is not piecewise linear: the clear error, not a wrong route
+    with pytest.raises(rr.UnsupportedModuleError):
+        G.boundary_distance(net, x, p=p)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(x + F.relu(self.a(x)))
+
+
+class _BatchFromTheStart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2 * 4 * 4, 2)
+
+    def forward(self, x):
+        n = x.size(0)  # read from the input, not from the flattened tensor's own size
+        return self.fc(F.relu(self.conv(x)).view(n, -1))
+
+
+@pytest.mark.parametrize("make, shape", [(_Residual, (3, 4)), (_BatchFromTheStart, (3, 1, 6, 6))])
+def test_not_a_chain_is_refused_by_the_structured_route_and_auto_falls_back(make, shape):
+    torch.manual_seed(22)
+    net = make().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+    with pytest.raises(ValueError, match="plain chain"):
+        G.boundary_distance(net, x, route="structured")
+    auto = G.boundary_distance(net, x)
+    rv = G.boundary_distance(net, x, route="reverse")
+    assert torch.allclose(auto.distance, rv.distance, rtol=1e-10)
