@@ -247,8 +247,11 @@ _FLATTENS = {torch.flatten, "flatten", "view", "reshape"}
 _SIZE_READS = {"size", "dim"}
 
 
-def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at) -> list | None:
+def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tensor,
+                pats: list[LayerPattern]) -> list | None:
     """``[(step, kind, name)]`` if the model (up to ``logits_at``) is a plain chain, else None.
+
+    ``out`` and ``pats`` are the explained output and the patterns of the recorded run on ``x1``.
 
     A chain is a sequence of supported modules and functional calls, each reading only the previous one's output:
     Conv1d/2d, Linear, Flatten, Identity, Dropout, AvgPool; ReLU, LeakyReLU, MaxPool2d as modules or as
@@ -293,7 +296,6 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at) -> list |
         prev = node
     plan_kinds = [k for _, k, _ in steps if k]
     with torch.no_grad():
-        out, pats = run_recorded(model, x1, strict=strict, logits_at=logits_at)
         t = x1
         for _, _, fn in steps:
             t = fn(t)
@@ -639,15 +641,15 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     b = x.shape[0]
     d_in = int(x[0].numel())
     with preserved(model, eval_mode=True):
+        with torch.no_grad():
+            out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
         plan = None
         if method == "exact" and route in ("auto", "structured"):
-            plan = _chain_plan(model, x[:1], strict, logits_at)
+            plan = _chain_plan(model, x[:1], strict, logits_at, out1, probe)
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
                                  "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "
                                  "max-pool and flatten calls (and strict=True); use route='forward' or 'reverse'")
-        with torch.no_grad():
-            _, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
         all_names = [pp.name for pp in probe]
         wanted = set(select_layers(all_names, layers))
         if kinds is not None:
