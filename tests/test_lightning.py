@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -194,7 +195,8 @@ def test_probe_every_n_epochs_and_the_slow_probe_warning(monkeypatch):
 
     train, val = make_data(64, 0), make_data(48, 1)
     mon = RegionMonitor(probe_size=8, probe_every_n_epochs=2)
-    with pytest.warns() as seen:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         trainer([mon], max_epochs=5).fit(Lit(), loader(train), loader(val))
     assert [h["epoch"] for h in mon.history] == [0, 1, 2, 3, 4]
     assert ["boundary_distance_median" in h for h in mon.history] == [True, False, True, False, True]
