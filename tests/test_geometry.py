@@ -522,3 +522,73 @@ def test_not_a_chain_is_refused_by_the_structured_route_and_auto_falls_back(make
     auto = G.boundary_distance(net, x)
     rv = G.boundary_distance(net, x, route="reverse")
     assert torch.allclose(auto.distance, rv.distance, rtol=1e-10)
+
+
+# --- colouring: one tangent per colour class in the convolutional prefix ------------------------------------------
+
+
+def _strided_cnn():
+    """Stride, dilation, padding (also 'same'), LeakyReLU, a padded max-pool and an average pool before the head,
+    on a non-square two-channel input."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding="same"), nn.LeakyReLU(0.1),
+        nn.MaxPool2d(2, stride=2, padding=1), nn.AvgPool2d(2), nn.Dropout(0.3), nn.Flatten(),
+        nn.Linear(4 * 4 * 3, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _conv1d_net():
+    return nn.Sequential(
+        nn.Conv1d(1, 3, 5, stride=2, padding=2), nn.ReLU(), nn.AvgPool1d(2),
+        nn.Conv1d(3, 2, 3, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 12, 5), nn.ReLU(), nn.Linear(5, 2))
+
+
+# colours by hand: receptive fields 5 -> 9 -> 11 -> 15 (2 channels x 15 x 15); 5 -> 7 -> 7 + 2 * 2 * 4 = 23
+@pytest.mark.parametrize("make, shape, colours", [(_strided_cnn, (2, 30, 26), 2 * 15 * 15),
+                                                  (_conv1d_net, (1, 64), 23)])
+@pytest.mark.parametrize("p", [2, INF, 1])
+def test_colouring_gives_the_forward_routes_distances(make, shape, colours, p, monkeypatch):
+    torch.manual_seed(30)
+    net = make().double().eval()
+    x = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+    x[1, :, :4] = 0.5  # a flat band: pooling ties
+    unpacked = []
+    real = G._unpack_colours
+    monkeypatch.setattr(G, "_unpack_colours", lambda *a: unpacked.append(a[0].shape[1]) or real(*a))
+    st = G.boundary_distance(net, x, p=p, route="structured", chunk_size=3)
+    assert unpacked == [colours, colours]  # two chunks, the packed tangents had one row per colour
+    fw = G.boundary_distance(net, x, p=p, route="forward")
+    assert st.layer_names == fw.layer_names
+    for n in fw.layer_names:
+        assert torch.allclose(st.per_layer[n], fw.per_layer[n], rtol=1e-10, atol=0), n
+    assert torch.equal(st.unit, fw.unit) and torch.equal(st.layer, fw.layer)
+
+
+def test_colouring_of_pytorchs_mnist_cnn_and_a_selection_inside_the_prefix(monkeypatch):
+    """The example CNN's 6x6 windows behind its max-pool: 36 colours instead of 784 input features; a selection
+    that ends inside the convolutional prefix needs no unpacking."""
+    torch.manual_seed(32)
+    net = _ExampleLike().double()
+    net.conv1, net.conv2, net.fc1 = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 4, 3), nn.Linear(4 * 12 * 12, 7)
+    net.double().eval()  # (the plan is checked against the run: dropout must be off, as boundary_distance does)
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(33))
+    out1, pats = G.run_recorded(net, x[:1], strict=True, logits_at="fc2")
+    plan = G._chain_plan(net, x[:1], True, "fc2", out1, pats)
+    byname = {pp.name: pp for pp in pats}
+    col = G._colouring(plan, byname, (1, 28, 28), len(plan) - 1, x.dtype, x.device)
+    assert col.basis.shape == (36, 1, 28, 28) and col.period == (6, 6) and col.n_units == 3
+    assert torch.equal(col.basis.sum(0), torch.ones(1, 28, 28))  # every feature in exactly one colour
+    unpacked = []
+    real = G._unpack_colours
+    monkeypatch.setattr(G, "_unpack_colours", lambda *a: unpacked.append(1) or real(*a))
+    sel = ["relu", "relu#1"]
+    st = G.boundary_distance(net, x, logits_at="fc2", layers=sel)
+    assert not unpacked
+    fw = G.boundary_distance(net, x, logits_at="fc2", layers=sel, route="forward")
+    for n in sel:
+        assert torch.allclose(st.per_layer[n], fw.per_layer[n], rtol=1e-10, atol=0), n
+    full = G.boundary_distance(net, x, logits_at="fc2")
+    assert unpacked
+    rv = G.boundary_distance(net, x, logits_at="fc2", route="reverse")
+    for n in rv.layer_names:
+        assert torch.allclose(full.per_layer[n], rv.per_layer[n], rtol=1e-10, atol=0), n
