@@ -152,8 +152,10 @@ def main() -> None:
                   "earlier).", "",
                   "The structured route: the Jacobian up to the first ReLU is the same for every image (computed "
                   "once), first-pool margins z_a − z_o use norms of kernel pairs looked up per window, and only the "
-                  "layers after the first pool are pushed as 784 tangents per image (bias-free conv / linear parts, "
-                  "no primal replicas).", ""]
+                  "layers after the first pool are pushed as tangents per image (bias-free conv / linear parts, no "
+                  "primal replicas): up to the flatten one per colour class of input pixels (pixels whose positions "
+                  "agree modulo the 18×18 receptive field behind the second pool never share a unit's window: 324 "
+                  "tangents instead of 784), and the first Linear's rows gathered back to the 784 pixels.", ""]
     emit("\n".join(lines), args.out)
 
 

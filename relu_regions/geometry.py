@@ -692,12 +692,19 @@ def _unpack_colours(t: Tensor, colour: _Colouring, linear: nn.Linear, in_shape: 
         cache[key] = colour.gather_index(spatial, in_shape, t.device)
     inv = cache[key]  # (D, K)
     w = linear.weight.reshape(-1, c, ll)  # (F, C, L): flatten order (C, *spatial)
-    prod = torch.einsum("bgcl,fcl->bglf", t.reshape(b, g, c, ll), w).reshape(b, g * ll, -1)
-    prod = torch.cat([prod, prod.new_zeros(b, 1, prod.shape[2])], 1)
-    rows = prod.index_select(1, inv[:, 0])
+    f = w.shape[0]
+    # per position l: (B·G, C) @ (C, F), written straight into a buffer whose last row is the zero row
+    prod = t.new_empty(ll * b * g + 1, f)
+    prod[-1].zero_()
+    torch.bmm(t.reshape(b * g, c, ll).permute(2, 0, 1), w.permute(2, 1, 0), out=prod[:-1].view(ll, b * g, f))
+    # row of (colour gc, position lc) for sample s: (lc·B + s)·G + gc; the padding points at the zero row
+    gc, lc = inv // ll, inv % ll
+    rows_of = torch.where(inv < g * ll, (lc.unsqueeze(0) * b + torch.arange(b, device=t.device).view(b, 1, 1)) * g
+                          + gc.unsqueeze(0), torch.full_like(inv, ll * b * g).unsqueeze(0))  # (B, D, K)
+    rows = prod.index_select(0, rows_of[:, :, 0].reshape(-1))
     for k in range(1, inv.shape[1]):
-        rows += prod.index_select(1, inv[:, k])
-    return rows
+        rows += prod.index_select(0, rows_of[:, :, k].reshape(-1))
+    return rows.view(b, -1, f)
 
 
 def _rows(mod: nn.Module, t: Tensor, b: int, n: int) -> Tensor:

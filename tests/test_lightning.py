@@ -136,6 +136,21 @@ def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged(funct
     assert [list(line.get_ydata()) for line in ax.get_lines()][0] == [h["n_regions"] for h in rows]
 
 
+def test_probe_distance_with_a_layer_selection_is_the_minimum_over_those_layers():
+    from relu_regions.geometry import boundary_distance
+
+    val = make_data(48, 1)
+    model = Lit()
+    mon = RegionMonitor(layers=["net.1"], probe_size=20)
+    trainer([mon]).validate(model, loader(val), verbose=False)
+    probe = val.tensors[0][:20]
+    full = boundary_distance(model.net, probe)  # every layer; the selection is one of its per-layer minima
+    assert full.layer_names == ["1", "3"]
+    sel = full.per_layer["1"]
+    assert not torch.equal(sel, full.distance)  # the selection matters for this probe
+    assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(sel[torch.isfinite(sel)].median()))
+
+
 def test_labels_from_dict_batches_user_function_and_clear_errors():
     ds = make_data(32)
     dict_loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=lambda it: {

@@ -12,9 +12,11 @@ test ``boundary_distance_median`` (median exact Euclidean distance from the prob
 from :func:`relu_regions.geometry.boundary_distance`; every ``probe_every_n_epochs`` recorded validation epochs, and
 at test).
 
-The exact distance costs about ``probe_size × input features`` forward passes of the network: ~0.4 s on a 2-core
-CPU for 16 MNIST images through the small LeNet, ~9.5 s through the CNN of PyTorch's MNIST example (68k units),
-a small fraction of that on a GPU. When it takes longer than the validation epoch itself, the callback says so once
+The exact distance pushes, per probe input, one tangent per input feature through the dense layers and, through
+the convolutional layers before them, one per colour class (input channels × the receptive field's area: 36 for
+PyTorch's MNIST example, 324 for the LeNet, instead of 784): ~0.15 s on a 2-core CPU for 16 MNIST images through
+the LeNet, ~0.5 s through the CNN of PyTorch's MNIST example (68k units; ~8% of its 10,000-image validation epoch).
+When it takes longer than the validation epoch itself, the callback says so once
 (a ``UserWarning`` naming the times and the options ``probe_size`` / ``probe_every_n_epochs``). On MNIST-like
 images with flat backgrounds, max-pool windows of equal values are exact ties, so the distance to the region's
 boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the distance to the nearest ReLU hyperplane
@@ -62,7 +64,7 @@ except ImportError as e:  # pragma: no cover - lightning is an optional dependen
     raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
 
 from ..geometry import boundary_distance
-from ..recording import LayerSelection, select_layers
+from ..recording import LayerSelection
 from ..state import preserved
 from ..training import default_inputs, default_labels, track
 
@@ -95,8 +97,9 @@ class RegionMonitor(Callback):
     probe : Tensor, optional
         Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items.
     probe_size : int
-        Size of the default probe (0 disables the boundary distance). The exact distance costs about
-        ``probe_size × input features`` forward passes per epoch (see benchmarks/results/callback_overhead.md).
+        Size of the default probe (0 disables the boundary distance). The exact distance costs at most about
+        ``probe_size × input features`` forward passes per epoch, much less on CNNs (see the module docstring and
+        benchmarks/results/callback_overhead.md).
     probe_every_n_epochs : int
         Compute the boundary distance on every n-th recorded validation epoch (always at test).
     top : int, optional
@@ -371,7 +374,7 @@ class RegionMonitor(Callback):
         self._warned_slow_probe = True
         n = len(self.probe) if self.probe is not None else 0
         msg = (f"RegionMonitor: the exact boundary distance of the {n} probe inputs took {probe_s:.1f} s, longer than "
-               f"the {_SHORT[stage]} epoch it ends ({epoch_s:.1f} s); it costs about probe_size x input features "
+               f"the {_SHORT[stage]} epoch it ends ({epoch_s:.1f} s); it costs up to probe_size x input features "
                "forward passes. Pass a smaller probe_size, probe_every_n_epochs=k, or probe_size=0 to turn it off.")
         rank_zero_warn(msg, category=UserWarning)
 
@@ -398,12 +401,8 @@ class RegionMonitor(Callback):
         with torch.inference_mode(False), torch.enable_grad():
             x = self.probe.clone().to(p.device if p is not None else "cpu",
                                       p.dtype if p is not None and p.is_floating_point() else None)
-            bd = boundary_distance(net, x, logits_at=self.logits_at, strict=self.strict)
-            if self.layers is None:
-                d = bd.distance
-            else:
-                names = select_layers(list(bd.layer_names), self.layers)
-                d = torch.stack([bd.per_layer[n] for n in names]).amin(0)
+            # only the selected layers' inequalities are computed (their minimum is the logged distance)
+            d = boundary_distance(net, x, logits_at=self.logits_at, strict=self.strict, layers=self.layers).distance
         d = d[torch.isfinite(d)]
         return float(d.median()) if d.numel() else math.inf
 
