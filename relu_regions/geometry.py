@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, preactivation_maps
 from .affine import check_batch as _check_x
+from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -264,6 +265,24 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tens
     """
     if not strict:
         return None
+    steps, _ = _CHAINS.get(model, logits_at)  # the trace once per model structure; the check on every call
+    if steps is None:
+        return None
+    plan_kinds = [k for _, k, _ in steps if k]
+    with torch.no_grad():
+        t = x1
+        for _, _, fn in steps:
+            t = fn(t)
+    if plan_kinds != [p.kind for p in pats] or not isinstance(out, Tensor) or t.shape != out.shape \
+            or not torch.equal(t, out):
+        return None
+    names = iter(p.name for p in pats)
+    return [(mod, kind, next(names) if kind else None) for mod, kind, _ in steps]
+
+
+def _chain_steps(model: nn.Module, logits_at: str | None) -> list | None:
+    """``[(step module or None, kind or None, primal function)]`` read from the model's ``torch.fx`` trace (up to
+    ``logits_at``), or None when the trace is not a plain chain."""
     from .hook_recording import fx_graph, until_logits
 
     try:
@@ -273,7 +292,7 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tens
     if not nodes or nodes[0].op != "placeholder" or any(n.op == "placeholder" for n in nodes[1:]):
         return None
     modules = dict(model.named_modules())
-    steps: list = []  # (step module or None, kind or None, primal function for the check)
+    steps: list = []
     prev, side = nodes[0], set()
     for node in nodes[1:]:
         if node.op == "output":
@@ -295,16 +314,10 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tens
             return None
         steps.append(step)
         prev = node
-    plan_kinds = [k for _, k, _ in steps if k]
-    with torch.no_grad():
-        t = x1
-        for _, _, fn in steps:
-            t = fn(t)
-    if plan_kinds != [p.kind for p in pats] or not isinstance(out, Tensor) or t.shape != out.shape \
-            or not torch.equal(t, out):
-        return None
-    names = iter(p.name for p in pats)
-    return [(mod, kind, next(names) if kind else None) for mod, kind, _ in steps]
+    return steps
+
+
+_CHAINS = PlanCache(_chain_steps)
 
 
 def _is_size_read(node, prev, side: set) -> bool:

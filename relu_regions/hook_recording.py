@@ -30,6 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -66,13 +67,15 @@ class HookPlan:
     batch_norms: tuple[str, ...]
 
 
-class _Plans:
-    """Per-model cache of :func:`hook_plan`, keyed weakly on the model, checked against a structural signature."""
+class PlanCache:
+    """Per-model cache of ``build(model, logits_at)`` (a plan read from a ``torch.fx`` trace), keyed weakly on the
+    model, checked against a structural signature (module objects, types, train flags, patched forwards)."""
 
-    def __init__(self) -> None:
+    def __init__(self, build: Callable[[nn.Module, str | None], Any]) -> None:
+        self._build = build
         self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def get(self, model: nn.Module, logits_at: str | None) -> tuple[HookPlan | str, dict[str, nn.Module]]:
+    def get(self, model: nn.Module, logits_at: str | None) -> tuple[Any, dict[str, nn.Module]]:
         modules = dict(model.named_modules())
         sig = (logits_at, tuple((n, id(m), type(m), m.training, id(m.__dict__.get("forward")))
                                 for n, m in modules.items()))
@@ -81,11 +84,8 @@ class _Plans:
         if plan is None:
             if len(plans) >= 8:
                 plans.clear()
-            plan = plans[sig] = hook_plan(model, logits_at)
+            plan = plans[sig] = self._build(model, logits_at)
         return plan, modules
-
-
-PLANS = _Plans()
 
 
 def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
@@ -152,6 +152,9 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     if not units:
         return "no ReLU or max-pool modules"
     return HookPlan(tuple(units), tuple(norms))
+
+
+PLANS = PlanCache(hook_plan)
 
 
 def fx_graph(model: nn.Module) -> torch.fx.Graph:

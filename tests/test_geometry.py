@@ -592,3 +592,20 @@ def test_colouring_of_pytorchs_mnist_cnn_and_a_selection_inside_the_prefix(monke
     rv = G.boundary_distance(net, x, logits_at="fc2", route="reverse")
     for n in rv.layer_names:
         assert torch.allclose(full.per_layer[n], rv.per_layer[n], rtol=1e-10, atol=0), n
+
+
+def test_the_chain_is_traced_once_per_model_structure(monkeypatch):
+    import relu_regions.hook_recording as H
+
+    torch.manual_seed(34)
+    net = SmallCNN().double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(35))
+    traces = []
+    real = H.fx_graph
+    monkeypatch.setattr(H, "fx_graph", lambda m: traces.append(1) or real(m))
+    first = G.boundary_distance(net, x)
+    assert torch.equal(G.boundary_distance(net, x).distance, first.distance) and len(traces) == 1
+    net.head[0] = nn.Linear(256, 32).double()  # another module object: traced again, and its weights are used
+    again = G.boundary_distance(net, x)
+    assert len(traces) == 2 and not torch.equal(again.per_layer["head.1"], first.per_layer["head.1"])
+    assert torch.allclose(again.distance, G.boundary_distance(net, x, route="forward").distance, rtol=1e-10)
