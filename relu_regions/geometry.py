@@ -774,7 +774,7 @@ _KINDS = ("relu", "leaky_relu", "prelu", "clamp", "maxpool")
 def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "exact", *,
                       layers: LayerSelection = None, kinds: Sequence[str] | None = None,
                       logits_at: str | None = None, strict: bool = True, chunk_size: int | None = None,
-                      route: str = "auto", progress: bool = False) -> BoundaryDistances:
+                      route: str = "auto", progress: bool = False, per_layer: bool = True) -> BoundaryDistances:
     """Distance from each input to the boundary of its activation region, in input space.
 
     Parameters
@@ -817,6 +817,12 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         as the widest layer, else reverse.
     progress : bool
         tqdm progress bar over chunks.
+    per_layer : bool
+        With False only ``distance`` (and the nearest inequality) is wanted, and ``per_layer`` is left empty: inputs
+        that lie exactly on their region's boundary — a margin that is exactly 0 with a nonzero rate along a fixed
+        random direction, which proves a nonzero gradient; e.g. max-pool ties on flat image backgrounds — get
+        distance 0 from one forward-mode pass, and only the others go through the full computation (``"exact"``
+        only; same distances).
 
     Returns
     -------
@@ -862,13 +868,19 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             size = chunk_size or max(1, min(256, (1 << 25) // max([1, *rows])))
         else:
             size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
-        chunks = [slice(i, min(b, i + size)) for i in range(0, b, size)]
+        names = [pp.name for pp in probe if pp.name in wanted]
+        rest, proof = None, None
+        if not per_layer and method == "exact":
+            proof = _on_boundary(model, x, wanted, names, logits_at, strict)
+            rest = (~proof[0]).nonzero()[:, 0]
+            x = x[rest]
+        n_rest = x.shape[0]
+        chunks = [slice(i, min(n_rest, i + size)) for i in range(0, n_rest, size)]
         if progress:
             from tqdm.auto import tqdm
 
             chunks = tqdm(chunks, desc=f"boundary_distance ({method}, {route})", unit="chunk")
         parts = []
-        names: list[str] = []
         cache: dict = {}  # shared tangents / norms of the structured route
         for sl in chunks:
             if method == "re3":
@@ -878,20 +890,50 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             else:
                 per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
             parts.append(per)
-    names = [n for n in names if parts and n in parts[0]]
-    per_layer = {n: torch.cat([pp[n][0] for pp in parts]) for n in names}
-    per_unit = {n: torch.cat([pp[n][1] for pp in parts]) for n in names}
-    if names:
+    if parts:
+        names = [n for n in names if n in parts[0]]
+    per_layer = {n: torch.cat([pp[n][0] for pp in parts]) for n in names} if parts else {}
+    per_unit = {n: torch.cat([pp[n][1] for pp in parts]) for n in names} if parts else {}
+    if per_layer:
         stack = torch.stack([per_layer[n] for n in names], 1)
         dist, layer = stack.min(1)
         units = torch.stack([per_unit[n] for n in names], 1).gather(1, layer[:, None])[:, 0]
         none = torch.isinf(dist)
         layer = torch.where(none, torch.full_like(layer, -1), layer)
     else:
-        dist = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
-        layer = torch.full((b,), -1, dtype=torch.int64, device=x.device)
-        units = torch.zeros(b, dtype=torch.int64, device=x.device)
+        dist = torch.full((n_rest,), math.inf, dtype=x.dtype, device=x.device)
+        layer = torch.full((n_rest,), -1, dtype=torch.int64, device=x.device)
+        units = torch.zeros(n_rest, dtype=torch.int64, device=x.device)
+    if proof is not None:  # proven samples: 0 at the proving inequality; the others as computed
+        full = torch.zeros(b, dtype=x.dtype, device=x.device)
+        full[rest], layer, units, per_layer = dist, proof[1].index_copy(0, rest, layer), \
+            proof[2].index_copy(0, rest, units), {}
+        dist = full
     return BoundaryDistances(dist, layer, units, per_layer, names, float(p), method)
+
+
+def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], logits_at, strict: bool) -> tuple:
+    """``(proven, layer, unit)``: which inputs provably lie on their region's boundary, and an inequality that
+    proves it (``layer`` indexes ``names``; -1 where not proven).
+
+    A margin that is exactly 0 with a nonzero rate of change along some direction has a nonzero gradient, so the
+    input sits on that inequality's hyperplane: distance 0, exactly as :func:`boundary_distance` finds it. One
+    forward-mode pass along a fixed random direction gives every margin's rate; a margin whose gradient happens to
+    be orthogonal to it is only not used as a proof (the input is then computed in full).
+    """
+    with torch.no_grad():
+        _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
+    m, s, *_, widths = _directional(model, x, v, patterns, logits_at, strict, wanted)
+    hit = (m <= 0) & (s != 0)  # (<= as in _layer_min, which clamps margins at 0)
+    if len(widths) != len(names):  # the calls differ from the first sample's: no proofs, compute in full
+        hit = torch.zeros_like(hit)
+    proven = hit.any(1)
+    first = hit.to(torch.uint8).argmax(1)  # the first proving margin, in layer order
+    w = torch.tensor(widths, dtype=torch.int64, device=x.device)
+    layer = torch.searchsorted(w.cumsum(0), first, right=True).clamp(max=max(len(widths) - 1, 0))
+    unit = first - (w.cumsum(0) - w)[layer] if widths else first
+    return proven, torch.where(proven, layer, -1), torch.where(proven, unit, 0)
 
 
 def _check_kinds(kinds) -> tuple | None:
@@ -970,11 +1012,14 @@ def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, f
 # --- directional: what-if and line walks ------------------------------------------------------------------------
 
 
-def _directional(model, x, v, patterns, logits_at, strict):
-    """Margins at x, their rates along v, and the frozen output and its rate (one JVP pass)."""
+def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = None):
+    """Margins at x, their rates along v, the frozen output and its rate (one JVP pass), and the margins' count
+    per layer (only the ``wanted`` layers' margins when given)."""
     ms, ss = [], []
 
     def grab(p, t):
+        if wanted is not None and p.name not in wanted:
+            return
         primal, tan = fwAD.unpack_dual(t)
         ms.append(margins(p, primal))
         ss.append(torch.zeros_like(ms[-1]) if tan is None else margins(p, tan, const=False))
@@ -990,7 +1035,7 @@ def _directional(model, x, v, patterns, logits_at, strict):
         m, s = torch.cat(ms, 1), torch.cat(ss, 1)
     else:
         m = s = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
-    return m, s, primal, tan
+    return m, s, primal, tan, [t.shape[1] for t in ms]
 
 
 def _exit_steps(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -1044,7 +1089,7 @@ def what_if(model: nn.Module, x: Tensor, delta: Tensor, *, logits_at: str | None
     with preserved(model, eval_mode=True):
         with torch.no_grad():
             out, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
-        m, s, primal, tan = _directional(model, x, delta.detach(), patterns, logits_at, strict)
+        m, s, primal, tan, _ = _directional(model, x, delta.detach(), patterns, logits_at, strict)
     step, _ = _exit_steps(m, s)
     return WhatIf(primal + tan, step >= 1, step, out.reshape(x.shape[0], -1).detach())
 
@@ -1109,7 +1154,7 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
             xt = x0 + t * v
             with torch.no_grad():
                 _, pats = run_recorded(net, xt, strict=strict, logits_at=logits_at)
-            m, s, _, _ = _directional(net, xt, v, pats, logits_at, strict)
+            m, s, _, _, _ = _directional(net, xt, v, pats, logits_at, strict)
             fwd, bwd = _exit_steps(m, s)
             return pats, float(fwd[0]), float(bwd[0])
 

@@ -609,3 +609,42 @@ def test_the_chain_is_traced_once_per_model_structure(monkeypatch):
     again = G.boundary_distance(net, x)
     assert len(traces) == 2 and not torch.equal(again.per_layer["head.1"], first.per_layer["head.1"])
     assert torch.allclose(again.distance, G.boundary_distance(net, x, route="forward").distance, rtol=1e-10)
+
+
+# --- per_layer=False: inputs proven to sit on their region's boundary skip the full computation --------------------
+
+
+@pytest.mark.parametrize("route", ["structured", "forward", "reverse"])
+def test_distance_only_equals_the_full_computation_and_skips_proven_inputs(route, monkeypatch):
+    net = _lenet64()
+    g = torch.Generator().manual_seed(36)
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64, generator=g)
+    x[[1, 3], :, :10] = 0.0  # flat bands: max-pool ties of active units (a real kink: distance 0)
+    full = G.boundary_distance(net, x, route=route)
+    assert (full.distance[[1, 3]] == 0).all() and (full.distance[[0, 2, 4]] > 0).all()
+    computed = []
+    for name, at in (("_fast_chunk", 2), ("_exact_chunk", 1)):  # where the chunk's inputs are
+        real = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _real=real, _at=at: computed.append(a[_at].shape[0]) or _real(*a))
+    fast = G.boundary_distance(net, x, route=route, per_layer=False)
+    assert computed == [3]  # samples 0, 2, 4 only
+    # (a batch of 3 instead of 5 may round differently in the last bit)
+    assert torch.allclose(fast.distance, full.distance, rtol=1e-12, atol=0) and fast.per_layer == {}
+    assert torch.equal(fast.distance == 0, full.distance == 0)
+    assert torch.equal(fast.layer, full.layer) and torch.equal(fast.unit, full.unit)
+    assert fast.layer_names == full.layer_names
+
+
+def test_zero_margins_without_a_gradient_prove_nothing():
+    """Every max-pool window ties at 0 behind a ReLU that is off everywhere: those margins are 0 but never bind
+    (their gradient is 0), so the distance is the ReLUs' and the shortcut must not report 0."""
+    torch.manual_seed(37)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 16, 3)).double()
+    with torch.no_grad():
+        net[0].bias.fill_(-20.0)
+    x = torch.rand(4, 1, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(38))
+    full = G.boundary_distance(net, x)
+    fast = G.boundary_distance(net, x, per_layer=False)
+    assert (full.distance > 0).all() and torch.isfinite(full.distance).all()
+    assert torch.equal(fast.distance, full.distance) and torch.equal(fast.unit, full.unit)
+    assert not G._on_boundary(net, x, {"1", "2"}, ["1", "2"], None, True)[0].any()

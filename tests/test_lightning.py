@@ -151,6 +151,44 @@ def test_probe_distance_with_a_layer_selection_is_the_minimum_over_those_layers(
     assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(sel[torch.isfinite(sel)].median()))
 
 
+class LitCNN(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                       torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 6), torch.nn.ReLU(),
+                                       torch.nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_probe_distance_on_images_with_ties_equals_the_full_computation(monkeypatch):
+    """Images with flat bands sit on a boundary (max-pool ties); the others need the full computation: the logged
+    median is the one of every probe image's exact distance."""
+    import relu_regions.geometry as G
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(12, 1, 12, 12, generator=g)
+    x[:5, :, :6] = 0.0  # 5 of 12 images have a flat band: the median (lower middle) is a computed distance
+    val = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (12,), generator=g))
+    model = LitCNN()
+    computed = []
+    real = G._fast_chunk
+    monkeypatch.setattr(G, "_fast_chunk", lambda *a: computed.append(a[2].shape[0]) or real(*a))
+    mon = RegionMonitor(probe_size=12)
+    trainer([mon]).validate(model, loader(val), verbose=False)
+    d = G.boundary_distance(model.net, x).distance  # every layer, every image, in full
+    assert (d[:5] == 0).all() and (d[5:] > 0).all()
+    assert computed == [7, 12]  # the monitor computed only the images without a proof, then the full call above
+    assert float(d.median()) == float(d[5:].min()) > 0
+    assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(d.median()), rel=1e-6)
+
+
 def test_labels_from_dict_batches_user_function_and_clear_errors():
     ds = make_data(32)
     dict_loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=lambda it: {
