@@ -871,7 +871,13 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         names = [pp.name for pp in probe if pp.name in wanted]
         rest, proof = None, None
         if not per_layer and method == "exact":
-            proof = _on_boundary(model, x, wanted, names, logits_at, strict)
+            # bounded memory: the pass holds every margin and its rate of a chunk
+            n_margins = sum(int(torch.Size(pp.in_shape).numel()) for pp in probe if pp.name in wanted)
+            step = max(1, min(1024, (1 << 22) // max(1, n_margins)))
+            found = [_on_boundary(model, x[i:i + step], wanted, names, logits_at, strict) for i in range(0, b, step)]
+            proof = tuple(torch.cat(parts) for parts in zip(*found)) if found else (
+                torch.zeros(0, dtype=torch.bool, device=x.device), *[torch.zeros(0, dtype=torch.int64,
+                                                                                   device=x.device)] * 2)
             rest = (~proof[0]).nonzero()[:, 0]
             x = x[rest]
         n_rest = x.shape[0]

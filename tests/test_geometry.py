@@ -648,3 +648,19 @@ def test_zero_margins_without_a_gradient_prove_nothing():
     assert (full.distance > 0).all() and torch.isfinite(full.distance).all()
     assert torch.equal(fast.distance, full.distance) and torch.equal(fast.unit, full.unit)
     assert not G._on_boundary(net, x, {"1", "2"}, ["1", "2"], None, True)[0].any()
+
+
+def test_distance_only_in_chunks():
+    """More inputs than one proof pass takes (its margins are bounded in memory): chunked, same answers."""
+    torch.manual_seed(39)
+    net = SmallCNN().double().eval()
+    x = torch.rand(3400, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(40))
+    x[::3, :, :3] = 0.0
+    with torch.no_grad():
+        _, pats = G.run_recorded(net, x[:1], strict=True)
+    assert 3400 > (1 << 22) // sum(int(torch.Size(p.in_shape).numel()) for p in pats)  # more than one chunk
+    fast = G.boundary_distance(net, x, per_layer=False)
+    full = G.boundary_distance(net, x)
+    assert torch.equal(fast.distance == 0, full.distance == 0) and (full.distance[::3] == 0).all()
+    assert torch.allclose(fast.distance, full.distance, rtol=1e-12, atol=0)
+    assert torch.equal(fast.layer, full.layer) and torch.equal(fast.unit, full.unit)
