@@ -112,9 +112,14 @@ def main() -> None:
             bar.update(len(bd.distance))
         bar.close()
         el = time.perf_counter() - t0
+        # distance only: images proven to sit on a boundary (one forward-mode pass) skip the full computation
+        t1 = time.perf_counter()
+        only = G.boundary_distance(net, xte[:done], p=2, per_layer=False)
+        el_only = time.perf_counter() - t1
         load1 = os.getloadavg()
         d = torch.cat(dists)
         dr = torch.cat(relu_only)
+        same_only = torch.equal(only.distance == 0, d == 0) and torch.allclose(only.distance, d, rtol=1e-4, atol=0)
         same = torch.equal(d[:n_gen] == 0, gen.distance == 0) and torch.allclose(d[:n_gen], gen.distance,
                                                                                    rtol=1e-4, atol=0)
         check_relu = G.boundary_distance(net, xte[:chunk], p=2, kinds=("relu",)).distance
@@ -134,7 +139,12 @@ def main() -> None:
                   f"| forward (previous generic route) | 2 × {n_gen} | {t_gen:.1f} | {gen_rate:.2f} | "
                   f"{len(xte) / gen_rate:.0f} s | ESTIMATE (extrapolated) |",
                   f"| structured (default for LeNet) | {done} | {el:.1f} | {rate:.2f} | {len(xte) / rate:.0f} s | "
-                  f"{full} |", "",
+                  f"{full} |",
+                  f"| distance only (`per_layer=False`; {int((only.distance == 0).sum())} of {done} images proven on "
+                  f"the boundary by one forward-mode pass) | {done} | {el_only:.1f} | {done / el_only:.1f} | "
+                  f"{len(xte) * el_only / done:.0f} s | {full} |", "",
+                  f"The distance-only run gives the same distances as the full one (relative 1e-4, zeros exactly): "
+                  f"{same_only}.", "",
                   f"Speed-up structured / forward, paired (same {n_gen} images, chunk {n_gen}, alternated twice): "
                   f"{paired:.1f}x; the structured rate over the whole run / the forward rate: {rate / gen_rate:.1f}x "
                   f"(load differs over minutes). Both exact; on the first "
