@@ -664,3 +664,19 @@ def test_distance_only_in_chunks():
     assert torch.equal(fast.distance == 0, full.distance == 0) and (full.distance[::3] == 0).all()
     assert torch.allclose(fast.distance, full.distance, rtol=1e-12, atol=0)
     assert torch.equal(fast.layer, full.layer) and torch.equal(fast.unit, full.unit)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make, shape", [(_lenet64, (1, 28, 28)), (lambda: _strided_cnn().double(), (2, 30, 26))])
+def test_structured_route_and_boundary_proofs_on_cuda_match_cpu(make, shape):
+    import copy
+
+    torch.manual_seed(41)
+    net = make().eval()
+    x = torch.rand(6, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(42))
+    x[::2, :, :10] = 0.0
+    for per_layer in (True, False):
+        cpu = G.boundary_distance(net, x, per_layer=per_layer)
+        gpu = G.boundary_distance(copy.deepcopy(net).cuda(), x.cuda(), per_layer=per_layer)
+        assert torch.allclose(gpu.distance.cpu(), cpu.distance, rtol=1e-10, atol=0)
+        assert torch.equal(gpu.layer.cpu(), cpu.layer) and torch.equal(gpu.unit.cpu(), cpu.unit)
