@@ -427,7 +427,7 @@ def _pool_pair_norms(t: Tensor, win: Tensor, q: float) -> tuple[Tensor, Tensor]:
 # every gradient entry exactly, in place of one tangent per input feature: 36 instead of 784 on PyTorch's MNIST CNN
 # (6x6 windows behind its first max-pool). The norms need no unpacking (each colour appears at most once in a
 # window). The first Linear (after the flatten) needs full rows: it is applied per position in the colour domain,
-# and only its small output is scattered back to input features.
+# and only its small output is gathered back to input features.
 
 _WINDOWED = (nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d)
 _POINTWISE = (nn.Identity, nn.Dropout)
@@ -543,7 +543,9 @@ def _colouring(plan: list, byname: dict, in_shape: tuple, last: int, dtype, devi
     for k, per in enumerate(period):
         pos = torch.arange(in_shape[1 + k], device=device).view(-1, *([1] * (d - 1 - k))) % per
         colour = colour * per + pos
-    basis = F.one_hot(colour.reshape(-1), g).T.to(dtype).reshape(g, *in_shape)
+    basis = torch.zeros(g, n, dtype=dtype, device=device)
+    basis[colour.reshape(-1), torch.arange(n, device=device)] = 1
+    basis = basis.reshape(g, *in_shape)
     return _Colouring(basis, period, tuple(field), tuple(stride), tuple(offset), stop, linear, n_units)
 
 
