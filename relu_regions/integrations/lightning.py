@@ -20,10 +20,9 @@ Probe inputs that sit exactly on a boundary (a zero margin with a nonzero gradie
 MNIST's flat background) are found by one forward-mode pass and skip the rest: on MNIST every probe image of both
 CNNs is such a case, and the probe costs ~0.03–0.06 s. When it takes longer than the validation epoch itself,
 the callback says so once (a ``UserWarning`` naming the times and the options ``probe_size`` /
-``probe_every_n_epochs``). On MNIST-like
-images with flat backgrounds, max-pool windows of equal values are exact ties, so the distance to the region's
-boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the distance to the nearest ReLU hyperplane
-(and counts the regions of those layers).
+``probe_every_n_epochs``). On MNIST-like images with flat backgrounds, max-pool windows of equal values are exact
+ties, so the distance to the region's boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the
+distance to the nearest ReLU hyperplane (and counts the regions of those layers).
 
 How the callback finds things
 -----------------------------
