@@ -577,14 +577,13 @@ def _fast_chunk(model, plan, x, q, wanted, cache, logits_at=None, colour: _Colou
                 continue
             if colour is not None and i == colour.stop:
                 if shared:
-                    t = t.unsqueeze(0).expand(b, *t.shape) if scale is None else t.unsqueeze(0) * scale.unsqueeze(1)
-                    shared, scale = False, None
+                    t, shared, scale = _per_sample(t, scale, b), False, None
                 t, n = _unpack_colours(t, colour, plan[colour.linear][0], x.shape[1:], cache), d_in
                 resume = colour.linear + 1
                 continue
             if kind is None:
                 if shared and scale is not None:
-                    t, shared, scale = t.unsqueeze(0) * scale.unsqueeze(1), False, None
+                    t, shared, scale = _per_sample(t, scale, b), False, None
                 if shared:  # the same for every chunk: computed once per call
                     if ("t", i) not in cache:
                         cache[("t", i)] = _apply_linear(mod, t)
@@ -647,9 +646,7 @@ def _fast_chunk(model, plan, x, q, wanted, cache, logits_at=None, colour: _Colou
                         nrm = torch.where(sa & so, both, torch.where(sa, ra, torch.where(so, ro, zero)))
                 else:
                     if shared:
-                        t, shared = (t.unsqueeze(0) if scale is None else t.unsqueeze(0) * scale.unsqueeze(1)), False
-                        t = t.expand(b, *t.shape[1:]) if t.shape[0] == 1 else t
-                        scale = None
+                        t, shared, scale = _per_sample(t, scale, b), False, None
                     tf = t.reshape(b, n, c, h, w)
                     ks, st, pd, dl = _pool_geometry(p, h, w)
                     ks, st, pd, dl = (_pair(v) for v in (ks, st, pd, dl))
@@ -689,6 +686,11 @@ def _fast_chunk(model, plan, x, q, wanted, cache, logits_at=None, colour: _Colou
                 tout = t.reshape(b, n, c, h * w).gather(3, state.unsqueeze(1).expand(b, n, c, ll))
             t = tout.reshape(b, n, *p.unit_shape)
     return per, [p.name for p in patterns]
+
+
+def _per_sample(t: Tensor, scale: Tensor | None, b: int) -> Tensor:
+    """Shared tangents ``(n, ...)`` times their lazy per-sample scale ``(B, ...)`` (or none) -> ``(B, n, ...)``."""
+    return t.unsqueeze(0).expand(b, *t.shape) if scale is None else t.unsqueeze(0) * scale.unsqueeze(1)
 
 
 def _unpack_colours(t: Tensor, colour: _Colouring, linear: nn.Linear, in_shape: tuple, cache: dict) -> Tensor:
@@ -877,9 +879,7 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             n_margins = sum(int(torch.Size(pp.in_shape).numel()) for pp in probe if pp.name in wanted)
             step = max(1, min(1024, (1 << 22) // max(1, n_margins)))
             found = [_on_boundary(model, x[i:i + step], wanted, names, logits_at, strict) for i in range(0, b, step)]
-            proof = tuple(torch.cat(parts) for parts in zip(*found)) if found else (
-                torch.zeros(0, dtype=torch.bool, device=x.device), *[torch.zeros(0, dtype=torch.int64,
-                                                                                   device=x.device)] * 2)
+            proof = tuple(torch.cat(parts) for parts in zip(*found))  # (x holds samples: check_batch)
             rest = (~proof[0]).nonzero()[:, 0]
             x = x[rest]
         n_rest = x.shape[0]
@@ -913,10 +913,10 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         layer = torch.full((n_rest,), -1, dtype=torch.int64, device=x.device)
         units = torch.zeros(n_rest, dtype=torch.int64, device=x.device)
     if proof is not None:  # proven samples: 0 at the proving inequality; the others as computed
-        full = torch.zeros(b, dtype=x.dtype, device=x.device)
-        full[rest], layer, units, per_layer = dist, proof[1].index_copy(0, rest, layer), \
-            proof[2].index_copy(0, rest, units), {}
-        dist = full
+        dist = torch.zeros(b, dtype=x.dtype, device=x.device).index_copy(0, rest, dist)
+        layer = proof[1].index_copy(0, rest, layer)
+        units = proof[2].index_copy(0, rest, units)
+        per_layer = {}
     return BoundaryDistances(dist, layer, units, per_layer, names, float(p), method)
 
 
@@ -939,8 +939,9 @@ def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], log
     proven = hit.any(1)
     first = hit.to(torch.uint8).argmax(1)  # the first proving margin, in layer order
     w = torch.tensor(widths, dtype=torch.int64, device=x.device)
-    layer = torch.searchsorted(w.cumsum(0), first, right=True).clamp(max=max(len(widths) - 1, 0))
-    unit = first - (w.cumsum(0) - w)[layer] if widths else first
+    ends = w.cumsum(0)
+    layer = torch.searchsorted(ends, first, right=True).clamp(max=max(len(widths) - 1, 0))
+    unit = first - (ends - w)[layer] if widths else first
     return proven, torch.where(proven, layer, -1), torch.where(proven, unit, 0)
 
 
