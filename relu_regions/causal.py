@@ -13,7 +13,8 @@ The pipeline (for any network, piecewise linear or not):
 
 Every call leaves the model exactly as it was (parameters, buffers, hooks, train/eval flags, requires_grad),
 also after an exception: hooks are removed through their handles and :func:`relu_regions.state.preserved`
-restores the rest.
+restores the rest. The context managers (:func:`intervene`, :func:`lesion`) remove only their own hook: what the
+user's code changes inside the block stays changed.
 """
 
 from __future__ import annotations
@@ -93,25 +94,25 @@ def intervene(model: nn.Module, site: str, units: Units, value: float | Tensor) 
         The value set (a scalar, one value per unit, or one value per sample).
     """
     u = _units(units)
-    with preserved(model):
-        if site == "input":
-            def pre(module, args):
-                return (_set(args[0], u, value, site), *args[1:])
+    # no `preserved` here: the user's code runs inside the block and keeps what it changes; only our hook goes
+    if site == "input":
+        def pre(module, args):
+            return (_set(args[0], u, value, site), *args[1:])
 
-            handle = model.register_forward_pre_hook(pre)
-        else:
-            mod = _module(model, site)
+        handle = model.register_forward_pre_hook(pre)
+    else:
+        mod = _module(model, site)
 
-            def post(module, args, output):
-                if not isinstance(output, Tensor):
-                    raise TypeError(f"site {site!r} returns {type(output).__name__}, not a tensor")
-                return _set(output, u, value, site)
+        def post(module, args, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(f"site {site!r} returns {type(output).__name__}, not a tensor")
+            return _set(output, u, value, site)
 
-            handle = mod.register_forward_hook(post)
-        try:
-            yield model
-        finally:
-            handle.remove()
+        handle = mod.register_forward_hook(post)
+    try:
+        yield model
+    finally:
+        handle.remove()
 
 
 @contextmanager

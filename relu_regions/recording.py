@@ -34,7 +34,6 @@ from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
 from .hook_recording import PLANS, HookPlan, attach
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
-from .state import preserved
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
 
 Tensor = torch.Tensor
@@ -589,8 +588,9 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
     >>> keys = rec.region_ids()
     """
     hooks = _hook_route(model, logits_at, count_boundary, route)
-    with preserved(model), _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False,
-                                    hooks=hooks) as s:
+    # not `preserved`: the user's code runs inside the block, and what it changes there (a hook it registers,
+    # requires_grad, train/eval) must stay; the session removes exactly the hooks it added, through their handles
+    with _session(model, strict=strict, logits_at=logits_at, stop_at_logits=False, hooks=hooks) as s:
         s.count_boundary = count_boundary
         yield Recording(s, "hooks" if hooks is not None else "mode")
 

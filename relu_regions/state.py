@@ -15,6 +15,9 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def preserved(model: nn.Module, eval_mode: bool = False):
     """Restore every module's training flag, every parameter's requires_grad and every hook dict on exit.
 
+    For blocks that run only this package's code (one call of an entry point). Context managers whose block runs
+    the user's code (``record``, ``intervene``) must not use it: it would also undo what the user changed there.
+
     Parameters
     ----------
     model : nn.Module

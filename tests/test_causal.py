@@ -198,3 +198,20 @@ def test_profiles_and_plots_on_small_decoder():
 
     plt.close(fig)
     plt.close(fig2)
+
+
+def test_lesion_keeps_what_the_users_code_changes_inside_the_block():
+    torch.manual_seed(0)
+    model = mlp(4, [8, 6], 3).eval()
+    x = torch.randn(10, 4)
+    seen = []
+    with causal.lesion(model, "1", [0, 1]):
+        kept = model[3].register_forward_hook(lambda m, a, o: seen.append(o.clone()))
+        model[2].weight.requires_grad_(False)
+        model[4].train()
+    assert len(model[1]._forward_hooks) == 0  # the lesion's own hook is gone
+    assert len(model[3]._forward_hooks) == 1 and not model[2].weight.requires_grad and model[4].training
+    with torch.no_grad():
+        model(x)
+    assert len(seen) == 1 and (seen[0] >= 0).all()
+    kept.remove()

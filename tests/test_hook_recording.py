@@ -244,3 +244,44 @@ def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
     with torch.no_grad():
         assert model(x).shape == (7, 5)  # the pools return plain tensors again
 
+
+
+@pytest.mark.parametrize("route", ["hooks", "mode"])
+@pytest.mark.parametrize("fail", [False, True], ids=["ok", "raised"])
+def test_changes_made_by_the_users_code_inside_record_stay(route, fail):
+    """``record`` removes exactly the hooks it added: what the user's own code changes inside the block (a hook it
+    registers, requires_grad, train/eval) is still there after the block, also when the block raised."""
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    x = _inputs(shape)
+    model.eval()
+    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    seen = []
+
+    class Boom(Exception):
+        pass
+
+    try:
+        with rr.record(model, route=route) as rec:
+            with torch.no_grad():
+                model(x)
+            kept = model.features[1].register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+            gone = model.features[4].register_forward_pre_hook(lambda m, a: None)
+            gone.remove()  # registered and removed inside: not put back
+            model.features[0].weight.requires_grad_(False)
+            model.head.train()
+            if fail:
+                raise Boom()
+    except Boom:
+        pass
+    assert rec.route == route and len(rec) == x.shape[0]
+    after = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    expected = list(before)
+    i = [n for n, _ in model.named_modules()].index("features.1")
+    expected[i] = (before[i][0] + 1, before[i][1])
+    assert after == expected  # the recording's own hooks are gone, the user's one is not
+    assert not model.features[0].weight.requires_grad and model.head.training and not model.features.training
+    assert not model.features[2].return_indices and not model.features[5].return_indices
+    with torch.no_grad():
+        model(x)
+    assert seen == [x.shape[0]]
+    kept.remove()

@@ -136,6 +136,32 @@ def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged(funct
     assert [list(line.get_ydata()) for line in ax.get_lines()][0] == [h["n_regions"] for h in rows]
 
 
+class LazyFeatures(Lit):
+    """A step that registers a feature hook once, on its first validation batch, and relies on it afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.features: list[torch.Tensor] = []
+        self.feature_hook = None
+
+    def validation_step(self, batch, i):
+        if self.feature_hook is None:
+            self.feature_hook = self.net[1].register_forward_hook(lambda m, a, o: self.features.append(o))
+        return super().validation_step(batch, i)
+
+
+def test_what_the_step_changes_during_a_recorded_batch_stays():
+    """The monitor's per-batch recording removes exactly its own hooks: a hook the user's step registers while a batch
+    is recorded keeps working on the later batches (the old wholesale restore dropped it after the first)."""
+    val = make_data(48, 1)
+    model = LazyFeatures()
+    trainer([RegionMonitor(3, probe_size=0)], num_sanity_val_steps=0).validate(model, loader(val), verbose=False)
+    assert [f.shape[0] for f in model.features] == [16, 16, 16]
+    assert len(model.net[1]._forward_hooks) == 1 and all(len(m._forward_hooks) == 0 for m in model.net if
+                                                          m is not model.net[1])
+    model.feature_hook.remove()
+
+
 def test_probe_distance_with_a_layer_selection_is_the_minimum_over_those_layers():
     from relu_regions.geometry import boundary_distance
 

@@ -39,7 +39,9 @@ How the callback finds things
   probe); it is fed straight into the recorded module.
 
 State safety: hooks and the recording mode are attached at the start of each recorded batch and removed at its end
-(and on exceptions); the model's flags, hooks and requires_grad are restored, its outputs are bit-identical.
+(and on exceptions), through their handles: exactly what the monitor added goes, and what your step or another
+callback changes meanwhile (a hook it registers, requires_grad, train/eval) stays. The extra eval-mode pass on
+training batches restores the model's flags, hooks and requires_grad. Outputs are bit-identical.
 
 DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
 every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
