@@ -15,6 +15,12 @@ function mode only), a model fx cannot trace, a forward with more than one argum
 which also gives the clear errors for operations that are not piecewise linear. The plan is cached per model
 (weakly) and re-derived whenever a module, a module's class or ``forward``, or a training flag changes.
 
+Hooks the user registered (or another library, or a global module hook) run code on the input's path that the
+trace does not show and only the function mode sees and checks: while any is attached, ``route="auto"`` takes the
+mode (:func:`foreign_hook`). Hooks registered inside an open hook-route recording run after the library's own: they
+get the pooled tensor, not the ``(values, indices)`` pair the recording asks a max-pool for, and what they do to a
+unit's output does not change the unit's recorded state (as on the mode's route).
+
 Limits, as for every fx-based tool: the trace follows the branches a forward takes on Python values at trace time.
 A forward that switches on a plain attribute (``if self.use_gelu:``) after the first recording would be recorded
 by the stale plan; pass ``route="mode"`` to :func:`relu_regions.record` for such models. The trace runs the
@@ -157,6 +163,26 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
 PLANS = PlanCache(hook_plan)
 
 
+def ours(hook: Callable) -> Callable:
+    """Mark ``hook`` as one of this library's own hooks (read-only for the input's path; see :func:`foreign_hook`)."""
+    hook._relu_regions_hook = True  # type: ignore[attr-defined]
+    return hook
+
+
+def foreign_hook(modules: dict[str, nn.Module]) -> str | None:
+    """Why the hook route must not record now: a forward (pre-)hook that is not one of this library's own runs code
+    on the input's path that only the function mode sees; None when there is none."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "a global module forward hook is registered (its code runs inside every module call)"
+    for path, m in modules.items():
+        for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
+            if any(not getattr(h, "_relu_regions_hook", False) for h in hooks.values()):
+                return f"module '{path or '<root>'}' has a {kind} of its own (only the function mode sees its code)"
+    return None
+
+
 def fx_graph(model: nn.Module) -> torch.fx.Graph:
     """The ``torch.fx`` graph of ``model``'s forward (raises whatever symbolic tracing raises)."""
     with warnings.catch_warnings():  # the checks are ours: fx's advice on the user's code is not wanted here
@@ -189,6 +215,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
     flipped: list[nn.Module] = []
 
     def relu_hook(path: str) -> Callable:
+        @ours
         def hook(module, inputs, output):
             if s.current is None or s.suspended:
                 return None
@@ -202,6 +229,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
     def pool_hooks(path: str) -> tuple[Callable, Callable]:
         pending: list[bool] = []  # per call: did the pre-hook ask the module for indices it does not return
 
+        @ours
         def pre(module, inputs):
             if s.current is None or s.suspended:
                 pending.append(False)
@@ -212,6 +240,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
                 flipped.append(module)
             pending.append(asked)
 
+        @ours
         def post(module, inputs, output):
             asked = pending.pop() if pending else False
             if asked:
@@ -237,6 +266,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
         return pre, post
 
     def norm_hook(path: str) -> Callable:
+        @ours
         def hook(module, inputs):
             if s.current is None or s.suspended or not s.strict:
                 return
@@ -252,6 +282,8 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
     try:
         for path, kind in plan.units:
             m = modules[path]
+            # a user's hook attached before these sends "auto" to the mode (foreign_hook); one registered later
+            # runs after them: it sees the pool's plain output, and the state is read before it can change anything
             if kind == "relu":
                 handles.append(m.register_forward_hook(relu_hook(path)))
             else:

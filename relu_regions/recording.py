@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
-from .hook_recording import PLANS, HookPlan, attach
+from .hook_recording import PLANS, HookPlan, attach, foreign_hook, ours
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
@@ -390,6 +390,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     handles: list = []
     restore = None
 
+    @ours
     def stop(module, inputs, output):
         if s.suspended:
             return
@@ -398,6 +399,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
             s.end_pass()
 
+    @ours
     def root_pre(module, inputs):
         if s.suspended:
             return
@@ -405,6 +407,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             s.begin_pass(inputs)
         s.depth += 1
 
+    @ours
     def root_post(module, inputs, output):
         if s.suspended:
             return
@@ -575,8 +578,9 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         functional units, the checks of ``strict``). ``"hooks"``: forward hooks on the ``nn.ReLU`` /
         ``nn.MaxPool1d/2d`` modules only, allowed when a one-time torch.fx trace shows that nothing else on the
         input's path needs the mode (:mod:`relu_regions.hook_recording`); same patterns at a fraction of the cost,
-        raises ``ValueError`` with the reason otherwise. ``"auto"`` (default): hooks where allowed and
-        ``count_boundary`` is off, else the mode. ``rec.route`` says which one ran. A forward that branches on
+        raises ``ValueError`` with the reason otherwise. ``"auto"`` (default): hooks where allowed,
+        ``count_boundary`` is off and no forward hook of your own is attached to the model (only the mode sees what
+        such a hook computes), else the mode. ``rec.route`` says which one ran. A forward that branches on
         Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch); so does a
         model run by other threads meanwhile (the hook route sets a max-pool's ``return_indices`` for the
         duration of its call, and restores it).
@@ -604,7 +608,10 @@ def _hook_route(model: nn.Module, logits_at: str | None, count_boundary: bool,
         return None
     plan, modules = PLANS.get(model, logits_at)
     if isinstance(plan, HookPlan) and not count_boundary:
-        return plan, modules
+        foreign = foreign_hook(modules)
+        if foreign is None:
+            return plan, modules
+        plan = foreign
     if route == "hooks":
         why = "count_boundary=True needs the function mode" if isinstance(plan, HookPlan) else plan
         raise ValueError(f"route='hooks' cannot record this model: {why}; use route='auto' or 'mode'")

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .hook_recording import ours
 from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
 from .state import preserved
 
@@ -127,14 +128,17 @@ class RegionTracker:
         self.n_updates = 0
         self._depth = 0
 
+        @ours
         def pre(module, inputs):
             self._depth += 1
             if self._depth == 1 and inputs and isinstance(inputs[0], Tensor):
                 self.last_input = inputs[0].detach()
 
+        @ours
         def post(module, inputs, output):
             self._depth -= 1
 
+        @ours
         def out_hook(module, inputs, output):
             if isinstance(output, (tuple, list)):
                 output = output[0]

@@ -234,9 +234,11 @@ def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
     def explode(module, inputs):
         raise Boom()
 
-    h = model.features[4].register_forward_pre_hook(explode)  # after the first pool has asked for its indices
     with pytest.raises(Boom):
         with rr.record(model, route="hooks"):
+            # registered inside (one attached before would send the recording to the function mode); it runs after
+            # the first pool has asked for its indices
+            h = model.features[4].register_forward_pre_hook(explode)
             model(x)
     h.remove()
     assert not model.features[2].return_indices and not model.features[5].return_indices
@@ -285,3 +287,43 @@ def test_changes_made_by_the_users_code_inside_record_stay(route, fail):
         model(x)
     assert seen == [x.shape[0]]
     kept.remove()
+
+
+def test_the_users_own_hooks_send_auto_to_the_mode_and_later_ones_see_plain_outputs():
+    """A forward hook of the user's runs code on the input's path that only the function mode sees: "auto" takes the
+    mode, "hooks" refuses naming the module. A hook registered inside an open hook-route recording runs after the
+    library's: a max-pool hook gets the pooled tensor (not the (values, indices) pair the recording asks the pool
+    for), and a hook that changes a ReLU's output does not change the recorded state (read from the ReLU itself)."""
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    x = _inputs(shape)
+    with torch.no_grad():
+        plain, pooled = model(x), model.features[:3](x)
+    seen: list = []
+    h = model.features[2].register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad(), rr.record(model) as rec:
+        assert torch.equal(model(x), plain)
+    assert rec.route == "mode" and len(seen) == 1 and torch.equal(seen[0], pooled)
+    with pytest.raises(ValueError, match="features.2' has a forward hook"):
+        with rr.record(model, route="hooks"):
+            pass
+    h.remove()
+    with rr.record(model) as rec:
+        pass
+    assert rec.route == "hooks"  # nothing of the user's attached any more
+
+    model, _ = copy.deepcopy(ZOO["lenet"])
+    seen.clear()
+    with torch.no_grad(), rr.record(model) as rec:
+        h1 = model.features[2].register_forward_hook(lambda m, a, o: seen.append(o))
+        h2 = model.features[1].register_forward_hook(lambda m, a, o: torch.where(o > 0.5, o, 0))
+        out = model(x)
+        pre = model.features[0](x)
+    h1.remove()
+    h2.remove()
+    assert rec.route == "hooks"
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    with torch.no_grad():
+        sparse = model.features[2](torch.where(torch.relu(pre) > 0.5, torch.relu(pre), 0))
+        assert torch.equal(seen[0], sparse) and torch.equal(out, model.head(model.features[3:](sparse)))
+    relu = [p for p in rec.passes[0] if p.name == "features.1"][0]
+    assert torch.equal(relu.state, pre > 0)  # the ReLU's own pattern, not the hook-changed output's
