@@ -362,3 +362,42 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter shutdown, which can wait on the finished workers' resources
+
+
+def test_several_validation_and_test_loaders_get_their_own_statistics():
+    """Two evaluation loaders: one RegionStats per loader, equal to an independent evaluation of that loader alone,
+    logged with Lightning's "/dataloader_idx_<k>" suffix; the probe (from loader 0) is logged with loader 0."""
+
+    class TwoLoaders(Lit):
+        def validation_step(self, batch, i, dataloader_idx=0):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def test_step(self, batch, i, dataloader_idx=0):
+            x, y = batch
+            self.log("test_loss", F.cross_entropy(self(x), y))
+
+    a, b = make_data(48, 1), make_data(32, 7)
+    model = TwoLoaders()
+    mon = RegionMonitor(3, probe_size=8)
+    t = trainer([mon], max_epochs=1)
+    t.fit(model, loader(make_data(64, 0)), [loader(a), loader(b)])
+    for k, ds in enumerate((a, b)):
+        ev = evaluate(model.net, loader(ds), n_classes=3)
+        st = mon.stats[f"val/dataloader_idx_{k}"]
+        assert st.n_samples == len(ds) and st.n_regions() == ev.n_regions() and st.accuracy == ev.accuracy
+        assert st.mean_purity() == pytest.approx(ev.mean_purity(), rel=1e-12)  # summed in another order
+        assert t.callback_metrics[f"regions/val/n_regions/dataloader_idx_{k}"].item() == ev.n_regions()
+    assert "val" not in mon.stats
+    rows = [h["stage"] for h in mon.history]
+    assert rows == ["val/dataloader_idx_0", "val/dataloader_idx_1"]
+    assert "boundary_distance_median" in mon.history[0] and "boundary_distance_median" not in mon.history[1]
+    assert torch.equal(mon.probe, a.tensors[0][:8])
+    t2 = trainer([mon])
+    t2.test(model, [loader(b), loader(a)])
+    assert mon.stats["test/dataloader_idx_0"].n_samples == len(b) and mon.stats["test/dataloader_idx_1"].n_samples == 48
+    assert t2.callback_metrics["regions/test/accuracy/dataloader_idx_1"].item() == pytest.approx(
+        evaluate(model.net, loader(a), n_classes=3).accuracy)
+    t3 = trainer([mon])
+    t3.validate(model, loader(b), verbose=False)  # back to one loader: no suffix
+    assert mon.stats["val"].n_samples == len(b) and "regions/val/n_regions" in t3.callback_metrics

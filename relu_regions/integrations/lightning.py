@@ -24,6 +24,11 @@ the callback says so once (a ``UserWarning`` naming the times and the options ``
 ties, so the distance to the region's boundary is often exactly 0; ``layers=`` restricted to ReLU layers gives the
 distance to the nearest ReLU hyperplane (and counts the regions of those layers).
 
+Several validation (or test) data loaders get one set of statistics each, logged like Lightning logs your own
+per-loader metrics: ``"<prefix>val/<name>/dataloader_idx_<k>"``, kept as ``monitor.stats["val/dataloader_idx_<k>"]``
+(and ``"stage"`` of the history rows). The probe's boundary distance comes with loader 0's metrics. With one loader
+the names have no suffix.
+
 How the callback finds things
 -----------------------------
 - The network: ``module=None`` records the LightningModule itself (its ``forward`` must be what
@@ -128,7 +133,8 @@ class RegionMonitor(Callback):
     Attributes
     ----------
     stats : dict
-        ``"train"``, ``"val"``, ``"test"`` -> the latest epoch's (merged) RegionStats.
+        ``"train"``, ``"val"``, ``"test"`` -> the latest epoch's (merged) RegionStats; with several evaluation data
+        loaders ``"val/dataloader_idx_<k>"`` (``"test/..."``) per loader instead.
     history : list of dict
         One row per logged epoch and stage: ``{"epoch", "stage", <metric>: value}``.
     comparisons : list
@@ -188,6 +194,7 @@ class RegionMonitor(Callback):
         self._local: dict[str, Any] = {}  # stage -> this rank's RegionStats of the running epoch
         self._pending: dict[str, list] = {}  # stage -> batches recorded but not yet added to _local (on device)
         self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
+        self._n_loaders: dict[str, int] = {}  # stage -> number of its data loaders in the running epoch
         self._active: set[str] = set()
         self._epoch_start: dict[str, float] = {}  # stage -> perf_counter at epoch start (the slow-probe warning)
         self._probe_epochs = 0  # recorded validation epochs seen (probe_every_n_epochs)
@@ -244,9 +251,15 @@ class RegionMonitor(Callback):
         cm = track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict)
         self._open[stage] = (cm, cm.__enter__())
 
-    def _end_batch(self, stage: str, batch: Any) -> None:
+    def _slot(self, stage: str, dataloader_idx: int) -> str:
+        """Key of one evaluation data loader's statistics: the stage, or ``"<stage>/dataloader_idx_<k>"`` when the
+        stage has several loaders (each gets its own statistics, as Lightning logs each loader's metrics)."""
+        return stage if self._n_loaders.get(stage, 1) == 1 else f"{stage}/dataloader_idx_{dataloader_idx}"
+
+    def _end_batch(self, stage: str, batch: Any, dataloader_idx: int = 0) -> None:
         if stage not in self._open:
             return
+        slot = self._slot(stage, dataloader_idx)
         cm, tracker = self._open.pop(stage)
         cm.__exit__(None, None, None)  # hooks and the function mode off before the key arithmetic (cheaper)
         y = self._labels(batch)
@@ -255,22 +268,23 @@ class RegionMonitor(Callback):
                 f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
                 f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
                 "RegionMonitor(module='net')")
-        tracker.stats = self._stats_for(stage, tracker)
+        tracker.stats = self._stats_for(slot, tracker)
         out = tracker.last_output
         if out is None:
             raise RuntimeError("RegionMonitor: no model output was captured in this step")
         # keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch
-        self._pending.setdefault(stage, []).append(tracker.take_batch(y.reshape(-1).to(out.device)))
-        if stage != "train" and self.probe is None and self.probe_size and tracker.last_input is not None:
+        self._pending.setdefault(slot, []).append(tracker.take_batch(y.reshape(-1).to(out.device)))
+        if (stage != "train" and dataloader_idx == 0 and self.probe is None and self.probe_size
+                and tracker.last_input is not None):
             if sum(len(t) for t in self._fallback_probe) < self.probe_size:
                 self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
 
-    def _flush(self, stage: str) -> None:
-        """Add the batches collected in this epoch to the stage's statistics, in one update."""
-        items = self._pending.pop(stage, [])
+    def _flush(self, slot: str) -> None:
+        """Add the batches collected in this epoch to the slot's statistics, in one update."""
+        items = self._pending.pop(slot, [])
         if not items:
             return
-        stats = self._local[stage]
+        stats = self._local[slot]
         keys = {name: torch.cat([it[0][name] for it in items]) for name in items[0][0]}
         units: dict[str, Tensor] = {}
         for it in items:
@@ -288,8 +302,11 @@ class RegionMonitor(Callback):
     # ------------------------------------------------------------------------------------------ epochs
     def _start_epoch(self, trainer: Any, stage: str) -> None:
         self._epoch_start[stage] = time.perf_counter()
-        self._local[stage] = None
-        self._pending.pop(stage, None)
+        for slot in [k for k in (*self._local, *self._pending) if k == stage or k.startswith(stage + "/")]:
+            self._local.pop(slot, None)
+            self._pending.pop(slot, None)
+        loaders = getattr(trainer, {"validate": "num_val_batches", "test": "num_test_batches"}.get(stage, ""), None)
+        self._n_loaders[stage] = len(loaders) if isinstance(loaders, (list, tuple)) and loaders else 1
         if self._epoch_active(trainer, stage):
             self._active.add(stage)
             if stage in ("validate", "test"):
@@ -339,28 +356,40 @@ class RegionMonitor(Callback):
         if stage not in self._active:
             return
         short = _SHORT[stage]
-        self._flush(stage)
-        merged = self._gather(trainer, self._local.get(stage))
-        if merged is None:
+        n = self._n_loaders.get(stage, 1)
+        train = None
+        if stage == "validate" and "train" in self._active:
+            train = self._gather(trainer, self._local.get("train"))
+            if train is not None:
+                self.stats["train"] = train
+        rows = []  # (name, suffix of the logged names, metrics), one per data loader, in loader order
+        for k in range(n):  # the same gathers in the same order on every rank
+            suffix = "" if n == 1 else f"/dataloader_idx_{k}"
+            slot = stage + suffix
+            self._flush(slot)
+            merged = self._gather(trainer, self._local.get(slot))
+            if merged is None:
+                continue
+            self.stats[short + suffix] = merged
+            metrics = self.metrics(merged)
+            if train is not None:
+                metrics["train_overlap"] = train.overlap(merged)
+            rows.append((short + suffix, suffix, metrics))
+        if not rows:
             return
-        self.stats[short] = merged
-        metrics = self.metrics(merged)
-        if stage == "validate":
-            if "train" in self._active:
-                train = self._gather(trainer, self._local.get("train"))
-                if train is not None:
-                    self.stats["train"] = train
-                    metrics["train_overlap"] = train.overlap(merged)
         if stage != "train" and self.probe is None and getattr(self, "_fallback_probe", None):
             probe = torch.cat(self._fallback_probe)[: self.probe_size]
             self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
         if stage != "train" and self.probe is not None and self.probe_size and self._probe_due(stage):
             t0 = time.perf_counter()
-            metrics["boundary_distance_median"] = self.probe_distance(pl_module)
+            # the probe comes from the first data loader: its distance is logged with that loader's metrics
+            rows[0][2]["boundary_distance_median"] = self.probe_distance(pl_module)
             self._check_probe_time(stage, time.perf_counter() - t0, t0 - self._epoch_start.get(stage, t0))
-        for name, value in metrics.items():
-            pl_module.log(f"{self.prefix}{short}/{name}", float(value), on_epoch=True, sync_dist=True)
-        self.history.append({"epoch": trainer.current_epoch, "stage": short, **metrics})
+        for name, suffix, metrics in rows:
+            for metric, value in metrics.items():
+                pl_module.log(f"{self.prefix}{short}/{metric}{suffix}", float(value), on_epoch=True,
+                              sync_dist=True, add_dataloader_idx=False)
+            self.history.append({"epoch": trainer.current_epoch, "stage": name, **metrics})
         if self.compare and (stage == "test" or (self.compare_every_n_epochs and stage == "validate" and
                                                   (trainer.current_epoch + 1) % self.compare_every_n_epochs == 0)):
             self._run_compare(trainer, pl_module, short)
@@ -447,7 +476,7 @@ class RegionMonitor(Callback):
             self._begin_batch(pl_module, "validate")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._end_batch("validate", batch)
+        self._end_batch("validate", batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
@@ -461,7 +490,7 @@ class RegionMonitor(Callback):
             self._begin_batch(pl_module, "test")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._end_batch("test", batch)
+        self._end_batch("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._end_epoch(trainer, pl_module, "test")
