@@ -607,13 +607,15 @@ def _hook_route(model: nn.Module, logits_at: str | None, count_boundary: bool,
     if route == "mode" or (route == "auto" and count_boundary) or not isinstance(model, nn.Module):
         return None
     plan, modules = PLANS.get(model, logits_at)
-    if isinstance(plan, HookPlan) and not count_boundary:
-        foreign = foreign_hook(modules)
-        if foreign is None:
+    if not isinstance(plan, HookPlan):
+        why = plan
+    elif count_boundary:
+        why = "count_boundary=True needs the function mode"
+    else:
+        why = foreign_hook(modules)
+        if why is None:
             return plan, modules
-        plan = foreign
     if route == "hooks":
-        why = "count_boundary=True needs the function mode" if isinstance(plan, HookPlan) else plan
         raise ValueError(f"route='hooks' cannot record this model: {why}; use route='auto' or 'mode'")
     return None
 

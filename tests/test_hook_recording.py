@@ -38,6 +38,10 @@ def _hooked_like_the_mode(model, x, route="hooks", **kw):
     return a
 
 
+def _hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
 def _assert_same(a, b):
     assert a.layer_names == b.layer_names
     for pa, pb in zip(a.passes, b.passes, strict=True):
@@ -226,7 +230,7 @@ def test_the_plan_follows_changes_of_the_model():
 def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
     model, shape = copy.deepcopy(ZOO["lenet"])
     x = _inputs(shape)
-    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    hooks = _hook_counts(model)
 
     class Boom(Exception):
         pass
@@ -242,7 +246,7 @@ def test_model_unchanged_after_a_failure_inside_the_hooked_forward():
             model(x)
     h.remove()
     assert not model.features[2].return_indices and not model.features[5].return_indices
-    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    assert hooks == _hook_counts(model)
     with torch.no_grad():
         assert model(x).shape == (7, 5)  # the pools return plain tensors again
 
@@ -256,7 +260,7 @@ def test_changes_made_by_the_users_code_inside_record_stay(route, fail):
     model, shape = copy.deepcopy(ZOO["lenet"])
     x = _inputs(shape)
     model.eval()
-    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    before = _hook_counts(model)
     seen = []
 
     class Boom(Exception):
@@ -276,7 +280,7 @@ def test_changes_made_by_the_users_code_inside_record_stay(route, fail):
     except Boom:
         pass
     assert rec.route == route and len(rec) == x.shape[0]
-    after = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    after = _hook_counts(model)
     expected = list(before)
     i = [n for n, _ in model.named_modules()].index("features.1")
     expected[i] = (before[i][0] + 1, before[i][1])
