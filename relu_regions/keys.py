@@ -198,21 +198,21 @@ def _int8_product(a: Tensor, r: Tensor) -> Tensor:
     return out if out is not None else torch.zeros(a.shape[0], r.shape[1], dtype=torch.int64, device=a.device)
 
 
-def _unit_bytes(p) -> Tensor:
-    """``(B, m)`` int8: each unit's state in one byte (two-state units as 0/1), or its low bytes when wider.
+def _unit_bytes(flat: Tensor, nbytes: int) -> Tensor:
+    """``(B, m)`` int8: each unit's state in one byte (two-state units as 0/1), or its ``nbytes`` low bytes when
+    wider (``nbytes`` > 0).
 
-    A max-pool unit contributes the low bytes of its flat argmax index: the indices of one window differ by less
-    than its span (``key_states``), so they stay distinct modulo 256 (65536) when the span fits a byte (two) --
-    the same information as the offset from the window's corner, without subtracting the corner."""
-    if p.kind == "maxpool" and "geometry" in p.params:
-        s = p.flat_state()
-    else:
-        s = p.int_state()
-    if s.dtype == torch.bool:
-        return s.contiguous().view(torch.int8)
-    if p.bits_per_unit > 8:  # the low bytes, as state_bytes keeps them
-        return state_bytes(s, p.bits_per_unit).view(torch.int8)
-    return s.to(torch.uint8).view(torch.int8)  # integer narrowing keeps the low byte
+    ``flat`` is a layer's ``(B, n_units)`` state; a max-pool unit's is its flat argmax index, whose low bytes are
+    enough: the indices of one window differ by less than its span (``key_states``), so they stay distinct modulo
+    256 (65536) when the span fits a byte (two) -- the same information as the offset from the window's corner,
+    without subtracting the corner."""
+    if flat.dtype == torch.bool:
+        return flat.contiguous().view(torch.int8)
+    if nbytes:  # the low bytes, as state_bytes keeps them
+        b, n = flat.shape
+        return flat.to(torch.int64).contiguous().view(torch.uint8).view(b, n, 8)[..., :nbytes].reshape(b, -1) \
+            .view(torch.int8)
+    return flat.to(torch.uint8).view(torch.int8)  # integer narrowing keeps the low byte
 
 
 def _width(bits_per_unit: int) -> int:
@@ -227,6 +227,54 @@ def _packed_bytes(n: int, bits_per_unit: int) -> int:
     return -(-n * _width(bits_per_unit) // 8)
 
 
+class _Layout:
+    """What the keys of one structure of patterns need, worked out once: each layer's byte width and the column
+    blocks of the products with their slices of the projection (per-call Python work was half of a LeNet batch's
+    key time)."""
+
+    def __init__(self, patterns: Sequence, device: torch.device, group: int, chunk: int):
+        self.one_word = sum(_packed_bytes(p.n_units, p.bits_per_unit) for p in patterns) <= WORD_BITS // 8
+        bits = [p.bits_per_unit for p in patterns]
+        self.nbytes = [-(-k // 8) if k > 8 else 0 for k in bits]
+        widths = [p.n_units * max(1, nb) for p, nb in zip(patterns, self.nbytes)]
+        self.n = sum(widths)
+        r = _projection(self.n, device)
+        # column blocks of at most `chunk` units; small layers share one product (each product has a fixed cost of
+        # ~40 µs on the CPU, a small copy much less)
+        groups: list[list[tuple[int, slice | None]]] = [[]]
+        width = 0
+        for i, w in enumerate(widths):
+            for start in range(0, w, chunk):
+                cols = min(chunk, w - start)
+                if groups[-1] and width + cols > group:
+                    groups.append([])
+                    width = 0
+                groups[-1].append((i, None if cols == w else slice(start, start + cols)))
+                width += cols
+        self.groups, offset = [], 0
+        for g in groups:
+            cols = sum(widths[i] if s is None else s.stop - s.start for i, s in g)
+            self.groups.append((g, r[offset:offset + cols].contiguous()))
+            offset += cols
+        self.wide = self.n > chunk  # the sum over all units may pass 2^31: add in int64
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+
+
+def _layout(patterns: Sequence) -> _Layout:
+    state = patterns[0].state
+    sig = (state.device, _GROUP, _CHUNK) + tuple(
+        (p.kind, p.n_states, p.state.dtype, p.state.shape[1:], p.params.get("geometry"), p.params.get("in_shape"))
+        for p in patterns)
+    lay = _LAYOUTS.get(sig)
+    if lay is None:
+        if len(_LAYOUTS) >= 64:  # a bounded cache of constants
+            _LAYOUTS.clear()
+        lay = _LAYOUTS[sig] = _Layout(patterns, state.device, _GROUP, _CHUNK)
+    return lay
+
+
 def pattern_keys(patterns: Sequence) -> Tensor:
     """``(B,)`` int64 region keys of several layers' patterns (see the module docstring): the packed word when the
     patterns fit into 64 bits, else a hash with collision probability about n² / 2⁶⁴ for n distinct patterns.
@@ -234,31 +282,19 @@ def pattern_keys(patterns: Sequence) -> Tensor:
     ``patterns`` are :class:`~relu_regions.units.LayerPattern` objects, in a fixed order; equal patterns give
     equal keys on every device.
     """
-    if patterns and patterns[0].state.shape[0] == 0:
+    b = patterns[0].state.shape[0]
+    if b == 0:
         return torch.zeros(0, dtype=torch.int64, device=patterns[0].state.device)
-    if sum(_packed_bytes(p.n_units, p.bits_per_unit) for p in patterns) <= WORD_BITS // 8:
+    lay = _layout(patterns)
+    if lay.one_word:
         return region_keys(pack_patterns(patterns))  # one word: the key is the pattern itself
-    parts = [_unit_bytes(p) for p in patterns]
-    n = sum(a.shape[1] for a in parts)
-    r = _projection(n, parts[0].device)
-    # column blocks of at most _CHUNK units; small layers share one product (each product has a fixed cost of
-    # ~40 µs on the CPU, a small copy much less)
-    groups: list[list[Tensor]] = [[]]
-    width = 0
-    for a in parts:
-        for start in range(0, a.shape[1], _CHUNK):
-            block = a[:, start:start + _CHUNK]
-            if groups[-1] and width + block.shape[1] > _GROUP:
-                groups.append([])
-                width = 0
-            groups[-1].append(block)
-            width += block.shape[1]
-    acc, offset = None, 0
-    for group in groups:
-        block = group[0] if len(group) == 1 else torch.cat(group, 1)
-        term = _int8_product(block.contiguous(), r[offset:offset + block.shape[1]])
-        if n > _CHUNK:  # the sum over all units may pass 2^31: add in int64
+    parts = [_unit_bytes(p.state.reshape(b, -1), nb) for p, nb in zip(patterns, lay.nbytes)]
+    acc = None
+    for cols, r in lay.groups:
+        blocks = [parts[i] if s is None else parts[i][:, s] for i, s in cols]
+        block = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        term = _int8_product(block.contiguous(), r)
+        if lay.wide:
             term = term.to(torch.int64)
         acc = term if acc is None else acc + term
-        offset += block.shape[1]
     return region_keys(acc.to(torch.int64))
