@@ -4,9 +4,12 @@ The function mode of :mod:`relu_regions.recording` sees every torch call of a fo
 call: on the 2-core build machine a bare ``TorchFunctionMode`` that only forwards each call adds ~10% to a
 784-256-128-10 MLP's forward at batch 256, before any recording work. Most models need none of that: every unit
 is an ``nn.ReLU`` or ``nn.MaxPool1d/2d`` module and everything between them is a Linear / Conv / BatchNorm (eval) /
-pooling / reshape module or a linear tensor op. For those, forward hooks on the unit modules record the same
-patterns (same names, kinds, states and parameters; a test compares them with the function mode's) for the cost of
-the units alone.
+pooling / reshape module or a linear tensor op. For those, the unit modules' own calls record the same patterns
+(same names, kinds, states and parameters; a test compares them with the function mode's) for the cost of the units
+alone. The route is still called "hooks", but it sets a :class:`ForwardPatch` (an instance-level ``forward`` that
+calls the module's own) rather than a forward hook: a module with hooks takes ``nn.Module``'s slow call path, which
+on a 784-256-128-10 MLP cost as much as the recording itself (measured: ~1.13x a plain forward with hooks, ~1.10x
+with patches; see ``benchmarks/results/engine.md``).
 
 Which models qualify is decided once per model by a ``torch.fx`` trace (:func:`hook_plan`): every node that
 depends on the input must be on an allow-list, and no unit module may run on data that does not depend on the
@@ -17,9 +20,9 @@ which also gives the clear errors for operations that are not piecewise linear. 
 
 Hooks the user registered (or another library, or a global module hook) run code on the input's path that the
 trace does not show and only the function mode sees and checks: while any is attached, ``route="auto"`` takes the
-mode (:func:`foreign_hook`). Hooks registered inside an open hook-route recording run after the library's own: they
-get the pooled tensor, not the ``(values, indices)`` pair the recording asks a max-pool for, and what they do to a
-unit's output does not change the unit's recorded state (as on the mode's route).
+mode (:func:`foreign_hook`). Hooks registered inside an open hook-route recording run around the patched forward:
+a forward hook gets the pooled tensor, not the ``(values, indices)`` pair the recording asks a max-pool for, and
+what it does to a unit's output does not change the unit's recorded state (as on the mode's route).
 
 Limits, as for every fx-based tool: the trace follows the branches a forward takes on Python values at trace time.
 A forward that switches on a plain attribute (``if self.use_gelu:``) after the first recording would be recorded
@@ -30,6 +33,7 @@ forward with other side effects (a call counter, a print) sees that one extra ca
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 import warnings
@@ -83,7 +87,7 @@ class PlanCache:
 
     def get(self, model: nn.Module, logits_at: str | None) -> tuple[Any, dict[str, nn.Module]]:
         modules = dict(model.named_modules())
-        sig = (logits_at, tuple((n, id(m), type(m), m.training, id(m.__dict__.get("forward")))
+        sig = (logits_at, tuple((n, id(m), type(m), m.training, id(instance_forward(m)))
                                 for n, m in modules.items()))
         plans = self._cache.setdefault(model, {})  # a few signatures per model: train/eval flags alternate
         plan = plans.get(sig)
@@ -102,14 +106,14 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
     HookPlan or str
         The plan, or the reason (one sentence naming the node) why the function mode is needed.
     """
-    sig = inspect.signature(model.forward)
+    replaced = next((n for n, m in model.named_modules() if instance_forward(m) is not None), None)
+    if replaced is not None:  # fx traces the class's forward, the module runs the instance's
+        return f"module '{replaced or '<root>'}' has a forward set on the instance"
+    sig = inspect.signature(type(model).forward.__get__(model))  # the class's: the instance may hold a patch
     params = [p for p in sig.parameters.values()]
     if len(params) != 1 or params[0].default is not inspect.Parameter.empty or params[0].kind not in (
             inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         return "the forward takes other arguments than one input tensor"
-    replaced = next((n for n, m in model.named_modules() if "forward" in m.__dict__), None)
-    if replaced is not None:  # fx traces the class's forward, the module runs the instance's
-        return f"module '{replaced or '<root>'}' has a forward set on the instance"
     try:
         graph = fx_graph(model)
     except Exception as e:  # any failure of symbolic tracing (data-dependent Python, unsupported calls)
@@ -207,51 +211,96 @@ def _nodes(args) -> list:
     return out
 
 
-def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list, Callable[[], None]]:
-    """Register the plan's hooks for ``session`` (a ``recording._Session``); return the handles and a function
-    that restores the max-pools' ``return_indices`` flags (for the caller's ``finally``)."""
-    s = session
-    handles = []
-    flipped: list[nn.Module] = []
+class ForwardPatch:
+    """A module's ``forward``, set on the instance for one recording; ``remove()`` takes it off, like a hook handle.
 
-    def relu_hook(path: str) -> Callable:
-        @ours
-        def hook(module, inputs, output):
+    Why not forward hooks: a module with hooks takes ``nn.Module``'s slow call path (hook dicts, ``always_call``
+    bookkeeping), which costs more than the recording itself on a small forward. The patch runs ``body(module,
+    inner, args, kwargs)``, where ``inner`` is what ``module.forward`` was before (the class's forward, or an
+    instance forward someone else set). Patches of nested recordings stack; one removed out of order becomes a
+    pass-through and is unlinked when the patch above it is removed. A copy of the module (``copy.deepcopy``) made
+    while the patch is on gets an inert patch that calls the copy's own forward (the copy is not recorded).
+    """
+
+    __slots__ = ("module", "prev", "body", "live")
+
+    def __init__(self, module: nn.Module, body: Callable) -> None:
+        self.module = module
+        self.prev = module.__dict__.get("forward")  # None: the class's forward
+        self.body = body
+        self.live = True
+        module.__dict__["forward"] = self
+
+    def __call__(self, *args, **kwargs):
+        m, prev = self.module, self.prev
+        inner = type(m).forward.__get__(m) if prev is None else prev
+        if not self.live:
+            return inner(*args, **kwargs)
+        return self.body(m, inner, args, kwargs)
+
+    def __deepcopy__(self, memo: dict) -> ForwardPatch:
+        # a copy of the model made while the patch is on (copy.deepcopy inside a recording) gets an inert patch
+        # that calls the copy's own forward; its first hook-route recording unlinks it
+        new = ForwardPatch.__new__(ForwardPatch)
+        new.module = copy.deepcopy(self.module, memo)  # the module's copy: in the memo while its dict is copied
+        new.prev = copy.deepcopy(self.prev, memo)
+        new.body = self.body
+        new.live = False
+        return new
+
+    def remove(self) -> None:
+        self.live = False
+        d = self.module.__dict__
+        if d.get("forward") is not self:  # someone set a forward on top: stay as a pass-through until unlinked
+            return
+        prev = self.prev
+        while isinstance(prev, ForwardPatch) and not prev.live:  # patches removed out of order below this one
+            prev = prev.prev
+        if prev is None:
+            del d["forward"]
+        else:
+            d["forward"] = prev
+
+
+def instance_forward(module: nn.Module) -> Any:
+    """The forward set on ``module``'s instance by anyone but this library's patches (None if none)."""
+    f = module.__dict__.get("forward")
+    while isinstance(f, ForwardPatch):
+        f = f.prev
+    return f
+
+
+def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
+    """Patch the plan's unit modules (and check its BatchNorms) for ``session`` (a ``recording._Session``); return
+    the handles (``remove()`` each, in reverse order, to undo)."""
+    s = session
+
+    def relu_body(path: str) -> Callable:
+        def body(module, inner, args, kwargs):
+            out = inner(*args, **kwargs)
             if s.current is None or s.suspended:
-                return None
-            x = inputs[0]
+                return out
+            x = args[0]
             # max(x, 0) is nonzero exactly where x > 0 (also for an in-place ReLU, whose input is its output)
             params = {"inplace": module.inplace, "count_boundary": False, "in_shape": tuple(x.shape[1:])}
-            s.current.append(LayerPattern(s.unique(path), "relu", output.bool(), 2, s.no_boundary(x), params))
-            return None
-        return hook
+            s.current.append(LayerPattern(s.unique(path), "relu", out.bool(), 2, s.no_boundary(x), params))
+            return out
+        return body
 
-    def pool_hooks(path: str) -> tuple[Callable, Callable]:
-        pending: list[bool] = []  # per call: did the pre-hook ask the module for indices it does not return
-
-        @ours
-        def pre(module, inputs):
+    def pool_body(path: str) -> Callable:
+        def body(module, inner, args, kwargs):
             if s.current is None or s.suspended:
-                pending.append(False)
-                return
+                return inner(*args, **kwargs)
             asked = not module.return_indices
             if asked:  # the module computes the argmax anyway; have it hand it over instead of pooling twice
                 module.return_indices = True
-                flipped.append(module)
-            pending.append(asked)
-
-        @ours
-        def post(module, inputs, output):
-            asked = pending.pop() if pending else False
-            if asked:
-                module.return_indices = False
-                flipped.remove(module)
-            if output is None or s.current is None or s.suspended:  # the forward raised, or not recording
-                return None
-            if not asked and not module.return_indices:
-                return None
-            values, idx = output
-            x = inputs[0]
+                try:
+                    values, idx = inner(*args, **kwargs)
+                finally:
+                    module.return_indices = False
+            else:
+                values, idx = inner(*args, **kwargs)
+            x = args[0]
             dims = 1 if isinstance(module, nn.MaxPool1d) else 2
             # the function the module calls, as the function mode sees it (the name is part of the params)
             fn = {(1, True): F.max_pool1d, (2, True): F.max_pool2d, (1, False): F.max_pool1d_with_indices,
@@ -262,8 +311,8 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
             params["in_shape"] = tuple(x.shape[1:])
             n_states = int(torch.Size(x.shape[-dims:]).numel())
             s.current.append(LayerPattern(s.unique(path), "maxpool", idx, n_states, s.no_boundary(x), params))
-            return values if asked else None
-        return pre, post
+            return values if asked else (values, idx)
+        return body
 
     def norm_hook(path: str) -> Callable:
         @ours
@@ -274,29 +323,20 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> tuple[list
                 raise not_piecewise_linear(s.describe(path), BATCH_STATISTICS)
         return hook
 
-    def restore() -> None:
-        for m in flipped:
-            m.return_indices = False
-        flipped.clear()
-
+    handles: list = []
     try:
         for path, kind in plan.units:
-            m = modules[path]
             # a user's hook attached before these sends "auto" to the mode (foreign_hook); one registered later
-            # runs after them: it sees the pool's plain output, and the state is read before it can change anything
-            if kind == "relu":
-                handles.append(m.register_forward_hook(relu_hook(path)))
-            else:
-                pre, post = pool_hooks(path)
-                handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post, always_call=True))
+            # runs around the patched forward: it sees the pool's plain output, and the state is read before a
+            # forward hook can change anything
+            handles.append(ForwardPatch(modules[path], relu_body(path) if kind == "relu" else pool_body(path)))
         for path in plan.batch_norms:
             handles.append(modules[path].register_forward_pre_hook(norm_hook(path)))
     except BaseException:
-        for h in handles:
+        for h in reversed(handles):
             h.remove()
         raise
-    return handles, restore
+    return handles
 
 
 _POOL = MaxPoolRule()

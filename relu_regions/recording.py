@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
-from .hook_recording import PLANS, HookPlan, attach, foreign_hook, ours
+from .hook_recording import PLANS, ForwardPatch, HookPlan, attach, foreign_hook, ours
 from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
@@ -388,7 +388,6 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model; "
                          f"known paths: {', '.join(n for n in mods if n)[:400]}")
     handles: list = []
-    restore = None
 
     @ours
     def stop(module, inputs, output):
@@ -415,27 +414,37 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if s.depth == 0:
             s.end_pass()
 
+    def root_body(module, inner, args, kwargs):
+        if s.suspended:
+            return inner(*args, **kwargs)
+        root_pre(module, args)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            root_post(module, args, None)
+
     outer = list(_ACTIVE)
     for o in outer:
         o.suspended += 1
     _ACTIVE.append(s)
     try:
         if hooks is not None:  # unit hooks first: they run before the logits_at hook on the same module
-            handles, restore = attach(*hooks, s)
+            handles = attach(*hooks, s)
         if logits_at is not None:
             handles.append(mods[logits_at].register_forward_hook(stop))
-        handles.append(model.register_forward_pre_hook(root_pre))
-        handles.append(model.register_forward_hook(root_post, always_call=True))
+        if hooks is not None:  # the patch skips nn.Module's slow call path (see hook_recording.ForwardPatch)
+            handles.append(ForwardPatch(model, root_body))
+        else:  # hooks: they run around the user's own root hooks, whose code the mode must see inside the pass
+            handles.append(model.register_forward_pre_hook(root_pre))
+            handles.append(model.register_forward_hook(root_post, always_call=True))
         if hooks is not None:
             yield s
         else:
             with (mode_cls or _Mode)(s):
                 yield s
     finally:
-        for h in handles:
+        for h in reversed(handles):
             h.remove()
-        if restore is not None:
-            restore()
         _ACTIVE.remove(s)
         for o in outer:
             o.suspended -= 1

@@ -1,4 +1,4 @@
-"""Keeping the user's model exactly as it was: training flags, requires_grad, hooks."""
+"""Keeping the user's model exactly as it was: training flags, requires_grad, hooks, instance forwards."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 @contextmanager
 def preserved(model: nn.Module, eval_mode: bool = False):
-    """Restore every module's training flag, every parameter's requires_grad and every hook dict on exit.
+    """Restore every module's training flag, every parameter's requires_grad, every hook dict and instance-level
+    ``forward`` on exit.
 
     For blocks that run only this package's code (one call of an entry point). Context managers whose block runs
     the user's code (``record``, ``intervene``) must not use it: it would also undo what the user changed there.
@@ -34,6 +35,7 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     # most hook dicts are empty: keep a copy only of the others (this runs once per call of every entry point)
     hooks = [(m, name, dict(d) if d else None) for m in modules for name in _HOOK_DICTS
              if (d := getattr(m, name, None)) is not None]
+    forwards = [(m, m.__dict__.get("forward")) for m in modules]  # instance-level forwards (the hook route's)
     try:
         if eval_mode:
             model.eval()
@@ -53,3 +55,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
             elif current.keys() != saved.keys():
                 current.clear()
                 current.update(saved)
+        for m, f in forwards:
+            if m.__dict__.get("forward") is not f:
+                if f is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = f

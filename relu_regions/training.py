@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .hook_recording import ours
+from .hook_recording import ForwardPatch
 from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
 from .state import preserved
 
@@ -117,7 +117,7 @@ class RegionTracker:
     """Turns what one :func:`record` block saw into :class:`~relu_regions.regions.RegionStats` updates.
 
     Created by :func:`track`; call :meth:`update` once per batch after your forward pass. It captures the model's
-    input and output (or the output of ``logits_at``) with a forward hook, so predictions need no extra pass.
+    input and output (or the output of ``logits_at``) as they pass, so predictions need no extra pass.
     """
 
     def __init__(self, rec: Recording, stats: Any, capture_module: nn.Module, root: nn.Module):
@@ -128,29 +128,37 @@ class RegionTracker:
         self.n_updates = 0
         self._depth = 0
 
-        @ours
-        def pre(module, inputs):
+        def through_root(module, inner, args, kwargs):
             self._depth += 1
-            if self._depth == 1 and inputs and isinstance(inputs[0], Tensor):
-                self.last_input = inputs[0].detach()
+            try:
+                if self._depth == 1 and args and isinstance(args[0], Tensor):
+                    self.last_input = args[0].detach()
+                out = inner(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            if capture_module is module:
+                self._capture(out)
+            return out
 
-        @ours
-        def post(module, inputs, output):
-            self._depth -= 1
+        def capture(module, inner, args, kwargs):
+            out = inner(*args, **kwargs)
+            self._capture(out)
+            return out
 
-        @ours
-        def out_hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            if isinstance(output, Tensor):
-                self.last_output = output.detach()
+        # instance-level forwards, not hooks: hooks would put the model on nn.Module's slow call path (see
+        # relu_regions.hook_recording.ForwardPatch)
+        self._handles = [ForwardPatch(root, through_root)]
+        if capture_module is not root:
+            self._handles.append(ForwardPatch(capture_module, capture))
 
-        self._handles = [root.register_forward_pre_hook(pre),
-                         root.register_forward_hook(post, always_call=True),
-                         capture_module.register_forward_hook(out_hook)]
+    def _capture(self, output: Any) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if isinstance(output, Tensor):
+            self.last_output = output.detach()
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in reversed(self._handles):
             h.remove()
         self._handles = []
 

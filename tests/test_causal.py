@@ -94,7 +94,8 @@ def test_bad_site_and_units():
 
 def _snapshot(model: nn.Module):
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
+    hooks = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks), vars(m).get("forward"))
+             for n, m in model.named_modules()]
     flags = [(n, m.training) for n, m in model.named_modules()]
     grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
     return state, hooks, flags, grads
@@ -106,7 +107,8 @@ def _assert_same(model: nn.Module, snap):
     assert now.keys() == state.keys()
     for k in state:
         assert torch.equal(now[k], state[k])
-    assert [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()] == hooks
+    assert [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks), vars(m).get("forward"))
+            for n, m in model.named_modules()] == hooks
     assert [(n, m.training) for n, m in model.named_modules()] == flags
     assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
 

@@ -276,7 +276,8 @@ def test_softmax_head_via_logits_at():
 def _snapshot(model):
     return (copy.deepcopy(model.state_dict()), [m.training for m in model.modules()],
             [p.requires_grad for p in model.parameters()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()])
+            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), "forward" in vars(m))
+             for m in model.modules()])
 
 
 def _same(a, b):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from zoo import zoo
 
 import relu_regions as rr
-from relu_regions.hook_recording import HookPlan, hook_plan
+from relu_regions.hook_recording import ForwardPatch, HookPlan, hook_plan
 
 ZOO = zoo()
 # the zoo models whose units are all nn.ReLU / nn.MaxPool modules: these must take the hook route
@@ -39,7 +39,9 @@ def _hooked_like_the_mode(model, x, route="hooks", **kw):
 
 
 def _hook_counts(model):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    """Per module: forward hooks, forward pre-hooks, and whether a forward is set on the instance (the hook route's
+    patches)."""
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in vars(m)) for m in model.modules()]
 
 
 def _assert_same(a, b):
@@ -283,7 +285,7 @@ def test_changes_made_by_the_users_code_inside_record_stay(route, fail):
     after = _hook_counts(model)
     expected = list(before)
     i = [n for n, _ in model.named_modules()].index("features.1")
-    expected[i] = (before[i][0] + 1, before[i][1])
+    expected[i] = (before[i][0] + 1, before[i][1], False)
     assert after == expected  # the recording's own hooks are gone, the user's one is not
     assert not model.features[0].weight.requires_grad and model.head.training and not model.features.training
     assert not model.features[2].return_indices and not model.features[5].return_indices
@@ -331,3 +333,67 @@ def test_the_users_own_hooks_send_auto_to_the_mode_and_later_ones_see_plain_outp
         assert torch.equal(seen[0], sparse) and torch.equal(out, model.head(model.features[3:](sparse)))
     relu = [p for p in rec.passes[0] if p.name == "features.1"][0]
     assert torch.equal(relu.state, pre > 0)  # the ReLU's own pattern, not the hook-changed output's
+
+
+def test_patches_of_nested_recordings_stack_and_come_off_in_any_order():
+    """The hook route sets instance-level forwards (ForwardPatch), not hooks. Nested recordings of one model stack
+    them; however the blocks are left (also out of order, by hand), the model ends with no instance forward, and
+    every recording saw the passes run while it was open and not suspended by an inner one."""
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    x = _inputs(shape)
+    before = _hook_counts(model)
+    with torch.no_grad():
+        ref, ref3, ref2 = model(x), model(x[:3]), model(x[:2])  # outputs are bit-identical per batch size
+        outer = rr.record(model)
+        rec_o = outer.__enter__()
+        model(x)
+        inner = rr.record(model)
+        rec_i = inner.__enter__()
+        assert rec_o.route == rec_i.route == "hooks" and isinstance(vars(model.features[1])["forward"], ForwardPatch)
+        assert torch.equal(model(x[:3]), ref3)
+        outer.__exit__(None, None, None)  # out of order: the outer patches stay below the inner ones, inert
+        assert torch.equal(model(x[:2]), ref2)
+        inner.__exit__(None, None, None)
+        assert torch.equal(model(x), ref)
+    assert _hook_counts(model) == before
+    assert len(rec_o) == 7 and [len(p[0].state) for p in rec_i.passes] == [3, 2]
+    with torch.no_grad(), rr.record(model) as again:
+        model(x)
+    assert torch.equal(again.region_ids(), rec_o.region_ids())
+
+
+def test_a_copy_made_inside_a_recording_runs_its_own_weights_and_a_users_forward_stays():
+    model, shape = copy.deepcopy(ZOO["mlp2"])
+    x = _inputs(shape)
+    with torch.no_grad(), rr.record(model) as rec:
+        twin = copy.deepcopy(model)  # copies the patches too: inert ones, that call the copy, not the original
+        twin[0].weight.mul_(-1)
+        assert not torch.equal(twin(x), model(x))
+        custom = model[1].forward
+        model[1].forward = lambda v: custom(v) * 2  # the user's own instance forward, set on top of the patch
+    assert rec.route == "hooks" and len(rec) == 7  # the copy is another model: not recorded
+    with torch.no_grad():
+        assert torch.equal(twin(x), twin[2:](torch.relu(twin[0](x)))) and "forward" not in vars(model)
+    assert "forward" in vars(model[1])  # the user's forward stays; the patch below it passes calls through
+    with torch.no_grad():
+        h = torch.relu(model[0](x))
+        assert torch.equal(model[1](model[0](x)), 2 * h)
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    assert rec.route == "mode"  # an instance forward of the user's: the trace does not show it
+    with torch.no_grad(), rr.record(twin) as rec:
+        twin(x)
+    assert rec.route == "hooks" and len(rec) == 7  # the copy's inert patches are no instance forward of its own
+    assert not any("forward" in vars(m) for m in twin.modules())  # ... and are unlinked by its first recording
+
+
+def test_preserved_puts_back_instance_forwards():
+    from relu_regions.state import preserved
+
+    model, _ = copy.deepcopy(ZOO["mlp2"])
+    mine = model[1].forward
+    model[1].forward = mine
+    with preserved(model):
+        del vars(model[1])["forward"]
+        model[0].forward = lambda v: v
+    assert vars(model[1])["forward"] is mine and "forward" not in vars(model[0])

@@ -42,7 +42,7 @@ def _hand_preacts(model: nn.Sequential, x):
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
             [p.requires_grad for p in model.parameters()],
-            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+            [(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in vars(m)) for m in model.modules()])
 
 
 def _same(a, b):
