@@ -88,7 +88,11 @@ def count_true(bits: Tensor) -> Tensor:
     b, n = bits.shape
     if b == 0:
         return torch.zeros(n, dtype=torch.int32, device=bits.device)
+    if b * n <= 65536:  # small: a plain sum is cheaper than the word view's copies
+        return bits.sum(0, dtype=torch.int32)
     words = _bool_words(bits)
+    if b <= 255:  # one chunk (a batch of the usual size): four ops
+        return words.sum(0).view(torch.uint8)[:n].to(torch.int32)
     total = torch.zeros(words.shape[1] * 8, dtype=torch.int32, device=bits.device)
     for start in range(0, b, 255):
         lanes = words[start:start + 255].sum(0).view(torch.uint8)  # (n8,) byte counts, column order

@@ -490,7 +490,8 @@ def test_disjoint_pool_ties_match_a_brute_force_count(ks):
     assert torch.equal(rec.n_boundary(), expected)
 
 
-@pytest.mark.parametrize("b, n", [(1, 1), (7, 13), (255, 64), (256, 64), (600, 84), (1000, 3456)])
+@pytest.mark.parametrize("b, n", [(1, 1), (7, 13), (255, 64), (256, 64), (600, 84), (250, 3456), (255, 1001),
+                                  (1000, 3456)])
 def test_count_true_equals_a_plain_column_sum(b, n):
     g = torch.Generator().manual_seed(b + n)
     bits = torch.rand(b, n, generator=g) < torch.rand(n, generator=g)  # columns from never to always true

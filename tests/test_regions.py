@@ -11,7 +11,7 @@ from relu_regions.regions import RegionStats, affine_map_keys
 
 def _by_key(stats, granularity="full"):
     t = stats.tables[granularity]
-    return {k: (int(t.count[i]), t.true[i].tolist(), t.pred[i].tolist()) for i, k in enumerate(t.keys)}
+    return {k: (int(t.count[i]), t.true[i].tolist(), t.pred[i].tolist()) for i, k in enumerate(t.keys.tolist())}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_merge_halves_equals_whole(setup):
     for g in ("full", "last", "first"):
         assert _by_key(a, g) == _by_key(whole, g)
     assert a.n_samples == whole.n_samples and a.n_correct == whole.n_correct
-    order = [a.tables["full"].index[k] for k in whole.tables["full"].keys]
+    order = a.tables["full"].find(whole.tables["full"].keys)
+    assert bool((order >= 0).all())
     assert torch.allclose(a.mean_contributions()[order], whole.mean_contributions(), atol=1e-12)
     for k, v in whole.activation_frequencies().items():
         assert torch.equal(a.activation_frequencies()[k], v)
@@ -176,3 +177,22 @@ def test_coverage_does_not_depend_on_batching():
     # by hand: two regions of equal size, the one holding more of the class counts
     s = RegionStats(2).update(torch.tensor([1, 1, 2, 2]), torch.tensor([0, 1, 0, 0]), torch.tensor([0, 1, 0, 0]))
     assert s.coverage(1) == pytest.approx(2 / 4)
+
+
+def test_table_rows_match_a_dictionary_over_many_batches():
+    """Rows come from a sorted copy and binary search; a plain dict (new keys of a batch in ascending order) must
+    give the same rows, with negative, extreme and repeated keys over many batches."""
+    from relu_regions.regions import _Table
+
+    g = torch.Generator().manual_seed(5)
+    t, ref = _Table(2), {}
+    pool = torch.cat([torch.randint(-2**62, 2**62, (3000,), generator=g),
+                      torch.tensor([-2**63, 2**63 - 1, 0, -1])])
+    for _ in range(40):
+        keys = pool[torch.randint(0, len(pool), (int(torch.randint(1, 400, (1,), generator=g)),), generator=g)]
+        for k in sorted(set(keys.tolist())):
+            ref.setdefault(k, len(ref))
+        assert t.rows(keys).tolist() == [ref[k] for k in keys.tolist()]
+    assert t.keys.tolist() == list(ref) and len(t) == len(ref)
+    absent = torch.tensor([k for k in range(-50, 50) if k not in ref])
+    assert bool((t.find(absent) == -1).all()) and t.find(t.keys).tolist() == list(range(len(ref)))
