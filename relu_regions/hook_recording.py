@@ -270,24 +270,38 @@ def instance_forward(module: nn.Module) -> Any:
     return f
 
 
+_KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unit module -> {call key: params}
+
+
 def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
     """Patch the plan's unit modules (and check its BatchNorms) for ``session`` (a ``recording._Session``); return
     the handles (``remove()`` each, in reverse order, to undo)."""
     s = session
 
+    # Python in these bodies runs once per unit call, with the caches cold from the layer before: it is kept to
+    # dictionary lookups. Each unit module's params dicts are kept per input shape (_KNOWN, across recordings)
+    # and shared between its patterns (read-only, like every pattern's params).
     def relu_body(path: str) -> Callable:
+        known = _KNOWN.setdefault(modules[path], {})
+
         def body(module, inner, args, kwargs):
             out = inner(*args, **kwargs)
             if s.current is None or s.suspended:
                 return out
             x = args[0]
+            shape = x.shape
+            params = known.get((shape, module.inplace))
+            if params is None:
+                params = known[shape, module.inplace] = {"inplace": module.inplace, "count_boundary": False,
+                                                         "in_shape": tuple(shape[1:])}
             # max(x, 0) is nonzero exactly where x > 0 (also for an in-place ReLU, whose input is its output)
-            params = {"inplace": module.inplace, "count_boundary": False, "in_shape": tuple(x.shape[1:])}
             s.current.append(LayerPattern(s.unique(path), "relu", out.bool(), 2, s.no_boundary(x), params))
             return out
         return body
 
     def pool_body(path: str) -> Callable:
+        known = _KNOWN.setdefault(modules[path], {})
+
         def body(module, inner, args, kwargs):
             if s.current is None or s.suspended:
                 return inner(*args, **kwargs)
@@ -301,15 +315,20 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
             else:
                 values, idx = inner(*args, **kwargs)
             x = args[0]
-            dims = 1 if isinstance(module, nn.MaxPool1d) else 2
-            # the function the module calls, as the function mode sees it (the name is part of the params)
-            fn = {(1, True): F.max_pool1d, (2, True): F.max_pool2d, (1, False): F.max_pool1d_with_indices,
-                  (2, False): F.max_pool2d_with_indices}[dims, asked]
-            _, params = _POOL.parse(fn, (x, module.kernel_size, module.stride, module.padding, module.dilation),
-                                    {"ceil_mode": module.ceil_mode, "return_indices": not asked})
-            params["count_boundary"] = False
-            params["in_shape"] = tuple(x.shape[1:])
-            n_states = int(torch.Size(x.shape[-dims:]).numel())
+            key = (x.shape, asked, module.kernel_size, module.stride, module.padding, module.dilation,
+                   module.ceil_mode)
+            found = known.get(key)
+            if found is None:
+                dims = 1 if isinstance(module, nn.MaxPool1d) else 2
+                # the function the module calls, as the function mode sees it (the name is part of the params)
+                fn = {(1, True): F.max_pool1d, (2, True): F.max_pool2d, (1, False): F.max_pool1d_with_indices,
+                      (2, False): F.max_pool2d_with_indices}[dims, asked]
+                _, params = _POOL.parse(fn, (x, module.kernel_size, module.stride, module.padding, module.dilation),
+                                        {"ceil_mode": module.ceil_mode, "return_indices": not asked})
+                params["count_boundary"] = False
+                params["in_shape"] = tuple(x.shape[1:])
+                found = known[key] = (params, int(torch.Size(x.shape[-dims:]).numel()))
+            params, n_states = found
             s.current.append(LayerPattern(s.unique(path), "maxpool", idx, n_states, s.no_boundary(x), params))
             return values if asked else (values, idx)
         return body

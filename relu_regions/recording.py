@@ -247,9 +247,10 @@ class _Session:
 
     def no_boundary(self, x: Tensor) -> Tensor:
         """A shared ``(B,)`` zero count for unit calls recorded without boundary counting."""
-        z = self._zeros.get((x.shape[0], x.device))
+        key = (x.shape[0], x.get_device())  # get_device: an int, cheaper than building a torch.device
+        z = self._zeros.get(key)
         if z is None:
-            z = self._zeros[(x.shape[0], x.device)] = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            z = self._zeros[key] = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         return z
 
 

@@ -42,7 +42,8 @@ class LayerPattern:
     n_boundary : Tensor
         ``(B,)`` int64: units of this call whose input sits exactly on a breakpoint (ties for max-pools).
     params : dict
-        Whatever is needed to replay the call with the state frozen (slopes, bounds, pooling geometry).
+        Whatever is needed to replay the call with the state frozen (slopes, bounds, pooling geometry). Read-only:
+        patterns of one call site and input shape may share it.
     """
 
     name: str

@@ -397,3 +397,14 @@ def test_preserved_puts_back_instance_forwards():
         del vars(model[1])["forward"]
         model[0].forward = lambda v: v
     assert vars(model[1])["forward"] is mine and "forward" not in vars(model[0])
+
+
+def test_unit_params_follow_a_pool_changed_between_recordings():
+    """The hook route keeps each unit module's params per call (shape and pooling geometry) across recordings: a
+    max-pool whose kernel changes, or a new input size, must get fresh params (the same as the function mode's)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(2, 3)).eval()
+    for kernel, size in ((2, 12), (3, 12), (3, 15), (2, 12)):
+        model[2].kernel_size = model[2].stride = kernel
+        _hooked_like_the_mode(model, _inputs((1, size, size)))
