@@ -222,30 +222,34 @@ class ForwardPatch:
     while the patch is on gets an inert patch that calls the copy's own forward (the copy is not recorded).
     """
 
-    __slots__ = ("module", "prev", "body", "live")
+    __slots__ = ("module", "prev", "inner", "body", "live")
 
     def __init__(self, module: nn.Module, body: Callable) -> None:
         self.module = module
         self.prev = module.__dict__.get("forward")  # None: the class's forward
+        self.inner = type(module).forward.__get__(module) if self.prev is None else self.prev
         self.body = body
         self.live = True
-        module.__dict__["forward"] = self
+
+    @classmethod
+    def on(cls, module: nn.Module, body: Callable) -> ForwardPatch:
+        """Set a patch running ``body`` on ``module``; returns its handle."""
+        patch = cls(module, body)
+        module.__dict__["forward"] = patch
+        return patch
 
     def __call__(self, *args, **kwargs):
-        m, prev = self.module, self.prev
-        inner = type(m).forward.__get__(m) if prev is None else prev
         if not self.live:
-            return inner(*args, **kwargs)
-        return self.body(m, inner, args, kwargs)
+            return self.inner(*args, **kwargs)
+        return self.body(self.module, self.inner, args, kwargs)
 
     def __deepcopy__(self, memo: dict) -> ForwardPatch:
         # a copy of the model made while the patch is on (copy.deepcopy inside a recording) gets an inert patch
         # that calls the copy's own forward; its first hook-route recording unlinks it
+        twin = copy.deepcopy(self.module, memo)  # the module's copy: in the memo while its dict is copied
         new = ForwardPatch.__new__(ForwardPatch)
-        new.module = copy.deepcopy(self.module, memo)  # the module's copy: in the memo while its dict is copied
-        new.prev = copy.deepcopy(self.prev, memo)
-        new.body = self.body
-        new.live = False
+        new.module, new.prev, new.body, new.live = twin, copy.deepcopy(self.prev, memo), self.body, False
+        new.inner = type(twin).forward.__get__(twin) if new.prev is None else new.prev
         return new
 
     def remove(self) -> None:
@@ -348,7 +352,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
             # a user's hook attached before these sends "auto" to the mode (foreign_hook); one registered later
             # runs around the patched forward: it sees the pool's plain output, and the state is read before a
             # forward hook can change anything
-            handles.append(ForwardPatch(modules[path], relu_body(path) if kind == "relu" else pool_body(path)))
+            handles.append(ForwardPatch.on(modules[path], relu_body(path) if kind == "relu" else pool_body(path)))
         for path in plan.batch_norms:
             handles.append(modules[path].register_forward_pre_hook(norm_hook(path)))
     except BaseException:

@@ -172,7 +172,9 @@ class _Session:
         return self._types
 
     # -- passes ---------------------------------------------------------------------------------------------
-    def begin_pass(self, inputs: tuple) -> None:
+    def begin_pass(self, inputs: tuple, taint: bool = True) -> None:
+        """Open a pass on the model's positional ``inputs`` (``taint``: mark them as the input, for the function
+        mode; the hook route does not need it)."""
         self.counts.clear()
         self.tainted.clear()
         self.cursor = 0
@@ -181,7 +183,8 @@ class _Session:
         new = _Pass()
         for t in inputs:
             for tt in _tensors(t):
-                self.taint(tt)
+                if taint:
+                    self.taint(tt)
                 if new.batch is None and tt.dim():
                     new.batch, new.device = int(tt.shape[0]), tt.device
         self.current = new
@@ -415,14 +418,18 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if s.depth == 0:
             s.end_pass()
 
-    def root_body(module, inner, args, kwargs):
+    def root_body(module, inner, args, kwargs):  # root_pre / root_post of the hook route, inlined
         if s.suspended:
             return inner(*args, **kwargs)
-        root_pre(module, args)
+        if s.depth == 0:
+            s.begin_pass(args, taint=False)
+        s.depth += 1
         try:
             return inner(*args, **kwargs)
         finally:
-            root_post(module, args, None)
+            s.depth -= 1
+            if s.depth == 0:
+                s.end_pass()
 
     outer = list(_ACTIVE)
     for o in outer:
@@ -434,7 +441,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if logits_at is not None:
             handles.append(mods[logits_at].register_forward_hook(stop))
         if hooks is not None:  # the patch skips nn.Module's slow call path (see hook_recording.ForwardPatch)
-            handles.append(ForwardPatch(model, root_body))
+            handles.append(ForwardPatch.on(model, root_body))
         else:  # hooks: they run around the user's own root hooks, whose code the mode must see inside the pass
             handles.append(model.register_forward_pre_hook(root_pre))
             handles.append(model.register_forward_hook(root_post, always_call=True))

@@ -147,9 +147,9 @@ class RegionTracker:
 
         # instance-level forwards, not hooks: hooks would put the model on nn.Module's slow call path (see
         # relu_regions.hook_recording.ForwardPatch)
-        self._handles = [ForwardPatch(root, through_root)]
+        self._handles = [ForwardPatch.on(root, through_root)]
         if capture_module is not root:
-            self._handles.append(ForwardPatch(capture_module, capture))
+            self._handles.append(ForwardPatch.on(capture_module, capture))
 
     def _capture(self, output: Any) -> None:
         if isinstance(output, (tuple, list)):
