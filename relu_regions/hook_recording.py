@@ -7,9 +7,9 @@ is an ``nn.ReLU`` or ``nn.MaxPool1d/2d`` module and everything between them is a
 pooling / reshape module or a linear tensor op. For those, the unit modules' own calls record the same patterns
 (same names, kinds, states and parameters; a test compares them with the function mode's) for the cost of the units
 alone. The route is still called "hooks", but it sets a :class:`ForwardPatch` (an instance-level ``forward`` that
-calls the module's own) rather than a forward hook: a module with hooks takes ``nn.Module``'s slow call path, which
-on a 784-256-128-10 MLP cost as much as the recording itself (measured: ~1.13x a plain forward with hooks, ~1.10x
-with patches; see ``benchmarks/results/engine.md``).
+calls the module's own) rather than a forward hook: a module with hooks takes ``nn.Module``'s slow call path, ~3-4%
+of a 784-256-128-10 MLP's forward at batch 256 for the root and two ReLUs. With the patches and lean bodies the
+MLP's recording went from ~1.13x to ~1.06-1.09x a plain forward (``benchmarks/results/engine.md``).
 
 Which models qualify is decided once per model by a ``torch.fx`` trace (:func:`hook_plan`): every node that
 depends on the input must be on an allow-list, and no unit module may run on data that does not depend on the
@@ -215,7 +215,7 @@ class ForwardPatch:
     """A module's ``forward``, set on the instance for one recording; ``remove()`` takes it off, like a hook handle.
 
     Why not forward hooks: a module with hooks takes ``nn.Module``'s slow call path (hook dicts, ``always_call``
-    bookkeeping), which costs more than the recording itself on a small forward. The patch runs ``body(module,
+    bookkeeping), about half the recording's own cost on a small MLP. The patch runs ``body(module,
     inner, args, kwargs)``, where ``inner`` is what ``module.forward`` was before (the class's forward, or an
     instance forward someone else set). Patches of nested recordings stack; one removed out of order becomes a
     pass-through and is unlinked when the patch above it is removed. A copy of the module (``copy.deepcopy``) made
@@ -277,6 +277,15 @@ def instance_forward(module: nn.Module) -> Any:
 _KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unit module -> {call key: params}
 
 
+def _known(module: nn.Module) -> dict:
+    """The module's params per call key; cleared when a recording opens with more than 64 kept (inputs of ever new
+    shapes must not grow it without end)."""
+    known = _KNOWN.setdefault(module, {})
+    if len(known) > 64:
+        known.clear()
+    return known
+
+
 def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
     """Patch the plan's unit modules (and check its BatchNorms) for ``session`` (a ``recording._Session``); return
     the handles (``remove()`` each, in reverse order, to undo)."""
@@ -286,7 +295,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
     # dictionary lookups. Each unit module's params dicts are kept per input shape (_KNOWN, across recordings)
     # and shared between its patterns (read-only, like every pattern's params).
     def relu_body(path: str) -> Callable:
-        known = _KNOWN.setdefault(modules[path], {})
+        known = _known(modules[path])
 
         def body(module, inner, args, kwargs):
             out = inner(*args, **kwargs)
@@ -304,7 +313,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
         return body
 
     def pool_body(path: str) -> Callable:
-        known = _KNOWN.setdefault(modules[path], {})
+        known = _known(modules[path])
 
         def body(module, inner, args, kwargs):
             if s.current is None or s.suspended:

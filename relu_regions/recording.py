@@ -436,7 +436,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         o.suspended += 1
     _ACTIVE.append(s)
     try:
-        if hooks is not None:  # unit hooks first: they run before the logits_at hook on the same module
+        if hooks is not None:  # unit patches first: they run inside the module, before its logits_at hook
             handles = attach(*hooks, s)
         if logits_at is not None:
             handles.append(mods[logits_at].register_forward_hook(stop))
