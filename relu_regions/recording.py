@@ -10,8 +10,9 @@ the call stack); hooks on the root module only (registered through handles, remo
 mark where a forward pass begins and ends.
 
 Models whose every unit is an ``nn.ReLU`` / ``nn.MaxPool`` module, with nothing else on the input's path that needs
-the mode (checked once per model by a torch.fx trace), are recorded by forward hooks on the unit modules instead
-(:mod:`relu_regions.hook_recording`, ``record(route=...)``): the same patterns without the mode's per-call cost.
+the mode (checked once per model by a torch.fx trace), are recorded by the unit modules' own calls instead
+(:mod:`relu_regions.hook_recording`, ``record(route=...)``; instance-level forwards set for the block, cheaper than
+forward hooks): the same patterns without the mode's per-call cost.
 
 The same mode, given a recorded pattern, *replays* the forward with every piecewise-linear unit frozen in its
 recorded state. The frozen network is an affine function of its input: that is the region's map.
@@ -592,10 +593,12 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         :func:`relu_regions.affine_map` counts on demand (``AffineMap.n_boundary``).
     route : {"auto", "hooks", "mode"}
         How calls are seen. ``"mode"``: a torch function mode sees every torch call of the forward (any model,
-        functional units, the checks of ``strict``). ``"hooks"``: forward hooks on the ``nn.ReLU`` /
-        ``nn.MaxPool1d/2d`` modules only, allowed when a one-time torch.fx trace shows that nothing else on the
-        input's path needs the mode (:mod:`relu_regions.hook_recording`); same patterns at a fraction of the cost,
-        raises ``ValueError`` with the reason otherwise. ``"auto"`` (default): hooks where allowed,
+        functional units, the checks of ``strict``). ``"hooks"``: the ``nn.ReLU`` / ``nn.MaxPool1d/2d`` modules
+        only (an instance-level ``forward`` set on each for the block,
+        :class:`~relu_regions.hook_recording.ForwardPatch`; cheaper than forward hooks), allowed when a one-time
+        torch.fx trace shows that nothing else on the input's path needs the mode
+        (:mod:`relu_regions.hook_recording`); same patterns at a fraction of the cost, raises ``ValueError`` with
+        the reason otherwise. ``"auto"`` (default): hooks where allowed,
         ``count_boundary`` is off and no forward hook of your own is attached to the model (only the mode sees what
         such a hook computes), else the mode. ``rec.route`` says which one ran. A forward that branches on
         Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch); so does a
