@@ -68,8 +68,8 @@ class _ComposeSession(_Session):
         self.maps: dict[int, tuple[weakref.ref, Tensor]] = {}
         self.d = 0
 
-    def begin_pass(self, inputs: tuple) -> None:
-        super().begin_pass(inputs)
+    def begin_pass(self, inputs: tuple, taint: bool = True) -> None:
+        super().begin_pass(inputs, taint)
         for t, m in getattr(self, "pending_inputs", []):
             self.set_m(t, m)
 

@@ -190,6 +190,18 @@ class _Session:
                     new.batch, new.device = int(tt.shape[0]), tt.device
         self.current = new
 
+    def enter_root(self, inputs: tuple, taint: bool = True) -> None:
+        """The root module is called: the outermost call opens a pass."""
+        if self.depth == 0:
+            self.begin_pass(inputs, taint)
+        self.depth += 1
+
+    def leave_root(self) -> None:
+        """The root module's call returned (or raised): the outermost one closes the pass."""
+        self.depth -= 1
+        if self.depth == 0:
+            self.end_pass()
+
     def end_pass(self) -> None:
         if self.current is None:
             return
@@ -405,32 +417,22 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
 
     @ours
     def root_pre(module, inputs):
-        if s.suspended:
-            return
-        if s.depth == 0:
-            s.begin_pass(inputs)
-        s.depth += 1
+        if not s.suspended:
+            s.enter_root(inputs)
 
     @ours
     def root_post(module, inputs, output):
-        if s.suspended:
-            return
-        s.depth -= 1
-        if s.depth == 0:
-            s.end_pass()
+        if not s.suspended:
+            s.leave_root()
 
-    def root_body(module, inner, args, kwargs):  # root_pre / root_post of the hook route, inlined
+    def root_body(module, inner, args, kwargs):  # root_pre / root_post of the hook route
         if s.suspended:
             return inner(*args, **kwargs)
-        if s.depth == 0:
-            s.begin_pass(args, taint=False)
-        s.depth += 1
+        s.enter_root(args, taint=False)
         try:
             return inner(*args, **kwargs)
         finally:
-            s.depth -= 1
-            if s.depth == 0:
-                s.end_pass()
+            s.leave_root()
 
     outer = list(_ACTIVE)
     for o in outer:
