@@ -238,6 +238,12 @@ class ForwardPatch:
         module.__dict__["forward"] = patch
         return patch
 
+    @property
+    def __wrapped__(self) -> Callable:
+        # what inspect.signature(module.forward) and friends see through to (code that reads the forward's
+        # arguments while a recording is open)
+        return self.inner
+
     def __call__(self, *args, **kwargs):
         if not self.live:
             return self.inner(*args, **kwargs)

@@ -387,6 +387,17 @@ def test_a_copy_made_inside_a_recording_runs_its_own_weights_and_a_users_forward
     assert not any("forward" in vars(m) for m in twin.modules())  # ... and are unlinked by its first recording
 
 
+def test_patched_forwards_show_the_modules_own_signature():
+    import inspect
+
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    before = {n: inspect.signature(m.forward) for n, m in model.named_modules()}
+    with rr.record(model) as rec:
+        assert isinstance(vars(model)["forward"], ForwardPatch)
+        assert {n: inspect.signature(m.forward) for n, m in model.named_modules()} == before
+    assert rec.route == "hooks"
+
+
 def test_preserved_puts_back_instance_forwards():
     from relu_regions.state import preserved
 
