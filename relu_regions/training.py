@@ -240,7 +240,7 @@ def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
         if logits_at not in mods:
             raise ValueError(f"logits_at='{logits_at}' is not a submodule of the model")
         capture = mods[logits_at]
-    # record() and the tracker remove exactly the hooks they added on exit (also on exceptions)
+    # record() and the tracker remove exactly the hooks and forward patches they added on exit (also on exceptions)
     with record(model, strict=strict, logits_at=logits_at, count_boundary=count_boundary) as rec:
         tracker = RegionTracker(rec, stats, capture, model)
         try:
