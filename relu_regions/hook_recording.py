@@ -87,8 +87,11 @@ class PlanCache:
 
     def get(self, model: nn.Module, logits_at: str | None) -> tuple[Any, dict[str, nn.Module]]:
         modules = dict(model.named_modules())
-        sig = (logits_at, tuple((n, id(m), type(m), m.training, id(instance_forward(m)))
-                                for n, m in modules.items()))
+        # checked on every recording that opens (per batch under RegionMonitor): a list comprehension, and
+        # instance_forward only where the instance holds a forward
+        sig = (logits_at, tuple([(n, id(m), type(m), m.training,
+                                  id(instance_forward(m) if "forward" in m.__dict__ else None))
+                                 for n, m in modules.items()]))
         plans = self._cache.setdefault(model, {})  # a few signatures per model: train/eval flags alternate
         plan = plans.get(sig)
         if plan is None:
@@ -181,6 +184,8 @@ def foreign_hook(modules: dict[str, nn.Module]) -> str | None:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "a global module forward hook is registered (its code runs inside every module call)"
     for path, m in modules.items():
+        if not (m._forward_pre_hooks or m._forward_hooks):  # the common case, without building generators
+            continue
         for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
             if any(not getattr(h, "_relu_regions_hook", False) for h in hooks.values()):
                 return f"module '{path or '<root>'}' has a {kind} of its own (only the function mode sees its code)"

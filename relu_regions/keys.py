@@ -7,14 +7,22 @@ is bit i % 64 of word i // 64). ``packed`` words remain available for exact comp
 
 ``pattern_keys`` gives one int64 key per sample, the key every part of the library uses: the packed word itself
 when the pattern fits into 64 bits (exact and injective); otherwise a hash. The hash reads every unit's state as a
-byte (or two, for very wide max-pool windows) and projects the bytes with a fixed random int8 matrix of nonzero
-entries (8 columns; an exact integer product, ``torch._int_mm`` on the CPU, float64 elsewhere -- the same integers
-on every device), then mixes the 8 sums into 64 bits (``region_keys``: a splitmix64-style finaliser with wrapping
-int64 arithmetic). Two patterns that differ in one unit always differ in every column; in general a column
-collides with probability at most 1/254 over the draw of the matrix, so the projection collides with probability
-≤ 254⁻⁸ ≈ 2⁻⁶⁴ and the key with about n² / 2⁶⁴ for n distinct patterns — below 1e-7 for a million regions. It
-replaced packing + mixing ~200 words per sample because a product over the unpacked states is one BLAS-like
-call per layer (LeNet, batch 250, 2-core CPU: ~0.6 ms against ~1.5 ms).
+byte (or two, for very wide max-pool windows) and projects the bytes with a fixed random int8 matrix ``R`` of
+nonzero entries (8 columns; an exact integer product, ``torch._int_mm`` on the CPU, float64 elsewhere -- the same
+integers on every device), then folds the 8 sums ``c`` into 64 bits linearly: ``key = Σ_j c_j·m_j mod 2⁶⁴`` with
+fixed random 64-bit ``m`` (``fold_columns``).
+
+Collisions. Two patterns whose byte rows differ by ``δ ≠ 0`` collide when ``e = δ·R`` is zero (each column with
+probability at most 1/254 over the draw of ``R``, so ≤ 254⁻⁸ ≈ 2⁻⁶⁴) or when ``Σ_j e_j·m_j ≡ 0 mod 2⁶⁴``
+(probability ``2^(v-64)`` over ``m``, ``v`` the fewest trailing zero bits among the nonzero ``e_j``). Half of
+``R``'s 254 values are odd and they spread evenly over residues mod small powers of two, so each ``e_j`` has ``k``
+more trailing zeros than ``δ`` has with probability about 2⁻ᵏ, all 8 with about 2⁻⁸ᵏ. A pair that differs in a
+two-state unit (``δ_i = ±1``) thus collides with probability about 2⁻⁶³, and n distinct patterns with about
+n² / 2⁶⁴ -- below 1e-7 for a million regions; patterns that differ only in max-pool states by multiples of 2ᵗ
+(t ≤ 7) with about 2^(t-63). The projection replaced packing + mixing ~200 words per sample because a product over
+the unpacked states is one BLAS-like call per layer (LeNet, batch 250, 2-core CPU: ~0.6 ms against ~1.5 ms); the
+linear fold replaced a splitmix64-style finaliser of ~26 small tensor operations (~4% of a LeNet validation epoch
+under ``RegionMonitor``) by three.
 """
 
 from __future__ import annotations
@@ -202,21 +210,30 @@ def _int8_product(a: Tensor, r: Tensor) -> Tensor:
     return out if out is not None else torch.zeros(a.shape[0], r.shape[1], dtype=torch.int64, device=a.device)
 
 
-def _unit_bytes(flat: Tensor, nbytes: int) -> Tensor:
-    """``(B, m)`` int8: each unit's state in one byte (two-state units as 0/1), or its ``nbytes`` low bytes when
-    wider (``nbytes`` > 0).
+@functools.lru_cache(maxsize=16)
+def _fold_weights(device: torch.device) -> Tensor:
+    """``(8,)`` int64, uniform over all 64-bit values, fixed (the same on every device and in every process)."""
+    g = torch.Generator().manual_seed(0x5EED0F01D)
+    halves = torch.randint(0, 1 << 32, (2, _COLUMNS), generator=g, dtype=torch.int64)
+    return ((halves[0] << 32) | halves[1]).to(device)
 
-    ``flat`` is a layer's ``(B, n_units)`` state; a max-pool unit's is its flat argmax index, whose low bytes are
-    enough: the indices of one window differ by less than its span (``key_states``), so they stay distinct modulo
-    256 (65536) when the span fits a byte (two) -- the same information as the offset from the window's corner,
-    without subtracting the corner."""
-    if flat.dtype == torch.bool:
-        return flat.contiguous().view(torch.int8)
-    if nbytes:  # the low bytes, as state_bytes keeps them
-        b, n = flat.shape
-        return flat.to(torch.int64).contiguous().view(torch.uint8).view(b, n, 8)[..., :nbytes].reshape(b, -1) \
-            .view(torch.int8)
-    return flat.to(torch.uint8).view(torch.int8)  # integer narrowing keeps the low byte
+
+def fold_columns(acc: Tensor) -> Tensor:
+    """``(B, 8)`` integer column sums -> ``(B,)`` int64 keys ``Σ_j acc_j·m_j mod 2⁶⁴`` (wrapping int64 arithmetic;
+    see the module docstring for the collision bound)."""
+    return (acc.to(torch.int64) * _fold_weights(acc.device)).sum(1)
+
+
+def _low_bytes(flat: Tensor, nbytes: int) -> Tensor:
+    """``(B, m)`` integer states -> ``(B, m * nbytes)`` int8: each unit's ``nbytes`` low bytes.
+
+    A max-pool unit's state is its flat argmax index, whose low bytes are enough: the indices of one window differ
+    by less than its span (``key_states``), so they stay distinct modulo 256 (65536) when the span fits a byte
+    (two) -- the same information as the offset from the window's corner, without subtracting the corner. States
+    of one byte need no call here: ``pattern_keys`` narrows them on their way into a product's block."""
+    b, n = flat.shape
+    return flat.to(torch.int64).contiguous().view(torch.uint8).view(b, n, 8)[..., :nbytes].reshape(b, -1) \
+        .view(torch.int8)
 
 
 def _width(bits_per_unit: int) -> int:
@@ -292,13 +309,22 @@ def pattern_keys(patterns: Sequence) -> Tensor:
     lay = _layout(patterns)
     if lay.one_word:
         return region_keys(pack_patterns(patterns))  # one word: the key is the pattern itself
-    parts = [_unit_bytes(p.state.reshape(b, -1), nb) for p, nb in zip(patterns, lay.nbytes)]
+    # wide states (nbytes > 0) as their low bytes; the rest as they are, narrowed on their way into a block
+    parts = [_low_bytes(p.state.reshape(b, -1), nb) if nb else p.state.reshape(b, -1)
+             for p, nb in zip(patterns, lay.nbytes)]
     acc = None
     for cols, r in lay.groups:
-        blocks = [parts[i] if s is None else parts[i][:, s] for i, s in cols]
-        block = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
-        term = _int8_product(block.contiguous(), r)
+        whole = [parts[i] if s is None else parts[i][:, s] for i, s in cols]
+        if len(whole) == 1 and whole[0].dtype in (torch.bool, torch.int8) and whole[0].is_contiguous():
+            block = whole[0].view(torch.int8)
+        else:  # one copy per part into the block: bool -> 0/1, integers -> their low byte (a C cast)
+            block = torch.empty(b, r.shape[0], dtype=torch.int8, device=whole[0].device)
+            at = 0
+            for part in whole:
+                block[:, at:at + part.shape[1]].copy_(part)
+                at += part.shape[1]
+        term = _int8_product(block, r)
         if lay.wide:
             term = term.to(torch.int64)
         acc = term if acc is None else acc + term
-    return region_keys(acc.to(torch.int64))
+    return fold_columns(acc)

@@ -13,6 +13,7 @@ Units whose input sits exactly on a breakpoint are counted as *boundary* units.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -65,7 +66,7 @@ class LayerPattern:
 
     @property
     def n_units(self) -> int:
-        return int(self.state[0].numel()) if self.state.shape[0] else int(torch.Size(self.unit_shape).numel())
+        return math.prod(self.state.shape[1:])  # from the shape: no tensor operation (called per batch)
 
     @property
     def bits_per_unit(self) -> int:

@@ -551,6 +551,33 @@ def test_pattern_keys_separate_many_random_patterns_and_single_unit_changes():
     assert torch.unique(pattern_keys(one)).numel() == 301
 
 
+def test_pattern_keys_follow_their_definition_in_python_integers():
+    # key = sum_i byte_i * (sum_j R_ij m_j) mod 2**64, bytes signed, computed here without any tensor arithmetic;
+    # a fourth layer of int64 states below 200 checks the narrowing of one-byte states (values of 128 and up)
+    from relu_regions import keys as K
+    from relu_regions.units import LayerPattern
+
+    g = torch.Generator().manual_seed(3)
+    pats, flat = _random_patterns(12, g, duplicates=False)
+    narrow = torch.randint(0, 200, (12, 30), generator=g)
+    narrow[0, :4] = torch.tensor([127, 128, 199, 255 % 200])
+    pats.append(LayerPattern("l3", "clamp", narrow, 200, torch.zeros(12, dtype=torch.int64)))
+    cpu = torch.device("cpu")
+    r = K._projection(300 + 40 + 5 * 3 + 30, cpu).tolist()
+    m = K._fold_weights(cpu).tolist()
+    weights = [sum(rj * mj for rj, mj in zip(row, m)) for row in r]
+
+    def signed(v: int, bits: int) -> int:
+        v %= 1 << bits
+        return v - (1 << bits) if v >= 1 << (bits - 1) else v
+
+    expected = []
+    for row, extra in zip(flat.tolist(), narrow.tolist()):
+        units = row[:340] + [(v >> (8 * k)) & 255 for v in row[340:] for k in range(3)] + extra  # 3 low bytes each
+        expected.append(signed(sum(signed(u, 8) * w for u, w in zip(units, weights)), 64))
+    assert K.pattern_keys(pats).tolist() == expected
+
+
 def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product_route(monkeypatch):
     from relu_regions import keys as K
 
