@@ -137,8 +137,7 @@ def state_bytes(states: Tensor, bits_per_unit: int) -> Tensor:
     if bits_per_unit == 1:
         return _bool_bytes(states.to(torch.bool))
     if bits_per_unit > 8:
-        nbytes = -(-bits_per_unit // 8)
-        return states.to(torch.int64).contiguous().view(torch.uint8).view(b, n, 8)[..., :nbytes].reshape(b, -1)
+        return _low_bytes(states, -(-bits_per_unit // 8)).view(torch.uint8)
     width = _width(bits_per_unit)
     per = 8 // width
     s = states.to(torch.uint8)
