@@ -98,13 +98,18 @@ def count_true(bits: Tensor) -> Tensor:
         return torch.zeros(n, dtype=torch.int32, device=bits.device)
     if b * n <= 65536:  # small: a plain sum is cheaper than the word view's copies
         return bits.sum(0, dtype=torch.int32)
-    words = _bool_words(bits)
+    return _lane_counts(_bool_words(bits), n)
+
+
+def _lane_counts(words: Tensor, n: int) -> Tensor:
+    """``(n,)`` int32 column sums of the first ``n`` byte columns of ``(B, W)`` int64 words (B > 0, any strides)
+    whose bytes are bools; bytes past ``n`` may hold anything (a carry only moves up, to later bytes)."""
+    b = words.shape[0]
     if b <= 255:  # one chunk (a batch of the usual size): four ops
         return words.sum(0).view(torch.uint8)[:n].to(torch.int32)
-    total = torch.zeros(words.shape[1] * 8, dtype=torch.int32, device=bits.device)
+    total = torch.zeros(words.shape[1] * 8, dtype=torch.int32, device=words.device)
     for start in range(0, b, 255):
-        lanes = words[start:start + 255].sum(0).view(torch.uint8)  # (n8,) byte counts, column order
-        total += lanes
+        total += words[start:start + 255].sum(0).view(torch.uint8)  # (8W,) byte counts, column order
     return total[:n]
 
 
@@ -271,12 +276,42 @@ class _Layout:
                     width = 0
                 groups[-1].append((i, None if cols == w else slice(start, start + cols)))
                 width += cols
-        self.groups, offset = [], 0
-        for g in groups:
-            cols = sum(widths[i] if s is None else s.stop - s.start for i, s in g)
-            self.groups.append((g, r[offset:offset + cols].contiguous()))
-            offset += cols
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        two_state = [p.state.dtype == torch.bool for p in patterns]
+        self.groups = [_Block(g, widths, starts, two_state, r) for g in groups]
         self.wide = self.n > chunk  # the sum over all units may pass 2^31: add in int64
+
+
+class _Block:
+    """One product of ``pattern_keys``: its parts (layer index, column slice or None for the whole layer), where
+    each part sits in the block, and the block's rows of the projection.
+
+    A single whole two-state layer is read in place (``view``). Otherwise the parts are copied into a block of
+    int8 columns (its width padded to whole int64 words), two-state layers first, so that one sum over the words
+    counts every two-state unit of the block (``count_true``'s lanes): the other layers' bytes come after them,
+    and a byte lane that overflows carries only into later bytes. Pad columns meet zero rows of the projection,
+    whatever they hold.
+    """
+
+    def __init__(self, parts: list, widths: list[int], starts: list[int], two_state: list[bool], r: Tensor):
+        def width(i: int, sl: slice | None) -> int:
+            return widths[i] if sl is None else sl.stop - sl.start
+
+        self.view = len(parts) == 1 and parts[0][1] is None and two_state[parts[0][0]]
+        ordered = [q for q in parts if two_state[q[0]]] + [q for q in parts if not two_state[q[0]]]
+        self.parts, at = [], 0  # (layer, slice, first column, width), in block order
+        self.n_two_state = 0
+        for i, sl in ordered:
+            w = width(i, sl)
+            self.parts.append((i, sl, at, w))
+            at += w
+            if two_state[i]:
+                self.n_two_state = at
+        self.width = at if self.view else -(-at // 8) * 8
+        self.rows = torch.zeros(self.width, r.shape[1], dtype=r.dtype, device=r.device)
+        for i, sl, at, w in self.parts:
+            first = starts[i] + (0 if sl is None else sl.start)
+            self.rows[at:at + w] = r[first:first + w]
 
 
 _LAYOUTS: dict[tuple, _Layout] = {}
@@ -302,28 +337,49 @@ def pattern_keys(patterns: Sequence) -> Tensor:
     ``patterns`` are :class:`~relu_regions.units.LayerPattern` objects, in a fixed order; equal patterns give
     equal keys on every device.
     """
+    return _keys(patterns, counts=False)[0]
+
+
+def pattern_keys_and_counts(patterns: Sequence) -> tuple[Tensor, dict[int, Tensor]]:
+    """:func:`pattern_keys`, and the ``(n_units,)`` int32 active counts (:func:`count_true`) of every two-state
+    (bool) pattern, by its index in ``patterns``: counted from the blocks the keys are projected from (one sum
+    per block instead of one per layer)."""
+    return _keys(patterns, counts=True)
+
+
+def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, dict[int, Tensor]]:
     b = patterns[0].state.shape[0]
+    device = patterns[0].state.device
     if b == 0:
-        return torch.zeros(0, dtype=torch.int64, device=patterns[0].state.device)
+        return torch.zeros(0, dtype=torch.int64, device=device), {
+            i: torch.zeros(p.n_units, dtype=torch.int32, device=device)
+            for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool}
     lay = _layout(patterns)
-    if lay.one_word:
-        return region_keys(pack_patterns(patterns))  # one word: the key is the pattern itself
+    if lay.one_word:  # one word: the key is the pattern itself
+        return region_keys(pack_patterns(patterns)), {
+            i: count_true(p.flat_state()) for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool}
     # wide states (nbytes > 0) as their low bytes; the rest as they are, narrowed on their way into a block
-    parts = [_low_bytes(p.state.reshape(b, -1), nb) if nb else p.state.reshape(b, -1)
+    flats = [_low_bytes(p.state.reshape(b, -1), nb) if nb else p.state.reshape(b, -1)
              for p, nb in zip(patterns, lay.nbytes)]
     acc = None
-    for cols, r in lay.groups:
-        whole = [parts[i] if s is None else parts[i][:, s] for i, s in cols]
-        if len(whole) == 1 and whole[0].dtype in (torch.bool, torch.int8) and whole[0].is_contiguous():
-            block = whole[0].view(torch.int8)
-        else:  # one copy per part into the block: bool -> 0/1, integers -> their low byte (a C cast)
-            block = torch.empty(b, r.shape[0], dtype=torch.int8, device=whole[0].device)
-            at = 0
-            for part in whole:
-                block[:, at:at + part.shape[1]].copy_(part)
-                at += part.shape[1]
-        term = _int8_product(block, r)
+    pieces: dict[int, list[Tensor]] = {}  # two-state layer -> its counts, chunk by chunk
+    for blk in lay.groups:
+        if blk.view:
+            flat = flats[blk.parts[0][0]].contiguous()
+            block = flat.view(torch.int8)
+            if counts:
+                pieces.setdefault(blk.parts[0][0], []).append(count_true(flat))
+        else:  # one copy per part: bool -> 0/1, integers -> their low byte (a C cast); pad columns stay as they are
+            block = torch.empty(b, blk.width, dtype=torch.int8, device=device)
+            for i, sl, at, w in blk.parts:
+                block[:, at:at + w].copy_(flats[i] if sl is None else flats[i][:, sl])
+            if counts and blk.n_two_state:
+                lanes = _lane_counts(block.view(torch.int64)[:, : -(-blk.n_two_state // 8)], blk.n_two_state)
+                for i, _, at, w in blk.parts:
+                    if at < blk.n_two_state:
+                        pieces.setdefault(i, []).append(lanes[at:at + w])
+        term = _int8_product(block, blk.rows)
         if lay.wide:
             term = term.to(torch.int64)
         acc = term if acc is None else acc + term
-    return fold_columns(acc)
+    return fold_columns(acc), {i: ps[0] if len(ps) == 1 else torch.cat(ps) for i, ps in pieces.items()}

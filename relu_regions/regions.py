@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .keys import count_true
+from .keys import count_true, pattern_keys_and_counts
 from .recording import LayerSelection
 
 Tensor = torch.Tensor
@@ -287,11 +287,22 @@ class RegionStats:
         """What :meth:`update_from_recording` needs from a recording, left on its device: region keys per
         granularity (``(B,)`` each) and per-unit active counts of the ReLU-like layers. For callers that collect
         batches and add them later in one :meth:`update` (no host synchronisation per batch on a GPU)."""
-        keys = {name: rec.region_ids(sel) for name, sel in self.granularities.items()}
-        units = {}
-        for p in rec.patterns(self.layers):
-            if p.kind in ("relu", "leaky_relu", "prelu"):
-                units[p.name] = count_true(p.flat_state())
+        keys: dict[str, Tensor] = {}
+        units: dict[str, Tensor] = {}
+        for name, sel in self.granularities.items():
+            if name != DEFAULT:
+                keys[name] = rec.region_ids(sel)
+                continue
+            # the default granularity's layers are the counted ones: their keys and counts in one pass
+            pats = rec.patterns(self.layers)
+            if not pats:  # an affine model: one region, no units
+                keys[name] = rec.region_ids(self.layers)
+                continue
+            with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
+                keys[name], counts = pattern_keys_and_counts(pats)
+            for i, p in enumerate(pats):
+                if p.kind in ("relu", "leaky_relu", "prelu"):
+                    units[p.name] = counts[i] if i in counts else count_true(p.flat_state())
         return keys, units
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:

@@ -578,6 +578,37 @@ def test_pattern_keys_follow_their_definition_in_python_integers():
     assert K.pattern_keys(pats).tolist() == expected
 
 
+@pytest.mark.parametrize("b", [1, 7, 300])
+def test_counts_beside_the_keys_equal_count_true(b, monkeypatch):
+    # two-state layers counted from the keys' blocks: in place, after other layers' bytes (which can overflow
+    # their lanes), split into chunks, over more than 255 rows, and when the patterns fit into one word
+    from relu_regions import keys as K
+    from relu_regions.units import LayerPattern
+
+    g = torch.Generator().manual_seed(b)
+    pats, _ = _random_patterns(b, g, duplicates=False)
+    pats.insert(1, LayerPattern("p", "maxpool", torch.randint(0, 1 << 40, (b, 13), generator=g), 255,
+                                torch.zeros(b, dtype=torch.int64)))
+    pats.append(LayerPattern("last", "relu", torch.rand(b, 3, 7, generator=g) < 0.3, 2,
+                             torch.zeros(b, dtype=torch.int64)))
+    small = [LayerPattern("s", "relu", pats[0].state[:, :40], 2, torch.zeros(b, dtype=torch.int64))]
+    for group, chunk in ((4096, K._CHUNK), (1, K._CHUNK), (4096, 64)):
+        monkeypatch.setattr(K, "_GROUP", group)
+        monkeypatch.setattr(K, "_CHUNK", chunk)
+        for ps in (pats, small):
+            keys, counts = K.pattern_keys_and_counts(ps)
+            assert torch.equal(keys, K.pattern_keys(ps))
+            two_state = [i for i, p in enumerate(ps) if p.state.dtype == torch.bool]
+            assert sorted(counts) == two_state
+            for i in two_state:
+                ref = ps[i].flat_state().to(torch.int64).sum(0)
+                assert counts[i].dtype == torch.int32 and torch.equal(counts[i].to(torch.int64), ref)
+    empty = [type(p)(p.name, p.kind, p.state[:0], p.n_states, p.n_boundary[:0]) for p in pats]
+    keys, counts = K.pattern_keys_and_counts(empty)
+    assert keys.shape == (0,) and all(torch.equal(counts[i], torch.zeros(empty[i].n_units, dtype=torch.int32))
+                                      for i in (0, len(pats) - 1)) and sorted(counts) == [0, len(pats) - 1]
+
+
 def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product_route(monkeypatch):
     from relu_regions import keys as K
 
