@@ -473,6 +473,12 @@ class Recording:
         self.route = route  #: "hooks" or "mode": how the calls were seen (see :func:`record`)
 
     @property
+    def active(self) -> bool:
+        """Whether the model's calls are recorded now: not while a session opened inside the block runs
+        (``affine_map`` inside ``with record(...)``)."""
+        return not self._s.suspended
+
+    @property
     def passes(self) -> list[list[LayerPattern]]:
         """Recorded passes, each a list of :class:`LayerPattern` in execution order."""
         return self._s.passes

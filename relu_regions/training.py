@@ -129,6 +129,8 @@ class RegionTracker:
         self._depth = 0
 
         def through_root(module, inner, args, kwargs):
+            if not rec.active:  # a session opened inside the block runs the model: not the batch's forward
+                return inner(*args, **kwargs)
             self._depth += 1
             try:
                 if self._depth == 1 and args and isinstance(args[0], Tensor):
@@ -142,7 +144,8 @@ class RegionTracker:
 
         def capture(module, inner, args, kwargs):
             out = inner(*args, **kwargs)
-            self._capture(out)
+            if rec.active:
+                self._capture(out)
             return out
 
         # instance-level forwards, not hooks: hooks would put the model on nn.Module's slow call path (see

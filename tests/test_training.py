@@ -120,6 +120,28 @@ def test_hand_written_loop_with_track_equals_evaluate_and_restores_model():
         t.update(y[:5])
 
 
+def test_a_session_opened_inside_a_track_block_is_not_taken_for_the_batch():
+    # affine_map inside the block runs the model on its own inputs (replicas of the batch): the tracker keeps the
+    # batch's input and output, and its update counts the batch's predictions
+    import relu_regions as rr
+
+    model, (x, y) = _model(), _data()
+    ref = RegionStats(3)
+    with torch.no_grad(), track(model, ref) as t:
+        model(x)
+        t.update(y)
+    stats = RegionStats(3)
+    with track(model, stats) as t:
+        with torch.no_grad():
+            out = model(x)
+        amap = rr.affine_map(model, x)  # all outputs: the reverse route runs the model on replicas of x
+        assert t.rec.active and torch.equal(t.last_input, x) and torch.equal(t.last_output, out)
+        t.update(y)
+    assert torch.allclose(amap.output, out, atol=1e-5)
+    assert torch.equal(stats.region_keys(), ref.region_keys()) and stats.accuracy == ref.accuracy
+    assert torch.equal(stats.class_histograms(which="pred"), ref.class_histograms(which="pred"))
+
+
 def test_evaluate_contributions_match_jacobians():
     model, (x, y) = _model(dtype=torch.float64), _data(dtype=torch.float64)
     stats = evaluate(model, _loader(x, y), contributions=True)
