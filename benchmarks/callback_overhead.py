@@ -52,7 +52,7 @@ class ExamplesNet(nn.Module):
 
 
 # name -> (title, network, RegionMonitor keywords, repeats: the LeNet's ~0.5 s epochs need more to beat the noise)
-MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 15),
+MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 30),
           "examples": ("PyTorch examples MNIST CNN (mnist/main.py)", ExamplesNet, {"logits_at": "net.fc2"}, 9)}
 
 
