@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .keys import count_true, pattern_keys_and_counts
+from .keys import pattern_keys_and_counts
 from .recording import LayerSelection
 
 Tensor = torch.Tensor
@@ -301,8 +301,8 @@ class RegionStats:
             with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
                 keys[name], counts = pattern_keys_and_counts(pats)
             for i, p in enumerate(pats):
-                if p.kind in ("relu", "leaky_relu", "prelu"):
-                    units[p.name] = counts[i] if i in counts else count_true(p.flat_state())
+                if p.kind in ("relu", "leaky_relu", "prelu"):  # two-state units: bool states, counted above
+                    units[p.name] = counts[i]
         return keys, units
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:
