@@ -179,6 +179,25 @@ def test_coverage_does_not_depend_on_batching():
     assert s.coverage(1) == pytest.approx(2 / 4)
 
 
+def test_coverage_equals_a_per_class_count_in_python():
+    # the definition, class by class in plain Python: regions to their majority class (lowest index on ties), the
+    # `top` largest per class (equal sizes: more samples of the class first), their samples of that class
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        n, c = 400, 5
+        keys = torch.randint(0, 60 if seed % 2 else 400, (n,), generator=g)
+        y = torch.randint(0, c - 1, (n,), generator=g)  # class 4 never occurs: no region is assigned to it
+        s = RegionStats(c).update(keys, y, y)
+        true, count = s.class_histograms().tolist(), s.sizes().tolist()
+        for top in (1, 2, 3, 7, 1000):
+            covered = 0
+            for k in range(c):
+                mine = [(count[r], true[r][k]) for r in range(len(count))
+                        if max(range(c), key=lambda j: (true[r][j], -j)) == k]
+                covered += sum(own for _, own in sorted(mine, reverse=True)[:top])
+            assert s.coverage(top) == covered / n
+
+
 def test_table_rows_match_a_dictionary_over_many_batches():
     """Rows come from a sorted copy and binary search; a plain dict (new keys of a batch in ascending order) must
     give the same rows, with negative, extreme and repeated keys over many batches."""
