@@ -13,6 +13,13 @@ Weights enter as constants (detached): the reverse route needs no parameter grad
 (``training.parsimony_penalty``) replays without this substitution. The reverse route evaluates the frozen network
 at 0, so the layer that reads the input directly returns its bias there (:func:`linear_at_zero`, and
 ``conv2d_with_fast_input_grad(..., zero=True)``) and skips one matrix product: most of an MLP's forward.
+
+The forward-mode routes (tangents of the frozen network: ``affine_map(method="forward")``, the boundary distances'
+directional passes) send ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` calls on dual inputs through
+:func:`affine_jvp`: the tangent is the same layer without its bias, applied to the input's tangent. Torch's own
+rule also differentiates the constant weight and bias, as zero tensors whose arithmetic takes a slow generic path
+(torch 2.13 on the 2-core Xeon: a 16-sample LeNet conv 0.6-0.7 ms against 0.4 ms, a 784-256 linear layer on 2000
+tangents 19 ms against 12 ms). The results are the same numbers (a test compares them bit for bit).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -129,3 +137,24 @@ def conv2d_with_fast_input_grad(args: tuple, kwargs: dict, zero: bool = False) -
         return None
     return _Conv2dFastInputGrad.apply(x, weight.detach(), None if bias is None else bias.detach(), padding,
                                       dilation, int(a["groups"]), zero)
+
+
+def affine_jvp(func, args: tuple, kwargs: dict) -> Tensor | None:
+    """``func(*args, **kwargs)`` for ``func`` in ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` whose input is a dual
+    tensor (forward-mode AD) and whose weight and bias are not: the layer on the primal, and the layer without bias
+    on the tangent, made dual again. None when that does not apply (no tangent, or a dual weight or bias)."""
+    if not args:  # the input passed by keyword: torch's own rule
+        return None
+    primal, tangent = fwAD.unpack_dual(args[0])
+    if tangent is None:
+        return None
+    rest = list(args[1:])
+    if any(isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in (*rest, *kwargs.values())):
+        return None
+    kw = dict(kwargs)
+    if len(rest) > 1:  # the bias is the third argument of all three
+        no_bias = [rest[0], None, *rest[2:]]
+    else:
+        no_bias = rest
+        kw.pop("bias", None)
+    return fwAD.make_dual(func(primal, *rest, **kwargs), func(tangent, *no_bias, **kw))

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
 from .hook_recording import PLANS, ForwardPatch, HookPlan, attach, foreign_hook, ours
-from .input_grads import conv2d_with_fast_input_grad, linear_at_zero
+from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
 
@@ -313,6 +313,11 @@ class _Mode(TorchFunctionMode):
                         s.first_linear = (out, args[1] if len(args) > 1 else kwargs["weight"], out._version)
                     s.taint(out)
                     return out
+            if s.replay is not None and func in _AFFINE_LAYERS:  # forward-mode replays (see input_grads)
+                out = affine_jvp(func, args, kwargs)
+                if out is not None:
+                    s.taint(out)
+                    return out
         out = func(*args, **kwargs)
         if n:
             if isinstance(out, Tensor):
@@ -382,6 +387,8 @@ class _Mode(TorchFunctionMode):
             s.taint(t)
         return out
 
+
+_AFFINE_LAYERS = {F.linear, F.conv1d, F.conv2d}
 
 _UNIT_MODULES = {"ReLU", "LeakyReLU", "PReLU", "ReLU6", "Hardtanh", "MaxPool1d", "MaxPool2d",
                  "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"}

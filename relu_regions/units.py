@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -181,6 +182,12 @@ def _boundary(x: Tensor, params: dict, at: float = 0.0) -> Tensor | None:
 
 def _per_replica(z: Tensor, factor: Tensor) -> Tensor:
     """``z * factor`` for ``z`` of ``r * B`` rows and ``factor`` of ``B`` rows, broadcasting (no repeated copy)."""
+    primal, tangent = fwAD.unpack_dual(z)
+    if tangent is not None:
+        # the forward-mode derivative of a product with a constant, spelled out: forward AD would give the factor
+        # a zero tangent, and arithmetic on such zero tensors takes a slow generic route (torch 2.13 on the 2-core
+        # Xeon: ~1 ms for a 16 x 6 x 24 x 24 product, against ~30 µs for the two plain products)
+        return fwAD.make_dual(_per_replica(primal, factor), _per_replica(tangent, factor))
     b = factor.shape[0]
     if z.shape[0] == b:
         return z * factor

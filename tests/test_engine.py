@@ -731,6 +731,47 @@ def test_flipped_kernel_input_gradient_equals_autograd(c_in, conf):
     assert conv2d_with_fast_input_grad((x.detach(), w, b), conf) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("func, x_shape, w_shape, conf", [
+    (F.linear, (5, 7), (3, 7), {}), (F.linear, (2, 4, 7), (3, 7), {}),
+    (F.conv1d, (3, 4, 13), (6, 2, 3), dict(stride=2, padding=1, groups=2)),
+    (F.conv2d, (3, 2, 9, 8), (4, 2, 3, 2), dict(padding=(1, 0), dilation=(2, 1))),
+    (F.conv2d, (3, 4, 9, 8), (4, 1, 3, 3), dict(groups=4))])
+@pytest.mark.parametrize("bias", ["positional", "keyword", None])
+def test_affine_jvp_equals_forward_ad_bit_for_bit(func, x_shape, w_shape, conf, bias, dtype):
+    import torch.autograd.forward_ad as fwAD
+
+    from relu_regions.input_grads import affine_jvp
+
+    g = torch.Generator().manual_seed(1)
+    x, t = (torch.randn(x_shape, generator=g, dtype=dtype) for _ in range(2))
+    w, b = torch.randn(w_shape, generator=g, dtype=dtype), torch.randn(w_shape[0], generator=g, dtype=dtype)
+    args, kw = ((w, b), dict(conf)) if bias == "positional" else ((w,), dict(conf, bias=b) if bias else dict(conf))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        want = fwAD.unpack_dual(func(dual, *args, **kw))
+        got = fwAD.unpack_dual(affine_jvp(func, (dual, *args), kw))
+        assert torch.equal(got.primal, want.primal) and torch.equal(got.tangent, want.tangent)
+        assert affine_jvp(func, (x, *args), kw) is None  # no tangent: torch's own call
+        assert affine_jvp(func, (dual, fwAD.make_dual(w, torch.ones_like(w)), *args[1:]), kw) is None
+        assert affine_jvp(func, (), dict(kw, input=dual, weight=w)) is None
+
+
+def test_forward_mode_replay_uses_explicit_tangents_and_matches_the_reverse_route(monkeypatch):
+    import relu_regions.recording as recording
+
+    calls = []
+    real = recording.affine_jvp
+    monkeypatch.setattr(recording, "affine_jvp", lambda *a: calls.append(a[0]) or real(*a))
+    torch.manual_seed(0)
+    m = rr.models.LeNet().double().eval()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    fwd = rr.affine_map(m, x, method="forward")
+    assert calls.count(F.conv2d) == 2 and calls.count(F.linear) == 3  # every affine layer, tangents explicit
+    rev = rr.affine_map(m, x, method="reverse")
+    assert torch.allclose(fwd.A, rev.A, rtol=1e-10, atol=1e-12) and torch.allclose(fwd.d, rev.d, atol=1e-10)
+
+
 def test_affine_map_pickles_and_counts_boundaries_lazily():
     import pickle
 
