@@ -28,7 +28,9 @@ under ``RegionMonitor``) by three.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -225,7 +227,7 @@ def _fold_weights(device: torch.device) -> Tensor:
 def fold_columns(acc: Tensor) -> Tensor:
     """``(B, 8)`` integer column sums -> ``(B,)`` int64 keys ``Σ_j acc_j·m_j mod 2⁶⁴`` (wrapping int64 arithmetic;
     see the module docstring for the collision bound)."""
-    return (acc.to(torch.int64) * _fold_weights(acc.device)).sum(1)
+    return (acc * _fold_weights(acc.device)).sum(1)  # int32 * int64 promotes to int64 (one operation fewer)
 
 
 def _low_bytes(flat: Tensor, nbytes: int) -> Tensor:
@@ -278,7 +280,9 @@ class _Layout:
                 width += cols
         starts = [sum(widths[:i]) for i in range(len(widths))]
         two_state = [p.state.dtype == torch.bool for p in patterns]
-        self.groups = [_Block(g, widths, starts, two_state, r) for g in groups]
+        # the shape a whole layer's state is copied in as (None: as (B, columns), for wide or split states)
+        shapes = [tuple(p.state.shape[1:]) if nb == 0 else None for p, nb in zip(patterns, self.nbytes)]
+        self.groups = [_Block(g, widths, starts, two_state, shapes, r) for g in groups]
         self.wide = self.n > chunk  # the sum over all units may pass 2^31: add in int64
 
 
@@ -291,9 +295,14 @@ class _Block:
     counts every two-state unit of the block (``count_true``'s lanes): the other layers' bytes come after them,
     and a byte lane that overflows carries only into later bytes. Pad columns meet zero rows of the projection,
     whatever they hold.
+
+    The block and its views (one per part, in the part's own shape, so that a state is copied in without a
+    reshape) are kept per batch size and thread (``buffers``): a LeNet batch's keys are ~20 small tensor
+    operations, and on the 2-core build machine each costs ~5-7 µs however small.
     """
 
-    def __init__(self, parts: list, widths: list[int], starts: list[int], two_state: list[bool], r: Tensor):
+    def __init__(self, parts: list, widths: list[int], starts: list[int], two_state: list[bool],
+                 shapes: list[tuple | None], r: Tensor):
         def width(i: int, sl: slice | None) -> int:
             return widths[i] if sl is None else sl.stop - sl.start
 
@@ -307,11 +316,96 @@ class _Block:
             at += w
             if two_state[i]:
                 self.n_two_state = at
+        self.shapes = [shapes[i] if sl is None else None for i, sl, _, _ in self.parts]
         self.width = at if self.view else -(-at // 8) * 8
         self.rows = torch.zeros(self.width, r.shape[1], dtype=r.dtype, device=r.device)
         for i, sl, at, w in self.parts:
             first = starts[i] + (0 if sl is None else sl.start)
             self.rows[at:at + w] = r[first:first + w]
+        self._buffers: dict[tuple, tuple] = {}
+
+    def buffers(self, b: int, device: torch.device) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """The ``(b, width)`` int8 block, each part's view into it, and the int64 words that hold the two-state
+        columns (None without any); reused by later calls of the same batch size in this thread (and CUDA
+        stream): every call overwrites all parts before reading the block."""
+        key = (b, threading.get_ident(),
+               torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= 8:  # a few batch sizes and threads at a time
+                self._buffers.clear()
+            block = torch.zeros(b, self.width, dtype=torch.int8, device=device)
+            views = [block[:, at:at + w] if shape is None else block[:, at:at + w].view(b, *shape)
+                     for (_, _, at, w), shape in zip(self.parts, self.shapes)]
+            words = block.view(torch.int64)[:, : -(-self.n_two_state // 8)] if self.n_two_state else None
+            buf = self._buffers[key] = (block, views, words)
+        return buf
+
+
+class UnitCounts(Mapping):
+    """Active counts of the two-state (bool) units of one batch, by layer: ``counts[k]`` is ``(n_units,)`` int32.
+
+    Kept as the key computation leaves them -- per block of the products, the int64 lane sums (eight byte counters
+    per word, exact for batches of up to 255 rows) or int32 column counts -- and cut into layers on access.
+    :meth:`total` adds many batches with a few operations per block, instead of a few per batch and layer.
+    """
+
+    __slots__ = ("_parts", "_spans")
+
+    def __init__(self, parts: list[tuple[Tensor, bool]], spans: dict[Any, tuple[tuple[int, int, int], ...]]):
+        self._parts = parts  # (tensor, whether it holds lane words)
+        self._spans = spans  # key -> its pieces: (part, first column, width), in unit order
+
+    @staticmethod
+    def _columns(t: Tensor, lanes: bool) -> Tensor:
+        return t.view(torch.uint8) if lanes else t
+
+    def __getitem__(self, key: Any) -> Tensor:
+        pieces = [self._columns(*self._parts[k])[at:at + w] for k, at, w in self._spans[key]]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(torch.int32)
+
+    def __iter__(self) -> Iterator:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def renamed(self, names: Mapping[Any, Any]) -> UnitCounts:
+        """The counts of the keys in ``names``, under their new names."""
+        return UnitCounts(self._parts, {names[k]: v for k, v in self._spans.items() if k in names})
+
+    @staticmethod
+    def total(batches: Sequence[Mapping[Any, Tensor]]) -> dict[Any, Tensor]:
+        """``{key: (n_units,) int64}``: the counts of several batches (``UnitCounts`` or plain mappings) added."""
+        out: dict[Any, Tensor] = {}
+
+        def add(key: Any, t: Tensor) -> None:
+            out[key] = t if key not in out else out[key] + t
+
+        groups: dict[tuple, list[UnitCounts]] = {}
+        for c in batches:
+            if isinstance(c, UnitCounts):
+                sig = (tuple(c._spans.items()),
+                       tuple((tuple(t.shape), t.dtype, t.device, lanes) for t, lanes in c._parts))
+                groups.setdefault(sig, []).append(c)
+            else:
+                for key, t in c.items():
+                    add(key, t.to(torch.int64))
+        for same in groups.values():
+            first = same[0]
+            sums = [UnitCounts._columns(torch.stack([c._parts[k][0] for c in same]), lanes).sum(0, dtype=torch.int64)
+                    for k, (_, lanes) in enumerate(first._parts)]
+            for key, pieces in first._spans.items():
+                cols = [sums[k][at:at + w] for k, at, w in pieces]
+                add(key, cols[0] if len(cols) == 1 else torch.cat(cols))
+        return out
+
+
+def _whole(counts: dict[int, Tensor]) -> UnitCounts:
+    """Per-layer count tensors as :class:`UnitCounts`."""
+    keys = list(counts)
+    return UnitCounts([(counts[k], False) for k in keys],
+                      {k: ((j, 0, counts[k].shape[0]),) for j, k in enumerate(keys)})
 
 
 _LAYOUTS: dict[tuple, _Layout] = {}
@@ -340,46 +434,57 @@ def pattern_keys(patterns: Sequence) -> Tensor:
     return _keys(patterns, counts=False)[0]
 
 
-def pattern_keys_and_counts(patterns: Sequence) -> tuple[Tensor, dict[int, Tensor]]:
+def pattern_keys_and_counts(patterns: Sequence) -> tuple[Tensor, UnitCounts]:
     """:func:`pattern_keys`, and the ``(n_units,)`` int32 active counts (:func:`count_true`) of every two-state
-    (bool) pattern, by its index in ``patterns``: counted from the blocks the keys are projected from (one sum
-    per block instead of one per layer)."""
+    (bool) pattern, by its index in ``patterns`` (a :class:`UnitCounts` mapping): counted from the blocks the keys
+    are projected from (one sum per block instead of one per layer)."""
     return _keys(patterns, counts=True)
 
 
-def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, dict[int, Tensor]]:
+def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
     b = patterns[0].state.shape[0]
     device = patterns[0].state.device
     if b == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device), {
+        return torch.zeros(0, dtype=torch.int64, device=device), _whole({
             i: torch.zeros(p.n_units, dtype=torch.int32, device=device)
-            for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool}
+            for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool})
     lay = _layout(patterns)
     if lay.one_word:  # one word: the key is the pattern itself
-        return region_keys(pack_patterns(patterns)), {
-            i: count_true(p.flat_state()) for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool}
-    # wide states (nbytes > 0) as their low bytes; the rest as they are, narrowed on their way into a block
-    flats = [_low_bytes(p.state.reshape(b, -1), nb) if nb else p.state.reshape(b, -1)
-             for p, nb in zip(patterns, lay.nbytes)]
+        return region_keys(pack_patterns(patterns)), _whole({
+            i: count_true(p.flat_state()) for i, p in enumerate(patterns) if counts and p.state.dtype == torch.bool})
     acc = None
-    pieces: dict[int, list[Tensor]] = {}  # two-state layer -> its counts, chunk by chunk
+    parts: list[tuple[Tensor, bool]] = []
+    spans: dict[int, tuple] = {}
     for blk in lay.groups:
         if blk.view:
-            flat = flats[blk.parts[0][0]].contiguous()
+            i = blk.parts[0][0]
+            flat = patterns[i].state.reshape(b, -1)
+            if not flat.is_contiguous() or flat.storage_offset() % 8:
+                flat = flat.contiguous()
             block = flat.view(torch.int8)
             if counts:
-                pieces.setdefault(blk.parts[0][0], []).append(count_true(flat))
+                n = flat.shape[1]
+                # up to 255 rows and whole words: one sum of the bools read as int64 lanes (count_true's trick)
+                lanes = b <= 255 and n % 8 == 0
+                parts.append((flat.view(torch.int64).sum(0) if lanes else count_true(flat), lanes))
+                spans[i] = spans.get(i, ()) + ((len(parts) - 1, 0, n),)
         else:  # one copy per part: bool -> 0/1, integers -> their low byte (a C cast); pad columns stay as they are
-            block = torch.empty(b, blk.width, dtype=torch.int8, device=device)
-            for i, sl, at, w in blk.parts:
-                block[:, at:at + w].copy_(flats[i] if sl is None else flats[i][:, sl])
-            if counts and blk.n_two_state:
-                lanes = _lane_counts(block.view(torch.int64)[:, : -(-blk.n_two_state // 8)], blk.n_two_state)
+            block, views, words = blk.buffers(b, device)
+            for (i, sl, _, _), view in zip(blk.parts, views):
+                nb = lay.nbytes[i]
+                if nb:  # wide states: their low bytes
+                    src = _low_bytes(patterns[i].state.reshape(b, -1), nb)
+                    view.copy_(src if sl is None else src[:, sl])
+                else:
+                    view.copy_(patterns[i].state if sl is None else patterns[i].state.reshape(b, -1)[:, sl])
+            if counts and words is not None:
+                lanes = b <= 255
+                parts.append((words.sum(0) if lanes else _lane_counts(words, blk.n_two_state), lanes))
                 for i, _, at, w in blk.parts:
                     if at < blk.n_two_state:
-                        pieces.setdefault(i, []).append(lanes[at:at + w])
+                        spans[i] = spans.get(i, ()) + ((len(parts) - 1, at, w),)
         term = _int8_product(block, blk.rows)
         if lay.wide:
             term = term.to(torch.int64)
         acc = term if acc is None else acc + term
-    return fold_columns(acc), {i: ps[0] if len(ps) == 1 else torch.cat(ps) for i, ps in pieces.items()}
+    return fold_columns(acc), UnitCounts(parts, spans)

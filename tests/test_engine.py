@@ -609,6 +609,47 @@ def test_counts_beside_the_keys_equal_count_true(b, monkeypatch):
                                       for i in (0, len(pats) - 1)) and sorted(counts) == [0, len(pats) - 1]
 
 
+def test_unit_counts_of_many_batches_add_up_to_column_sums(monkeypatch):
+    # UnitCounts.total adds batches of different sizes (lane words up to 255 rows, int32 counts above), layers split
+    # into chunks over several blocks, and plain mappings, into the column sums of all rows
+    from relu_regions import keys as K
+    from relu_regions.units import LayerPattern
+
+    monkeypatch.setattr(K, "_CHUNK", 64)  # the 300-unit layer spans several blocks
+    g = torch.Generator().manual_seed(11)
+    batches, ref = [], None
+    for b in (7, 250, 300, 7, 1):
+        pats, _ = _random_patterns(b, g, duplicates=False)
+        pats.append(LayerPattern("last", "relu", torch.rand(b, 3, 7, generator=g) < 0.3, 2,
+                                 torch.zeros(b, dtype=torch.int64)))
+        batches.append(K.pattern_keys_and_counts(pats)[1])
+        sums = {i: pats[i].flat_state().to(torch.int64).sum(0) for i in (0, 3)}
+        ref = sums if ref is None else {i: ref[i] + sums[i] for i in ref}
+    batches.append({0: torch.ones(300, dtype=torch.int32)})
+    ref[0] = ref[0] + 1
+    total = K.UnitCounts.total(batches)
+    assert sorted(total) == [0, 3] and all(total[i].dtype == torch.int64 and torch.equal(total[i], ref[i]) for i in ref)
+    assert dict(batches[0].renamed({3: "last"})).keys() == {"last"}
+
+
+def test_keys_do_not_depend_on_the_reused_block_buffers():
+    # the products' blocks are kept per batch size and reused: keys of a batch are the same before and after other
+    # batches of that size, and with the buffers dropped; non-contiguous states are read as they are
+    from relu_regions import keys as K
+
+    g = torch.Generator().manual_seed(5)
+    a, _ = _random_patterns(40, g, duplicates=False)
+    b, _ = _random_patterns(40, g, duplicates=False)
+    first = K.pattern_keys(a)
+    assert not torch.equal(K.pattern_keys(b), first)
+    assert torch.equal(K.pattern_keys(a), first)
+    for blk in K._layout(a).groups:
+        blk._buffers.clear()
+    assert torch.equal(K.pattern_keys(a), first)
+    t = [type(p)(p.name, p.kind, p.state.t().contiguous().t(), p.n_states, p.n_boundary) for p in a]
+    assert not t[0].state.is_contiguous() and torch.equal(K.pattern_keys(t), first)
+
+
 def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product_route(monkeypatch):
     from relu_regions import keys as K
 

@@ -198,6 +198,20 @@ def test_coverage_equals_a_per_class_count_in_python():
             assert s.coverage(top) == covered / n
 
 
+def test_coverage_order_by_one_key_equals_the_lexicographic_sort():
+    # coverage sorts regions by (class, -size, -own) as one int64 key, or lexicographically when that key could
+    # overflow (forced here by a huge class count): the same order of tuples either way
+    import numpy as np
+
+    from relu_regions.regions import _argsort_by_class
+
+    rng = np.random.default_rng(0)
+    cls, size, own = rng.integers(0, 5, 500), rng.integers(1, 9, 500), rng.integers(0, 9, 500)
+    rows = lambda order: [(cls[i], -size[i], -own[i]) for i in order]  # noqa: E731
+    assert rows(_argsort_by_class(cls, size, own, 5)) == sorted(rows(range(500)))
+    assert rows(_argsort_by_class(cls, size, own, 1 << 60)) == sorted(rows(range(500)))
+
+
 def test_table_rows_match_a_dictionary_over_many_batches():
     """Rows come from a sorted copy and binary search; a plain dict (new keys of a batch in ascending order) must
     give the same rows, with negative, extreme and repeated keys over many batches."""

@@ -73,6 +73,7 @@ except ImportError as e:  # pragma: no cover - lightning is an optional dependen
     raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
 
 from ..geometry import boundary_distance
+from ..keys import UnitCounts
 from ..recording import LayerSelection
 from ..state import preserved
 from ..training import default_inputs, default_labels, track
@@ -286,13 +287,8 @@ class RegionMonitor(Callback):
             return
         stats = self._local[slot]
         keys = {name: torch.cat([it[0][name] for it in items]) for name in items[0][0]}
-        per_layer: dict[str, list[Tensor]] = {}
-        for it in items:
-            for name, act in it[1].items():
-                per_layer.setdefault(name, []).append(act)
-        # one sum per layer, not one addition per batch and layer (~160 small operations on a LeNet epoch)
-        units = {name: torch.stack(acts).sum(0, dtype=torch.int64) for name, acts in per_layer.items()}
-        stats.add_unit_counts(units, sum(it[4] for it in items))
+        # a few sums per block of the keys' products, not a few operations per batch and layer
+        stats.add_unit_counts(UnitCounts.total([it[1] for it in items]), sum(it[4] for it in items))
         stats.update(keys, torch.cat([it[2] for it in items]), torch.cat([it[3] for it in items]))
 
     def _close(self, stage: str | None = None) -> None:
