@@ -64,12 +64,17 @@ def affine_map_keys(A: Tensor, d: Tensor, decimals: int = 6) -> Tensor:
 
 
 def _argsort(keys: Tensor) -> Tensor:
-    """Order that sorts a 1-d CPU int64 tensor (numpy's sort; see ``_Table``)."""
+    """Order that sorts a 1-d int64 tensor (numpy's sort on the CPU; see ``_Table``)."""
+    if keys.device.type != "cpu":  # tables loaded onto another device (load_state_dict after a map_location)
+        return torch.argsort(keys)
     return torch.from_numpy(np.argsort(keys.numpy()))
 
 
 def _unique(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.unique(keys, return_inverse=True)`` for a 1-d CPU int64 tensor, through numpy (see ``_Table``)."""
+    """``torch.unique(keys, return_inverse=True)`` for a 1-d int64 tensor, through numpy on the CPU (see
+    ``_Table``)."""
+    if keys.device.type != "cpu":
+        return torch.unique(keys, return_inverse=True)
     uniq, inv = np.unique(keys.numpy(), return_inverse=True)
     return torch.from_numpy(uniq), torch.from_numpy(inv.reshape(-1).astype(np.int64, copy=False))
 
@@ -472,8 +477,8 @@ class RegionStats:
             return float("nan")
         if top < 0:
             raise ValueError(f"top must be >= 0, got {top}")
-        own, maj = (v.numpy() for v in t.true.max(1))  # the majority class (lowest on ties) and its count
-        count = t.count.numpy()
+        own, maj = (v.cpu().numpy() for v in t.true.max(1))  # the majority class (lowest on ties) and its count
+        count = t.count.cpu().numpy()
         # one sort: by class, and in each class the largest regions first; among regions of equal size the one with
         # more samples of the class, so that the result does not depend on the order in which regions were first
         # seen (batching). Regions equal in both cover the same number of samples, whichever is taken.
