@@ -103,9 +103,18 @@ def count_true(bits: Tensor) -> Tensor:
     return _lane_counts(_bool_words(bits), n)
 
 
+def _lane_sums(words: Tensor, n: int) -> tuple[Tensor, bool]:
+    """Counts of the first ``n`` byte columns of ``(B, W)`` int64 words (B > 0, any strides) whose bytes are bools,
+    left as cheap as the batch allows: up to 255 rows the ``(W,)`` int64 lane sums themselves (``True``: the counts
+    are their bytes; one operation), else ``(n,)`` int32 counts (``False``). Bytes past ``n`` may hold anything (a
+    carry only moves up, to later bytes)."""
+    if words.shape[0] <= 255:  # no byte lane can overflow
+        return words.sum(0), True
+    return _lane_counts(words, n), False
+
+
 def _lane_counts(words: Tensor, n: int) -> Tensor:
-    """``(n,)`` int32 column sums of the first ``n`` byte columns of ``(B, W)`` int64 words (B > 0, any strides)
-    whose bytes are bools; bytes past ``n`` may hold anything (a carry only moves up, to later bytes)."""
+    """``(n,)`` int32 column sums of the first ``n`` byte columns of ``(B, W)`` int64 words (as ``_lane_sums``)."""
     b = words.shape[0]
     if b <= 255:  # one chunk (a batch of the usual size): four ops
         return words.sum(0).view(torch.uint8)[:n].to(torch.int32)
@@ -463,10 +472,8 @@ def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
                 flat = flat.contiguous()
             block = flat.view(torch.int8)
             if counts:
-                n = flat.shape[1]
-                # up to 255 rows and whole words: one sum of the bools read as int64 lanes (count_true's trick)
-                lanes = b <= 255 and n % 8 == 0
-                parts.append((flat.view(torch.int64).sum(0) if lanes else count_true(flat), lanes))
+                n = flat.shape[1]  # whole words: the bools read in place as int64 lanes (count_true's trick)
+                parts.append(_lane_sums(flat.view(torch.int64), n) if n % 8 == 0 else (count_true(flat), False))
                 spans[i] = spans.get(i, ()) + ((len(parts) - 1, 0, n),)
         else:  # one copy per part: bool -> 0/1, integers -> their low byte (a C cast); pad columns stay as they are
             block, views, words = blk.buffers(b, device)
@@ -478,8 +485,7 @@ def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
                 else:
                     view.copy_(patterns[i].state if sl is None else patterns[i].state.reshape(b, -1)[:, sl])
             if counts and words is not None:
-                lanes = b <= 255
-                parts.append((words.sum(0) if lanes else _lane_counts(words, blk.n_two_state), lanes))
+                parts.append(_lane_sums(words, blk.n_two_state))
                 for i, _, at, w in blk.parts:
                     if at < blk.n_two_state:
                         spans[i] = spans.get(i, ()) + ((len(parts) - 1, at, w),)
