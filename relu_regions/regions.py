@@ -30,17 +30,32 @@ Definitions (Re3 paper and the clustering-based-interpretation paper)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from .keys import pattern_keys_and_counts
+from .keys import pattern_keys, pattern_keys_and_counts
 from .recording import LayerSelection
 
 Tensor = torch.Tensor
 
 DEFAULT = "full"
+
+
+class BatchPatterns(NamedTuple):
+    """One recorded batch's layer patterns, selected per granularity, whose keys are not computed yet
+    (:meth:`RegionStats.batch_patterns`, :meth:`RegionStats.batch_keys`)."""
+
+    patterns: dict[str, list]  # granularity name -> its layers' patterns (empty: an affine model)
+    n: int  # samples
+    device: torch.device | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the states held (each state once, also when granularities share a layer)."""
+        states = {id(p.state): p.state for pats in self.patterns.values() for p in pats}
+        return sum(t.numel() * t.element_size() for t in states.values())
 
 
 def affine_map_keys(A: Tensor, d: Tensor, decimals: int = 6) -> Tensor:
@@ -325,22 +340,30 @@ class RegionStats:
         """What :meth:`update_from_recording` needs from a recording, left on its device: region keys per
         granularity (``(B,)`` each) and per-unit active counts of the ReLU-like layers. For callers that collect
         batches and add them later in one :meth:`update` (no host synchronisation per batch on a GPU)."""
+        return self.batch_keys(self.batch_patterns(rec))
+
+    def batch_patterns(self, rec) -> BatchPatterns:
+        """The patterns of a recording that each granularity's keys are computed from (selected now; the keys
+        later, by :meth:`batch_keys`). The recording may be cleared in between: the patterns keep their states."""
+        return BatchPatterns({name: rec.patterns(sel) for name, sel in self.granularities.items()}, len(rec),
+                             rec._device())
+
+    def batch_keys(self, batch: BatchPatterns) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
+        """:meth:`recording_batch` of patterns taken earlier with :meth:`batch_patterns`."""
         keys: dict[str, Tensor] = {}
         units: Mapping[str, Tensor] = {}
-        for name, sel in self.granularities.items():
-            if name != DEFAULT:
-                keys[name] = rec.region_ids(sel)
-                continue
-            # the default granularity's layers are the counted ones: their keys and counts in one pass
-            pats = rec.patterns(self.layers)
-            if not pats:  # an affine model: one region, no units
-                keys[name] = rec.region_ids(self.layers)
-                continue
-            with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
-                keys[name], counts = pattern_keys_and_counts(pats)
-            # two-state units: bool states, counted above (cut into layers when read, or added up over many
-            # batches first: UnitCounts.total)
-            units = counts.renamed({i: p.name for i, p in enumerate(pats) if p.kind in ("relu", "leaky_relu", "prelu")})
+        with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
+            for name, pats in batch.patterns.items():
+                if not pats:  # an affine model: one region, no units
+                    keys[name] = torch.zeros(batch.n, dtype=torch.int64, device=batch.device)
+                elif name != DEFAULT:
+                    keys[name] = pattern_keys(pats)
+                else:  # the default granularity's layers are the counted ones: their keys and counts in one pass
+                    keys[name], counts = pattern_keys_and_counts(pats)
+                    # two-state units: bool states, counted above (cut into layers when read, or added up over
+                    # many batches first: UnitCounts.total)
+                    units = counts.renamed({i: p.name for i, p in enumerate(pats)
+                                            if p.kind in ("relu", "leaky_relu", "prelu")})
         return keys, units
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:

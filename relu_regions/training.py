@@ -204,17 +204,24 @@ class RegionTracker:
         Returns ``(keys, unit_counts, y_true, y_pred, n)`` as :meth:`RegionStats.recording_batch` gives them, for
         callers that add batches later in one :meth:`RegionStats.update` (no host synchronisation per batch).
         """
+        batch, y_true, y_pred, n = self.take_patterns(y_true, y_pred)
+        keys, units = self.stats.batch_keys(batch)
+        return keys, units, y_true, y_pred, n
+
+    def take_patterns(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
+        """:meth:`take_batch` without the keys: ``(patterns, y_true, y_pred, n)``, where ``patterns`` (a
+        :class:`~relu_regions.regions.BatchPatterns`) gives the keys and unit counts later through
+        ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now."""
         y_true = torch.as_tensor(y_true).reshape(-1)
         self.take(y_true.shape[0])
         if y_pred is None:
             if self.last_output is None:
                 raise RuntimeError("no model output was captured; pass y_pred=")
             y_pred = predictions(self.last_output)
-        keys, units = self.stats.recording_batch(self.rec)
-        n = len(self.rec)
+        batch = self.stats.batch_patterns(self.rec)
         self.rec.clear()
         self.n_updates += 1
-        return keys, units, y_true, y_pred, n
+        return batch, y_true, y_pred, batch.n
 
 
 @contextmanager

@@ -136,6 +136,45 @@ def test_monitor_matches_independent_evaluation_and_leaves_model_unchanged(funct
     assert [list(line.get_ydata()) for line in ax.get_lines()][0] == [h["n_regions"] for h in rows]
 
 
+def _table(stats, name):
+    t = stats.tables[name]
+    return {int(k): (int(c), t.true[r].tolist(), t.pred[r].tolist()) for r, (k, c) in enumerate(zip(t.keys, t.count))}
+
+
+@pytest.mark.parametrize("budget", ["batches", "bytes"])
+def test_keys_computed_a_few_batches_later_count_every_batch_once(monkeypatch, budget):
+    """The monitor computes the keys of recorded batches a few at a time (every _KEY_EVERY batches, or as soon as
+    their states pass _KEY_BYTES) and the rest at epoch end: every batch counts once, in the region of its own
+    pattern. 11 batches -> groups of 4, 4 and 3 (or 11 of 1); per region the counts and class histograms, the unit
+    counts and the accuracy equal an independent evaluation, for two granularities."""
+    import relu_regions.integrations.lightning as L
+
+    if budget == "bytes":
+        monkeypatch.setattr(L, "_KEY_BYTES", 1)
+    groups = []
+    key = L.RegionMonitor._key
+
+    def spy(self, slot):
+        groups.append(len(self._waiting.get(slot, [])))
+        key(self, slot)
+
+    monkeypatch.setattr(L.RegionMonitor, "_key", spy)
+    val = make_data(85, 1)  # batches of 8: ten full ones and one of 5
+    model = Lit()
+    mon = RegionMonitor(probe_size=0, granularities={"last": -1})
+    trainer([mon]).validate(model, loader(val, bs=8), verbose=False)
+    assert groups == ([4, 4, 3] if budget == "batches" else [1] * 11)
+    ev = evaluate(model.net, loader(val, bs=8), n_classes=3, granularities={"last": -1})
+    st = mon.stats["val"]
+    assert st.n_samples == 85 and st.accuracy == ev.accuracy
+    for name in ("full", "last"):
+        assert _table(st, name) == _table(ev, name)
+    assert list(st.unit_active) == ["net.1", "net.3"] and list(ev.unit_active) == ["1", "3"]  # the module recorded
+    for k in ("1", "3"):
+        assert st.unit_samples["net." + k] == ev.unit_samples[k] == 85
+        assert torch.equal(st.unit_active["net." + k], ev.unit_active[k])
+
+
 class LazyFeatures(Lit):
     """A step that registers a feature hook once, on its first validation batch, and relies on it afterwards."""
 

@@ -85,6 +85,10 @@ __all__ = ["RegionMonitor"]
 _STAGES = ("train", "validate", "test")
 _SLOW_PROBE_SECONDS = 1.0  # below this, a probe is never reported as slow
 _SHORT = {"train": "train", "validate": "val", "test": "test"}
+# recorded batches whose keys are computed together, one after the other (see _end_batch); fewer when their states
+# pass _KEY_BYTES
+_KEY_EVERY = 4
+_KEY_BYTES = 32 << 20
 
 
 class RegionMonitor(Callback):
@@ -193,7 +197,8 @@ class RegionMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.comparisons: list[tuple[int, str, Any]] = []
         self._local: dict[str, Any] = {}  # stage -> this rank's RegionStats of the running epoch
-        self._pending: dict[str, list] = {}  # stage -> batches recorded but not yet added to _local (on device)
+        self._waiting: dict[str, list] = {}  # slot -> recorded batches whose keys are not computed yet
+        self._pending: dict[str, list] = {}  # slot -> batches with keys, not yet added to _local (on device)
         self._open: dict[str, Any] = {}  # stage -> (context manager, tracker) of the running batch
         self._n_loaders: dict[str, int] = {}  # stage -> number of its data loaders in the running epoch
         self._active: set[str] = set()
@@ -273,15 +278,31 @@ class RegionMonitor(Callback):
         out = tracker.last_output
         if out is None:
             raise RuntimeError("RegionMonitor: no model output was captured in this step")
-        # keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch
-        self._pending.setdefault(slot, []).append(tracker.take_batch(y.reshape(-1).to(out.device)))
+        # the checks and predictions now; the keys a few batches at a time, one after the other: each key's ~15 small
+        # tensor operations cost ~2x less right after the previous batch's than right after a forward (LeNet on the
+        # 2-core build machine: ~27 instead of ~40 ms per 40-batch epoch; benchmarks/results/callback_overhead.md).
+        # Keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch.
+        waiting = self._waiting.setdefault(slot, [])
+        waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device)))
+        if len(waiting) >= _KEY_EVERY or sum(w[0].nbytes for w in waiting) >= _KEY_BYTES:
+            self._key(slot)
         if (stage != "train" and dataloader_idx == 0 and self.probe is None and self.probe_size
                 and tracker.last_input is not None):
             if sum(len(t) for t in self._fallback_probe) < self.probe_size:
                 self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
 
+    def _key(self, slot: str) -> None:
+        """Compute the keys of the slot's waiting batches."""
+        stats = self._local[slot]
+        pending = self._pending.setdefault(slot, [])
+        for batch, y, y_pred, n in self._waiting.pop(slot, []):
+            keys, units = stats.batch_keys(batch)
+            pending.append((keys, units, y, y_pred, n))
+
     def _flush(self, slot: str) -> None:
         """Add the batches collected in this epoch to the slot's statistics, in one update."""
+        if self._waiting.get(slot):
+            self._key(slot)
         items = self._pending.pop(slot, [])
         if not items:
             return
@@ -300,8 +321,10 @@ class RegionMonitor(Callback):
     # ------------------------------------------------------------------------------------------ epochs
     def _start_epoch(self, trainer: Any, stage: str) -> None:
         self._epoch_start[stage] = time.perf_counter()
-        for slot in [k for k in (*self._local, *self._pending) if k == stage or k.startswith(stage + "/")]:
+        for slot in [k for k in (*self._local, *self._waiting, *self._pending)
+                     if k == stage or k.startswith(stage + "/")]:
             self._local.pop(slot, None)
+            self._waiting.pop(slot, None)
             self._pending.pop(slot, None)
         loaders = getattr(trainer, {"validate": "num_val_batches", "test": "num_test_batches"}.get(stage, ""), None)
         self._n_loaders[stage] = len(loaders) if isinstance(loaders, (list, tuple)) and loaders else 1
@@ -513,6 +536,8 @@ class RegionMonitor(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._close()
+        self._waiting.clear()  # the epoch is lost: let its recorded states go
+        self._pending.clear()
 
     def teardown(self, trainer, pl_module, stage):
         self._close()
