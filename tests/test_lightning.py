@@ -86,7 +86,8 @@ def trainer(callbacks=(), tmp=None, **kw):
 
 
 def _hooks(m):
-    return [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in m.modules()]
+    """Hooks per module, and whether a forward is set on the instance (the hook route's patches)."""
+    return [(len(x._forward_hooks), len(x._forward_pre_hooks), "forward" in x.__dict__) for x in m.modules()]
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["hook-route", "function-mode"])
@@ -173,6 +174,35 @@ def test_keys_computed_a_few_batches_later_count_every_batch_once(monkeypatch, b
     for k in ("1", "3"):
         assert st.unit_samples["net." + k] == ev.unit_samples[k] == 85
         assert torch.equal(st.unit_active["net." + k], ev.unit_active[k])
+
+
+class _Patched(pl.Callback):
+    """Notes whether the monitored ReLU's forward is patched at each validation batch end (after the monitor's
+    hook), and runs the model on 3 other inputs there: a pass outside any step."""
+
+    def __init__(self):
+        self.patched = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.patched.append("forward" in pl_module.net[1].__dict__)
+        pl_module(torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["hook-route", "function-mode"])
+def test_recording_spans_the_epoch_on_the_hook_route_and_passes_between_batches_are_not_counted(functional):
+    """The hook route's forward patches stay on from the first recorded batch to the epoch's end (the function mode
+    only within each batch); a model call between batches (another callback's) lands in the next batch's recording,
+    which keeps only the step's pass: the statistics equal an independent evaluation, and the model ends unpatched."""
+    val = make_data(48, 1)
+    model = Lit(functional=functional)
+    hooks = _hooks(model)
+    mon, spy = RegionMonitor(3, probe_size=0), _Patched()
+    trainer([mon, spy]).validate(model, loader(val), verbose=False)
+    assert spy.patched == [not functional] * 3
+    assert _hooks(model) == hooks
+    ev = evaluate(model.net, loader(val), n_classes=3)
+    st = mon.stats["val"]
+    assert st.n_samples == 48 and _table(st, "full") == _table(ev, "full")
 
 
 class LazyFeatures(Lit):

@@ -43,10 +43,23 @@ How the callback finds things
   ``probe_size`` items of the first validation data set (so every DDP rank and a single process use the same
   probe); it is fed straight into the recorded module.
 
-State safety: hooks and the recording mode are attached at the start of each recorded batch and removed at its end
-(and on exceptions), through their handles: exactly what the monitor added goes, and what your step or another
-callback changes meanwhile (a hook it registers, requires_grad, train/eval) stays. The extra eval-mode pass on
-training batches restores the model's flags, hooks and requires_grad. Outputs are bit-identical.
+State safety: what the monitor attaches goes through handles, and goes when its epoch ends (also on exceptions and at
+teardown): exactly what the monitor added, while what your step or another callback changes meanwhile (a hook it
+registers, requires_grad, train/eval) stays. How long it stays on depends on the route of
+:func:`relu_regions.record`:
+
+- the hook route (every unit an ``nn.ReLU`` / ``nn.MaxPool`` module, no forward hooks of your own when the epoch
+  starts; :mod:`relu_regions.hook_recording`): instance-level forwards on the unit modules, from the first recorded
+  batch of an epoch to the epoch's end. They see only the recorded module's unit calls, so each batch takes the
+  passes recorded since the previous one and keeps its step's own (a model call between batches, by another
+  callback, is not counted). Opening a recording per batch cost ~0.2 ms of a ~14 ms LeNet batch on a 2-core CPU.
+- the function mode (functional units, foreign hooks): from the start of each recorded batch to its end only,
+  because the mode sees every torch call while it is on, also Lightning's between the batches.
+
+The extra eval-mode pass on training batches restores the model's flags, hooks and requires_grad. Outputs are
+bit-identical. Region keys are computed a few batches at a time (four, or fewer when their unit states pass 32 MB),
+the rest at epoch end: each key's small tensor operations cost about half as much right after another batch's keys
+as right after a forward.
 
 DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
 every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
@@ -252,6 +265,9 @@ class RegionMonitor(Callback):
 
     # ---------------------------------------------------------------------------------------- per batch
     def _begin_batch(self, pl_module: nn.Module, stage: str) -> None:
+        held = self._open.get(stage)
+        if held is not None and held[1].rec.route == "hooks":
+            return  # the hook route's recording stays open until the epoch ends (see _end_batch)
         self._close(stage)
         net = self._net(pl_module)
         cm = track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict)
@@ -266,8 +282,14 @@ class RegionMonitor(Callback):
         if stage not in self._open:
             return
         slot = self._slot(stage, dataloader_idx)
-        cm, tracker = self._open.pop(stage)
-        cm.__exit__(None, None, None)  # hooks and the function mode off before the key arithmetic (cheaper)
+        cm, tracker = self._open[stage]
+        if tracker.rec.route != "hooks":
+            # the function mode sees every torch call while it is on, also Lightning's and other callbacks' between
+            # the batches: off now. The hook route's forward patches see only the recorded module's unit calls; they
+            # stay on for the epoch (opening costs ~0.2 ms per batch inside a LeNet epoch on the 2-core build
+            # machine), and each batch takes its own passes (tracker.take_patterns clears them).
+            del self._open[stage]
+            cm.__exit__(None, None, None)
         y = self._labels(batch)
         if not tracker.rec.passes:
             raise RuntimeError(
@@ -290,6 +312,7 @@ class RegionMonitor(Callback):
                 and tracker.last_input is not None):
             if sum(len(t) for t in self._fallback_probe) < self.probe_size:
                 self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
+        tracker.last_input = tracker.last_output = None  # this batch's, not the next one's
 
     def _key(self, slot: str) -> None:
         """Compute the keys of the slot's waiting batches."""
