@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,7 @@ from .affine import _basis, affine_map, preactivation_maps
 from .affine import check_batch as _check_x
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
-from .recording import LayerSelection, run_frozen, run_recorded, select_layers
+from .recording import LayerSelection, StopReplay, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
 
@@ -844,34 +844,23 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     d_in = int(x[0].numel())
     with preserved(model, eval_mode=True):
         with torch.no_grad():
-            out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at)
-        plan = None
-        if method == "exact" and route in ("auto", "structured"):
-            plan = _chain_plan(model, x[:1], strict, logits_at, out1, probe)
+            out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at, count_boundary=False)
+        x1 = x[:1]
+
+        def chain_plan() -> list | None:
+            plan = _chain_plan(model, x1, strict, logits_at, out1, probe)
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
                                  "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "
                                  "max-pool and flatten calls (and strict=True); use route='forward' or 'reverse'")
+            return plan
+
+        plan = chain_plan() if method == "exact" and route == "structured" else None
         all_names = [pp.name for pp in probe]
         wanted = set(select_layers(all_names, layers))
         if kinds is not None:
             wanted = {pp.name for pp in probe if pp.name in wanted and pp.kind in kinds}
         widest = max([int(torch.Size(pp.in_shape).numel()) for pp in probe] or [0])
-        if route == "auto":
-            route = "structured" if plan is not None else ("forward" if d_in <= max(widest, 1) else "reverse")
-        colour = None
-        if route == "structured":
-            byname = {pp.name: pp for pp in probe}
-            last = max([i for i, (_, k, nm) in enumerate(plan) if k and nm in wanted], default=-1)
-            colour = _colouring(plan, byname, tuple(x.shape[1:]), last, x.dtype, x.device)
-            # per-sample tangents start after the first layer (its Jacobian is shared): one per colour inside
-            # the windowed prefix, one per input feature after it
-            k = colour.n_units if colour is not None else 0
-            rows = [int(torch.Size(pp.unit_shape).numel()) * (colour.basis.shape[0] if j < k else d_in)
-                    for j, pp in enumerate(probe) if j > 0]
-            size = chunk_size or max(1, min(256, (1 << 25) // max([1, *rows])))
-        else:
-            size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
         names = [pp.name for pp in probe if pp.name in wanted]
         rest, proof = None, None
         if not per_layer and method == "exact":
@@ -882,6 +871,23 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             proof = tuple(torch.cat(parts) for parts in zip(*found))  # (x holds samples: check_batch)
             rest = (~proof[0]).nonzero()[:, 0]
             x = x[rest]
+        if route == "auto":  # the chain's trace and check only when inputs are left to compute
+            plan = chain_plan() if method == "exact" and x.shape[0] else None
+            route = "structured" if plan is not None else ("forward" if d_in <= max(widest, 1) else "reverse")
+        colour = None
+        size = 1
+        if route == "structured" and x.shape[0]:
+            byname = {pp.name: pp for pp in probe}
+            last = max([i for i, (_, k, nm) in enumerate(plan) if k and nm in wanted], default=-1)
+            colour = _colouring(plan, byname, tuple(x.shape[1:]), last, x.dtype, x.device)
+            # per-sample tangents start after the first layer (its Jacobian is shared): one per colour inside
+            # the windowed prefix, one per input feature after it
+            k = colour.n_units if colour is not None else 0
+            rows = [int(torch.Size(pp.unit_shape).numel()) * (colour.basis.shape[0] if j < k else d_in)
+                    for j, pp in enumerate(probe) if j > 0]
+            size = chunk_size or max(1, min(256, (1 << 25) // max([1, *rows])))
+        elif route != "structured":
+            size = chunk_size or max(1, min(1024, (1 << 23) // max(1, d_in * max(widest, 1))))
         n_rest = x.shape[0]
         chunks = [slice(i, min(n_rest, i + size)) for i in range(0, n_rest, size)]
         if progress:
@@ -930,12 +936,18 @@ def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], log
     be orthogonal to it is only not used as a proof (the input is then computed in full).
     """
     with torch.no_grad():
-        _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
+        _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
-    m, s, *_, widths = _directional(model, x, v, patterns, logits_at, strict, wanted)
+    proven = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def enough(m: Tensor, s: Tensor) -> bool:  # every input proven: the later layers cannot change the first proof
+        proven.logical_or_(((m <= 0) & (s != 0)).any(1))
+        return bool(proven.all())
+
+    m, s, out, _, widths = _directional(model, x, v, patterns, logits_at, strict, wanted, enough)
     hit = (m <= 0) & (s != 0)  # (<= as in _layer_min, which clamps margins at 0)
-    if len(widths) != len(names):  # the calls differ from the first sample's: no proofs, compute in full
-        hit = torch.zeros_like(hit)
+    if len(widths) > len(names) or (out is not None and len(widths) != len(names)):
+        hit = torch.zeros_like(hit)  # the calls differ from the first sample's: no proofs, compute in full
     proven = hit.any(1)
     first = hit.to(torch.uint8).argmax(1)  # the first proving margin, in layer order
     w = torch.tensor(widths, dtype=torch.int64, device=x.device)
@@ -1021,9 +1033,11 @@ def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, f
 # --- directional: what-if and line walks ------------------------------------------------------------------------
 
 
-def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = None):
+def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = None,
+                 enough: Callable[[Tensor, Tensor], bool] | None = None):
     """Margins at x, their rates along v, the frozen output and its rate (one JVP pass), and the margins' count
-    per layer (only the ``wanted`` layers' margins when given)."""
+    per layer (only the ``wanted`` layers' margins when given). With ``enough``, the pass ends after the first layer
+    whose margins and rates make ``enough(m, s)`` true (the output and its rate are then None)."""
     ms, ss = [], []
 
     def grab(p, t):
@@ -1032,14 +1046,19 @@ def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = 
         primal, tan = fwAD.unpack_dual(t)
         ms.append(margins(p, primal))
         ss.append(torch.zeros_like(ms[-1]) if tan is None else margins(p, tan, const=False))
+        if enough is not None and enough(ms[-1], ss[-1]):
+            raise StopReplay
 
+    b = x.shape[0]
+    primal = tan = None
     with torch.no_grad(), fwAD.dual_level():
         out = run_frozen(model, fwAD.make_dual(x, v.to(x.dtype)), patterns, strict=strict, logits_at=logits_at,
                          observe=grab)
-        primal, tan = fwAD.unpack_dual(out)
-    b = x.shape[0]
-    primal = primal.reshape(b, -1)
-    tan = torch.zeros_like(primal) if tan is None else tan.reshape(b, -1)
+        if out is not None:
+            primal, tan = fwAD.unpack_dual(out)
+    if primal is not None:
+        primal = primal.reshape(b, -1)
+        tan = torch.zeros_like(primal) if tan is None else tan.reshape(b, -1)
     if ms:
         m, s = torch.cat(ms, 1), torch.cat(ss, 1)
     else:

@@ -126,6 +126,11 @@ class _Pass(list):
     device: torch.device | None = None
 
 
+class StopReplay(Exception):
+    """Raised by an ``observe`` callback of :func:`run_frozen` to end the replay after the current call (the caller
+    has what it needs); :func:`run_frozen` then returns None."""
+
+
 class _StopForward(Exception):
     """Raised by the ``logits_at`` hook to end the forward pass at the logits."""
 
@@ -148,6 +153,7 @@ class _Session:
         self.current: list[LayerPattern] | None = None
         self.depth = 0
         self.cursor = 0
+        self.stopped = False  # an observer ended the replay early (StopReplay)
         self._names: dict[int, str] | None = None
         self._types: dict[str, str] | None = None
         self.tainted: dict[int, weakref.ref] = {}
@@ -206,7 +212,7 @@ class _Session:
         if self.current is None:
             return
         self.passes.append(self.current)
-        if self.replay is not None and self.cursor != len(self.replay):
+        if self.replay is not None and self.cursor != len(self.replay) and not self.stopped:
             raise PatternMismatchError(
                 f"the replayed forward ran {self.cursor} piecewise-linear operations, the recording has "
                 f"{len(self.replay)}: the model's forward depends on its input beyond its activation pattern")
@@ -381,7 +387,11 @@ class _Mode(TorchFunctionMode):
             s.cursor += 1
             out = rule.frozen(x, pattern, func, args, kwargs)
         if s.observe is not None:
-            s.observe(pattern, x)
+            try:
+                s.observe(pattern, x)
+            except StopReplay:
+                s.stopped = True  # the replay ends here on purpose: not a mismatch with the recording
+                raise
         s.current.append(pattern)
         for t in _tensors(out):
             s.taint(t)
@@ -686,7 +696,10 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
         s.zero_tensors = [z] if fast_input_grads and zero_input else []
         if session_out is not None:  # the reverse route reads the session's record of the first layer
             session_out.append(s)
-        out = _call(model, z)
+        try:
+            out = _call(model, z)
+        except StopReplay:
+            return None
         if s.current is not None:
             s.end_pass()
     return out

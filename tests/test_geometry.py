@@ -604,10 +604,12 @@ def test_the_chain_is_traced_once_per_model_structure(monkeypatch):
     real = H.fx_graph
     monkeypatch.setattr(H, "fx_graph", lambda m: traces.append(1) or real(m))
     first = G.boundary_distance(net, x)
-    assert torch.equal(G.boundary_distance(net, x).distance, first.distance) and len(traces) == 1
+    n = len(traces)  # the chain's trace, and the hook route's plan (the recorded runs take the hook route)
+    assert n in (1, 2)
+    assert torch.equal(G.boundary_distance(net, x).distance, first.distance) and len(traces) == n
     net.head[0] = nn.Linear(256, 32).double()  # another module object: traced again, and its weights are used
     again = G.boundary_distance(net, x)
-    assert len(traces) == 2 and not torch.equal(again.per_layer["head.1"], first.per_layer["head.1"])
+    assert len(traces) == 2 * n and not torch.equal(again.per_layer["head.1"], first.per_layer["head.1"])
     assert torch.allclose(again.distance, G.boundary_distance(net, x, route="forward").distance, rtol=1e-10)
 
 
@@ -633,6 +635,51 @@ def test_distance_only_equals_the_full_computation_and_skips_proven_inputs(route
     assert torch.equal(fast.distance == 0, full.distance == 0)
     assert torch.equal(fast.layer, full.layer) and torch.equal(fast.unit, full.unit)
     assert fast.layer_names == full.layer_names
+
+
+def test_proof_pass_stops_once_every_input_is_proven(monkeypatch, recwarn):
+    """When every input is proven on its boundary by some layer, the forward-mode proof pass ends after that layer
+    (StopReplay): the same distances and proving inequalities as the full computation, fewer layers' margins,
+    no warning, and the model keeps no hook or patch."""
+    net = _lenet64()
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(43))
+    x[:, :, :10] = 0.0  # every input has flat bands: first max-pool ties
+    full = G.boundary_distance(net, x)
+    assert (full.distance == 0).all()
+    seen = []
+    real = G.margins
+    monkeypatch.setattr(G, "margins", lambda p, *a, **k: seen.append(p.name) or real(p, *a, **k))
+    fast = G.boundary_distance(net, x, per_layer=False)
+    assert torch.equal(fast.distance, full.distance)
+    assert torch.equal(fast.layer, full.layer) and torch.equal(fast.unit, full.unit)
+    assert set(seen) <= {"features.1", "features.2"} and "features.2" in seen  # stopped at the first max-pool
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__
+               for m in net.modules())
+
+
+def test_an_observer_can_end_a_replay_early():
+    """run_frozen returns None when its observer raises StopReplay, without a pattern-mismatch error; a replay
+    that ends early for any other reason still raises one."""
+    from relu_regions.recording import PatternMismatchError, StopReplay, run_frozen
+
+    net = _lenet64()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(44))
+    with torch.no_grad():
+        out, pats = G.run_recorded(net, x)
+    calls = []
+
+    def stop_at_second(p, t):
+        calls.append(p.name)
+        if len(calls) == 2:
+            raise StopReplay
+
+    with torch.no_grad():
+        assert run_frozen(net, x, pats, observe=stop_at_second) is None
+        assert calls == [pats[0].name, pats[1].name]
+        assert torch.equal(run_frozen(net, x, pats), out)  # the next replay is whole
+        with pytest.raises(PatternMismatchError, match="ran 6 piecewise-linear operations, the recording has 7"):
+            run_frozen(net, x, pats + pats[-1:])
 
 
 def test_zero_margins_without_a_gradient_prove_nothing():
