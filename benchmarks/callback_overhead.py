@@ -14,6 +14,7 @@ Usage: ``python benchmarks/callback_overhead.py [--quick] [--device cpu|cuda] [-
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 import warnings
@@ -52,7 +53,7 @@ class ExamplesNet(nn.Module):
 
 
 # name -> (title, network, RegionMonitor keywords, repeats: the LeNet's ~0.5 s epochs need more to beat the noise)
-MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 30),
+MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 45),
           "examples": ("PyTorch examples MNIST CNN (mnist/main.py)", ExamplesNet, {"logits_at": "net.fc2"}, 15)}
 
 
@@ -97,9 +98,13 @@ def measure(net: type[nn.Module], kw: dict, loader, repeats: int, device: str) -
     times: dict[str, list[float]] = {k: [] for k in variants}
     epoch_time(model, loader, [], device)  # warm-up
     monitor = None
-    for _ in range(repeats):
-        for k, make in variants.items():
-            cbs = make()
+    names = list(variants)
+    for r in range(repeats):
+        # each round starts with another variant (no variant always follows the same one) and collects garbage
+        # first (the previous round's trainers), so neither order nor the collector favours a variant
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            cbs = variants[k]()
+            gc.collect()
             times[k].append(epoch_time(model, loader, cbs, device))
             if cbs:
                 monitor = cbs[0]
@@ -125,7 +130,8 @@ def main():
              "absolute times are noisy; ratios come from interleaved repeats in one run.",
              f"Command: `python benchmarks/callback_overhead.py{' --quick' if args.quick else ''}`. One validation "
              f"epoch = {n} MNIST test images, batch {bs}, untrained networks (timing does not depend on the weights); "
-             "interleaved rounds (each round runs every variant once). Ratio: the median over rounds of the variant's "
+             "interleaved rounds (each round runs every variant once, starting with the next variant each round, "
+             "each epoch after a garbage collection). Ratio: the median over rounds of the variant's "
              "time over the same round's time without the callback (paired, so drift of the machine between rounds "
              "cancels); their quartiles show the spread between rounds. Target: at most 1.15x the epoch without the "
              "callback.", ""]

@@ -17,8 +17,9 @@ the convolutional layers before them, one per colour class (input channels × th
 PyTorch's MNIST example, 324 for the LeNet, instead of 784): ~0.15 s on a 2-core CPU for 16 inputs through the
 LeNet, ~0.6 s through the CNN of PyTorch's MNIST example (68k units; ~9% of its 10,000-image validation epoch).
 Probe inputs that sit exactly on a boundary (a zero margin with a nonzero gradient, such as the max-pool ties on
-MNIST's flat background) are found by one forward-mode pass and skip the rest: on MNIST every probe image of both
-CNNs is such a case, and the probe costs ~0.02 s (LeNet) and ~0.05 s (the example CNN). When it takes longer than
+MNIST's flat background) are found by one forward-mode pass, which ends at the first layer that proves every input,
+and skip the rest: on MNIST every probe image of both CNNs is such a case (the LeNet's first max-pool proves them),
+and the probe costs ~0.01 s (LeNet) and ~0.07 s (the example CNN). When it takes longer than
 the validation epoch itself, the callback says so once (a ``UserWarning`` naming the times and the options
 ``probe_size`` / ``probe_every_n_epochs``). On MNIST-like images with flat backgrounds, max-pool windows of equal
 values are exact ties, so the distance to the region's boundary is often exactly 0; ``layers=`` restricted to ReLU
