@@ -59,8 +59,8 @@ registers, requires_grad, train/eval) stays. How long it stays on depends on the
 
 The extra eval-mode pass on training batches restores the model's flags, hooks and requires_grad. Outputs are
 bit-identical. Region keys are computed a few batches at a time (four, or fewer when their unit states pass 32 MB),
-the rest at epoch end: each key's small tensor operations cost about half as much right after another batch's keys
-as right after a forward.
+the rest at epoch end, instead of each batch's right after its forward: LeNet validation epochs ran ~1.5 points
+faster that way on a 2-core CPU (benchmarks/results/callback_overhead.md).
 
 DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
 every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
@@ -301,10 +301,11 @@ class RegionMonitor(Callback):
         out = tracker.last_output
         if out is None:
             raise RuntimeError("RegionMonitor: no model output was captured in this step")
-        # the checks and predictions now; the keys a few batches at a time, one after the other: each key's ~15 small
-        # tensor operations cost ~2x less right after the previous batch's than right after a forward (LeNet on the
-        # 2-core build machine: ~27 instead of ~40 ms per 40-batch epoch; benchmarks/results/callback_overhead.md).
-        # Keys, labels and predictions stay on the device until the epoch ends: no host synchronisation per batch.
+        # the checks and predictions now; the keys a few batches at a time, one after the other (in a plain loop over
+        # 40 LeNet batches on the 2-core build machine: ~28 ms of keys instead of ~40 ms right after each forward;
+        # inside Lightning epochs the keys cost about the same, but the epochs ran ~1.5 points faster, A/B in
+        # benchmarks/results/callback_overhead.md). Keys, labels and predictions stay on the device until the epoch
+        # ends: no host synchronisation per batch.
         waiting = self._waiting.setdefault(slot, [])
         waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device)))
         if len(waiting) >= _KEY_EVERY or sum(w[0].nbytes for w in waiting) >= _KEY_BYTES:
