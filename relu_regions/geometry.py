@@ -938,11 +938,11 @@ def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], log
     with torch.no_grad():
         _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
-    proven = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    so_far = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # proven by the layers seen so far
 
     def enough(m: Tensor, s: Tensor) -> bool:  # every input proven: the later layers cannot change the first proof
-        proven.logical_or_(((m <= 0) & (s != 0)).any(1))
-        return bool(proven.all())
+        so_far.logical_or_(((m <= 0) & (s != 0)).any(1))
+        return bool(so_far.all())
 
     m, s, out, _, widths = _directional(model, x, v, patterns, logits_at, strict, wanted, enough)
     hit = (m <= 0) & (s != 0)  # (<= as in _layer_min, which clamps margins at 0)

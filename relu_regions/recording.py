@@ -545,11 +545,7 @@ class Recording:
 
     def region_ids(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` int64 region keys: equal patterns give equal keys (see :mod:`relu_regions.keys`)."""
-        pats = self.patterns(layers)
-        if not pats:  # an affine model: one region
-            return torch.zeros(len(self), dtype=torch.int64, device=self._device())
-        with torch._C.DisableTorchFunction():
-            return pattern_keys(pats)
+        return keys_of(self.patterns(layers), len(self), self._device())
 
     def n_boundary(self, layers: LayerSelection = None) -> Tensor:
         """``(B,)`` number of units exactly on a breakpoint (pre-activation 0, max-pool ties).
@@ -589,6 +585,15 @@ def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
     if unknown:
         raise KeyError(f"unknown layer(s) {unknown}; recorded layers are {names}")
     return list(layers)
+
+
+def keys_of(patterns: Sequence[LayerPattern], n: int, device: torch.device | None) -> Tensor:
+    """``(n,)`` int64 region keys of ``n`` samples' selected patterns (:func:`~relu_regions.keys.pattern_keys`);
+    all zero -- the one region of an affine model -- when no pattern is selected."""
+    if not patterns:
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
+        return pattern_keys(patterns)
 
 
 @contextmanager

@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .keys import pattern_keys, pattern_keys_and_counts
-from .recording import LayerSelection
+from .keys import pattern_keys_and_counts
+from .recording import LayerSelection, keys_of
 
 Tensor = torch.Tensor
 
@@ -352,18 +352,16 @@ class RegionStats:
         """:meth:`recording_batch` of patterns taken earlier with :meth:`batch_patterns`."""
         keys: dict[str, Tensor] = {}
         units: Mapping[str, Tensor] = {}
-        with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
-            for name, pats in batch.patterns.items():
-                if not pats:  # an affine model: one region, no units
-                    keys[name] = torch.zeros(batch.n, dtype=torch.int64, device=batch.device)
-                elif name != DEFAULT:
-                    keys[name] = pattern_keys(pats)
-                else:  # the default granularity's layers are the counted ones: their keys and counts in one pass
-                    keys[name], counts = pattern_keys_and_counts(pats)
-                    # two-state units: bool states, counted above (cut into layers when read, or added up over
-                    # many batches first: UnitCounts.total)
-                    units = counts.renamed({i: p.name for i, p in enumerate(pats)
-                                            if p.kind in ("relu", "leaky_relu", "prelu")})
+        for name, pats in batch.patterns.items():
+            if name != DEFAULT or not pats:  # (an affine model: one region, no units)
+                keys[name] = keys_of(pats, batch.n, batch.device)
+                continue
+            # the default granularity's layers are the counted ones: their keys and counts in one pass
+            with torch._C.DisableTorchFunction():  # our own arithmetic, not through an open recording mode
+                keys[name], counts = pattern_keys_and_counts(pats)
+            # two-state units: bool states, counted above (cut into layers when read, or added up over many batches
+            # first: UnitCounts.total)
+            units = counts.renamed({i: p.name for i, p in enumerate(pats) if p.kind in ("relu", "leaky_relu", "prelu")})
         return keys, units
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:
