@@ -330,14 +330,22 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
             if s.current is None or s.suspended:
                 return inner(*args, **kwargs)
             asked = not module.return_indices
-            if asked:  # the module computes the argmax anyway; have it hand it over instead of pooling twice
+            bottom = inner
+            while isinstance(bottom, ForwardPatch):  # outer recordings' patches: suspended or removed, they pass
+                bottom = bottom.inner  # the call through
+            if not asked:
+                values, idx = inner(*args, **kwargs)
+            elif getattr(bottom, "__func__", None) is type(module).forward and len(args) == 1 and not kwargs:
+                # the class's forward as it calls it, with the argmax (instead of pooling twice); unlike toggling
+                # return_indices, this leaves the module's attributes alone
+                values, idx = _WITH_INDICES[type(module)](args[0], module.kernel_size, module.stride,
+                                                          module.padding, module.dilation, module.ceil_mode)
+            else:  # someone else's forward below: the module hands the argmax over
                 module.return_indices = True
                 try:
                     values, idx = inner(*args, **kwargs)
                 finally:
                     module.return_indices = False
-            else:
-                values, idx = inner(*args, **kwargs)
             x = args[0]
             key = (x.shape, asked, module.kernel_size, module.stride, module.padding, module.dilation,
                    module.ceil_mode)
@@ -383,3 +391,5 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
 
 
 _POOL = MaxPoolRule()
+# what nn.MaxPool1d / nn.MaxPool2d.forward call with return_indices=True (the hook route takes exactly these types)
+_WITH_INDICES = {nn.MaxPool1d: F.max_pool1d_with_indices, nn.MaxPool2d: F.max_pool2d_with_indices}

@@ -632,8 +632,8 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         ``count_boundary`` is off and no forward hook of your own is attached to the model (only the mode sees what
         such a hook computes), else the mode. ``rec.route`` says which one ran. A forward that branches on
         Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch); so does a
-        model run by other threads meanwhile (the hook route sets a max-pool's ``return_indices`` for the
-        duration of its call, and restores it).
+        model run by other threads meanwhile (the hook route's patches sit on the modules: they see every thread's
+        calls).
 
     Examples
     --------

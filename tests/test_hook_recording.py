@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -90,6 +91,36 @@ def test_maxpool_that_returns_indices_itself_and_maxpool1d():
     model = Unpool().eval()
     _hooked_like_the_mode(model, _inputs((1, 4, 4)))
     assert model.pool.return_indices and not model.pool1.return_indices
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["alone", "inside another recording"])
+def test_the_hook_route_leaves_a_pools_attributes_alone_during_its_call(nested):
+    """A max-pool gives its argmax without its ``return_indices`` being switched on for the call (other code reading
+    the module meanwhile sees it as it is), also through the patches of an outer recording; a tensor subclass sees
+    the flag at the moment the pool runs."""
+    model, shape = copy.deepcopy(ZOO["lenet"])
+    pools = [model.features[2], model.features[5]]
+    seen = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if "max_pool" in getattr(func, "__name__", ""):
+                seen.append(tuple(m.return_indices for m in pools))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = _inputs(shape)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        outer = stack.enter_context(rr.record(model, route="hooks")) if nested else None
+        with rr.record(model, route="hooks") as rec:
+            out = model(x.as_subclass(Spy))
+    assert rec.route == "hooks" and seen == [(False, False)] * 2
+    assert outer is None or len(outer) == 0  # suspended while the inner one ran
+    with torch.no_grad(), rr.record(model, route="mode") as ref:
+        assert torch.equal(model(x), out.as_subclass(torch.Tensor))
+    assert torch.equal(rec.region_ids(), ref.region_ids())
+    assert [p.state.as_subclass(torch.Tensor).tolist() for p in rec.passes[0] if p.kind == "maxpool"] == \
+        [p.state.tolist() for p in ref.passes[0] if p.kind == "maxpool"]
 
 
 class _ShapeReads(nn.Module):
@@ -357,6 +388,10 @@ def test_patches_of_nested_recordings_stack_and_come_off_in_any_order():
         assert torch.equal(model(x), ref)
     assert _hook_counts(model) == before
     assert len(rec_o) == 7 and [len(p[0].state) for p in rec_i.passes] == [3, 2]
+    with torch.no_grad(), rr.record(model) as alone:  # the inner recording's pools, seen through the outer patch
+        model(x[:3])
+        model(x[:2])
+    assert torch.equal(alone.region_ids(), rec_i.region_ids())
     with torch.no_grad(), rr.record(model) as again:
         model(x)
     assert torch.equal(again.region_ids(), rec_o.region_ids())
