@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -710,9 +710,20 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     return out
 
 
+def _eager() -> Any:
+    """Run ``torch.compile``'d modules as plain Python (the library's own passes): compiled code drops the tangents
+    of forward-mode dual tensors without an error (distances came out ``inf``), and the recording's Python would
+    be traced. The previous stance comes back on exit."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None or torch.compiler.is_compiling():
+        return nullcontext()
+    return set_stance("force_eager")
+
+
 def _call(model: nn.Module, x: Tensor) -> Tensor:
     try:
-        out = model(x)
+        with _eager():
+            out = model(x)
     except _StopForward as stop:
         out = stop.output
     if isinstance(out, (tuple, list)):

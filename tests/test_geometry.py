@@ -726,3 +726,38 @@ def test_structured_route_and_boundary_proofs_on_cuda_match_cpu(make, shape):
         gpu = G.boundary_distance(copy.deepcopy(net).cuda(), x.cuda(), per_layer=per_layer)
         assert torch.allclose(gpu.distance.cpu(), cpu.distance, rtol=1e-10, atol=0)
         assert torch.equal(gpu.layer.cpu(), cpu.layer) and torch.equal(gpu.unit.cpu(), cpu.unit)
+
+
+def test_a_compiled_model_gives_the_plain_models_distances_and_what_ifs():
+    """``torch.compile``'d code drops forward-mode tangents silently (every distance of the forward route came out
+    ``inf``): the library's own passes run compiled modules eagerly, and the user's next call compiles as usual,
+    also after an error inside the library."""
+    compiled = []
+
+    def backend(gm, example_inputs):  # counts compilations; runs the graph as traced
+        compiled.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    net = he_init(mlp(3, [8, 6], 3)).eval()
+    cnet = torch.compile(net, backend=backend)
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(2))
+    delta = 1e-3 * torch.randn(9, 3, generator=torch.Generator().manual_seed(3))
+    for kw in ({}, {"route": "forward"}, {"per_layer": False}):
+        ref, got = G.boundary_distance(net, x, **kw), G.boundary_distance(cnet, x, **kw)
+        assert torch.isfinite(ref.distance).all() and torch.allclose(got.distance, ref.distance)
+        assert torch.equal(got.layer, ref.layer) and torch.equal(got.unit, ref.unit)
+    ref, got = G.what_if(net, x, delta), G.what_if(cnet, x, delta)
+    assert torch.allclose(got.prediction, ref.prediction) and torch.equal(got.certified, ref.certified)
+    assert torch.allclose(got.max_step, ref.max_step)
+    assert compiled == []  # nothing of the library's ran compiled
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # raised inside the eager pass
+        G.boundary_distance(cnet, torch.randn(2, 5))
+    with torch.no_grad():
+        assert torch.equal(cnet(x), net(x))
+    assert len(compiled) == 1  # the stance is the user's again
+    with torch.no_grad(), rr.record(cnet) as rec:  # the user's compiled call, recorded as it runs
+        cnet(x)
+    with torch.no_grad(), rr.record(net) as ref:
+        net(x)
+    assert rec.route == "mode" and torch.equal(rec.region_ids(), ref.region_ids())

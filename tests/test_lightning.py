@@ -470,3 +470,20 @@ def test_several_validation_and_test_loaders_get_their_own_statistics():
     t3 = trainer([mon])
     t3.validate(model, loader(b), verbose=False)  # back to one loader: no suffix
     assert mon.stats["val"].n_samples == len(b) and "regions/val/n_regions" in t3.callback_metrics
+
+
+def test_a_compiled_network_gets_the_plain_networks_statistics_and_probe_distance():
+    """A ``torch.compile``'d network in the LightningModule: the steps run it compiled, the probe's distance (the
+    library's own forward-mode passes, which compiled code would silently give no tangents: ``inf``) is computed
+    eagerly and equals the plain network's."""
+    val = make_data(48, 1)
+    seen = []
+    for compiled in (False, True):
+        model = Lit()
+        if compiled:
+            model.net = torch.compile(model.net, backend="eager")
+        mon = RegionMonitor(probe_size=20)
+        trainer([mon]).validate(model, loader(val), verbose=False)
+        row = [h for h in mon.history if h["stage"] == "val"][-1]
+        seen.append((mon.stats["val"].n_regions(), mon.stats["val"].coverage(1), row["boundary_distance_median"]))
+    assert seen[1] == seen[0] and 0 < seen[0][2] < float("inf")
