@@ -8,14 +8,24 @@ large beside its forward) and the CNN of PyTorch's MNIST example (``pytorch/exam
 convolutions with 32 and 64 channels, max-pool, dropout, 9216-128-10; ~12 M multiply-adds per image). Writes
 ``benchmarks/results/callback_overhead.md``.
 
-Usage: ``python benchmarks/callback_overhead.py [--quick] [--device cpu|cuda] [--models lenet,examples]``.
+The rounds of each network are split over several processes run one after the other (``--processes``, default
+3): on a shared machine a process's conditions (where its memory lies, its neighbours) shift the ratio it measures by
+a few points, which no number of rounds inside one process averages out. The table pools the paired ratios of all
+processes, with a bootstrap confidence interval of their median, and lists each process's own median.
+
+Usage: ``python benchmarks/callback_overhead.py [--quick] [--device cpu|cuda] [--models lenet,examples]
+[--processes K]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import random
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -52,9 +62,10 @@ class ExamplesNet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
-# name -> (title, network, RegionMonitor keywords, repeats: the LeNet's ~0.5 s epochs need more to beat the noise)
-MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 45),
+# name -> (title, network, RegionMonitor keywords, rounds in all: the LeNet's ~0.5 s epochs need more to beat the noise)
+MODELS = {"lenet": ("LeNet (relu_regions.models)", LeNet, {}, 60),
           "examples": ("PyTorch examples MNIST CNN (mnist/main.py)", ExamplesNet, {"logits_at": "net.fc2"}, 15)}
+VARIANTS = ("no callback", "RegionMonitor(probe_size=0)", "RegionMonitor() (probe 16, boundary distance)")
 
 
 class LitCNN(pl.LightningModule):
@@ -90,13 +101,14 @@ def epoch_time(model, loader, callbacks, device) -> float:
     return time.perf_counter() - t0
 
 
-def measure(net: type[nn.Module], kw: dict, loader, repeats: int, device: str) -> tuple[dict[str, list[float]], object]:
+def measure(net: type[nn.Module], kw: dict, loader, repeats: int, device: str) -> tuple[dict, dict, object]:
     model = LitCNN(net)
-    variants = {"no callback": lambda: [],
-                "RegionMonitor(probe_size=0)": lambda: [RegionMonitor(10, probe_size=0, **kw)],
-                "RegionMonitor() (probe 16, boundary distance)": lambda: [RegionMonitor(10, **kw)]}
+    variants = dict(zip(VARIANTS, (lambda: [], lambda: [RegionMonitor(10, probe_size=0, **kw)],
+                                   lambda: [RegionMonitor(10, **kw)])))
     times: dict[str, list[float]] = {k: [] for k in variants}
-    epoch_time(model, loader, [], device)  # warm-up
+    # untimed warm-up epochs, one per variant (the monitor's first epoch in a process traces the model with
+    # torch.fx and builds its plans, once): kept apart as "first"
+    first = {k: epoch_time(model, loader, variants[k](), device) for k in variants}
     monitor = None
     names = list(variants)
     for r in range(repeats):
@@ -108,7 +120,38 @@ def measure(net: type[nn.Module], kw: dict, loader, repeats: int, device: str) -
             times[k].append(epoch_time(model, loader, cbs, device))
             if cbs:
                 monitor = cbs[0]
-    return times, monitor
+    return times, first, monitor
+
+
+def loader_for(quick: bool) -> tuple[torch.utils.data.DataLoader, int, int]:
+    n, bs = (4000, 250) if quick else (10000, 250)
+    x, y = load_mnist("test", limit=n)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs), n, bs
+
+
+def worker(args) -> None:
+    """One process's rounds of one network: prints ``{"times": {variant: [s, ...]}, "first": {variant: s},
+    "regions": [seen, of]}``."""
+    title, net, kw, _ = MODELS[args.worker]
+    loader, _, _ = loader_for(args.quick)
+    times, first, monitor = measure(net, kw, loader, args.rounds, args.device)
+    stats = monitor.stats.get("val") if monitor is not None else None
+    regions = [stats.n_regions(), stats.n_samples] if stats is not None else None
+    print("RESULT " + json.dumps({"times": times, "first": first, "regions": regions}), flush=True)
+
+
+def run_worker(name: str, rounds: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--rounds", str(rounds), "--device", args.device]
+    out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def median_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median (percentile method, fixed seed)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n_boot))
+    return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
 
 
 def main():
@@ -116,46 +159,63 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="lenet,examples", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument("--processes", type=int, default=3, help="processes, one after the other, per network")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "callback_overhead.md"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
-    n, bs = (4000, 250) if args.quick else (10000, 250)
-    x, y = load_mnist("test", limit=n)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs)
+    k = max(1, args.processes)
+    _, n, bs = loader_for(args.quick)
     lines = ["# RegionMonitor overhead on validation epochs (MNIST CNNs)", "",
              f"Machine: {machine(args.device)}; device `{args.device}`. The CPU is shared with other jobs, so "
-             "absolute times are noisy; ratios come from interleaved repeats in one run.",
-             f"Command: `python benchmarks/callback_overhead.py{' --quick' if args.quick else ''}`. One validation "
-             f"epoch = {n} MNIST test images, batch {bs}, untrained networks (timing does not depend on the weights); "
-             "interleaved rounds (each round runs every variant once, starting with the next variant each round, "
-             "each epoch after a garbage collection). Ratio: the median over rounds of the variant's "
-             "time over the same round's time without the callback (paired, so drift of the machine between rounds "
-             "cancels); their quartiles show the spread between rounds. Target: at most 1.15x the epoch without the "
-             "callback.", ""]
+             "absolute times are noisy; ratios come from interleaved repeats.",
+             f"Command: `python benchmarks/callback_overhead.py{' --quick' if args.quick else ''}"
+             f"{f' --processes {k}' if k != 3 else ''}`. One validation epoch = `Trainer.validate` over {n} MNIST "
+             f"test images, batch {bs}, untrained networks (timing does not depend on the weights). Interleaved "
+             "rounds after one untimed epoch of each variant: each round runs every variant once, starting with the "
+             "next variant each round, each epoch after a garbage collection; the rounds are split over "
+             f"{k} processes run one after the other. Ratio: "
+             "the variant's time over the same round's time without the callback (paired, so drift of the machine "
+             "between rounds cancels); the table gives the median of all processes' paired ratios, a 95% bootstrap "
+             "interval of that median, their quartiles, and each process's own median. Target: at most 1.15x the "
+             "epoch without the callback.", ""]
     for name in names:
-        title, net, kw, repeats = MODELS[name]
-        repeats = 3 if args.quick else repeats
-        times, monitor = measure(net, kw, loader, repeats, args.device)
-        base = times["no callback"]
-        lines += [f"## {title}" + (f" — `RegionMonitor(10, {', '.join(f'{k}={v!r}' for k, v in kw.items())})`"
+        title, net, kw, rounds = MODELS[name]
+        rounds = 3 if args.quick else rounds
+        per = [rounds // k + (i < rounds % k) for i in range(k)]
+        runs = [run_worker(name, r, args) for r in per if r]
+        times = {v: [t for run in runs for t in run["times"][v]] for v in VARIANTS}
+        ratios_by_run = {v: [[t / b for t, b in zip(run["times"][v], run["times"][VARIANTS[0]])] for run in runs]
+                         for v in VARIANTS}
+        lines += [f"## {title}" + (f" — `RegionMonitor(10, {', '.join(f'{a}={b!r}' for a, b in kw.items())})`"
                                      if kw else ""), "",
-                  f"{repeats} rounds.", "",
-                  "| variant | median epoch time (s) | all rounds (s) | ratio to no callback (median of paired) "
-                  "| quartiles of the paired ratios |",
-                  "|---|---|---|---|---|"]
-        for k, ts in times.items():
-            ratios = [t / b for t, b in zip(ts, base)]
+                  f"{rounds} rounds in {len(runs)} processes ({', '.join(map(str, [r for r in per if r]))}).", "",
+                  "| variant | median epoch time (s) | ratio to no callback (median of paired) | 95% interval of "
+                  "the median | quartiles of the paired ratios | median per process | all rounds (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            ratios = [r for rr in ratios_by_run[v] for r in rr]
             q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-            lines.append(f"| {k} | {statistics.median(ts):.3f} | {', '.join(f'{t:.2f}' for t in ts)} | "
-                         f"{statistics.median(ratios):.3f} | {q1:.3f}–{q3:.3f} |")
-        if monitor is not None and "val" in monitor.stats:
-            lines += ["", f"Regions seen in the epoch (all layers): {monitor.stats['val'].n_regions()} of "
-                          f"{monitor.stats['val'].n_samples} images."]
+            lo, hi = median_ci(ratios)
+            lines.append(f"| {v} | {statistics.median(times[v]):.3f} | {statistics.median(ratios):.3f} | "
+                         f"{lo:.3f}–{hi:.3f} | {q1:.3f}–{q3:.3f} | "
+                         f"{', '.join(f'{statistics.median(rr):.3f}' for rr in ratios_by_run[v])} | "
+                         f"{' / '.join(', '.join(f'{t:.2f}' for t in run['times'][v]) for run in runs)} |")
+        firsts = {v: ", ".join(f"{run['first'][v]:.2f}" for run in runs) for v in VARIANTS}
+        lines += ["", "Untimed first epochs of each process (warm-up, in this order; the monitor's first epoch in a "
+                      "process traces the model and builds its plans once): "
+                  + "; ".join(f"{v}: {firsts[v]} s" for v in VARIANTS) + "."]
+        seen = runs[-1]["regions"]
+        if seen:
+            lines += ["", f"Regions seen in the epoch (all layers): {seen[0]} of {seen[1]} images."]
         lines.append("")
-        print("\n".join(lines[-8:]), flush=True)
+        print("\n".join(lines[-9:]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # hand-written analysis below the marker survives a re-run (it says when it was measured)
