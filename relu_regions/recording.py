@@ -710,7 +710,7 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     return out
 
 
-def _eager() -> Any:
+def eagerly() -> Any:
     """Run ``torch.compile``'d modules as plain Python (the library's own passes): compiled code drops the tangents
     of forward-mode dual tensors without an error (distances came out ``inf``), and the recording's Python would
     be traced. The previous stance comes back on exit."""
@@ -722,7 +722,7 @@ def _eager() -> Any:
 
 def _call(model: nn.Module, x: Tensor) -> Tensor:
     try:
-        with _eager():
+        with eagerly():
             out = model(x)
     except _StopForward as stop:
         out = stop.output

@@ -473,17 +473,30 @@ def test_several_validation_and_test_loaders_get_their_own_statistics():
 
 
 def test_a_compiled_network_gets_the_plain_networks_statistics_and_probe_distance():
-    """A ``torch.compile``'d network in the LightningModule: the steps run it compiled, the probe's distance (the
-    library's own forward-mode passes, which compiled code would silently give no tangents: ``inf``) is computed
-    eagerly and equals the plain network's."""
-    val = make_data(48, 1)
-    seen = []
-    for compiled in (False, True):
+    """A ``torch.compile``'d network in the LightningModule: the steps run it compiled (recorded as they run, also
+    the monitor's eval-mode pass over training batches); the probe's forward-mode passes, to which compiled code
+    would silently give no tangents (``inf``), run it eagerly and compile nothing. Same numbers as the plain
+    network."""
+    train, val = make_data(64, 0), make_data(48, 1)
+    seen, compiles = [], []
+    for compiled, kw in ((False, {}), (True, {}), (True, {"probe_size": 0, "stages": ("validate",)})):
+        torch._dynamo.reset()  # compilations are cached per code object, across models
+        graphs = []
+
+        def backend(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
         model = Lit()
         if compiled:
-            model.net = torch.compile(model.net, backend="eager")
-        mon = RegionMonitor(probe_size=20)
-        trainer([mon]).validate(model, loader(val), verbose=False)
-        row = [h for h in mon.history if h["stage"] == "val"][-1]
-        seen.append((mon.stats["val"].n_regions(), mon.stats["val"].coverage(1), row["boundary_distance_median"]))
-    assert seen[1] == seen[0] and 0 < seen[0][2] < float("inf")
+            model.net = torch.compile(model.net, backend=backend)
+        mon = RegionMonitor(**{"probe_size": 20, "train_every_n_batches": 1, **kw})
+        trainer([mon], max_epochs=1).fit(model, loader(train), loader(val))
+        if not kw:
+            row = [h for h in mon.history if h["stage"] == "val"][-1]
+            seen.append((mon.stats["val"].n_regions(), mon.stats["val"].coverage(1), mon.stats["train"].n_regions(),
+                         row["boundary_distance_median"]))
+        if compiled:
+            compiles.append(len(graphs))
+    assert seen[1] == seen[0] and 0 < seen[0][3] < float("inf")
+    assert compiles[0] == compiles[1] > 0  # neither the probe nor the training-batch pass compiled more
