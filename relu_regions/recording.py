@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import BATCH_STATISTICS, PatternMismatchError, not_piecewise_linear
+from .errors import BATCH_STATISTICS, PatternMismatchError, UnsupportedModuleError, not_piecewise_linear
 from .hook_recording import PLANS, ForwardPatch, HookPlan, attach, foreign_hook, ours
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
@@ -404,6 +404,17 @@ _UNIT_MODULES = {"ReLU", "LeakyReLU", "PReLU", "ReLU6", "Hardtanh", "MaxPool1d",
                  "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"}
 
 
+def _check_not_script(model: nn.Module) -> None:
+    """TorchScript modules run their operations in the TorchScript interpreter: neither the function mode nor the
+    hooks see them, so their units would be missing from every pattern (a silently wrong region)."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise UnsupportedModuleError(
+                f"module '{name or '<root>'}' is TorchScript ({type(m).__name__}, from torch.jit.script / trace): its "
+                "operations run inside the TorchScript interpreter, where recording cannot see them; pass the Python "
+                "module it was made from (same weights)")
+
+
 _ACTIVE: list[_Session] = []  # open sessions, innermost last: only the innermost one records
 
 
@@ -416,6 +427,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
              hooks: tuple[HookPlan, dict] | None = None) -> Iterator[_Session]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_not_script(model)
     s = (session_cls or _Session)(model, strict, replay, observe)
     mods = dict(model.named_modules()) if logits_at is not None else {}
     if logits_at is not None and logits_at not in mods:
@@ -656,6 +668,7 @@ def _hook_route(model: nn.Module, logits_at: str | None, count_boundary: bool,
         raise ValueError(f"route must be 'auto', 'hooks' or 'mode', got {route!r}")
     if route == "mode" or (route == "auto" and count_boundary) or not isinstance(model, nn.Module):
         return None
+    _check_not_script(model)  # (before the fx trace, which cannot read a TorchScript module's forward)
     plan, modules = PLANS.get(model, logits_at)
     if not isinstance(plan, HookPlan):
         why = plan

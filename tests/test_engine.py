@@ -327,6 +327,32 @@ def test_batchnorm_in_train_mode_is_refused_while_recording():
     assert m.training
 
 
+def test_torchscript_modules_are_refused_naming_the_module():
+    """TorchScript runs its operations where neither the function mode nor the hooks see them: a scripted
+    submodule's ReLUs were missing from the recorded pattern (every input in one region). Refused by name, on every
+    entry point, with the model unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    x = torch.randn(5, 3)
+    cases = [(nn.Sequential(torch.jit.script(net[:2]), net[2:]), "'0'"),
+             (torch.jit.script(net), "'<root>'"),
+             (torch.jit.trace(net, x), "'<root>'")]
+    for model, where in cases:
+        snap = _snapshot(model)
+        for route in ("auto", "mode"):
+            with pytest.raises(rr.UnsupportedModuleError, match=f"{where} is TorchScript"):
+                with rr.record(model, route=route):
+                    model(x)
+        with pytest.raises(rr.UnsupportedModuleError, match=f"{where} is TorchScript"):
+            rr.affine_map(model, x)
+        with pytest.raises(rr.UnsupportedModuleError, match=f"{where} is TorchScript"):
+            rr.boundary_distance(model, x)
+        assert _same(snap, _snapshot(model))
+    with torch.no_grad(), rr.record(net) as rec:  # the Python module it was made from
+        net(x)
+    assert [p.name for p in rec.passes[0]] == ["1", "3"]
+
+
 def test_affine_map_inputs_validated():
     m, shape = _model("mlp1")
     with pytest.raises(ValueError, match="batched"):
