@@ -96,12 +96,32 @@ def _build_bilinear() -> set:
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
 
 
+def _build_selectors() -> dict[Any, tuple[int, str, str]]:
+    """Calls that pick elements by a condition, mask or index: ``func -> (position, keyword, what)`` of that
+    argument. Picked by the input itself (``torch.where(h > 0, h, 0)``), they are piecewise-linear gates whose state
+    no recording keeps."""
+    T = torch.Tensor
+    table: dict[Any, tuple[int, str, str]] = {torch.where: (0, "condition", "condition"),
+                                              T.where: (1, "condition", "condition")}
+    for f in (torch.masked_fill, T.masked_fill, T.masked_fill_, torch.masked_select, T.masked_select,
+              T.masked_scatter, T.masked_scatter_):
+        table[f] = (1, "mask", "mask")
+    for f in (T.__getitem__, T.__setitem__, torch.take, T.take):
+        table[f] = (1, "index", "index")
+    for f in (torch.gather, T.gather, torch.index_select, T.index_select, torch.take_along_dim, T.take_along_dim,
+              torch.scatter, T.scatter, T.scatter_, torch.index_add, T.index_add, T.index_add_, torch.index_copy,
+              T.index_copy, T.index_copy_, torch.index_fill, T.index_fill, T.index_fill_):
+        table[f] = (2, "index", "index")
+    return table
+
+
 _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
-_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM}
+_SELECTORS = _build_selectors()
+_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS)
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
@@ -336,6 +356,17 @@ class _Mode(TorchFunctionMode):
     def _check(self, func, args, kwargs, n: int | None = None) -> None:
         """Raise if ``func`` is not piecewise linear in its ``n`` input-dependent arguments."""
         s = self.s
+        sel = _SELECTORS.get(func)
+        if sel is not None:
+            pos, key, what = sel
+            arg = args[pos] if len(args) > pos else kwargs.get(key)
+            if any(s.is_tainted(t) for t in _tensors(arg)):
+                raise UnsupportedModuleError(
+                    f"{s.describe(s.where())} calls '{_op_name(func)}' with a {what} that depends on the input: a "
+                    "piecewise-linear gate whose state no recording keeps (regions and distances would ignore it). "
+                    "Write it as a ReLU / clamp / max-pool (torch.where(h > 0, h, 0) is F.relu(h)), or pass "
+                    "strict=False to take the selection as fixed.")
+            return
         nonlinear = func in _NONLINEAR
         if nonlinear or func in _BILINEAR or func is _BATCH_NORM:
             if n is None:
@@ -624,7 +655,9 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
     strict : bool
         Raise :class:`~relu_regions.UnsupportedModuleError` when an input-dependent tensor meets an operation that
         is not piecewise linear (sigmoid, GELU, softmax, LayerNorm, attention, products of two input-dependent
-        tensors, BatchNorm with batch statistics).
+        tensors, BatchNorm with batch statistics), or a selection by a condition, mask or index that depends on the
+        input (``torch.where(h > 0, h, 0)``, ``masked_fill``, ``h[h > 0]``, ``gather``: gates whose state is not
+        recorded; with ``strict=False`` they are taken as fixed).
     logits_at : str, optional
         Module path whose output is the explained output (e.g. the layer before a softmax head); recording
         stops there (the user's forward still runs to the end).

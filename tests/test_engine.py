@@ -257,6 +257,47 @@ def test_unsupported_modules_raise_naming_module_and_op(model, where, op, method
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _Gate(nn.Module):
+    def __init__(self, gate):
+        super().__init__()
+        self.lin, self.out, self.gate = nn.Linear(4, 6), nn.Linear(6, 2), gate
+
+    def forward(self, x):
+        return self.out(self.gate(self.lin(x)))
+
+
+@pytest.mark.parametrize("gate, op, what", [
+    (lambda h: torch.where(h > 0, h, 0.0), "where", "condition"),
+    (lambda h: h.where(h > 0, 0.0), "where", "condition"),
+    (lambda h: h.masked_fill(h < 0, 0.0), "masked_fill", "mask"),
+    (lambda h: h * 1 + h[h > 2].sum(), "__getitem__", "index"),
+    (lambda h: h.gather(1, (h > 0).long()).expand(-1, 6), "gather", "index"),
+])
+def test_selections_by_the_input_itself_are_refused(gate, op, what):
+    """``torch.where(h > 0, h, 0)`` is a ReLU the recording cannot see: its units were missing from every pattern
+    (no units recorded, every boundary distance ``inf``). A condition, mask or index that depends on the input is
+    refused naming the module and the call; a fixed one is fine, and ``strict=False`` takes the selection as fixed."""
+    model = _Gate(gate).eval()
+    x = torch.randn(5, 4)
+    def recorded():
+        with rr.record(model):
+            model(x)
+
+    for call in (recorded, lambda: rr.affine_map(model, x), lambda: rr.boundary_distance(model, x)):
+        with pytest.raises(rr.UnsupportedModuleError, match=f"'<root>' \\(_Gate\\) calls '{op}' with a {what}"):
+            with torch.no_grad():
+                call()
+    with torch.no_grad(), rr.record(model, strict=False) as rec:
+        model(x)
+    assert len(rec) == 5
+    fixed = _Gate(lambda h: torch.where(torch.arange(6) % 2 == 0, h, 0.0).relu()).eval()  # a fixed condition
+    with torch.no_grad(), rr.record(fixed) as rec:
+        out = fixed(x)
+    assert [p.kind for p in rec.passes[0]] == ["relu"]
+    am = rr.affine_map(fixed, x)
+    assert torch.allclose(am(x), out, atol=1e-6)
+
+
 def test_softmax_head_via_logits_at():
     body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     model = nn.Sequential(body, nn.Softmax(dim=1))
