@@ -82,6 +82,34 @@ def _build_nonlinear() -> set:
         for n in ns.split():
             if hasattr(mod, n):
                 out.add(getattr(mod, n))
+    # more smooth functions, order statistics, steps and products, under every spelling: torch.f, Tensor.f, the
+    # in-place Tensor.f_ and torch.special.f (e.g. h.sigmoid_(), torch.special.expit, h.median(1), torch.fmod)
+    more = ("sigmoid tanh exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc erfinv abs absolute sign sgn "
+            "square reciprocal pow float_power maximum minimum fmax fmin max min amax amin aminmax sort msort argsort "
+            "topk kthvalue median nanmedian mode quantile nanquantile cummax cummin cumprod logcumsumexp logsumexp "
+            "floor ceil round trunc fix frac fmod remainder floor_divide bucketize searchsorted heaviside copysign "
+            "sin cos tan asin acos atan arcsin arccos arctan atan2 arctan2 sinh cosh asinh acosh atanh arcsinh "
+            "arccosh arctanh hypot logaddexp logaddexp2 xlogy xlog1py expit logit sinc lgamma digamma polygamma "
+            "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
+            "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
+            "tensordot kron cross prod argmax argmin")
+    for n in more.split():
+        for mod in (torch, torch.Tensor, torch.special, F):
+            f = getattr(mod, n, None)
+            if callable(f):
+                out.add(f)
+        f = getattr(torch.Tensor, n + "_", None)
+        if callable(f):
+            out.add(f)
+    for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
+        if hasattr(F, n):
+            out.add(getattr(F, n))
+    for n in ("__floordiv__", "__rfloordiv__", "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "__rpow__",
+              "__ipow__", "__abs__"):
+        if hasattr(torch.Tensor, n):
+            out.add(getattr(torch.Tensor, n))
+    for n in ("norm", "vector_norm", "matrix_norm"):
+        out.add(getattr(torch.linalg, n))
     return out
 
 
@@ -89,11 +117,15 @@ def _build_bilinear() -> set:
     T = torch.Tensor
     fs = [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, torch.matmul, T.matmul, T.__matmul__, torch.bmm,
           torch.mm, T.mm, T.bmm, torch.einsum, torch.div, T.div, T.__truediv__, T.__rtruediv__, T.__itruediv__,
-          F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.baddbmm, torch.addmm]
+          F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.baddbmm, torch.addmm,
+          T.mul_, T.div_, torch.multiply, T.multiply, torch.divide, T.divide, torch.true_divide, T.true_divide,
+          torch.mv, T.mv, torch.addmv, T.addmv, T.addmm, torch.addbmm, T.__rmatmul__, T.outer,
+          F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
     return set(fs)
 
 
-_DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
+_DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div_,
+              torch.divide, torch.Tensor.divide, torch.true_divide, torch.Tensor.true_divide}
 
 
 def _build_selectors() -> dict[Any, tuple[int, str, str]]:
@@ -115,13 +147,19 @@ def _build_selectors() -> dict[Any, tuple[int, str, str]]:
     return table
 
 
+# dtype conversions: affine between floating types; between floating and integer / bool values a step function
+# (truncation, or a comparison used as a number)
+_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+                torch.Tensor.bfloat16, torch.Tensor.long, torch.Tensor.int, torch.Tensor.short, torch.Tensor.bool,
+                torch.Tensor.byte, torch.Tensor.char, torch.Tensor.type_as}
+
 _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
-_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS)
+_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES)
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
@@ -346,6 +384,8 @@ class _Mode(TorchFunctionMode):
                     return out
         out = func(*args, **kwargs)
         if n:
+            if func in _CONVERSIONS and s.strict:
+                self._check_conversion(func, args, out)
             if isinstance(out, Tensor):
                 s.taint(out)
             else:
@@ -353,9 +393,25 @@ class _Mode(TorchFunctionMode):
                     s.taint(t)
         return out
 
+    def _check_conversion(self, func, args, out) -> None:
+        """Between floating and integer / bool values, a conversion of input-dependent values is a step."""
+        src = args[0] if args else None
+        if isinstance(src, Tensor) and isinstance(out, Tensor) and src.is_floating_point() != out.is_floating_point():
+            s = self.s
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} converts input-dependent values from {src.dtype} to {out.dtype} "
+                f"('{_op_name(func)}'): a step function of the input (truncation, or a comparison used as a number), "
+                "not piecewise linear; pass strict=False to take the converted values as fixed")
+
     def _check(self, func, args, kwargs, n: int | None = None) -> None:
         """Raise if ``func`` is not piecewise linear in its ``n`` input-dependent arguments."""
         s = self.s
+        if func in _RULES:  # a unit call its rule did not take (an input-dependent bound or slope, other options)
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} calls '{_op_name(func)}' in a way relu-regions does not record as a unit "
+                "(an input-dependent bound or slope, or options its rule does not cover): its state would be lost")
+        if func in _CONVERSIONS:
+            return  # checked on the result (see __torch_function__)
         sel = _SELECTORS.get(func)
         if sel is not None:
             pos, key, what = sel

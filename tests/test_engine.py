@@ -237,8 +237,36 @@ class _Reciprocal(nn.Module):
         return 2.0 / h if self.div is None else self.div(torch.ones_like(h), h)
 
 
+class _Op(nn.Module):
+    """Linear -> ``f`` -> Linear: an operation written inline in the forward."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.lin, self.out, self.f = nn.Linear(4, 6), nn.Linear(6, 2), f
+
+    def forward(self, x):
+        return self.out(self.f(self.lin(x)))
+
+
+_C = torch.linspace(-1, 1, 6)
+
+
 @pytest.mark.parametrize("model, where, op", [
     (_Gelu(), "body.1", "gelu"),
+    # before the lists grew, these passed as if linear (no state recorded; distances past their kinks)
+    (_Op(lambda h: h - h.median(1, keepdim=True).values), "<root>", "median"),
+    (_Op(lambda h: h.cummax(1).values), "<root>", "cummax"),
+    (_Op(lambda h: h.clone().sigmoid_()), "<root>", "sigmoid_"),
+    (_Op(lambda h: torch.special.expit(h)), "<root>", "expit"),
+    (_Op(lambda h: torch.fmod(h, 1.0)), "<root>", "fmod"),
+    (_Op(lambda h: h // 1.0), "<root>", "__floordiv__"),
+    (_Op(lambda h: torch.fmax(h, _C)), "<root>", "fmax"),
+    (_Op(lambda h: torch.addcmul(h, h, h)), "<root>", "addcmul"),
+    (_Op(lambda h: h.clone().mul_(h)), "<root>", "of two input-dependent tensors"),
+    (_Op(lambda h: h + torch.linalg.vector_norm(h, dim=1, keepdim=True)), "<root>", "vector_norm"),
+    (_Op(lambda h: h + (h > 0).float()), "<root>", "from torch.bool to torch.float32"),
+    (_Op(lambda h: h + h.long()), "<root>", "from torch.float32 to torch.int64"),
+    (_Op(lambda h: torch.clamp(_C.expand_as(h), min=h)), "<root>", "does not record as a unit"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
     (nn.Sequential(nn.Linear(4, 5), nn.Softmax(-1), nn.Linear(5, 2)), "1", "softmax"),
