@@ -147,8 +147,8 @@ def _build_selectors() -> dict[Any, tuple[int, str, str]]:
     return table
 
 
-# dtype conversions: affine between floating types; between floating and integer / bool values a step function
-# (truncation, or a comparison used as a number)
+# dtype conversions: affine between floating types and from integers (an integer input); from floating values to
+# integers / bools (truncation) and from bools (a comparison used as a number) a step function
 _CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
                 torch.Tensor.bfloat16, torch.Tensor.long, torch.Tensor.int, torch.Tensor.short, torch.Tensor.bool,
                 torch.Tensor.byte, torch.Tensor.char, torch.Tensor.type_as}
@@ -394,9 +394,13 @@ class _Mode(TorchFunctionMode):
         return out
 
     def _check_conversion(self, func, args, out) -> None:
-        """Between floating and integer / bool values, a conversion of input-dependent values is a step."""
+        """A conversion of input-dependent floating values to integers / bools (truncation) or of bools to numbers (a
+        comparison used as a number) is a step. Integers to floating values pass: an integer input (uint8 images)
+        converted in the forward."""
         src = args[0] if args else None
-        if isinstance(src, Tensor) and isinstance(out, Tensor) and src.is_floating_point() != out.is_floating_point():
+        if isinstance(src, Tensor) and isinstance(out, Tensor) and (
+                (src.is_floating_point() and not out.is_floating_point())
+                or (src.dtype == torch.bool and out.dtype != torch.bool)):
             s = self.s
             raise UnsupportedModuleError(
                 f"{s.describe(s.where())} converts input-dependent values from {src.dtype} to {out.dtype} "

@@ -266,6 +266,7 @@ _C = torch.linspace(-1, 1, 6)
     (_Op(lambda h: h + torch.linalg.vector_norm(h, dim=1, keepdim=True)), "<root>", "vector_norm"),
     (_Op(lambda h: h + (h > 0).float()), "<root>", "from torch.bool to torch.float32"),
     (_Op(lambda h: h + h.long()), "<root>", "from torch.float32 to torch.int64"),
+    (_Op(lambda h: h + (h > 0).long().float()), "<root>", "from torch.bool to torch.int64"),
     (_Op(lambda h: torch.clamp(_C.expand_as(h), min=h)), "<root>", "does not record as a unit"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
@@ -324,6 +325,26 @@ def test_selections_by_the_input_itself_are_refused(gate, op, what):
     assert [p.kind for p in rec.passes[0]] == ["relu"]
     am = rr.affine_map(fixed, x)
     assert torch.allclose(am(x), out, atol=1e-6)
+
+
+def test_an_integer_input_converted_in_the_forward_is_recorded():
+    """uint8 images made floating inside the forward: the input's own conversion is not a step of the input."""
+
+    class Bytes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+        def forward(self, x):
+            return self.net(x.float() / 255)
+
+    model = Bytes().eval()
+    x = torch.randint(0, 256, (5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    with torch.no_grad(), rr.record(model.net) as ref:
+        model.net(x.float() / 255)
+    assert rec.route == "mode" and torch.equal(rec.region_ids(), ref.region_ids())
 
 
 def test_softmax_head_via_logits_at():
