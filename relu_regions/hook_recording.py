@@ -278,10 +278,13 @@ class ForwardPatch:
 
 
 def instance_forward(module: nn.Module) -> Any:
-    """The forward set on ``module``'s instance by anyone but this library's patches (None if none)."""
+    """The forward set on ``module``'s instance by anyone but this library's patches (None if none, or if it is the
+    class's own forward bound to the module: Lightning's DDP strategies leave that behind after each step)."""
     f = module.__dict__.get("forward")
     while isinstance(f, ForwardPatch):
         f = f.prev
+    if getattr(f, "__func__", None) is type(module).forward and getattr(f, "__self__", None) is module:
+        return None
     return f
 
 

@@ -210,6 +210,7 @@ class _Session:
         self.passes: list[_Pass] = []
         self.current: list[LayerPattern] | None = None
         self.depth = 0
+        self.open_depth = 0  # root calls at this depth open a pass (1 inside a call that wraps the forward)
         self.cursor = 0
         self.stopped = False  # an observer ended the replay early (StopReplay)
         self._names: dict[int, str] | None = None
@@ -255,16 +256,25 @@ class _Session:
         self.current = new
 
     def enter_root(self, inputs: tuple, taint: bool = True) -> None:
-        """The root module is called: the outermost call opens a pass."""
-        if self.depth == 0:
+        """The root module is called: the outermost call opens a pass. A call inside it before any unit ran
+        opens the pass instead, and so do later calls at its depth: the outer call wraps the forward (Lightning's
+        DDP strategies run the whole training / validation step as the module's forward, and the step calls the
+        module again), and what it runs around the forward (the loss, metrics) is not the model's."""
+        if self.depth == self.open_depth:
+            self.begin_pass(inputs, taint)
+        elif (self.depth == self.open_depth + 1 and self.current is not None and not self.current
+              and self.replay is None):
+            self.open_depth = self.depth
             self.begin_pass(inputs, taint)
         self.depth += 1
 
     def leave_root(self) -> None:
-        """The root module's call returned (or raised): the outermost one closes the pass."""
+        """The root module's call returned (or raised): the call that opened the pass closes it."""
         self.depth -= 1
-        if self.depth == 0:
+        if self.depth == self.open_depth:
             self.end_pass()
+        elif self.depth < self.open_depth:  # the wrapping call returned
+            self.open_depth = self.depth
 
     def end_pass(self) -> None:
         if self.current is None:
@@ -532,7 +542,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             return
         if stop_at_logits:
             raise _StopForward(output)
-        if s.depth == 1 and s.current is not None:  # recording in the user's own forward: stop recording
+        if s.depth == s.open_depth + 1 and s.current is not None:  # recording in the user's own forward: stop
             s.end_pass()
 
     @ours

@@ -300,7 +300,8 @@ class _Gate(nn.Module):
     (lambda h: h.where(h > 0, 0.0), "where", "condition"),
     (lambda h: h.masked_fill(h < 0, 0.0), "masked_fill", "mask"),
     (lambda h: h * 1 + h[h > 2].sum(), "__getitem__", "index"),
-    (lambda h: h.gather(1, (h > 0).long()).expand(-1, 6), "gather", "index"),
+    (lambda h: torch.cat([h, h[:, :1]], 1).gather(1, (h > 0).sum(1, keepdim=True)).expand(-1, 6), "gather",
+     "index"),
 ])
 def test_selections_by_the_input_itself_are_refused(gate, op, what):
     """``torch.where(h > 0, h, 0)`` is a ReLU the recording cannot see: its units were missing from every pattern
@@ -345,6 +346,43 @@ def test_an_integer_input_converted_in_the_forward_is_recorded():
     with torch.no_grad(), rr.record(model.net) as ref:
         model.net(x.float() / 255)
     assert rec.route == "mode" and torch.equal(rec.region_ids(), ref.region_ids())
+
+
+def test_a_call_that_wraps_the_forward_is_not_recorded_as_the_models():
+    """Lightning's DDP strategies set the module's forward to the training / validation step for one call, and the
+    step calls the module again: the pass is the inner call, and the step's loss and metrics around it (softmax,
+    argmax) are neither recorded nor refused. A step that runs the model twice gives two passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 4)
+
+    def step(batch, twice=False):
+        inputs, labels = batch
+        out = model(inputs)
+        if twice:
+            model(inputs[:2])
+        return ((out.softmax(1).argmax(1) == labels).float().mean(), F.cross_entropy(out, labels))
+
+    def redirect(twice):  # as lightning's _ForwardRedirection: the step as the forward for one call, unpatched
+        original = model.forward  # inside (the class's bound forward is left on the instance afterwards)
+
+        def wrapped_forward(*args, **kwargs):
+            model.forward = original
+            return step(*args, **kwargs)
+
+        model.forward = wrapped_forward
+        model((x, torch.zeros(5, dtype=torch.long)), twice=twice)
+
+    for route in ("mode", "hooks"):
+        for twice in (False, True):
+            with torch.no_grad(), rr.record(model, route=route) as rec:
+                redirect(twice)
+            with torch.no_grad(), rr.record(model) as ref:
+                model(x)
+                if twice:
+                    model(x[:2])
+            assert [len(p[0].state) for p in rec.passes] == ([5, 2] if twice else [5])
+            assert torch.equal(rec.region_ids(), ref.region_ids())
 
 
 def test_softmax_head_via_logits_at():

@@ -53,6 +53,8 @@ class Lit(pl.LightningModule):
         x, y = self._xy(batch)
         out = self.net(x) if self.direct else self(x)
         self.log("val_loss", F.cross_entropy(out, y))
+        # (under DDP, Lightning runs this step as the module's forward: these are not the model's operations)
+        self.log("val_acc", (out.softmax(1).argmax(1) == y).float().mean())
 
     def test_step(self, batch, i):
         x, y = self._xy(batch)
