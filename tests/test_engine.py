@@ -286,15 +286,6 @@ def test_unsupported_modules_raise_naming_module_and_op(model, where, op, method
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-class _Gate(nn.Module):
-    def __init__(self, gate):
-        super().__init__()
-        self.lin, self.out, self.gate = nn.Linear(4, 6), nn.Linear(6, 2), gate
-
-    def forward(self, x):
-        return self.out(self.gate(self.lin(x)))
-
-
 @pytest.mark.parametrize("gate, op, what", [
     (lambda h: torch.where(h > 0, h, 0.0), "where", "condition"),
     (lambda h: h.where(h > 0, 0.0), "where", "condition"),
@@ -307,20 +298,20 @@ def test_selections_by_the_input_itself_are_refused(gate, op, what):
     """``torch.where(h > 0, h, 0)`` is a ReLU the recording cannot see: its units were missing from every pattern
     (no units recorded, every boundary distance ``inf``). A condition, mask or index that depends on the input is
     refused naming the module and the call; a fixed one is fine, and ``strict=False`` takes the selection as fixed."""
-    model = _Gate(gate).eval()
+    model = _Op(gate).eval()
     x = torch.randn(5, 4)
     def recorded():
         with rr.record(model):
             model(x)
 
     for call in (recorded, lambda: rr.affine_map(model, x), lambda: rr.boundary_distance(model, x)):
-        with pytest.raises(rr.UnsupportedModuleError, match=f"'<root>' \\(_Gate\\) calls '{op}' with a {what}"):
+        with pytest.raises(rr.UnsupportedModuleError, match=f"'<root>' \\(_Op\\) calls '{op}' with a {what}"):
             with torch.no_grad():
                 call()
     with torch.no_grad(), rr.record(model, strict=False) as rec:
         model(x)
     assert len(rec) == 5
-    fixed = _Gate(lambda h: torch.where(torch.arange(6) % 2 == 0, h, 0.0).relu()).eval()  # a fixed condition
+    fixed = _Op(lambda h: torch.where(torch.arange(6) % 2 == 0, h, 0.0).relu()).eval()  # a fixed condition
     with torch.no_grad(), rr.record(fixed) as rec:
         out = fixed(x)
     assert [p.kind for p in rec.passes[0]] == ["relu"]
