@@ -65,25 +65,19 @@ def _build_rules() -> dict[Any, tuple[UnitRule, ...]]:
 
 
 def _build_nonlinear() -> set:
-    T = torch.Tensor
     names = [
         (F, "sigmoid tanh gelu silu mish elu selu celu softplus softmax log_softmax softmin layer_norm group_norm "
             "instance_norm local_response_norm rms_norm scaled_dot_product_attention multi_head_attention_forward "
             "hardswish hardsigmoid logsigmoid softsign tanhshrink glu normalize softshrink hardshrink "
             "threshold elu_ celu_ selu_ rrelu rrelu_ max_pool3d adaptive_max_pool3d fractional_max_pool2d lp_pool2d"),
-        (torch, "sigmoid tanh softmax log_softmax exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc abs "
-                "sign sgn square reciprocal pow maximum minimum max min amax amin sort topk argmax argmin "
-                "floor ceil round trunc frac sin cos atan sinh cosh logsumexp cumprod prod norm"),
-        (T, "sigmoid tanh softmax log_softmax exp log sqrt rsqrt abs sign square reciprocal pow __pow__ "
-            "maximum minimum max min amax amin sort topk floor ceil round sin cos logsumexp norm"),
     ]
     out = set()
     for mod, ns in names:
         for n in ns.split():
             if hasattr(mod, n):
                 out.add(getattr(mod, n))
-    # more smooth functions, order statistics, steps and products, under every spelling: torch.f, Tensor.f, the
-    # in-place Tensor.f_ and torch.special.f (e.g. h.sigmoid_(), torch.special.expit, h.median(1), torch.fmod)
+    # smooth functions, order statistics, steps and products, under every spelling: torch.f, Tensor.f, the in-place
+    # Tensor.f_ and torch.special.f (e.g. h.sigmoid_(), torch.special.expit, h.median(1), torch.fmod)
     more = ("sigmoid tanh exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc erfinv abs absolute sign sgn "
             "square reciprocal pow float_power maximum minimum fmax fmin max min amax amin aminmax sort msort argsort "
             "topk kthvalue median nanmedian mode quantile nanquantile cummax cummin cumprod logcumsumexp logsumexp "
@@ -104,8 +98,8 @@ def _build_nonlinear() -> set:
     for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
         if hasattr(F, n):
             out.add(getattr(F, n))
-    for n in ("__floordiv__", "__rfloordiv__", "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "__rpow__",
-              "__ipow__", "__abs__"):
+    for n in ("__pow__", "__rpow__", "__ipow__", "__floordiv__", "__rfloordiv__", "__ifloordiv__", "__mod__",
+              "__rmod__", "__imod__", "__abs__"):
         if hasattr(torch.Tensor, n):
             out.add(getattr(torch.Tensor, n))
     for n in ("norm", "vector_norm", "matrix_norm"):
@@ -528,7 +522,8 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
              hooks: tuple[HookPlan, dict] | None = None) -> Iterator[_Session]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    _check_not_script(model)
+    if hooks is None:  # (the hook route's plan came from _hook_route, which checked)
+        _check_not_script(model)
     s = (session_cls or _Session)(model, strict, replay, observe)
     mods = dict(model.named_modules()) if logits_at is not None else {}
     if logits_at is not None and logits_at not in mods:
