@@ -317,6 +317,8 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
                 return out
             x = args[0]
             shape = x.shape
+            if not shape or shape[0] != s.current.batch:
+                s.check_batch(x, path)
             params = known.get((shape, module.inplace))
             if params is None:
                 params = known[shape, module.inplace] = {"inplace": module.inplace, "count_boundary": False,
@@ -350,6 +352,8 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
                 finally:
                     module.return_indices = False
             x = args[0]
+            if not x.shape or x.shape[0] != s.current.batch:
+                s.check_batch(x, path)
             key = (x.shape, asked, module.kernel_size, module.stride, module.padding, module.dilation,
                    module.ceil_mode)
             found = known.get(key)

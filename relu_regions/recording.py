@@ -147,13 +147,24 @@ _CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Te
                 torch.Tensor.bfloat16, torch.Tensor.long, torch.Tensor.int, torch.Tensor.short, torch.Tensor.bool,
                 torch.Tensor.byte, torch.Tensor.char, torch.Tensor.type_as}
 
+# reading an input-dependent tensor's values into Python (a branch, a scale, a round trip through numpy): what
+# follows is out of the recording's sight
+_SCALARS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.__bool__,
+            torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__complex__, torch.Tensor.__index__,
+            torch.Tensor.__contains__, torch.equal, torch.Tensor.equal, torch.allclose, torch.Tensor.allclose,
+            torch.is_nonzero, torch.Tensor.is_nonzero}
+# constant on finite inputs (no boundary inside the input space): their results do not depend on the input, so an
+# `assert torch.isfinite(x).all()` in a forward is not a branch on it
+_FINITE_CHECKS = {f for n in ("isfinite", "isnan", "isinf", "isposinf", "isneginf", "isreal")
+                  for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None)) if f is not None}
+
 _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
-_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES)
+_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
@@ -210,6 +221,9 @@ class _Session:
         self._names: dict[int, str] | None = None
         self._types: dict[str, str] | None = None
         self.tainted: dict[int, weakref.ref] = {}
+        # input-dependent integer / bool tensors computed from input-dependent floating values (comparisons,
+        # counts): step functions of the input, fine as long as they are not used as numbers (see _Mode)
+        self.stepped: dict[int, weakref.ref] = {}
         self.count_boundary = True
         self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
         self.zero_tensors: list[Tensor] = []  # the replay input when the caller knows it is all zeros, and its reshapes
@@ -237,6 +251,7 @@ class _Session:
         mode; the hook route does not need it)."""
         self.counts.clear()
         self.tainted.clear()
+        self.stepped.clear()
         self.cursor = 0
         # the batch and device are read before the pass opens: under the function mode, reads inside a pass count
         # as uses of the input (the reverse route's MLP shortcut needs the first Linear as the input's only reader)
@@ -280,6 +295,7 @@ class _Session:
                 f"{len(self.replay)}: the model's forward depends on its input beyond its activation pattern")
         self.current = None
         self.tainted.clear()
+        self.stepped.clear()
 
     # -- naming ---------------------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -306,6 +322,18 @@ class _Session:
             f = f.f_back
         return ""
 
+    def check_batch(self, x: Tensor, path: str | None = None) -> None:
+        """A unit's states are kept one row per sample: its input must hold the pass's batch in its first dimension
+        (``path``: the unit's module; default the innermost module running, read from the call stack on error)."""
+        batch = self.current.batch
+        if batch is not None and (x.dim() == 0 or x.shape[0] != batch):
+            where = self.describe(self.where() if path is None else path)
+            raise UnsupportedModuleError(
+                f"{where} runs a piecewise-linear unit on a tensor of shape {tuple(x.shape)}, whose first dimension is "
+                f"not the batch ({batch} samples): its states would be counted as other samples' (a loop over the "
+                "samples of the batch, or a reshape that moves the batch dimension). Keep the batch first through the "
+                "units.")
+
     def describe(self, path: str) -> str:
         return f"module '{path or '<root>'}' ({self.types.get(path.split('#')[0], '?')})"
 
@@ -318,6 +346,23 @@ class _Session:
             return False
         r = self.tainted.get(id(t))
         return r is not None and r() is t
+
+    def is_stepped(self, t: Any) -> bool:
+        r = self.stepped.get(id(t))
+        return r is not None and r() is t
+
+    def stepped_arg(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """The first argument (also inside a list / tuple) that is a step of the input (see ``stepped``)."""
+        for a in (*args, *kwargs.values()):
+            for t in _tensors(a):
+                if self.is_stepped(t):
+                    return t
+        return None
+
+    def floating_tainted(self, args: tuple, kwargs: dict) -> bool:
+        """Whether an argument is input-dependent and floating (or already a step of the input)."""
+        return any(self.is_tainted(t) and (t.is_floating_point() or self.is_stepped(t))
+                   for a in (*args, *kwargs.values()) for t in _tensors(a))
 
     def any_tainted(self, args: tuple, kwargs: dict) -> int:
         n = 0
@@ -388,14 +433,30 @@ class _Mode(TorchFunctionMode):
                     return out
         out = func(*args, **kwargs)
         if n:
+            if func in _FINITE_CHECKS:
+                return out  # the same for every finite input: not input-dependent
             if func in _CONVERSIONS and s.strict:
                 self._check_conversion(func, args, out)
-            if isinstance(out, Tensor):
-                s.taint(out)
-            else:
-                for t in _tensors(out):
-                    s.taint(t)
+            for t in (out,) if isinstance(out, Tensor) else _tensors(out):
+                if t.is_floating_point() or t.is_complex():
+                    if s.stepped and s.strict:
+                        self._check_steps(func, args, kwargs)
+                elif s.floating_tainted(args, kwargs):
+                    s.stepped[id(t)] = weakref.ref(t)
+                s.taint(t)
         return out
+
+    def _check_steps(self, func, args, kwargs) -> None:
+        """A step of the input (a comparison, a count of positive units) used as a number: not piecewise linear,
+        and invisible to the recording (``h + (h > 0)``, ``h * (h > 0).sum()``)."""
+        step = self.s.stepped_arg(args, kwargs)
+        if step is not None:
+            s = self.s
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} calls '{_op_name(func)}' on a {step.dtype} tensor computed from "
+                "input-dependent values (a comparison, a count, a rounding) and uses it as a number: a step function "
+                "of the input, not piecewise linear, and a gate no recording keeps. Write gates as ReLU / clamp / "
+                "max-pool, or pass strict=False to take the step's values as fixed.")
 
     def _check_conversion(self, func, args, out) -> None:
         """A conversion of input-dependent floating values to integers / bools (truncation) or of bools to numbers (a
@@ -420,6 +481,17 @@ class _Mode(TorchFunctionMode):
                 "(an input-dependent bound or slope, or options its rule does not cover): its state would be lost")
         if func in _CONVERSIONS:
             return  # checked on the result (see __torch_function__)
+        if func in _SCALARS:
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} reads input-dependent values into Python ('{_op_name(func)}': an `if` or "
+                "`assert` on a tensor, `.item()`, `float()`, `.tolist()`, `.numpy()`): what the forward does with them "
+                "(a branch, a scale) is out of the recording's sight, so regions and distances could silently miss "
+                "it. Keep such reads (logging, checks) outside the model's forward, or pass strict=False to take the "
+                "values as fixed.")
+        if func in _DIVISIONS and (kwargs.get("rounding_mode") if kwargs else None) is not None and (
+                s.is_tainted(args[0]) if args else False):
+            raise not_piecewise_linear(s.describe(s.where()),
+                                       f"'{_op_name(func)}' with rounding_mode='{kwargs['rounding_mode']}' (a step)")
         sel = _SELECTORS.get(func)
         if sel is not None:
             pos, key, what = sel
@@ -464,6 +536,7 @@ class _Mode(TorchFunctionMode):
         s = self.s
         if s.replay is None:
             name = self._name(func)
+            s.check_batch(x)
             params["count_boundary"] = s.count_boundary
             out, state, n_boundary, n_states = rule.record(func, args, kwargs, x, params)
             if n_boundary is None:

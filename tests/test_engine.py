@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -268,6 +269,18 @@ _C = torch.linspace(-1, 1, 6)
     (_Op(lambda h: h + h.long()), "<root>", "from torch.float32 to torch.int64"),
     (_Op(lambda h: h + (h > 0).long().float()), "<root>", "from torch.bool to torch.int64"),
     (_Op(lambda h: torch.clamp(_C.expand_as(h), min=h)), "<root>", "does not record as a unit"),
+    # steps of the input used as numbers, reads into Python, rows of the batch as units: recorded silently before
+    (_Op(lambda h: h.relu() + (h > 0)), "<root>", "'add' on a torch.bool tensor computed from input-dependent"),
+    (_Op(lambda h: h.relu() + (h > 0).sum(1, keepdim=True)), "<root>", "'add' on a torch.int64 tensor"),
+    (_Op(lambda h: h.relu() + torch.logical_and(h > 0, h < 1)), "<root>", "'add' on a torch.bool tensor"),
+    (_Op(lambda h: torch.cat([h.relu(), h < 1], 1)[:, :6]), "<root>", "'cat' on a torch.bool tensor"),
+    (_Op(lambda h: h.relu() if h.sum() > 0 else -h.relu()), "<root>", "reads input-dependent values into Python "
+                                                                       "('__bool__'"),
+    (_Op(lambda h: h.relu() * float(h.mean())), "<root>", "('__float__'"),
+    (_Op(lambda h: h.relu() * h.mean().item()), "<root>", "('item'"),
+    (_Op(lambda h: torch.from_numpy(h.detach().numpy()).relu()), "<root>", "('numpy'"),
+    (_Op(lambda h: torch.div(h, 0.5, rounding_mode="floor")), "<root>", "rounding_mode='floor'"),
+    (_Op(lambda h: torch.stack([r.relu() for r in h])), "<root>", "whose first dimension is not the batch"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
     (nn.Sequential(nn.Linear(4, 5), nn.Softmax(-1), nn.Linear(5, 2)), "1", "softmax"),
@@ -317,6 +330,85 @@ def test_selections_by_the_input_itself_are_refused(gate, op, what):
     assert [p.kind for p in rec.passes[0]] == ["relu"]
     am = rr.affine_map(fixed, x)
     assert torch.allclose(am(x), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("f, what", [
+    (lambda h: h.relu() + (h > 0), "'add' on a torch.bool tensor"),
+    (lambda h: h.relu() if h.sum() > 0 else -h.relu(), "('__bool__'"),
+    (lambda h: h.relu() * h.mean().item(), "('item'"),
+    (lambda h: torch.stack([r.relu() for r in h]), "whose first dimension is not the batch"),
+], ids=["step-as-number", "branch", "item", "rows"])
+def test_recordings_and_distances_refuse_what_affine_maps_caught_only_by_their_self_check(f, what):
+    """Before these refusals, ``affine_map`` caught such forwards only through its check of A·x + d against f(x),
+    while ``record`` (region keys, statistics) and ``boundary_distance`` went on without a word."""
+    model = _Op(f).eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def recorded():
+        with rr.record(model):
+            model(x)
+
+    for call in (recorded, lambda: rr.boundary_distance(model, x)):
+        with pytest.raises(rr.UnsupportedModuleError, match=re.escape(what)), torch.no_grad():
+            call()
+
+
+def test_steps_and_checks_that_the_output_does_not_use_are_recorded():
+    """What the refusals of steps and reads into Python leave alone: an ``assert torch.isfinite(x).all()`` (the same
+    for every finite input), a count of active units kept as a tensor (a step, not used as a number), and the argmax
+    of a max-pool fed to ``max_unpool`` (the pool's recorded state). The map equals the Jacobian of torch.func and
+    reproduces the output; ``strict=False`` takes a branch on the input as fixed (the branch taken here)."""
+
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            assert torch.isfinite(x).all()
+            h = self.lin(x)
+            self.n_active = (h > 0).sum(1)
+            v, idx = F.max_pool1d(h.unsqueeze(1), 2, return_indices=True)
+            h = h.relu() + F.max_unpool1d(v, idx, 2, output_size=(6,)).squeeze(1)
+            return self.out(h)
+
+    model = Checked().eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), rr.record(model) as rec:
+        out = model(x)
+    assert [p.kind for p in rec.passes[0]] == ["maxpool", "relu"]
+    assert torch.equal(model.n_active, (model.lin(x) > 0).sum(1))
+    am = rr.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    assert torch.allclose(am.A, jac, atol=1e-6) and torch.allclose(am(x), out, atol=1e-6)
+    branchy = _Op(lambda h: h.relu() if h.sum() > -1e9 else -h.relu()).eval()
+    with torch.no_grad(), rr.record(branchy, strict=False) as rec:
+        branchy(x)
+    assert [p.kind for p in rec.passes[0]] == ["relu"]
+
+
+def test_a_unit_on_rows_that_are_not_the_batch_is_refused_on_both_routes():
+    """A ReLU module on a reshape that moves the batch (``(B, 6) -> (2B, 3)``): its states would be counted as
+    2B samples' (the hook route recorded them so before). Refused on both routes, naming the module."""
+
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act, self.out = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.act(self.lin(x).reshape(-1, 3)).reshape(-1, 6))
+
+    model = Rows().eval()
+    from relu_regions.hook_recording import HookPlan, hook_plan
+
+    assert isinstance(hook_plan(model), HookPlan)
+    for route in ("hooks", "mode"):
+        with pytest.raises(rr.UnsupportedModuleError, match=r"'act' \(ReLU\) runs a piecewise-linear unit on a "
+                                                            r"tensor of shape \(10, 3\).*batch \(5 samples\)"):
+            with torch.no_grad(), rr.record(model, route=route):
+                model(torch.randn(5, 4))
+        assert "forward" not in model.act.__dict__
 
 
 def test_an_integer_input_converted_in_the_forward_is_recorded():
