@@ -66,6 +66,7 @@ _LINEAR_OPS = {operator.add, operator.sub, operator.neg, operator.pos, operator.
                "unsqueeze", "squeeze", "narrow", "clone", "__getitem__", F.pad, F.dropout, F.avg_pool1d,
                F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean", *_SCALING}
 _DIVISIONS = {operator.truediv, torch.div, "div", "__truediv__"}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _ATTRIBUTES = {"shape", "dtype", "device", "ndim"}  # getattr on an input-dependent tensor that reads no values
 
 
@@ -143,6 +144,8 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
                 continue
             if type(m) not in _LINEAR_MODULES:
                 return f"module '{node.target}' ({type(m).__name__}) is not on the hook route's list"
+            if isinstance(m, _DROPOUTS) and m.training and m.p:
+                return f"module '{node.target}' ({type(m).__name__}) is in training mode (random)"
             if sum(a in tainted for a in node.all_input_nodes) != 1 or len(node.args) != 1 or node.kwargs:
                 return f"module '{node.target}' is called with more than its input"
             if kind is not None:
@@ -155,6 +158,11 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
                 continue
             if node.target not in _LINEAR_OPS:
                 return f"{what} on input-dependent data needs the function mode"
+            if node.target is F.dropout:
+                args, kw = node.args, node.kwargs
+                if (args[2] if len(args) > 2 else kw.get("training", True)) and (
+                        args[1] if len(args) > 1 else kw.get("p", 0.5)):
+                    return f"{what} in training mode (random)"
             if node.target in _SCALING and sum(a in tainted for a in node.all_input_nodes) > 1:
                 return f"{what} of two input-dependent tensors"
             if node.target in _DIVISIONS and len(node.args) > 1 and any(a in tainted for a in _nodes(node.args[1:])):

@@ -86,7 +86,7 @@ def _build_nonlinear() -> set:
             "arccosh arctanh hypot logaddexp logaddexp2 xlogy xlog1py expit logit sinc lgamma digamma polygamma "
             "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
             "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
-            "tensordot kron cross prod argmax argmin")
+            "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount")
     for n in more.split():
         for mod in (torch, torch.Tensor, torch.special, F):
             f = getattr(mod, n, None)
@@ -153,6 +153,29 @@ _SCALARS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Te
             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__complex__, torch.Tensor.__index__,
             torch.Tensor.__contains__, torch.equal, torch.Tensor.equal, torch.allclose, torch.Tensor.allclose,
             torch.is_nonzero, torch.Tensor.is_nonzero}
+# random on the input's path: (position, keyword, default) of the `training` switch for dropouts (random only when
+# on and p > 0), None for calls that always draw
+def _build_random() -> dict[Any, tuple[int, str, bool] | None]:
+    T = torch.Tensor
+    table: dict[Any, tuple[int, str, bool] | None] = {
+        F.dropout: (2, "training", True), F.dropout1d: (2, "training", True), F.dropout2d: (2, "training", True),
+        F.dropout3d: (2, "training", True), F.alpha_dropout: (2, "training", False),
+        F.feature_alpha_dropout: (2, "training", False)}
+    for n in ("rand_like", "randn_like", "randint_like", "bernoulli", "poisson", "multinomial", "normal",
+              "binomial", "native_dropout"):
+        f = getattr(torch, n, None)
+        if callable(f):
+            table[f] = None
+    for n in ("bernoulli", "bernoulli_", "multinomial", "uniform_", "normal_", "exponential_", "geometric_",
+              "log_normal_", "cauchy_", "random_"):
+        f = getattr(T, n, None)
+        if callable(f):
+            table[f] = None
+    return table
+
+
+_RANDOM = _build_random()
+
 # constant on finite inputs (no boundary inside the input space): their results do not depend on the input, so an
 # `assert torch.isfinite(x).all()` in a forward is not a branch on it
 _FINITE_CHECKS = {f for n in ("isfinite", "isnan", "isinf", "isposinf", "isneginf", "isreal")
@@ -164,7 +187,9 @@ _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
-_CHECKED = _NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
+_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
+            | set(_RANDOM))
+_OPERATORS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)  # torch.ops.<namespace>.<name>[.<overload>]
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
@@ -408,8 +433,16 @@ class _Mode(TorchFunctionMode):
                     parsed = rule.parse(func, args, kwargs)
                     if parsed is not None:
                         return self._unit(rule, func, args, kwargs, *parsed)
-            if func in _CHECKED and s.strict:
-                self._check(func, args, kwargs, n)
+            if s.strict:
+                if func in _CHECKED:
+                    self._check(func, args, kwargs, n)
+                elif isinstance(func, _OPERATORS):
+                    raise UnsupportedModuleError(
+                        f"{s.describe(s.where())} calls the operator '{func}' (torch.ops) on input-dependent data: "
+                        "relu-regions records the torch / torch.nn.functional spellings of its units and checks "
+                        "theirs, not those of registered operators (a unit in it would be missing from every "
+                        "pattern). Call the torch function (torch.ops.aten.relu -> torch.relu), or pass "
+                        "strict=False if the operator is affine.")
             if zero:
                 if func in _RESHAPES:  # a reshaped zero input (nn.Flatten) is still all zeros
                     out = func(*args, **kwargs)
@@ -481,6 +514,19 @@ class _Mode(TorchFunctionMode):
                 "(an input-dependent bound or slope, or options its rule does not cover): its state would be lost")
         if func in _CONVERSIONS:
             return  # checked on the result (see __torch_function__)
+        if func in _RANDOM:
+            switch = _RANDOM[func]
+            if switch is not None:
+                pos, key, default = switch
+                training = args[pos] if len(args) > pos else kwargs.get(key, default)
+                p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+                if not training or not p:
+                    return
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} calls '{_op_name(func)}' on input-dependent data: random (a dropout in "
+                "training mode, noise), so every pass draws other values and the recorded region is not one of the "
+                "model's. Put the model in eval mode (model.eval()), or pass strict=False to take the drawn values "
+                "as fixed.")
         if func in _SCALARS:
             raise UnsupportedModuleError(
                 f"{s.describe(s.where())} reads input-dependent values into Python ('{_op_name(func)}': an `if` or "

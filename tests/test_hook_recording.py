@@ -224,6 +224,9 @@ def test_division_by_the_input_is_not_hooked_division_by_a_constant_is():
 def test_batchnorm_in_train_mode_raises_the_same_error_on_both_routes():
     model, shape = copy.deepcopy(ZOO["bn_cnn"])
     model.train()
+    for m in model.modules():  # (a dropout in training mode is refused too: see the test below)
+        if isinstance(m, nn.Dropout):
+            m.eval()
     assert isinstance(hook_plan(model), HookPlan)
     messages = []
     for route in ("mode", "hooks"):
@@ -233,6 +236,39 @@ def test_batchnorm_in_train_mode_raises_the_same_error_on_both_routes():
         messages.append(str(err.value))
     assert messages[0] == messages[1] and "'net.1'" in messages[0]
     assert model.training
+
+
+def test_dropout_in_training_mode_is_refused_and_eval_mode_is_recorded():
+    """A dropout in training mode draws another mask on every pass: the region ``record`` kept was not one of the
+    model's (it took it silently on both routes). The plan sends such a model to the function mode, which refuses the
+    call naming it; in eval mode both routes record it (a functional dropout with training=False too). The library's
+    own passes (affine_map, distances) switch the model to eval mode for the call, as before."""
+
+    class Drop(nn.Module):
+        def __init__(self, functional):
+            super().__init__()
+            self.lin, self.act, self.drop, self.out = nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2)
+            self.functional = functional
+
+        def forward(self, x):
+            h = self.act(self.lin(x))
+            h = F.dropout(h, 0.5, self.training) if self.functional else self.drop(h)
+            return self.out(self.act(h))
+
+    x = _inputs((4,))
+    for functional in (False, True):
+        model = Drop(functional).train()
+        assert "training mode (random)" in hook_plan(model)
+        with pytest.raises(rr.UnsupportedModuleError, match=r"calls 'dropout' on input-dependent data: random"):
+            with torch.no_grad(), rr.record(model):
+                model(x)
+        assert model.training and "forward" not in model.act.__dict__
+        model.eval()
+        assert isinstance(hook_plan(model), HookPlan)
+        for route in ("hooks", "mode"):
+            with torch.no_grad(), rr.record(model, route=route) as rec:
+                model(x)
+            assert [p.kind for p in rec.passes[0]] == ["relu", "relu"]
 
 
 def test_logits_at_stops_both_routes_at_the_same_layer():
