@@ -189,7 +189,9 @@ _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
 _CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
             | set(_RANDOM))
-_OPERATORS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)  # torch.ops.<namespace>.<name>[.<overload>]
+# torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
+_OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+              for t in (base, *base.__subclasses__())}
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
@@ -436,7 +438,7 @@ class _Mode(TorchFunctionMode):
             if s.strict:
                 if func in _CHECKED:
                     self._check(func, args, kwargs, n)
-                elif isinstance(func, _OPERATORS):
+                elif type(func) in _OPERATORS:
                     raise UnsupportedModuleError(
                         f"{s.describe(s.where())} calls the operator '{func}' (torch.ops) on input-dependent data: "
                         "relu-regions records the torch / torch.nn.functional spellings of its units and checks "
@@ -470,14 +472,27 @@ class _Mode(TorchFunctionMode):
                 return out  # the same for every finite input: not input-dependent
             if func in _CONVERSIONS and s.strict:
                 self._check_conversion(func, args, out)
-            for t in (out,) if isinstance(out, Tensor) else _tensors(out):
-                if t.is_floating_point() or t.is_complex():
-                    if s.stepped and s.strict:
-                        self._check_steps(func, args, kwargs)
-                elif s.floating_tainted(args, kwargs):
-                    s.stepped[id(t)] = weakref.ref(t)
-                s.taint(t)
+            if isinstance(out, Tensor):
+                if s.stepped or not out.is_floating_point():  # (the common case skips the steps' bookkeeping)
+                    self._steps(func, args, kwargs, (out,))
+                s.taint(out)
+            else:
+                outs = list(_tensors(out))
+                self._steps(func, args, kwargs, outs)
+                for t in outs:
+                    s.taint(t)
         return out
+
+    def _steps(self, func, args, kwargs, outs) -> None:
+        """Mark integer / bool results of input-dependent floating values as steps; refuse a step fed to a floating
+        result (see ``_Session.stepped``)."""
+        s = self.s
+        for t in outs:
+            if t.is_floating_point() or t.is_complex():
+                if s.stepped and s.strict:
+                    self._check_steps(func, args, kwargs)
+            elif s.floating_tainted(args, kwargs):
+                s.stepped[id(t)] = weakref.ref(t)
 
     def _check_steps(self, func, args, kwargs) -> None:
         """A step of the input (a comparison, a count of positive units) used as a number: not piecewise linear,
