@@ -153,6 +153,8 @@ _SCALARS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Te
             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__complex__, torch.Tensor.__index__,
             torch.Tensor.__contains__, torch.equal, torch.Tensor.equal, torch.allclose, torch.Tensor.allclose,
             torch.is_nonzero, torch.Tensor.is_nonzero}
+
+
 # random on the input's path: (position, keyword, default) of the `training` switch for dropouts (random only when
 # on and p > 0), None for calls that always draw
 def _build_random() -> dict[Any, tuple[int, str, bool] | None]:
