@@ -67,6 +67,42 @@ _LINEAR_OPS = {operator.add, operator.sub, operator.neg, operator.pos, operator.
                F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean, "mean", *_SCALING}
 _DIVISIONS = {operator.truediv, torch.div, "div", "__truediv__"}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+
+# random calls: (position, keyword, default) of the `training` switch for dropouts (random only when on and p > 0),
+# None for calls that always draw. Both routes read it: the plan for functional dropouts, the mode for all.
+def _build_random() -> dict[Any, tuple[int, str, bool] | None]:
+    T = torch.Tensor
+    table: dict[Any, tuple[int, str, bool] | None] = {
+        F.dropout: (2, "training", True), F.dropout1d: (2, "training", True), F.dropout2d: (2, "training", True),
+        F.dropout3d: (2, "training", True), F.alpha_dropout: (2, "training", False),
+        F.feature_alpha_dropout: (2, "training", False)}
+    for n in ("rand_like", "randn_like", "randint_like", "bernoulli", "poisson", "multinomial", "normal",
+              "binomial", "native_dropout"):
+        f = getattr(torch, n, None)
+        if callable(f):
+            table[f] = None
+    for n in ("bernoulli", "bernoulli_", "multinomial", "uniform_", "normal_", "exponential_", "geometric_",
+              "log_normal_", "cauchy_", "random_"):
+        f = getattr(T, n, None)
+        if callable(f):
+            table[f] = None
+    return table
+
+
+RANDOM = _build_random()
+
+
+def draws(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of ``func`` (a key of ``RANDOM``) with these arguments draws random values: a dropout only
+    when its ``training`` switch is on and ``p > 0`` (arguments may be fx nodes: those count as on)."""
+    switch = RANDOM[func]
+    if switch is None:
+        return True
+    pos, key, default = switch
+    training = args[pos] if len(args) > pos else kwargs.get(key, default)
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    return bool(training) and bool(p)
 _ATTRIBUTES = {"shape", "dtype", "device", "ndim"}  # getattr on an input-dependent tensor that reads no values
 
 
@@ -158,11 +194,8 @@ def hook_plan(model: nn.Module, logits_at: str | None = None) -> HookPlan | str:
                 continue
             if node.target not in _LINEAR_OPS:
                 return f"{what} on input-dependent data needs the function mode"
-            if node.target is F.dropout:
-                args, kw = node.args, node.kwargs
-                if (args[2] if len(args) > 2 else kw.get("training", True)) and (
-                        args[1] if len(args) > 1 else kw.get("p", 0.5)):
-                    return f"{what} in training mode (random)"
+            if node.target in RANDOM and draws(node.target, node.args, node.kwargs):
+                return f"{what} in training mode (random)"
             if node.target in _SCALING and sum(a in tainted for a in node.all_input_nodes) > 1:
                 return f"{what} of two input-dependent tensors"
             if node.target in _DIVISIONS and len(node.args) > 1 and any(a in tainted for a in _nodes(node.args[1:])):

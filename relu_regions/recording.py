@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import BATCH_STATISTICS, PatternMismatchError, UnsupportedModuleError, not_piecewise_linear
-from .hook_recording import PLANS, ForwardPatch, HookPlan, attach, foreign_hook, ours
+from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, attach, draws, foreign_hook, ours
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
@@ -155,29 +155,6 @@ _SCALARS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Te
             torch.is_nonzero, torch.Tensor.is_nonzero}
 
 
-# random on the input's path: (position, keyword, default) of the `training` switch for dropouts (random only when
-# on and p > 0), None for calls that always draw
-def _build_random() -> dict[Any, tuple[int, str, bool] | None]:
-    T = torch.Tensor
-    table: dict[Any, tuple[int, str, bool] | None] = {
-        F.dropout: (2, "training", True), F.dropout1d: (2, "training", True), F.dropout2d: (2, "training", True),
-        F.dropout3d: (2, "training", True), F.alpha_dropout: (2, "training", False),
-        F.feature_alpha_dropout: (2, "training", False)}
-    for n in ("rand_like", "randn_like", "randint_like", "bernoulli", "poisson", "multinomial", "normal",
-              "binomial", "native_dropout"):
-        f = getattr(torch, n, None)
-        if callable(f):
-            table[f] = None
-    for n in ("bernoulli", "bernoulli_", "multinomial", "uniform_", "normal_", "exponential_", "geometric_",
-              "log_normal_", "cauchy_", "random_"):
-        f = getattr(T, n, None)
-        if callable(f):
-            table[f] = None
-    return table
-
-
-_RANDOM = _build_random()
-
 # constant on finite inputs (no boundary inside the input space): their results do not depend on the input, so an
 # `assert torch.isfinite(x).all()` in a forward is not a branch on it
 _FINITE_CHECKS = {f for n in ("isfinite", "isnan", "isinf", "isposinf", "isneginf", "isreal")
@@ -190,7 +167,7 @@ _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
 _CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
-            | set(_RANDOM))
+            | set(RANDOM))
 # torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
 _OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
               for t in (base, *base.__subclasses__())}
@@ -531,14 +508,9 @@ class _Mode(TorchFunctionMode):
                 "(an input-dependent bound or slope, or options its rule does not cover): its state would be lost")
         if func in _CONVERSIONS:
             return  # checked on the result (see __torch_function__)
-        if func in _RANDOM:
-            switch = _RANDOM[func]
-            if switch is not None:
-                pos, key, default = switch
-                training = args[pos] if len(args) > pos else kwargs.get(key, default)
-                p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-                if not training or not p:
-                    return
+        if func in RANDOM:
+            if not draws(func, args, kwargs):
+                return
             raise UnsupportedModuleError(
                 f"{s.describe(s.where())} calls '{_op_name(func)}' on input-dependent data: random (a dropout in "
                 "training mode, noise), so every pass draws other values and the recorded region is not one of the "
@@ -551,8 +523,7 @@ class _Mode(TorchFunctionMode):
                 "(a branch, a scale) is out of the recording's sight, so regions and distances could silently miss "
                 "it. Keep such reads (logging, checks) outside the model's forward, or pass strict=False to take the "
                 "values as fixed.")
-        if func in _DIVISIONS and (kwargs.get("rounding_mode") if kwargs else None) is not None and (
-                s.is_tainted(args[0]) if args else False):
+        if func in _DIVISIONS and kwargs.get("rounding_mode") is not None and args and s.is_tainted(args[0]):
             raise not_piecewise_linear(s.describe(s.where()),
                                        f"'{_op_name(func)}' with rounding_mode='{kwargs['rounding_mode']}' (a step)")
         sel = _SELECTORS.get(func)
