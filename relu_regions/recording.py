@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -175,7 +176,11 @@ _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tenso
 
 
 def _op_name(func: Any) -> str:
-    return getattr(func, "__name__", repr(func))
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a property read (Tensor.data, Tensor.T): name the property
+        owner = getattr(func, "__self__", None)
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
+    return name
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -185,6 +190,35 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
         for o in obj:
             if isinstance(o, Tensor):
                 yield o
+
+
+def _derivative(t: Tensor) -> str | None:
+    """Which derivatives of the input ``t`` carries: "reverse" (autograd records its uses), "forward" (a dual tensor
+    with a tangent) or None."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return "reverse"
+    return "forward" if fwAD.unpack_dual(t).tangent is not None else None
+
+
+# the calls that drop a forward-mode tangent (a custom autograd.Function without a jvp makes torch raise; one with
+# a jvp is taken at its word)
+_DETACHES = {torch.Tensor.detach, torch.Tensor.detach_, torch.detach, torch.Tensor.data.__get__}
+
+
+def _cut_error(origin: str, derivative: str, user: str) -> UnsupportedModuleError:
+    what = "autograd (reverse mode)" if derivative == "reverse" else "forward-mode AD"
+    return UnsupportedModuleError(
+        f"{origin} on input-dependent data where {what} does not follow it (inside torch.no_grad(), through "
+        ".detach() / .data, or in the forward of a custom torch.autograd.Function, whose backward or jvp relu-regions "
+        f"cannot check), and {user} uses the result: the derivatives of the input this computation reads would be "
+        "wrong. Compute it without cutting the graph, use affine_map(..., method='compose') (no derivatives), or "
+        "pass strict=False to take the cut values as fixed.")
+
+
+# calls that build a constant of an input-dependent tensor's shape: their results carry no derivative, and need none
+_CONSTANTS = {f for n in ("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
+                          "new_empty", "new_tensor") for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None))
+              if f is not None}
 
 
 class _Pass(list):
@@ -237,6 +271,11 @@ class _Session:
         self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on a zero tensor
         self._zeros: dict = {}
         self.suspended = 0  # > 0 while a nested session (e.g. affine_map inside `with record(...)`) runs
+        # a replay that carries derivatives of its input: "reverse" (autograd) or "forward" (dual tensors), else None;
+        # then results that lost them (a cut: no_grad, detach, a custom autograd.Function) are marked, with where the
+        # cut happened, and may not reach a unit or the output (see _Mode._follow)
+        self.derivative: str | None = None
+        self.cut: dict[int, tuple[weakref.ref, str]] = {}
 
     @property
     def names(self) -> dict[int, str]:
@@ -262,12 +301,16 @@ class _Session:
         # the batch and device are read before the pass opens: under the function mode, reads inside a pass count
         # as uses of the input (the reverse route's MLP shortcut needs the first Linear as the input's only reader)
         new = _Pass()
+        self.derivative = None
+        self.cut.clear()
         for t in inputs:
             for tt in _tensors(t):
                 if taint:
                     self.taint(tt)
                 if new.batch is None and tt.dim():
                     new.batch, new.device = int(tt.shape[0]), tt.device
+                if self.replay is not None and self.derivative is None and tt.is_floating_point():
+                    self.derivative = _derivative(tt)
         self.current = new
 
     def enter_root(self, inputs: tuple, taint: bool = True) -> None:
@@ -283,25 +326,27 @@ class _Session:
             self.begin_pass(inputs, taint)
         self.depth += 1
 
-    def leave_root(self) -> None:
-        """The root module's call returned (or raised): the call that opened the pass closes it."""
+    def leave_root(self, raised: bool = False) -> None:
+        """The root module's call returned (or ``raised``): the call that opened the pass closes it."""
         self.depth -= 1
         if self.depth == self.open_depth:
-            self.end_pass()
+            self.end_pass(check=not raised)
         elif self.depth < self.open_depth:  # the wrapping call returned
             self.open_depth = self.depth
 
-    def end_pass(self) -> None:
+    def end_pass(self, check: bool = True) -> None:
+        """Close the pass (``check``: a replay must have met every recorded unit; not when the forward raised)."""
         if self.current is None:
             return
         self.passes.append(self.current)
-        if self.replay is not None and self.cursor != len(self.replay) and not self.stopped:
+        if check and self.replay is not None and self.cursor != len(self.replay) and not self.stopped:
             raise PatternMismatchError(
                 f"the replayed forward ran {self.cursor} piecewise-linear operations, the recording has "
                 f"{len(self.replay)}: the model's forward depends on its input beyond its activation pattern")
         self.current = None
         self.tainted.clear()
         self.stepped.clear()
+        self.cut.clear()
 
     # -- naming ---------------------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -365,6 +410,22 @@ class _Session:
                     return t
         return None
 
+    def cut_of(self, args: tuple, kwargs: dict) -> str | None:
+        """Where the derivative of the first argument that lost it was cut (see ``cut``), or None."""
+        for a in (*args, *kwargs.values()):
+            for t in _tensors(a):
+                r = self.cut.get(id(t))
+                if r is not None and r[0]() is t:
+                    return r[1]
+        return None
+
+    def check_output(self, output: Any) -> None:
+        """Refuse a replay's output whose derivative was cut (see ``cut``)."""
+        if self.derivative is not None and self.cut:
+            origin = self.cut_of((output,), {})
+            if origin is not None:
+                raise _cut_error(origin, self.derivative, "the model's output")
+
     def floating_tainted(self, args: tuple, kwargs: dict) -> bool:
         """Whether an argument is input-dependent and floating (or already a step of the input)."""
         return any(self.is_tainted(t) and (t.is_floating_point() or self.is_stepped(t))
@@ -402,6 +463,15 @@ class _Mode(TorchFunctionMode):
         s = self.s
         if s.current is None or s.suspended:  # outside the model's forward, after logits_at, or a nested session
             return func(*args, **kwargs)
+        if s.derivative is not None and s.strict:
+            cursor = s.cursor
+            out = self._call(func, args, kwargs)
+            self._follow(func, args, kwargs, out, unit=s.cursor != cursor)
+            return out
+        return self._call(func, args, kwargs)
+
+    def _call(self, func, args, kwargs):
+        s = self.s
         n = s.any_tainted(args, kwargs)
         if n:
             zero = False
@@ -461,6 +531,34 @@ class _Mode(TorchFunctionMode):
                 for t in outs:
                     s.taint(t)
         return out
+
+    def _follow(self, func, args, kwargs, out, unit: bool) -> None:
+        """In a replay that carries derivatives: mark results that lost them although an input-dependent argument had
+        them (a cut), and results computed from marked ones; refuse a unit whose input is marked. Inside
+        ``torch.no_grad()``, through ``.detach()`` / ``.data`` or in a custom ``torch.autograd.Function`` the
+        derivative the replay reads is not the forward's (autograd skips the call, or runs a hand-written backward
+        that need not be its derivative): the Jacobians, affine maps and boundary distances built from it would be
+        wrong. A cut whose result never reaches a unit or the output (a statistic the forward keeps) is fine."""
+        s = self.s
+        origin = s.cut_of(args, kwargs) if s.cut else None
+        if origin is not None and unit:
+            raise _cut_error(origin, s.derivative, f"the piecewise-linear unit '{s.current[-1].name}'")
+        if origin is None:
+            if func in _CONSTANTS or not self._cuts(func, args, kwargs, out):
+                return
+            origin = f"{s.describe(s.where())} calls '{_op_name(func)}'"
+        for t in _tensors(out):
+            if t.is_floating_point() or t.is_complex():
+                s.cut[id(t)] = (weakref.ref(t), origin)
+
+    def _cuts(self, func, args, kwargs, out) -> bool:
+        """Whether the call drops the derivative of an input-dependent argument that had it."""
+        s = self.s
+        if s.derivative == "forward":  # only these drop a tangent (no_grad keeps it; reading one costs ~10 µs)
+            return func in _DETACHES and bool(s.any_tainted(args, kwargs))
+        return (any((t.is_floating_point() or t.is_complex()) and not t.requires_grad for t in _tensors(out))
+                and any(s.is_tainted(a) and a.is_floating_point() and a.requires_grad
+                        for v in (*args, *kwargs.values()) for a in _tensors(v)))
 
     def _steps(self, func, args, kwargs, outs) -> None:
         """Mark integer / bool results of input-dependent floating values as steps; refuse a step fed to a floating
@@ -642,6 +740,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     def stop(module, inputs, output):
         if s.suspended:
             return
+        s.check_output(output)
         if stop_at_logits:
             raise _StopForward(output)
         if s.depth == s.open_depth + 1 and s.current is not None:  # recording in the user's own forward: stop
@@ -655,7 +754,16 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     @ours
     def root_post(module, inputs, output):
         if not s.suspended:
-            s.leave_root()
+            # (always_call: also when the forward raised, with output None; its error is the one to report, and
+            # torch would only warn about one raised here)
+            raised = output is None
+            if s.depth == s.open_depth + 1 and not raised:  # the call that closes the pass returns the output
+                try:
+                    s.check_output(output)
+                except BaseException:
+                    s.leave_root(raised=True)
+                    raise
+            s.leave_root(raised)
 
     def root_body(module, inner, args, kwargs):  # root_pre / root_post of the hook route
         if s.suspended:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -412,6 +413,115 @@ def test_a_unit_on_rows_that_are_not_the_batch_is_refused_on_both_routes():
             with torch.no_grad(), rr.record(model, route=route):
                 model(torch.randn(5, 4))
         assert "forward" not in model.act.__dict__
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A ReLU whose backward passes the gradient unchanged (a straight-through estimator): not its derivative."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _no_grad_half(h):
+    with torch.no_grad():
+        c = h * 0.5
+    return h * 0.5 + c
+
+
+# forwards that cut the derivative of the input: (the cut, the call named, whether forward-mode AD is cut too)
+_CUTS = {"detach": (lambda h: F.relu(h * 0.5 + h.detach() * 0.5), "detach", True),
+         "data": (lambda h: F.relu(h * 0.5 + h.data * 0.5), "Tensor.data", True),
+         "no_grad": (lambda h: F.relu(_no_grad_half(h)), "mul", False),
+         "custom Function": (_StraightThrough.apply, "clamp_min", False)}  # (forward mode: torch refuses, no jvp)
+
+
+class _Cut(nn.Module):
+    def __init__(self, cut=None):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.cut = cut
+
+    def forward(self, x):
+        h = self.l1(x)
+        h = self.cut(h) if self.cut is not None else F.relu(h)
+        return self.l3(F.relu(self.l2(h)))
+
+
+@pytest.mark.parametrize("kind", list(_CUTS))
+def test_a_forward_that_cuts_the_derivative_is_refused_where_derivatives_are_read(kind):
+    """``.detach()``, ``.data``, ``torch.no_grad()`` and a custom autograd.Function (a straight-through ReLU) between
+    the input and a unit: the value is the plain network's, its derivative is not. Before, ``boundary_distance`` read
+    the cut derivative and returned wrong distances without a word (``affine_map`` only failed its own check). Now
+    every route that reads derivatives refuses, naming the call; the walker (no derivatives) gives the plain
+    network's map, the Jacobian of torch.func; the model is left as it was, and no warning is raised."""
+    cut, op, forward_cut = _CUTS[kind]
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = _Cut(cut).double().eval()
+    plain = _Cut().double().eval()
+    plain.load_state_dict(model.state_dict())
+    snap = _snapshot(model)
+    refused = re.escape(f"module '<root>' (_Cut) calls '{op}' on input-dependent data where")
+    calls = [lambda: rr.affine_map(model, x, method="reverse"), lambda: rr.boundary_distance(model, x, route="reverse"),
+             lambda: rr.preactivation_maps(model, x, method="reverse")]
+    if forward_cut:
+        calls += [lambda: rr.affine_map(model, x, method="forward"),
+                  lambda: rr.boundary_distance(model, x, route="forward")]
+    for call in calls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no "hook raised an exception that was silenced"
+            with pytest.raises(rr.UnsupportedModuleError, match=refused):
+                call()
+        assert _same(snap, _snapshot(model))
+    if kind != "data":  # (the walker has no rule for reading .data)
+        jac = torch.stack([torch.func.jacrev(lambda v: plain(v[None])[0])(xi) for xi in x])
+        assert torch.allclose(rr.affine_map(model, x, method="compose").A, jac, atol=1e-10)
+    if kind == "no_grad":  # forward-mode AD follows no_grad blocks: the exact distances
+        want = rr.boundary_distance(plain, x, route="reverse").distance
+        assert torch.allclose(rr.boundary_distance(model, x, route="forward").distance, want, atol=1e-10)
+
+
+def test_a_cut_that_reaches_no_unit_and_not_the_output_is_replayed():
+    """A statistic the forward keeps through ``.detach()`` reaches no unit and not the output: replayed, with the
+    plain network's maps and distances. A custom Function after the last unit (a scale whose backward is wrong)
+    reaches the output: refused, naming its call."""
+
+    class Kept(_Cut):
+        def forward(self, x):
+            h = F.relu(self.l1(x))
+            self.mean = h.mean().detach()
+            return self.l3(F.relu(self.l2(h)))
+
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model, plain = Kept().double().eval(), _Cut().double().eval()
+    plain.load_state_dict(model.state_dict())
+    want = rr.boundary_distance(plain, x, route="forward")
+    for route in ("reverse", "forward"):
+        got = rr.boundary_distance(model, x, route=route)
+        assert torch.allclose(got.distance, want.distance, atol=1e-10)
+        assert torch.allclose(rr.affine_map(model, x, method=route).A, rr.affine_map(plain, x, method=route).A,
+                              atol=1e-10)
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            return 2 * h
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3 * g
+
+    class Head(_Cut):
+        def forward(self, x):
+            return Scaled.apply(super().forward(x))
+
+    head = Head().double().eval()
+    with pytest.raises(rr.UnsupportedModuleError, match="calls 'mul'.*the model's output uses the result"):
+        rr.affine_map(head, x, method="reverse")
 
 
 def test_an_integer_input_converted_in_the_forward_is_recorded():
