@@ -175,6 +175,9 @@ _OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _RESHAPES = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 
 
+_SETITEM = torch.Tensor.__setitem__
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", repr(func))
     if name == "__get__":  # a property read (Tensor.data, Tensor.T): name the property
@@ -396,7 +399,13 @@ class _Session:
         if not isinstance(t, Tensor):
             return False
         r = self.tainted.get(id(t))
-        return r is not None and r() is t
+        if r is not None and r() is t:
+            return True
+        b = t._base  # a view taken before input-dependent values were written into the tensor it views
+        if b is None:
+            return False
+        r = self.tainted.get(id(b))
+        return r is not None and r() is b
 
     def is_stepped(self, t: Any) -> bool:
         r = self.stepped.get(id(t))
@@ -525,12 +534,25 @@ class _Mode(TorchFunctionMode):
                 if s.stepped or not out.is_floating_point():  # (the common case skips the steps' bookkeeping)
                     self._steps(func, args, kwargs, (out,))
                 s.taint(out)
+                if (args and out is args[0]) or kwargs.get("out") is out:  # written in place: copy_, add_, out=
+                    self._written(out)
+            elif func is _SETITEM:  # buf[:, :3] = h
+                if s.stepped or not args[0].is_floating_point():
+                    self._steps(func, args, kwargs, (args[0],))
+                s.taint(args[0])
+                self._written(args[0])
             else:
                 outs = list(_tensors(out))
                 self._steps(func, args, kwargs, outs)
                 for t in outs:
                     s.taint(t)
         return out
+
+    def _written(self, t: Tensor) -> None:
+        """Input-dependent values were written into ``t`` in place: the tensor it views holds them too (a buffer
+        filled slice by slice, ``buf[:, :3] = h`` or ``buf[:, :3].copy_(h)``, is read whole afterwards)."""
+        if t._base is not None:
+            self.s.taint(t._base)
 
     def _follow(self, func, args, kwargs, out, unit: bool) -> None:
         """In a replay that carries derivatives: mark results that lost them although an input-dependent argument had

@@ -524,6 +524,63 @@ def test_a_cut_that_reaches_no_unit_and_not_the_output_is_replayed():
         rr.affine_map(head, x, method="reverse")
 
 
+def _fill_setitem(buf, a, b):
+    buf[:, :3] = a
+    buf[:, 3:] = b
+    return buf
+
+
+def _fill_copy(buf, a, b):
+    buf[:, :3].copy_(a)
+    buf[:, 3:].copy_(b)
+    return buf
+
+
+def _fill_early_views(buf, a, b):
+    left, right = buf[:, :3], buf[:, 3:]  # views taken before anything is written, read after
+    buf[:, :3] = a
+    buf[:, 3:] = b
+    return torch.cat([left, right], 1)
+
+
+class _Filled(nn.Module):
+    def __init__(self, fill=None):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+        self.fill = fill
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.fill is None:
+            return self.out(F.relu(torch.cat([a, b], 1)))
+        return self.out(F.relu(self.fill(torch.zeros(x.shape[0], 6, dtype=x.dtype), a, b)))
+
+
+@pytest.mark.parametrize("fill", [_fill_setitem, _fill_copy, _fill_early_views])
+def test_values_written_into_a_buffer_are_recorded(fill):
+    """A buffer filled in place with input-dependent values (``buf[:, :3] = h``, ``buf[:, :3].copy_(h)``, views
+    taken before the write) holds them whole. Before, the written buffer counted as a constant: its ReLU was missing
+    from every pattern (one region for all inputs), every distance ``inf``, and ``affine_map`` failed its check.
+    Now the patterns, maps and distances are those of the same network written with ``torch.cat``; the maps equal
+    the Jacobian of torch.func."""
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model, plain = _Filled(fill).double().eval(), _Filled().double().eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    with torch.no_grad(), rr.record(plain) as ref:
+        plain(x)
+    assert [p.kind for p in rec.passes[0]] == ["relu"]
+    assert torch.equal(rec.passes[0][0].state, ref.passes[0][0].state)
+    am = rr.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(lambda v: plain(v[None])[0])(xi) for xi in x])
+    assert torch.allclose(am.A, jac, atol=1e-10)
+    for route in ("forward", "reverse"):
+        got = rr.boundary_distance(model, x, route=route).distance
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, rr.boundary_distance(plain, x, route=route).distance, atol=1e-10)
+
+
 def test_an_integer_input_converted_in_the_forward_is_recorded():
     """uint8 images made floating inside the forward: the input's own conversion is not a step of the input."""
 
