@@ -88,14 +88,23 @@ def _build_nonlinear() -> set:
             "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
             "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
             "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount")
-    for n in more.split():
+    # the activations and norms of the F list under their torch / Tensor spellings too (torch.selu, h.hardshrink())
+    for n in names[0][1].split() + more.split() + ["angle"]:
         for mod in (torch, torch.Tensor, torch.special, F):
-            f = getattr(mod, n, None)
-            if callable(f):
-                out.add(f)
+            for name in (n, n + "_"):  # the in-place spellings: h.sigmoid_(), torch.sigmoid_(h)
+                f = getattr(mod, name, None)
+                if callable(f):
+                    out.add(f)
+    # torch.special holds no affine function (Bessel functions, orthogonal polynomials, zeta, ...)
+    out.update(f for n in dir(torch.special) if not n.startswith("_")
+               for f in [getattr(torch.special, n)] if callable(f))
+    # in-place comparisons write a step of the input into a floating tensor (h.gt_(0))
+    for n in ("eq ne gt ge lt le greater greater_equal less less_equal not_equal logical_not logical_and logical_or "
+              "logical_xor").split():
         f = getattr(torch.Tensor, n + "_", None)
         if callable(f):
             out.add(f)
+    out.update(f for f in (getattr(torch.linalg, "vander", None), getattr(F, "gumbel_softmax", None)) if f is not None)
     for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
         if hasattr(F, n):
             out.add(getattr(F, n))

@@ -285,6 +285,13 @@ _C = torch.linspace(-1, 1, 6)
     (_Op(lambda h: torch.ops.aten.relu(h)), "<root>", "calls the operator 'aten.relu' (torch.ops)"),
     (_Op(lambda h: h.relu() + torch.unique(h).sum()), "<root>", "'unique'"),
     (_Op(lambda h: h.relu() + 0.1 * torch.randn_like(h)), "<root>", "'randn_like' on input-dependent data: random"),
+    # spellings a scan of ~1500 torch / F / special / Tensor callables found passing as linear (session 14)
+    (_Op(lambda h: torch.selu(h)), "<root>", "selu"),
+    (_Op(lambda h: h.hardshrink()), "<root>", "hardshrink"),
+    (_Op(lambda h: torch.sigmoid_(h.clone())), "<root>", "sigmoid_"),
+    (_Op(lambda h: torch.special.bessel_j0(h)), "<root>", "bessel_j0"),
+    (_Op(lambda h: h.clone().gt_(0)), "<root>", "gt_"),
+    (_Op(lambda h: torch.group_norm(h.unsqueeze(-1), 2)[..., 0]), "<root>", "group_norm"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
     (nn.Sequential(nn.Linear(4, 5), nn.Softmax(-1), nn.Linear(5, 2)), "1", "softmax"),
