@@ -56,7 +56,7 @@ def _build_rules() -> dict[Any, tuple[UnitRule, ...]]:
         table[f] = (_clamp,)
     for f in (F.leaky_relu, F.leaky_relu_):
         table[f] = (_leaky,)
-    for f in (F.prelu, torch.prelu):
+    for f in (F.prelu, torch.prelu, torch.Tensor.prelu):
         table[f] = (_prelu,)
     for f in (F.max_pool1d, F.max_pool2d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
               F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool1d_with_indices,
@@ -87,7 +87,8 @@ def _build_nonlinear() -> set:
             "arccosh arctanh hypot logaddexp logaddexp2 xlogy xlog1py expit logit sinc lgamma digamma polygamma "
             "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
             "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
-            "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount")
+            "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount igamma "
+            "igammac ldexp")
     # the activations and norms of the F list under their torch / Tensor spellings too (torch.selu, h.hardshrink())
     for n in names[0][1].split() + more.split() + ["angle"]:
         for mod in (torch, torch.Tensor, torch.special, F):
@@ -105,6 +106,18 @@ def _build_nonlinear() -> set:
         if callable(f):
             out.add(f)
     out.update(f for f in (getattr(torch.linalg, "vander", None), getattr(F, "gumbel_softmax", None)) if f is not None)
+    # losses (a forward that returns one; Lightning's steps run around the recorded forward, see enter_root)
+    for n in dir(F):
+        if n.endswith("_loss") or n in ("cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+                                        "kl_div", "nll_loss"):
+            for mod in (F, torch):
+                f = getattr(mod, n, None)
+                if callable(f):
+                    out.add(f)
+    # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side only; not refused)
+    keep = set("diagonal matmul multi_dot vecdot solve solve_ex solve_triangular lstsq tensorsolve".split())
+    out.update(f for n in dir(torch.linalg) if not n.startswith("_") and n not in keep
+               for f in [getattr(torch.linalg, n)] if callable(f) and not isinstance(f, type))
     for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
         if hasattr(F, n):
             out.add(getattr(F, n))
@@ -124,12 +137,15 @@ def _build_bilinear() -> set:
           F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.baddbmm, torch.addmm,
           T.mul_, T.div_, torch.multiply, T.multiply, torch.divide, T.divide, torch.true_divide, T.true_divide,
           torch.mv, T.mv, torch.addmv, T.addmv, T.addmm, torch.addbmm, T.__rmatmul__, T.outer,
-          F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
+          F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, T.multiply_, T.divide_, T.true_divide_,
+          T.addmm_, T.addmv_, T.baddbmm_, T.addbmm_,
+          torch.linalg.matmul, torch.linalg.multi_dot, torch.linalg.vecdot, torch.chain_matmul]
     return set(fs)
 
 
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div_,
-              torch.divide, torch.Tensor.divide, torch.true_divide, torch.Tensor.true_divide}
+              torch.divide, torch.Tensor.divide, torch.true_divide, torch.Tensor.true_divide, torch.Tensor.divide_,
+              torch.Tensor.true_divide_}
 
 
 def _build_selectors() -> dict[Any, tuple[int, str, str]]:

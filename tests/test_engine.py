@@ -291,6 +291,11 @@ _C = torch.linspace(-1, 1, 6)
     (_Op(lambda h: torch.sigmoid_(h.clone())), "<root>", "sigmoid_"),
     (_Op(lambda h: torch.special.bessel_j0(h)), "<root>", "bessel_j0"),
     (_Op(lambda h: h.clone().gt_(0)), "<root>", "gt_"),
+    (_Op(lambda h: torch.ldexp(h, h)), "<root>", "ldexp"),
+    (_Op(lambda h: h.clone().multiply_(h)), "<root>", "of two input-dependent tensors"),
+    (_Op(lambda h: h.clone().divide_(h)), "<root>", "division by an input-dependent tensor"),
+    (_Op(lambda h: h * torch.linalg.pinv(h).T), "<root>", "pinv"),
+    (_Op(lambda h: h + F.mse_loss(h, torch.zeros_like(h))), "<root>", "mse_loss"),
     (_Op(lambda h: torch.group_norm(h.unsqueeze(-1), 2)[..., 0]), "<root>", "group_norm"),
     (nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)), "1", "sigmoid"),
     (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), "1", "tanh"),
@@ -836,6 +841,18 @@ def test_functional_calls_are_recorded():
     assert [p.kind for p in rec.patterns()] == ["leaky_relu", "clamp"]
     am = rr.affine_map(m.double(), torch.randn(3, 4, dtype=torch.float64), method="compose")
     assert am.residual().max() < 1e-12
+    # a PReLU spelled as a Tensor method is the same unit as F.prelu (before: passed as linear, no unit)
+    w = torch.tensor([0.25])
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    spelled, plain = _Op(lambda h: h.prelu(w.to(h.dtype))).double(), _Op(lambda h: F.prelu(h, w.to(h.dtype))).double()
+    plain.load_state_dict(spelled.state_dict())
+    with torch.no_grad(), rr.record(spelled) as a:
+        spelled(x)
+    with torch.no_grad(), rr.record(plain) as b:
+        plain(x)
+    assert [p.kind for p in a.patterns()] == ["prelu"] and torch.equal(a.patterns()[0].state, b.patterns()[0].state)
+    jac = torch.stack([torch.func.jacrev(lambda v: plain(v[None])[0])(xi) for xi in x])
+    assert torch.allclose(rr.affine_map(spelled, x).A, jac, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
