@@ -304,6 +304,7 @@ class _Session:
         # cut happened, and may not reach a unit or the output (see _Mode._follow)
         self.derivative: str | None = None
         self.cut: dict[int, tuple[weakref.ref, str]] = {}
+        self.tainting = False  # the pass follows the input through the function mode (not the hook route)
 
     @property
     def names(self) -> dict[int, str]:
@@ -331,6 +332,7 @@ class _Session:
         new = _Pass()
         self.derivative = None
         self.cut.clear()
+        self.tainting = taint
         for t in inputs:
             for tt in _tensors(t):
                 if taint:
@@ -453,12 +455,22 @@ class _Session:
                     return r[1]
         return None
 
-    def check_output(self, output: Any) -> None:
-        """Refuse a replay's output whose derivative was cut (see ``cut``)."""
+    def check_output(self, output: Any, path: str = "") -> None:
+        """Refuse an output (of the model, or of the ``path`` of ``logits_at``) that the function mode did not see
+        depend on the input, or, in a replay, whose derivative was cut (see ``cut``)."""
         if self.derivative is not None and self.cut:
             origin = self.cut_of((output,), {})
             if origin is not None:
                 raise _cut_error(origin, self.derivative, "the model's output")
+        if self.tainting and self.strict and self.current is not None:
+            outs = [t for t in _tensors(output) if t.is_floating_point()]
+            if outs and not any(self.is_tainted(t) for t in outs):
+                raise UnsupportedModuleError(
+                    f"the output of {self.describe(path)} does not depend on the model's input as far as the recording "
+                    "sees: the input was passed in a way it does not follow (inside a dict or as a keyword argument; "
+                    "pass tensors positionally), or an operation on its path ran where the function mode does not "
+                    "see it (a C++ extension function not registered with torch.library). Units after it would be "
+                    "missing from every pattern. Pass strict=False if the output is meant not to depend on the input.")
 
     def floating_tainted(self, args: tuple, kwargs: dict) -> bool:
         """Whether an argument is input-dependent and floating (or already a step of the input)."""
@@ -787,7 +799,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     def stop(module, inputs, output):
         if s.suspended:
             return
-        s.check_output(output)
+        s.check_output(output, logits_at)
         if stop_at_logits:
             raise _StopForward(output)
         if s.depth == s.open_depth + 1 and s.current is not None:  # recording in the user's own forward: stop

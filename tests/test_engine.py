@@ -593,6 +593,44 @@ def test_values_written_into_a_buffer_are_recorded(fill):
         assert torch.allclose(got, rr.boundary_distance(plain, x, route=route).distance, atol=1e-10)
 
 
+class _Hidden(nn.Module):
+    """A ReLU network whose input reaches the ReLU where the function mode cannot follow it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.out, self.how = nn.Linear(4, 6), nn.Linear(6, 2), how
+
+    def forward(self, x=None, batch=None):
+        if self.how == "dict":
+            x = batch["x"]
+        h = self.lin(x)
+        if self.how == "invisible":  # as a C++ extension function called directly: no torch function dispatch
+            with torch._C.DisableTorchFunction():
+                h = h * 2.0
+        return self.out(F.relu(h))
+
+
+@pytest.mark.parametrize("how, call", [("invisible", lambda m, x: m(x)), ("keyword", lambda m, x: m(x=x)),
+                                       ("dict", lambda m, x: m(batch={"x": x}))])
+def test_an_output_that_does_not_depend_on_the_input_as_far_as_the_recording_sees_is_refused(how, call):
+    """Before, the ReLU after an operation the mode does not see (or after an input it does not follow: a keyword
+    argument, a dict) was missing from every pattern: one region for every input, without a word. Now the pass's
+    output, not input-dependent to the mode, is refused; ``strict=False`` records what the mode saw."""
+    model = _Hidden(how).eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(rr.UnsupportedModuleError, match=r"the output of module '<root>' \(_Hidden\) does not depend "
+                                                          r"on the model's input as far as the recording sees"):
+        with torch.no_grad(), rr.record(model, route="mode"):
+            call(model, x)
+    with torch.no_grad(), rr.record(model, route="mode", strict=False) as rec:
+        call(model, x)
+    assert rec.passes[0] == []
+    plain = _Hidden("plain").eval()
+    with torch.no_grad(), rr.record(plain, route="mode") as rec:
+        plain(x)
+    assert [p.kind for p in rec.passes[0]] == ["relu"]
+
+
 def test_an_integer_input_converted_in_the_forward_is_recorded():
     """uint8 images made floating inside the forward: the input's own conversion is not a step of the input."""
 
