@@ -48,7 +48,8 @@ _MOVE = {T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten
          T.transpose, torch.transpose, T.t, torch.t, T.movedim, torch.movedim, T.__getitem__, T.expand, T.expand_as,
          T.repeat, T.narrow, torch.narrow, T.select, torch.select, T.flip, torch.flip, T.roll, torch.roll, T.chunk,
          torch.chunk, T.split, torch.split, T.unbind, torch.unbind, T.view_as, T.reshape_as, T.detach, torch.detach,
-         T.swapaxes, torch.swapaxes, T.mT, T.T}
+         T.swapaxes, torch.swapaxes, T.mT, T.T, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
+         torch.pixel_unshuffle, F.channel_shuffle, torch.tile, T.tile}
 _IDENTITY = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, T.to,
              T.float, T.double, T.type_as}
 _ADD = {torch.add, T.add, T.add_, T.__add__, T.__radd__, T.__iadd__}
@@ -57,7 +58,11 @@ _RSUB = {T.__rsub__, torch.rsub}
 _NEG = {torch.neg, T.neg, T.__neg__, T.neg_}
 _MUL = {torch.mul, T.mul, T.mul_, T.__mul__, T.__rmul__, T.__imul__, torch.multiply}
 _DIV = {torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, torch.true_divide}
-_POOL = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+# linear maps of one tensor, applied to each slice of M as they are (interpolation at fixed sizes is linear in
+# every mode)
+_POOL = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.interpolate, F.upsample,
+         F.upsample_nearest, F.upsample_bilinear}
+_CONV = {F.conv1d: 7, F.conv2d: 7, F.conv_transpose1d: 8, F.conv_transpose2d: 8}  # -> number of arguments
 _CAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _REDUCE = {T.sum, torch.sum, T.mean, torch.mean}
 
@@ -78,6 +83,11 @@ class _ComposeSession(_Session):
             return None
         e = self.maps.get(id(t))
         return e[1] if e is not None and e[0]() is t else None
+
+    def alias(self, t: Tensor, copy: Tensor) -> None:
+        m = self.m_of(t)
+        if m is not None:
+            self.set_m(copy, m)
 
     def set_m(self, t: Tensor, m: Tensor) -> None:
         key = id(t)
@@ -149,8 +159,8 @@ def _linear_rule(s: _ComposeSession, func, args, kwargs, out) -> list[Tensor] | 
         return [m0.to(o.dtype)]
     if func is F.linear:
         return [F.linear(m0, args[1] if len(args) > 1 else kwargs["weight"])]
-    if func in (F.conv1d, F.conv2d):
-        a = list(args) + [None] * (7 - len(args))
+    if func in _CONV:
+        a = list(args) + [None] * (_CONV[func] - len(args))
         kw = {k: v for k, v in kwargs.items() if k != "bias"}
         rest = [x for x in a[3:] if x is not None]
         return [_unfold(func(_fold(m0), a[1], None, *rest, **kw), d)]

@@ -91,9 +91,27 @@ def _pool_geometry(p: LayerPattern, h: int, w: int) -> tuple:
 
 
 def _window_index(p: LayerPattern, h: int, w: int, device) -> Tensor:
-    """``(k, L)`` flat input indices of every window element (``-1`` for padding)."""
-    ks, st, pad, dil = _pool_geometry(p, h, w)
+    """``(k, L)`` flat input indices of every window element (``-1`` for padding, and for the part of a ceil_mode
+    window past the input; adaptive windows of uneven sizes are padded to the largest)."""
+    out = tuple(p.state.shape[-2:]) if p.params.get("dims", 2) == 2 else (1, p.state.shape[-1])
+    if p.params.get("adaptive") and (h % out[0] or w % out[1]):
+        # torch's adaptive windows: output i covers [floor(i n / o), ceil((i + 1) n / o))
+        spans = [[(i * n // o, -(-(i + 1) * n // o)) for i in range(o)] for n, o in ((h, out[0]), (w, out[1]))]
+        kh, kw = (max(e - b for b, e in sp) for sp in spans)
+        win = torch.full((kh * kw, out[0] * out[1]), -1, dtype=torch.int64)
+        for a, (r0, r1) in enumerate(spans[0]):
+            for c, (c0, c1) in enumerate(spans[1]):
+                rr, cc = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1), indexing="ij")
+                pos = (rr - r0) * kw + (cc - c0)
+                win[pos.reshape(-1), a * out[1] + c] = (rr * w + cc).reshape(-1)
+        return win.to(device)
+    ks, st, pad, dil = (_pair(v) for v in _pool_geometry(p, h, w))
     idx = torch.arange(h * w, dtype=torch.float64, device=device).reshape(1, 1, h, w) + 1
+    # ceil_mode: the recorded output has windows that start inside the input and end past it; extend the plane
+    extra = [max(0, (o - 1) * s_ + d * (k - 1) + 1 - (n + 2 * q))
+             for o, s_, d, k, n, q in zip(out, st, dil, ks, (h, w), pad)]
+    if any(extra):
+        idx = F.pad(idx, (0, extra[1], 0, extra[0]))
     cols = F.unfold(idx, ks, dilation=dil, padding=pad, stride=st)[0]  # zero padding -> index -1 after shift
     return cols.to(torch.int64) - 1
 
@@ -133,7 +151,8 @@ def margins(p: LayerPattern, z: Tensor, const: bool = True) -> Tensor:
         state = _expand(p.state, rows).reshape(rows, zf.shape[1], -1)  # (rows, C, L)
         win = _window_index(p, h, w, z.device)  # (k, L)
         if win.shape[1] != state.shape[2]:
-            raise NotImplementedError(f"layer '{p.name}': max-pool with ceil_mode partial windows is not supported")
+            raise NotImplementedError(f"layer '{p.name}': max-pool windows ({win.shape[1]}) do not match its recorded "
+                                      f"output ({state.shape[2]})")
         za = zf.gather(2, state)
         zo = zf[:, :, win.clamp(min=0)]  # (rows, C, k, L)
         m = za.unsqueeze(2) - zo
@@ -345,6 +364,11 @@ def _chain_step(node, prev, side: set, modules: dict) -> tuple | None:
             return None
         if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
             return None
+        # the check runs the chain on the caller's input: an inplace ReLU module first would write into it
+        if kind == "relu":
+            return mod, kind, F.relu
+        if kind == "leaky_relu":
+            return mod, kind, lambda t, slope=mod.negative_slope: F.leaky_relu(t, slope)
         return mod, kind, mod
     if node.op not in ("call_function", "call_method"):
         return None
@@ -621,7 +645,8 @@ def _fast_chunk(model, plan, x, q, wanted, cache, logits_at=None, colour: _Colou
             state = p.state.reshape(b, c, -1)  # (B, C, L) flat argmax indices
             k, ll = win.shape
             if ll != state.shape[2]:
-                raise NotImplementedError(f"layer '{name}': max-pool with ceil_mode partial windows is not supported")
+                raise NotImplementedError(f"layer '{name}': max-pool windows ({ll}) do not match its recorded output "
+                                          f"({state.shape[2]})")
             if name in wanted:
                 pad = (win < 0).expand(b, c, k, ll)
                 # (B, C, L) position of the argmax in its window (exactly one element matches; a sum: argmax

@@ -24,6 +24,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,7 +37,17 @@ from .errors import BATCH_STATISTICS, PatternMismatchError, UnsupportedModuleErr
 from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, attach, draws, foreign_hook, ours
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
-from .units import ClampRule, LayerPattern, LeakyReluRule, MaxPoolRule, PReluRule, ReluRule, UnitRule, boundary_counts
+from .units import (
+    ClampRule,
+    LayerPattern,
+    LeakyReluRule,
+    MaxPoolRule,
+    PReluRule,
+    ReluRule,
+    UnitRule,
+    boundary_counts,
+    write_back,
+)
 
 Tensor = torch.Tensor
 LayerSelection = None | str | Sequence[str] | slice | int
@@ -446,6 +457,9 @@ class _Session:
                     return t
         return None
 
+    def alias(self, t: Tensor, copy: Tensor) -> None:
+        """``copy`` stands for ``t`` from now on (an observed inplace unit's input; the graph walker keeps maps)."""
+
     def cut_of(self, args: tuple, kwargs: dict) -> str | None:
         """Where the derivative of the first argument that lost it was cut (see ``cut``), or None."""
         for a in (*args, *kwargs.values()):
@@ -725,6 +739,11 @@ class _Mode(TorchFunctionMode):
 
     def _unit(self, rule: UnitRule, func, args, kwargs, x: Tensor, params: dict):
         s = self.s
+        # an inplace unit overwrites its input: an observer gets the pre-activations in a copy (see the replay below)
+        seen = x
+        if s.observe is not None and params.get("inplace"):
+            seen = x.clone()
+            s.alias(x, seen)
         if s.replay is None:
             name = self._name(func)
             s.check_batch(x)
@@ -744,10 +763,16 @@ class _Mode(TorchFunctionMode):
                     f"{tuple(x.shape[1:])}) where the recording has '{pattern.name}' ({pattern.kind}, input "
                     f"{pattern.in_shape})")
             s.cursor += 1
-            out = rule.frozen(x, pattern, func, args, kwargs)
+            if seen is x:
+                out = rule.frozen(x, pattern, func, args, kwargs)
+            else:  # the unit reads the observer's copy (derivatives taken at it reach the output), then writes its
+                # result into its input as the inplace call does
+                out = rule.frozen(seen, replace(pattern, params={**pattern.params, "inplace": False}), func, args,
+                                  kwargs)
+                out = write_back(x, out, {"inplace": True})
         if s.observe is not None:
             try:
-                s.observe(pattern, x)
+                s.observe(pattern, seen)
             except StopReplay:
                 s.stopped = True  # the replay ends here on purpose: not a mismatch with the recording
                 raise
@@ -1063,7 +1088,7 @@ def run_recorded(model: nn.Module, x: Tensor, *, strict: bool = True, logits_at:
     hooks = None if observe is not None else _hook_route(model, logits_at, count_boundary, "auto")
     with _session(model, strict=strict, logits_at=logits_at, observe=observe, hooks=hooks) as s:
         s.count_boundary = count_boundary
-        out = _call(model, x)
+        out = _call(model, x.clone())  # an inplace first layer writes into its input: not into the caller's
         if s.current is not None:  # stopped at logits_at: the root hook did not close the pass yet
             s.end_pass()
     return out, s.passes[-1] if s.passes else []
@@ -1081,6 +1106,7 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     :mod:`relu_regions.input_grads` and no parameter gradients; with ``zero_input`` as well (the caller promises
     ``z`` is all zeros), layers reading ``z`` directly return their bias without a matrix product.
     """
+    z = z.clone()  # an inplace first layer writes into its input: not into the caller's (autograd and tangents follow)
     with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
         s.fast_input_grads = fast_input_grads
         s.zero_tensors = [z] if fast_input_grads and zero_input else []

@@ -150,7 +150,7 @@ def _inplace(name: str, args: tuple, kwargs: dict, pos: int) -> bool:
     return name.endswith("_") or bool(_arg(args, kwargs, pos, "inplace", False))
 
 
-def _write_back(z: Tensor, out: Tensor, params: dict) -> Tensor:
+def write_back(z: Tensor, out: Tensor, params: dict) -> Tensor:
     """Honour in-place semantics in the frozen replay (user code may rely on the input being modified)."""
     if params.get("inplace") and not (z.is_leaf and z.requires_grad):
         return z.copy_(out)
@@ -282,7 +282,7 @@ class ReluRule(UnitRule):
 
     def frozen(self, z, pattern, func, args, kwargs):
         mask = _cached(pattern, "mask", z, lambda: pattern.state.to(z.dtype))
-        return _write_back(z, _per_replica(z, mask), pattern.params)
+        return write_back(z, _per_replica(z, mask), pattern.params)
 
 
 class LeakyReluRule(UnitRule):
@@ -299,7 +299,7 @@ class LeakyReluRule(UnitRule):
         slopes = _cached(pattern, "slopes", z, lambda: torch.where(
             pattern.state, torch.ones((), dtype=z.dtype, device=z.device),
             torch.full((), pattern.params["slope"], dtype=z.dtype, device=z.device)))
-        return _write_back(z, _per_replica(z, slopes), pattern.params)
+        return write_back(z, _per_replica(z, slopes), pattern.params)
 
 
 class PReluRule(UnitRule):
@@ -361,7 +361,7 @@ class ClampRule(UnitRule):
             out = torch.where(s == 0, torch.full_like(z, pattern.params["lo"]), out)
         if pattern.params["hi"] is not None:
             out = torch.where(s == 2, torch.full_like(z, pattern.params["hi"]), out)
-        return _write_back(z, out, pattern.params)
+        return write_back(z, out, pattern.params)
 
     def frozen_linear(self, m, pattern, func, args, kwargs):
         # saturated units contribute a constant, which belongs to the offset, not to the linear part

@@ -79,7 +79,7 @@ def test_methods_agree_and_target_selects_rows(name):
         assert torch.allclose(t.d[:, 0], maps["reverse"].d[torch.arange(len(x)), target], atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["mlp3", "lenet", "residual", "mixed", "conv1d", "functional"])
+@pytest.mark.parametrize("name", ["mlp3", "lenet", "residual", "mixed", "conv1d", "functional", "resnet", "branchy"])
 def test_perturbation_inside_region_is_exact_and_crossing_breaks_it(name):
     m, shape = _model(name, torch.float64)
     x = _inputs(shape, n=3, dtype=torch.float64)

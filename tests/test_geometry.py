@@ -761,3 +761,104 @@ def test_a_compiled_model_gives_the_plain_models_distances_and_what_ifs():
     with torch.no_grad(), rr.record(net) as ref:
         net(x)
     assert rec.route == "mode" and torch.equal(rec.region_ids(), ref.region_ids())
+
+
+def _zoo():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import zoo
+
+    return zoo()
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_every_zoo_model_gets_one_distance_from_every_route_and_its_ball_stays_in_the_region(name):
+    """The engine's zoo (BatchNorm, residual adds in place, grouped / depthwise / transposed convolutions,
+    upsampling, pixel shuffles, padded / dilated / ceil-mode / adaptive max-pools, three-state units): the forward
+    and reverse routes (and "auto", the structured route where the model is a chain) give the same distances, layer
+    by layer, and points 0.999 r away in random directions keep the recorded pattern (re-recorded)."""
+    import copy
+
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, *shape, dtype=torch.float64, generator=g)
+    got = {route: G.boundary_distance(model, x, route=route) for route in ("forward", "reverse", "auto")}
+    for route in ("reverse", "auto"):
+        assert got[route].layer_names == got["forward"].layer_names
+        for layer in got["forward"].layer_names:
+            assert torch.allclose(got[route].per_layer[layer], got["forward"].per_layer[layer], rtol=1e-9,
+                                  atol=1e-12), (route, layer)
+    r = got["forward"].distance
+    assert torch.isfinite(r).all()
+    base = _packed(model, x)
+    for _ in range(5):
+        u = _unit_dirs(x.shape, 2, g)
+        assert torch.equal(_packed(model, x + 0.999 * r.view(-1, *[1] * len(shape)) * u), base)
+    # and the nearest inequality is that far: its margin over the norm of its gradient, the gradient from central
+    # differences of re-recorded margins (steps of r / 4 along each input feature stay inside the region, where the
+    # margins are affine)
+    from relu_regions.recording import run_recorded
+
+    d_in = x[0].numel()
+    for i in range(len(x)):
+        if r[i] == 0:  # on a boundary (a tie): nothing to step
+            continue
+        name, unit = got["forward"].nearest(i)
+        h = float(r[i]) / 4
+        steps = torch.cat([torch.zeros(1, d_in, dtype=x.dtype), h * torch.eye(d_in, dtype=x.dtype),
+                           -h * torch.eye(d_in, dtype=x.dtype)])
+        xs = x[i].reshape(1, -1) + steps
+        seen = {}
+        with torch.no_grad():
+            run_recorded(model, xs.reshape(-1, *shape),
+                         observe=lambda pat, t, seen=seen: seen.setdefault(pat.name, (pat, t)))
+        pat, t = seen[name]
+        m = G.margins(pat, t)[:, unit]
+        grad = (m[1:d_in + 1] - m[d_in + 1:]) / (2 * h)
+        assert float(m[0].abs() / grad.norm()) == pytest.approx(float(r[i]), rel=1e-6), (i, name, unit)
+
+
+def test_inplace_relus_give_the_distances_and_maps_of_the_same_network_without_inplace():
+    """``nn.ReLU(inplace=True)`` overwrites its input, the pre-activations every observer of a unit reads. Before,
+    the forward and reverse routes read the overwritten values (inactive units dropped: distances too large, and
+    points closer than them left the region), the structured route read zeros (every distance 0), and
+    ``preactivation_maps`` returned the activations as pre-activations. A chain starting with an inplace ReLU also
+    wrote into the caller's input."""
+    torch.manual_seed(3)
+
+    def net(inplace):
+        return nn.Sequential(nn.ReLU(inplace=inplace), nn.Conv2d(1, 3, 3), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(27, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3)).double()
+
+    plain, inplace = net(False), net(True)
+    inplace.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x_before = x.clone()
+    for route in ("forward", "reverse", "structured"):
+        want = G.boundary_distance(plain, x, route=route)
+        got = G.boundary_distance(inplace, x, route=route)
+        assert torch.equal(x, x_before)
+        for layer in want.layer_names:
+            assert torch.allclose(got.per_layer[layer], want.per_layer[layer], rtol=1e-12, atol=0), (route, layer)
+    for method in ("forward", "reverse"):
+        want, got = (rr.preactivation_maps(m, x, method=method) for m in (plain, inplace))
+        for layer in want:
+            for field in ("value", "offset", "jacobian"):
+                assert torch.allclose(getattr(got[layer], field), getattr(want[layer], field), atol=1e-12), \
+                    (method, layer, field)
+    # the graph walker's hidden maps (its observer gets each unit's value at 0 and linear part)
+    from relu_regions.compose import compose_maps
+    from relu_regions.recording import run_recorded
+
+    hidden = []
+    for m in (plain, inplace):
+        seen = {}
+        _, patterns = run_recorded(m, x)
+        compose_maps(m, patterns, x, observe=lambda p, c, lin, seen=seen: seen.__setitem__(p.name, (c, lin)))
+        hidden.append(seen)
+    assert list(hidden[0]) == list(hidden[1]) and len(hidden[0]) == 4
+    for layer, (c, lin) in hidden[0].items():
+        assert lin is not None and torch.equal(hidden[1][layer][0], c) and torch.equal(hidden[1][layer][1], lin)

@@ -16,7 +16,7 @@ from relu_regions.hook_recording import ForwardPatch, HookPlan, hook_plan
 
 ZOO = zoo()
 # the zoo models whose units are all nn.ReLU / nn.MaxPool modules: these must take the hook route
-HOOKED = {"mlp1", "mlp2", "mlp3", "flatten_mlp", "lenet", "bn_cnn", "residual", "inplace", "reused"}
+HOOKED = {"mlp1", "mlp2", "mlp3", "flatten_mlp", "lenet", "bn_cnn", "residual", "inplace", "reused", "resnet"}
 
 
 def _inputs(shape, n=7, seed=3):

@@ -112,6 +112,54 @@ class Conv1dNet(nn.Module):
         return self.net(x)
 
 
+class ResNetCNN(nn.Module):
+    """A torchvision-style ResNet: BatchNorm, in-place ReLUs, an in-place residual add (``out += identity``), a
+    strided 1x1 projection, an overlapping padded max-pool (3, stride 2, padding 1) and global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, stride=2, padding=1))
+        self.conv1, self.bn1 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.down = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
+        self.relu = nn.ReLU(inplace=True)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        identity = self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class BranchyCNN(nn.Module):
+    """Grouped and depthwise convolutions, a transposed convolution, nearest upsampling, channel concatenation and
+    chunks, a pixel shuffle, a ceil-mode max-pool, an adaptive max-pool and a dilated max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.fc = nn.Linear(8 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))  # 2x9x9 -> 8x9x9
+        a, b = torch.chunk(self.depthwise(h), 2, dim=1)
+        h = torch.cat([F.relu(a), F.leaky_relu(b, 0.1)], 1) + self.grouped(h)
+        h = F.max_pool2d(h, 2, ceil_mode=True)  # -> 8x5x5
+        h = F.pixel_shuffle(h, 2)[:, :, :8, :8]  # -> 2x10x10, cropped to 8x8
+        h = F.relu(self.up(F.interpolate(h.repeat(1, 2, 1, 1), scale_factor=0.5, mode="nearest")))  # 4x8x8
+        h = F.max_pool2d(h, 3, stride=1, dilation=2)  # -> 4x4x4
+        h = F.adaptive_max_pool2d(torch.cat([h, -h], 1), 3)  # -> 8x3x3
+        return self.fc(h.flatten(1))
+
+
 def _prelu_init(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.PReLU):
@@ -142,6 +190,8 @@ def zoo() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "reused": (ReusedModules(), (5,)),
         "mixed": (MixedActivations(), (5,)),
         "conv1d": (Conv1dNet(), (2, 16)),
+        "resnet": (ResNetCNN(), (1, 12, 12)),
+        "branchy": (BranchyCNN(), (2, 9, 9)),
     }
     for m, _ in models.values():
         _prelu_init(m).eval()
