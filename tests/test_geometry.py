@@ -862,3 +862,50 @@ def test_inplace_relus_give_the_distances_and_maps_of_the_same_network_without_i
     assert list(hidden[0]) == list(hidden[1]) and len(hidden[0]) == 4
     for layer, (c, lin) in hidden[0].items():
         assert lin is not None and torch.equal(hidden[1][layer][0], c) and torch.equal(hidden[1][layer][1], lin)
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_what_if_on_every_zoo_model_is_tight_and_exact(name):
+    """``what_if``'s largest step along δ is where the pattern changes (re-recorded at 0.999 and 1.001 times it),
+    and its certified predictions are the model's own outputs at x + δ."""
+    import copy
+
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, *shape, dtype=torch.float64, generator=g)
+    delta = torch.randn(x.shape, dtype=torch.float64, generator=g) * torch.logspace(-6, 0, 6, dtype=torch.float64) \
+        .view(-1, *[1] * len(shape))
+    w = G.what_if(model, x, delta)
+    with torch.no_grad():
+        at = model(x + delta).reshape(len(x), -1)
+    assert torch.allclose(w.prediction[w.certified], at[w.certified], atol=1e-10)
+    s = w.max_step.view(-1, *[1] * len(shape))
+    move = torch.isfinite(w.max_step) & (w.max_step > 0)
+    assert move.sum() >= 4 and w.certified.any()
+    base = _packed(model, x)
+    assert (_packed(model, x + 0.999 * torch.where(torch.isfinite(s), s, 0) * delta) == base).all(1)[move].all()
+    assert not (_packed(model, x + 1.001 * torch.where(torch.isfinite(s), s, 0) * delta) == base).all(1)[move].any()
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_line_walk_on_every_zoo_model_agrees_with_dense_sampling(name):
+    """The regions ``line_walk`` reports along a segment are the re-recorded patterns of dense samples on it."""
+    import copy
+
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(1, *shape, dtype=torch.float64, generator=g)
+    x1 = x0 + 2.0 * torch.randn(1, *shape, dtype=torch.float64, generator=g)
+    walk = G.line_walk(model, x0, x1)
+    assert walk.breakpoints[0] == 0 and walk.breakpoints[-1] == 1 and (walk.breakpoints.diff() > 0).all()
+    ts = torch.linspace(0, 1, 801, dtype=torch.float64)
+    packed = _packed(model, x0 + ts.view(-1, *[1] * len(shape)) * (x1 - x0))
+    changes = int((packed[1:] != packed[:-1]).any(1).sum())
+    assert walk.n_regions >= changes + 1 >= 2
+    for j in range(801):
+        t = float(ts[j])
+        if (walk.breakpoints - t).abs().min() < 1e-9:
+            continue
+        assert torch.equal(packed[j], walk.packed[walk.region_at(t)]), t
