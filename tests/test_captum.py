@@ -302,3 +302,31 @@ def test_visualisation_helper(lenet, images):
         warnings.simplefilter("ignore")
         fig, ax = visualize(attr[0], images[0], method="blended_heat_map", sign="all")
     assert fig is not None
+
+
+def _zoo():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import zoo
+
+    return zoo()
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_equals_input_x_gradient_on_every_zoo_model(name):
+    """Captum's InputXGradient (autograd through the unmodified model) as the peer, on the engine's whole zoo:
+    BatchNorm, residual and inplace adds, inplace ReLUs, three-state units, grouped / transposed convolutions and
+    every kind of max-pool. The model is left as it was."""
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    x = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        k = model(x).reshape(len(x), -1).shape[1]
+    tgt = torch.arange(len(x)) % k
+    snap = _snapshot(model)
+    ours = Re3(model).attribute(x, target=tgt)
+    assert _same(snap, _snapshot(model))
+    ref = InputXGradient(model).attribute(x.clone().requires_grad_(True), target=tgt).detach()
+    assert ours.shape == x.shape and _rel(ours, ref) <= 1e-9
