@@ -909,3 +909,32 @@ def test_line_walk_on_every_zoo_model_agrees_with_dense_sampling(name):
         if (walk.breakpoints - t).abs().min() < 1e-9:
             continue
         assert torch.equal(packed[j], walk.packed[walk.region_at(t)]), t
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_region_inequalities_of_every_zoo_model_describe_its_region(name):
+    """A point x + δ satisfies every inequality of x's region (margins plus gradients times δ) exactly when its
+    re-recorded pattern is x's, for steps from deep inside to far outside (points within 1e-9 of a face aside)."""
+    import copy
+
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, *shape, dtype=torch.float64, generator=g)
+    ineq = G.region_inequalities(model, x)
+    assert (ineq.margin >= 0).all()
+    base = _packed(model, x)
+    scales = torch.logspace(-5, 0, 30, dtype=torch.float64)
+    inside_seen = outside_seen = 0
+    for i in range(len(x)):
+        delta = torch.randn(len(scales), *shape, dtype=torch.float64, generator=g) * scales.view(-1, *[1] * len(shape))
+        # ties of inactive units inside a max-pool window (margin 0, gradient 0) hold everywhere: never binding
+        binds = (ineq.margin[i] != 0) | (ineq.grad[i] != 0).any(1)
+        slack = ineq.margin[i, binds] + delta.reshape(len(scales), -1) @ ineq.grad[i, binds].T  # (steps, M)
+        predicted = (slack >= 0).all(1)
+        actual = (_packed(model, x[i] + delta) == base[i]).all(1)
+        clear = slack.abs().amin(1) > 1e-9 * (1 + ineq.margin[i].abs().amax())
+        assert torch.equal(predicted[clear], actual[clear]), (i, predicted, actual)
+        inside_seen += int((predicted & clear).sum())
+        outside_seen += int((~predicted & clear).sum())
+    assert inside_seen > 0 and outside_seen > 0
