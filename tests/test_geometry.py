@@ -938,3 +938,23 @@ def test_region_inequalities_of_every_zoo_model_describe_its_region(name):
         inside_seen += int((predicted & clear).sum())
         outside_seen += int((~predicted & clear).sum())
     assert inside_seen > 0 and outside_seen > 0
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("p", [2, INF])
+def test_certified_radius_of_every_zoo_model_holds(name, p):
+    """No point 0.999 r away (random directions; the l_inf ball's corners) changes the model's prediction."""
+    import copy
+
+    model, shape = _zoo()[name]
+    model = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, *shape, dtype=torch.float64, generator=g)
+    r = G.certified_radius(model, x, p=p)
+    assert torch.isfinite(r).all()
+    with torch.no_grad():
+        pred = model(x).reshape(len(x), -1).argmax(1)
+        for _ in range(10):
+            u = _unit_dirs(x.shape, p, g)
+            moved = model(x + 0.999 * r.view(-1, *[1] * len(shape)) * u).reshape(len(x), -1).argmax(1)
+            assert torch.equal(moved, pred)
