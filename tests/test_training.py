@@ -226,3 +226,36 @@ def test_parsimony_penalty_descends_and_moves_boundaries_away():
         opt.step()
     assert parsimony_penalty(model, x, gamma=1.0, max_samples=None).item() < p0
     assert boundary_distances(model, x).median() > d0
+
+
+def _zoo():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import zoo
+
+    return zoo()
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_evaluate_counts_the_distinct_recorded_patterns_of_every_zoo_model(name):
+    """``evaluate``'s region count (64-bit keys, batch by batch) equals the number of distinct exact packed patterns
+    of one recording of all inputs, and its accuracy the model's own; the model is left as it was."""
+    import relu_regions as rr
+
+    model, shape = _zoo()[name]
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(48, *shape, generator=g)
+    x[24:] = x[:24] + 1e-4 * torch.randn(24, *shape, generator=g)  # near copies: some regions shared
+    with torch.no_grad():
+        k = model(x[:1]).reshape(1, -1).shape[1]
+    y = torch.randint(0, max(k, 2), (48,), generator=g)
+    before = _snapshot(model)
+    stats = evaluate(model, _loader(x, y, bs=10), n_classes=max(k, 2), progress=False)
+    _same(before, _snapshot(model))
+    with torch.no_grad(), rr.record(model) as rec:
+        out = model(x)
+    assert stats.n_samples == 48
+    assert stats.n_regions() == len(torch.unique(rec.packed(), dim=0)) < 48
+    assert stats.accuracy == pytest.approx(float((out.reshape(48, -1).argmax(1) == y).float().mean()))
