@@ -337,7 +337,9 @@ class _Block:
         """The ``(b, width)`` int8 block, each part's view into it, and the int64 words that hold the two-state
         columns (None without any); reused by later calls of the same batch size in this thread (and CUDA
         stream): every call overwrites all parts before reading the block."""
-        key = (b, threading.get_ident(),
+        # (and per inference mode: a block made under torch.inference_mode, as in Lightning's validation loop, is an
+        # inference tensor, which may not be written outside it, e.g. by a later evaluate())
+        key = (b, threading.get_ident(), torch.is_inference_mode_enabled(),
                torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
         buf = self._buffers.get(key)
         if buf is None:

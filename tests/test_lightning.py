@@ -502,3 +502,48 @@ def test_a_compiled_network_gets_the_plain_networks_statistics_and_probe_distanc
             compiles.append(len(graphs))
     assert seen[1] == seen[0] and 0 < seen[0][3] < float("inf")
     assert compiles[0] == compiles[1] > 0  # neither the probe nor the training-batch pass compiled more
+
+
+def test_a_network_with_inplace_relus_gets_the_probe_distance_of_the_same_network_without():
+    """torchvision-style ResNet (BatchNorm, ``nn.ReLU(inplace=True)``, ``out += identity``): the probe's distance
+    read overwritten pre-activations before (every distance 0 on the structured route). Now the logged median and
+    statistics are those of the same network with ``inplace=False``, computed by ``boundary_distance`` and
+    ``evaluate``."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    import relu_regions.geometry as G
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import ResNetCNN
+
+    class LitResNet(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.net = ResNetCNN().eval()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, i):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 1, 12, 12, generator=g)
+    x = x[[3, 4, 6] + [i for i in range(24) if i not in (3, 4, 6)]]  # the probe: images whose distances it got wrong
+    val = torch.utils.data.TensorDataset(x, torch.randint(0, 4, (24,), generator=g))
+    model = LitResNet()
+    plain = copy.deepcopy(model.net)
+    for m in plain.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    mon = RegionMonitor(probe_size=3)
+    trainer([mon]).validate(model, loader(val, bs=8), verbose=False)
+    d = G.boundary_distance(plain, x[:3]).distance
+    assert (d > 0).any()
+    assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(d[d.isfinite()].median()), rel=1e-5)
+    ev = evaluate(plain, loader(val, bs=8), n_classes=4)
+    assert mon.stats["val"].n_regions() == ev.n_regions() and mon.stats["val"].accuracy == ev.accuracy
