@@ -161,26 +161,28 @@ class _Table:
             self._grow(uniq[new])
         return pos[inv]
 
+    # (the sums are taken out of place: tables filled under torch.inference_mode, as in Lightning's validation
+    # loop, hold inference tensors, which may not be updated in place outside it)
     def add(self, rows: Tensor, y_true: Tensor, y_pred: Tensor, sums: Mapping[str, Tensor]) -> None:
         n = len(self)
-        self.count += torch.bincount(rows, minlength=n)
-        self.true += torch.bincount(rows * self.c + y_true, minlength=n * self.c).view(n, self.c)
-        self.pred += torch.bincount(rows * self.c + y_pred, minlength=n * self.c).view(n, self.c)
+        self.count = self.count + torch.bincount(rows, minlength=n)
+        self.true = self.true + torch.bincount(rows * self.c + y_true, minlength=n * self.c).view(n, self.c)
+        self.pred = self.pred + torch.bincount(rows * self.c + y_pred, minlength=n * self.c).view(n, self.c)
         for name, v in sums.items():
             if name not in self.sums:
                 self.sums[name] = torch.zeros(n, *v.shape[1:], dtype=torch.float64)
-            self.sums[name].index_add_(0, rows, v.to(torch.float64))
+            self.sums[name] = self.sums[name].index_add(0, rows, v.to(torch.float64))
 
     def merge(self, other: _Table) -> None:
         rows = self.rows(other.keys)
         n = len(self)
-        self.count.index_add_(0, rows, other.count)
-        self.true.index_add_(0, rows, other.true)
-        self.pred.index_add_(0, rows, other.pred)
+        self.count = self.count.index_add(0, rows, other.count)
+        self.true = self.true.index_add(0, rows, other.true)
+        self.pred = self.pred.index_add(0, rows, other.pred)
         for name, v in other.sums.items():
             if name not in self.sums:
                 self.sums[name] = torch.zeros(n, *v.shape[1:], dtype=torch.float64)
-            self.sums[name].index_add_(0, rows, v)
+            self.sums[name] = self.sums[name].index_add(0, rows, v)
 
     def state(self) -> dict[str, Any]:
         return {"keys": self.keys.clone(), "count": self.count.clone(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -27,6 +28,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
         Switch the whole model to eval mode inside the block (BatchNorm uses running statistics, Dropout is the
         identity, so the network is piecewise linear); the previous per-module flags come back on exit, also
         after an exception.
+
+    The block also runs outside ``torch.inference_mode``: the package's routes need autograd or dual tensors
+    (a caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back).
     """
     modules = list(model.modules())
     training = [m.training for m in modules]
@@ -39,7 +43,8 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     try:
         if eval_mode:
             model.eval()
-        yield model
+        with torch.inference_mode(False):
+            yield model
     finally:
         for m, flag in zip(modules, training):
             if m.training is not flag:  # Module.__setattr__ costs ~10 µs: only where a flag changed

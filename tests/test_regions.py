@@ -229,3 +229,24 @@ def test_table_rows_match_a_dictionary_over_many_batches():
     assert t.keys.tolist() == list(ref) and len(t) == len(ref)
     absent = torch.tensor([k for k in range(-50, 50) if k not in ref])
     assert bool((t.find(absent) == -1).all()) and t.find(t.keys).tolist() == list(range(len(ref)))
+
+
+def test_stats_filled_under_inference_mode_take_updates_and_merges_outside_it(setup):
+    """Statistics a Lightning validation loop fills (under ``torch.inference_mode``: ``RegionMonitor.stats``) hold
+    inference tensors. Updating or merging them afterwards failed ("Inplace update to inference tensor outside
+    InferenceMode"); now the result equals statistics filled outside inference mode."""
+    model, x, y = setup
+    with torch.inference_mode():
+        a = _stats(model, x[:200], y[:200])
+    b = _stats(model, x[:200], y[:200])
+    for s in (a, b):
+        s.merge(_stats(model, x[200:300], y[200:300]))
+        amap = rr.affine_map(model, x[300:])
+        with rr.record(model) as rec:
+            out = model(x[300:])
+            s.update_from_recording(rec, y[300:], out.argmax(1), inputs=x[300:], contributions=amap.A * x[300:, None],
+                                    weights=amap.A)
+    whole = _stats(model, x, y)
+    for g in ("full", "last", "first"):
+        assert _by_key(a, g) == _by_key(b, g) == _by_key(whole, g)
+    assert a.n_samples == whole.n_samples == 400
