@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn as nn
@@ -29,8 +29,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
         identity, so the network is piecewise linear); the previous per-module flags come back on exit, also
         after an exception.
 
-    The block also runs outside ``torch.inference_mode``: the package's routes need autograd or dual tensors
-    (a caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back).
+    The block also runs outside ``torch.inference_mode`` (the package's routes need autograd or dual tensors; a
+    caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back) and outside ``torch.autocast``
+    (the maps and distances are those of the network in its own dtype, not of a reduced-precision run of it).
     """
     modules = list(model.modules())
     training = [m.training for m in modules]
@@ -43,7 +44,10 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     try:
         if eval_mode:
             model.eval()
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
             yield model
     finally:
         for m, flag in zip(modules, training):

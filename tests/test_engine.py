@@ -1345,17 +1345,20 @@ def test_all_class_map_of_an_mlp_stops_at_the_first_linear(flatten, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["lenet", "functional"])
-def test_every_route_gives_the_same_numbers_inside_torch_inference_mode(name):
-    """Evaluation code often runs under ``torch.inference_mode()``. There, autograd and forward-mode AD are off:
-    before, the reverse routes raised, and the forward routes dropped their tangents without a word (distances,
-    what-if and line walks came out different). The entry points now run their own passes outside inference mode
-    and give the numbers they give outside it."""
+@pytest.mark.parametrize("context", ["inference_mode", "autocast"])
+def test_every_route_gives_the_same_numbers_inside_inference_mode_and_autocast(name, context):
+    """Evaluation code often runs under ``torch.inference_mode()`` or ``torch.autocast``. Under inference mode
+    autograd and forward-mode AD are off: before, the reverse routes raised, and the forward routes dropped their
+    tangents without a word (distances, what-if and line walks came out different). Under autocast (bfloat16 on
+    the CPU) every number was a reduced-precision one. The entry points now run their own passes outside both and
+    give the numbers they give outside them."""
     from relu_regions import geometry as G
     from relu_regions.attributions import neuron_contributions
     from relu_regions.integrations.captum import Re3
 
-    m, shape = _model(name, torch.float64)
-    x = _inputs(shape, n=4, dtype=torch.float64)
+    dtype = torch.float32 if context == "autocast" else torch.float64  # (autocast leaves float64 alone)
+    m, shape = _model(name, dtype)
+    x = _inputs(shape, n=4, dtype=dtype)
     calls = {
         **{f"affine_map {meth}": (lambda meth=meth: rr.affine_map(m, x, method=meth).A) for meth in METHODS},
         **{f"preactivation_maps {meth}": (lambda meth=meth: torch.cat(
@@ -1364,13 +1367,13 @@ def test_every_route_gives_the_same_numbers_inside_torch_inference_mode(name):
         **{f"boundary_distance {route}": (lambda route=route: rr.boundary_distance(m, x, route=route).distance)
            for route in ("auto", "forward", "reverse")},
         "what_if": lambda: rr.what_if(m, x, 1e-3 * torch.ones_like(x)).max_step,
-        "line_walk": lambda: rr.line_walk(m, x[:1], x[1:2]).breakpoints,
+        "line_walk": lambda: rr.line_walk(m, x[:1], x[:1] + 0.1 * (x[1:2] - x[:1])).breakpoints,
         "certified_radius": lambda: G.certified_radius(m, x),
         "neuron_contributions": lambda: torch.cat([c.flatten(1) for c in neuron_contributions(m, x, 0).values()], 1),
         "Re3": lambda: Re3(m).attribute(x, target=0),
     }
     for what, call in calls.items():
         want = call()
-        with torch.inference_mode():
+        with torch.inference_mode() if context == "inference_mode" else torch.autocast("cpu", dtype=torch.bfloat16):
             got = call()
         assert torch.equal(got, want), what
