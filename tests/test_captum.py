@@ -21,6 +21,7 @@ from captum.attr import (  # noqa: E402
     NoiseTunnel,
 )
 from captum.metrics import infidelity, infidelity_perturb_func_decorator, sensitivity_max  # noqa: E402
+from zoo import zoo  # noqa: E402
 
 from relu_regions import record  # noqa: E402
 from relu_regions.compare import _lrp_model  # noqa: E402
@@ -304,22 +305,12 @@ def test_visualisation_helper(lenet, images):
     assert fig is not None
 
 
-def _zoo():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from zoo import zoo
-
-    return zoo()
-
-
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_equals_input_x_gradient_on_every_zoo_model(name):
     """Captum's InputXGradient (autograd through the unmodified model) as the peer, on the engine's whole zoo:
     BatchNorm, residual and inplace adds, inplace ReLUs, three-state units, grouped / transposed convolutions and
     every kind of max-pool. The model is left as it was."""
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     x = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo import zoo
 
 import relu_regions as rr
 from relu_regions import geometry as G
@@ -763,17 +764,7 @@ def test_a_compiled_model_gives_the_plain_models_distances_and_what_ifs():
     assert rec.route == "mode" and torch.equal(rec.region_ids(), ref.region_ids())
 
 
-def _zoo():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from zoo import zoo
-
-    return zoo()
-
-
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_every_zoo_model_gets_one_distance_from_every_route_and_its_ball_stays_in_the_region(name):
     """The engine's zoo (BatchNorm, residual adds in place, grouped / depthwise / transposed convolutions,
     upsampling, pixel shuffles, padded / dilated / ceil-mode / adaptive max-pools, three-state units): the forward
@@ -781,7 +772,7 @@ def test_every_zoo_model_gets_one_distance_from_every_route_and_its_ball_stays_i
     by layer, and points 0.999 r away in random directions keep the recorded pattern (re-recorded)."""
     import copy
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, *shape, dtype=torch.float64, generator=g)
@@ -864,13 +855,13 @@ def test_inplace_relus_give_the_distances_and_maps_of_the_same_network_without_i
         assert lin is not None and torch.equal(hidden[1][layer][0], c) and torch.equal(hidden[1][layer][1], lin)
 
 
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_what_if_on_every_zoo_model_is_tight_and_exact(name):
     """``what_if``'s largest step along δ is where the pattern changes (re-recorded at 0.999 and 1.001 times it),
     and its certified predictions are the model's own outputs at x + δ."""
     import copy
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(8)
     x = torch.randn(6, *shape, dtype=torch.float64, generator=g)
@@ -888,12 +879,12 @@ def test_what_if_on_every_zoo_model_is_tight_and_exact(name):
     assert not (_packed(model, x + 1.001 * torch.where(torch.isfinite(s), s, 0) * delta) == base).all(1)[move].any()
 
 
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_line_walk_on_every_zoo_model_agrees_with_dense_sampling(name):
     """The regions ``line_walk`` reports along a segment are the re-recorded patterns of dense samples on it."""
     import copy
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(9)
     x0 = torch.randn(1, *shape, dtype=torch.float64, generator=g)
@@ -911,13 +902,13 @@ def test_line_walk_on_every_zoo_model_agrees_with_dense_sampling(name):
         assert torch.equal(packed[j], walk.packed[walk.region_at(t)]), t
 
 
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_region_inequalities_of_every_zoo_model_describe_its_region(name):
     """A point x + δ satisfies every inequality of x's region (margins plus gradients times δ) exactly when its
     re-recorded pattern is x's, for steps from deep inside to far outside (points within 1e-9 of a face aside)."""
     import copy
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, *shape, dtype=torch.float64, generator=g)
@@ -940,13 +931,13 @@ def test_region_inequalities_of_every_zoo_model_describe_its_region(name):
     assert inside_seen > 0 and outside_seen > 0
 
 
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 @pytest.mark.parametrize("p", [2, INF])
 def test_certified_radius_of_every_zoo_model_holds(name, p):
     """No point 0.999 r away (random directions; the l_inf ball's corners) changes the model's prediction."""
     import copy
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     model = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(12)
     x = torch.randn(4, *shape, dtype=torch.float64, generator=g)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from zoo import zoo
 
 from relu_regions.models import mlp
 from relu_regions.regions import RegionStats
@@ -228,23 +229,13 @@ def test_parsimony_penalty_descends_and_moves_boundaries_away():
     assert boundary_distances(model, x).median() > d0
 
 
-def _zoo():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from zoo import zoo
-
-    return zoo()
-
-
-@pytest.mark.parametrize("name", list(_zoo()))
+@pytest.mark.parametrize("name", list(zoo()))
 def test_evaluate_counts_the_distinct_recorded_patterns_of_every_zoo_model(name):
     """``evaluate``'s region count (64-bit keys, batch by batch) equals the number of distinct exact packed patterns
     of one recording of all inputs, and its accuracy the model's own; the model is left as it was."""
     import relu_regions as rr
 
-    model, shape = _zoo()[name]
+    model, shape = zoo()[name]
     g = torch.Generator().manual_seed(13)
     x = torch.randn(48, *shape, generator=g)
     x[24:] = x[:24] + 1e-4 * torch.randn(24, *shape, generator=g)  # near copies: some regions shared
