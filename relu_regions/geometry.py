@@ -289,7 +289,7 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tens
         return None
     plan_kinds = [k for _, k, _ in steps if k]
     with torch.no_grad():
-        t = x1
+        t = x1.clone()  # x1 is the caller's: an inplace first step (nn.ReLU(inplace=True)) would write into it
         for _, _, fn in steps:
             t = fn(t)
     if plan_kinds != [p.kind for p in pats] or not isinstance(out, Tensor) or t.shape != out.shape \
@@ -364,11 +364,6 @@ def _chain_step(node, prev, side: set, modules: dict) -> tuple | None:
             return None
         if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
             return None
-        # the check runs the chain on the caller's input: an inplace ReLU module first would write into it
-        if kind == "relu":
-            return mod, kind, F.relu
-        if kind == "leaky_relu":
-            return mod, kind, lambda t, slope=mod.negative_slope: F.leaky_relu(t, slope)
         return mod, kind, mod
     if node.op not in ("call_function", "call_method"):
         return None

@@ -103,6 +103,8 @@ def draws(func: Any, args: tuple, kwargs: dict) -> bool:
     training = args[pos] if len(args) > pos else kwargs.get(key, default)
     p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
     return bool(training) and bool(p)
+
+
 _ATTRIBUTES = {"shape", "dtype", "device", "ndim"}  # getattr on an input-dependent tensor that reads no values
 
 

@@ -581,17 +581,13 @@ class _Mode(TorchFunctionMode):
                 return out  # the same for every finite input: not input-dependent
             if func in _CONVERSIONS and s.strict:
                 self._check_conversion(func, args, out)
-            if isinstance(out, Tensor):
-                if s.stepped or not out.is_floating_point():  # (the common case skips the steps' bookkeeping)
-                    self._steps(func, args, kwargs, (out,))
-                s.taint(out)
-                if (args and out is args[0]) or kwargs.get("out") is out:  # written in place: copy_, add_, out=
-                    self._written(out)
-            elif func is _SETITEM:  # buf[:, :3] = h
-                if s.stepped or not args[0].is_floating_point():
-                    self._steps(func, args, kwargs, (args[0],))
-                s.taint(args[0])
-                self._written(args[0])
+            res = args[0] if func is _SETITEM else out  # buf[:, :3] = h returns None: its result is buf
+            if isinstance(res, Tensor):
+                if s.stepped or not res.is_floating_point():  # (the common case skips the steps' bookkeeping)
+                    self._steps(func, args, kwargs, (res,))
+                s.taint(res)
+                if (args and res is args[0]) or kwargs.get("out") is res:  # written in place: copy_, add_, out=, []=
+                    self._written(res)
             else:
                 outs = list(_tensors(out))
                 self._steps(func, args, kwargs, outs)
