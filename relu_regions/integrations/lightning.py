@@ -100,8 +100,8 @@ _STAGES = ("train", "validate", "test")
 _SLOW_PROBE_SECONDS = 1.0  # below this, a probe is never reported as slow
 _SHORT = {"train": "train", "validate": "val", "test": "test"}
 # recorded batches whose keys are computed together, one after the other (see _end_batch); fewer when their states
-# pass _KEY_BYTES
-_KEY_EVERY = 4
+# pass _KEY_BYTES. 1: each batch's keys at its end, which frees its states before the next forward
+_KEY_EVERY = 1
 _KEY_BYTES = 32 << 20
 
 
@@ -301,11 +301,11 @@ class RegionMonitor(Callback):
         out = tracker.last_output
         if out is None:
             raise RuntimeError("RegionMonitor: no model output was captured in this step")
-        # the checks and predictions now; the keys a few batches at a time, one after the other (in a plain loop over
-        # 40 LeNet batches on the 2-core build machine: ~28 ms of keys instead of ~40 ms right after each forward;
-        # inside Lightning epochs the keys cost about the same, but the epochs ran ~1.5 points faster, A/B in
-        # benchmarks/results/callback_overhead.md). Keys, labels and predictions stay on the device until the epoch
-        # ends: no host synchronisation per batch.
+        # the checks and predictions now; the keys every _KEY_EVERY batches. Keys at each batch's end (1) against 4
+        # batches at a time, LeNet validation epochs on the fifteenth session's build machine: 1.157-1.173x against
+        # 1.196-1.199x (paired, 20 rounds each; the states of 4 batches stay allocated through the next forwards),
+        # the example CNN level (benchmarks/results/callback_overhead.md). Keys, labels and predictions stay on the
+        # device until the epoch ends: no host synchronisation per batch.
         waiting = self._waiting.setdefault(slot, [])
         waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device)))
         if len(waiting) >= _KEY_EVERY or sum(w[0].nbytes for w in waiting) >= _KEY_BYTES:
