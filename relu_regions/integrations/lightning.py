@@ -58,9 +58,9 @@ registers, requires_grad, train/eval) stays. How long it stays on depends on the
   because the mode sees every torch call while it is on, also Lightning's between the batches.
 
 The extra eval-mode pass on training batches restores the model's flags, hooks and requires_grad. Outputs are
-bit-identical. Region keys are computed a few batches at a time (four, or fewer when their unit states pass 32 MB),
-the rest at epoch end, instead of each batch's right after its forward: LeNet validation epochs ran ~1.5 points
-faster that way on a 2-core CPU (benchmarks/results/callback_overhead.md).
+bit-identical. Region keys are computed at the end of each batch, which frees its unit states before the next
+forward (on the fifteenth session's 2-core CPU, LeNet validation epochs ran ~2.5 points faster than with keys every
+four batches; benchmarks/results/callback_overhead.md).
 
 DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
 every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
