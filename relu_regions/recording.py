@@ -254,6 +254,14 @@ def _cut_error(origin: str, derivative: str, user: str) -> UnsupportedModuleErro
         "pass strict=False to take the cut values as fixed.")
 
 
+def _in_checkpoint() -> bool:
+    """Whether autograd saves tensors for a non-reentrant ``torch.utils.checkpoint`` here: its backward recomputes
+    this part of the forward itself, outside the replay, with live units."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return bool(hooks) and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
+
+
 # calls that build a constant of an input-dependent tensor's shape: their results carry no derivative, and need none
 _CONSTANTS = {f for n in ("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
                           "new_empty", "new_tensor") for f in (getattr(torch, n, None), getattr(torch.Tensor, n, None))
@@ -759,6 +767,14 @@ class _Mode(TorchFunctionMode):
                     f"{tuple(x.shape[1:])}) where the recording has '{pattern.name}' ({pattern.kind}, input "
                     f"{pattern.in_shape})")
             s.cursor += 1
+            if s.derivative == "reverse" and _in_checkpoint():
+                raise UnsupportedModuleError(
+                    f"{s.describe(s.where())} runs inside torch.utils.checkpoint: autograd recomputes that part of "
+                    "the forward in the backward pass, outside relu-regions' replay, with the units' live patterns at "
+                    "the replayed input, so the derivatives of this replay (reverse mode: affine_map(method="
+                    "'reverse'), boundary_distance(route='reverse'), attributions, the parsimony penalty) would be "
+                    "another region's. Use affine_map(..., method='forward' or 'compose') / boundary_distance(..., "
+                    "route='forward'), or call the model without checkpointing.")
             if seen is x:
                 out = rule.frozen(x, pattern, func, args, kwargs)
             else:  # the unit reads the observer's copy (derivatives taken at it reach the output), then writes its

@@ -147,9 +147,9 @@ def _table(stats, name):
 @pytest.mark.parametrize("budget", ["batches", "bytes"])
 def test_keys_computed_a_few_batches_later_count_every_batch_once(monkeypatch, budget):
     """The monitor can compute the keys of recorded batches a few at a time (every _KEY_EVERY batches, set to 4
-    here, or as soon as their states pass _KEY_BYTES) and the rest at epoch end: every batch counts once, in the region of its own
-    pattern. 11 batches -> groups of 4, 4 and 3 (or 11 of 1); per region the counts and class histograms, the unit
-    counts and the accuracy equal an independent evaluation, for two granularities."""
+    here, or as soon as their states pass _KEY_BYTES) and the rest at epoch end: every batch counts once, in the
+    region of its own pattern. 11 batches -> groups of 4, 4 and 3 (or 11 of 1); per region the counts and class
+    histograms, the unit counts and the accuracy equal an independent evaluation, for two granularities."""
     import relu_regions.integrations.lightning as L
 
     monkeypatch.setattr(L, "_KEY_EVERY", 4)
