@@ -452,6 +452,9 @@ def _norm(g: Tensor, q: float, dim: int) -> Tensor:
     return torch.linalg.vector_norm(g, ord=q, dim=dim)
 
 
+_PREACTIVATION_METHODS = ("auto", "forward", "reverse")
+
+
 def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, reduce: float | None = None,
                        method: str = "auto", logits_at: str | None = None, strict: bool = True,
                        unit_chunk: int = 256) -> dict[str, LayerMap]:
@@ -475,6 +478,11 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
     -------
     dict of name -> LayerMap, in execution order.
     """
+    if method not in _PREACTIVATION_METHODS:
+        raise ValueError(f"method must be one of {_PREACTIVATION_METHODS}, got {method!r}")
+    if reduce is not None and (isinstance(reduce, bool) or not isinstance(reduce, (int, float)) or not reduce > 0):
+        raise ValueError(f"reduce must be None or a norm order > 0 (2, 1, float('inf')), got {reduce!r}")
+    check_batch(x)
     x = x.detach()
     b = x.shape[0]
     n_inputs = int(x[0].numel())

@@ -303,6 +303,12 @@ def test_visualisation_helper(lenet, images):
         warnings.simplefilter("ignore")
         fig, ax = visualize(attr[0], images[0], method="blended_heat_map", sign="all")
     assert fig is not None
+    # a misspelt option is named (before, a method was silently replaced by a heat map without an image, and a sign
+    # failed with a KeyError inside Captum)
+    with pytest.raises(ValueError, match="method must be one of .*'heat_map'.*got 'heatmap'"):
+        visualize(attr[0], method="heatmap")
+    with pytest.raises(ValueError, match="sign must be one of .*'absolute_value'.*got 'abs'"):
+        visualize(attr[0], images[0], sign="abs")
 
 
 @pytest.mark.parametrize("name", list(zoo()))

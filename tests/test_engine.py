@@ -831,6 +831,16 @@ def test_affine_map_inputs_validated():
         rr.affine_map(m, torch.ones(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="method"):
         rr.affine_map(m, torch.randn(2, 6), method="magic")
+    # preactivation_maps names a wrong method or norm order (before: a KeyError of the first layer's name, or
+    # torch's TypeError from inside the norm) and checks x as affine_map does
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'forward', 'reverse'\), got 'compose'"):
+        rr.preactivation_maps(m, torch.randn(2, 6), method="compose")
+    for bad in ("l2", 0, -1.0, True):
+        with pytest.raises(ValueError, match="reduce must be None or a norm order > 0"):
+            rr.preactivation_maps(m, torch.randn(2, 6), reduce=bad)
+    with pytest.raises(ValueError, match="batched"):
+        rr.preactivation_maps(m, torch.randn(6))
+    assert set(rr.preactivation_maps(m, torch.randn(2, 6), reduce=3)) == {"1"}  # any p-norm of order > 0
 
 
 def test_chunking_and_to():

@@ -250,3 +250,50 @@ def test_evaluate_counts_the_distinct_recorded_patterns_of_every_zoo_model(name)
     assert stats.n_samples == 48
     assert stats.n_regions() == len(torch.unique(rec.packed(), dim=0)) < 48
     assert stats.accuracy == pytest.approx(float((out.reshape(48, -1).argmax(1) == y).float().mean()))
+
+
+@pytest.mark.parametrize("name", list(zoo()))
+def test_parsimony_penalty_of_every_zoo_model_matches_the_geometry_and_central_differences(name):
+    """On every zoo model (float64): the penalty's nearest hyperplane equals ``boundary_distance`` restricted to the
+    ReLU-like and clamp units (another route: forward-mode tangents through the frozen network, not the penalty's
+    ``[x, 0, e_1, ...]`` replay), and its derivative along a random direction of the parameters equals a central
+    difference of the penalty itself (steps of 1e-6 that keep every activation pattern, so the penalty is smooth
+    there); the model is left as it was."""
+    import relu_regions as rr
+
+    model, shape = zoo()[name]
+    model = model.double()
+    x = torch.randn(3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    before = _snapshot(model)
+    parts = parsimony_penalty(model, x, gamma=10.0, l1=0.1, max_samples=None, return_parts=True)
+    _same(before, _snapshot(model))
+    want = rr.boundary_distance(model, x, kinds=("relu", "leaky_relu", "prelu", "clamp"), route="forward").distance
+    torch.testing.assert_close(parts["min_distance"], want, rtol=1e-9, atol=1e-12)
+    assert parts["hinge"].item() > 0  # gamma far above the distances: every unit's hinge term is live
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]
+    grads = torch.autograd.grad(parts["total"], params, allow_unused=True)
+    slope = sum((gi * vi).sum() for gi, vi in zip(grads, v) if gi is not None)
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    pattern = rec.packed()
+
+    def at(eps: float) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            for p, vi in zip(params, v):
+                p.add_(eps * vi)
+        try:
+            with torch.no_grad(), rr.record(model) as r:
+                model(x)
+            return parsimony_penalty(model, x, gamma=10.0, l1=0.1, max_samples=None).item(), r.packed()
+        finally:
+            with torch.no_grad():
+                for p, vi in zip(params, v):
+                    p.sub_(eps * vi)
+
+    eps = 1e-6
+    (up, p_up), (down, p_down) = at(eps), at(-eps)
+    assert torch.equal(p_up, pattern) and torch.equal(p_down, pattern)
+    assert (up - down) / (2 * eps) == pytest.approx(slope.item(), rel=1e-5, abs=1e-7)

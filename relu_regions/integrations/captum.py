@@ -244,10 +244,19 @@ def visualize(attribution: Tensor, image: Tensor | None = None, method: str = "b
               **kwargs):
     """``captum.attr.visualization.visualize_image_attr`` on CHW tensors (converted with :func:`chw_to_hwc`).
 
+    ``method`` and ``sign`` are Captum's (``"heat_map"``, ``"blended_heat_map"``, ``"original_image"``,
+    ``"masked_image"``, ``"alpha_scaling"``; ``"all"``, ``"positive"``, ``"negative"``, ``"absolute_value"``).
+    Without ``image``, the methods that draw it fall back to ``"heat_map"``.
+
     Returns Captum's ``(figure, axis)``.
     """
     from captum.attr import visualization as viz
 
+    methods, signs = list(viz.ImageVisualizationMethod.__members__), list(viz.VisualizeSign.__members__)
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods} (Captum's), got {method!r}")
+    if sign not in signs:
+        raise ValueError(f"sign must be one of {signs} (Captum's), got {sign!r}")
     img = None if image is None else chw_to_hwc(image)
     if method != "heat_map" and img is None:
         method = "heat_map"
