@@ -157,10 +157,14 @@ def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch
     """Turn a Captum-style target (int, per-sample list/tensor, None) into a ``(B,)`` index tensor or None."""
     if target is None:
         return None
-    if isinstance(target, int):
+    if isinstance(target, int) and not isinstance(target, bool):
         t = torch.full((batch,), target, dtype=torch.long, device=device)
     else:
-        t = torch.as_tensor(target, device=device).reshape(-1).long()
+        t = torch.as_tensor(target, device=device).reshape(-1)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"target must be an int or integer output indices (one per sample), got {t.dtype} "
+                            f"values")
+        t = t.long()
         if t.numel() == 1:
             t = t.expand(batch).clone()
     if t.numel() != batch:
@@ -313,6 +317,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     AffineMap
     """
     check_batch(x)
+    check_chunk_size(chunk_size)
     x = x.detach()
     b = x.shape[0]
     n_inputs = int(x[0].numel())
@@ -370,6 +375,16 @@ def check_batch(x: Tensor) -> None:
         raise ValueError(f"x holds no samples (shape {tuple(x.shape)}): there is no region to compute")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    bad = int((~torch.isfinite(x)).sum())  # (one host synchronisation per entry point call)
+    if bad:
+        raise ValueError(f"x holds {bad} non-finite value(s) (nan or inf): no activation region contains such an "
+                         "input")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raise a clear error unless ``chunk_size`` is None or a positive int."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):

@@ -44,7 +44,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .affine import _basis, affine_map, preactivation_maps
+from .affine import _basis, affine_map, check_chunk_size, preactivation_maps
 from .affine import check_batch as _check_x
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
@@ -859,6 +859,7 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         raise ValueError(f"route must be 'auto', 'structured', 'forward' or 'reverse', got {route!r}")
     kinds = _check_kinds(kinds)
     _check_x(x)
+    check_chunk_size(chunk_size)
     x = x.detach()
     b = x.shape[0]
     d_in = int(x[0].numel())

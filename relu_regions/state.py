@@ -33,6 +33,8 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back) and outside ``torch.autocast``
     (the maps and distances are those of the network in its own dtype, not of a reduced-precision run of it).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = list(model.modules())
     training = [m.training for m in modules]
     # from the module list already at hand (a shared parameter may appear twice: restoring it twice is harmless)

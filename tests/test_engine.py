@@ -841,6 +841,26 @@ def test_affine_map_inputs_validated():
     with pytest.raises(ValueError, match="batched"):
         rr.preactivation_maps(m, torch.randn(6))
     assert set(rr.preactivation_maps(m, torch.randn(2, 6), reduce=3)) == {"1"}  # any p-norm of order > 0
+    # before: a float target was truncated (0.5 -> output 0), a function failed with an AttributeError, chunk_size=0
+    # meant the default and -1 failed in a reshape, and inputs with nan / inf got maps of no region at all
+    x = torch.randn(2, 6)
+    for bad in (0.5, [0.0, 1.0], torch.tensor([True, False]), True):
+        with pytest.raises(TypeError, match="target must be an int or integer output indices"):
+            rr.affine_map(m, x, target=bad)
+    assert torch.equal(rr.affine_map(m, x, target=torch.tensor([1, 0])).target, torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        rr.affine_map(lambda v: v, x)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+            rr.affine_map(m, x, chunk_size=bad)
+        with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+            rr.boundary_distance(m, x, chunk_size=bad)
+    for v in (float("nan"), float("inf"), -float("inf")):
+        bad = x.clone()
+        bad[1, 2] = v
+        for call in (rr.affine_map, rr.preactivation_maps, rr.boundary_distance):
+            with pytest.raises(ValueError, match=r"x holds 1 non-finite value\(s\)"):
+                call(m, bad)
 
 
 def test_chunking_and_to():
