@@ -365,20 +365,21 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     return amap
 
 
-def check_batch(x: Tensor) -> None:
-    """Raise a clear error unless ``x`` is a batched floating-point tensor."""
+def check_batch(x: Tensor, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a batched floating-point tensor of finite values (``name``: what the
+    messages call it)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be batched, shape (B, ...); got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise ValueError(f"x holds no samples (shape {tuple(x.shape)}): there is no region to compute")
+        raise ValueError(f"{name} holds no samples (shape {tuple(x.shape)}): there is no region to compute")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     bad = int((~torch.isfinite(x)).sum())  # (one host synchronisation per entry point call)
     if bad:
-        raise ValueError(f"x holds {bad} non-finite value(s) (nan or inf): no activation region contains such an "
-                         "input")
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf): no activation region contains such "
+                         "an input")
 
 
 def check_chunk_size(chunk_size: int | None) -> None:

@@ -122,14 +122,16 @@ def lesion(model: nn.Module, site: str, units: Units, value: float = 0.0) -> Ite
         yield m
 
 
-def _batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
+def _batches(n: int, size: int) -> list[slice]:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {size!r}")
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def collect(model: nn.Module, x: Tensor, layers: Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
     """Run ``model`` on ``x`` (eval mode, no grad) and return ``{layer: (N, units)} | {"output": (N, K)}``."""
     mods = {name: _module(model, name) for name in layers}
+    batches = _batches(len(x), batch_size)
     store: dict[str, list[Tensor]] = {name: [] for name in layers}
     store["output"] = []
     with preserved(model, eval_mode=True), torch.no_grad():
@@ -138,7 +140,7 @@ def collect(model: nn.Module, x: Tensor, layers: Sequence[str] = (), batch_size:
             for name, m in mods.items():
                 handles.append(m.register_forward_hook(
                     lambda mod, a, out, name=name: store[name].append(out.detach().reshape(out.shape[0], -1))))
-            for sl in _batches(len(x), batch_size):
+            for sl in batches:
                 out = model(x[sl])
                 store["output"].append(out.detach().reshape(out.shape[0], -1))
         finally:
@@ -305,7 +307,8 @@ def cluster_units(profiles: Tensor | np.ndarray, method: str = "affinity", n_clu
     method : {"affinity", "kmeans"}
         Affinity propagation on the Spearman similarity (the number of clusters is found; ``preference`` as in
         scikit-learn, default the median similarity) or k-means with ``n_clusters`` on the rank-standardised
-        profiles (so both see the same, monotone-invariant information).
+        profiles (so both see the same, monotone-invariant information); at most as many clusters as live units
+        (dead units, whose profile is constant, get the label -1).
     """
     from sklearn.cluster import AffinityPropagation, KMeans
 
@@ -326,8 +329,8 @@ def cluster_units(profiles: Tensor | np.ndarray, method: str = "affinity", n_clu
                                      max_iter=1000, convergence_iter=50)
             labels[live] = ap.fit_predict(s)
     elif method == "kmeans":
-        if n_clusters is None:
-            raise ValueError("method='kmeans' needs n_clusters")
+        if n_clusters is None or isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"method='kmeans' needs n_clusters, a positive int; got {n_clusters!r}")
         from scipy.stats import rankdata
 
         r = rankdata(p[live], axis=1)

@@ -1134,6 +1134,7 @@ def what_if(model: nn.Module, x: Tensor, delta: Tensor, *, logits_at: str | None
     if not isinstance(delta, Tensor) or delta.shape != x.shape:
         raise ValueError(f"delta must be a tensor of the same shape as x {tuple(x.shape)}, got "
                          f"{tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__}")
+    _check_x(delta, "delta")
     x = x.detach()
     with preserved(model, eval_mode=True):
         with torch.no_grad():
@@ -1190,6 +1191,7 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
     if not isinstance(x1, Tensor) or x1.numel() != x0.numel():
         raise ValueError(f"x1 must be a tensor with as many elements as x0 {tuple(x0.shape)}")
     x1 = x1.detach().reshape(x0.shape)
+    _check_x(x1, "x1")
     net = model
     if float64:
         net = copy.deepcopy(model).double()

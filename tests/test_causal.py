@@ -90,6 +90,13 @@ def test_bad_site_and_units():
     with pytest.raises(ValueError, match="out of range"):
         causal.ace(model, _data(), "input", 7, [0.0, 1.0])
     assert len(model.body._forward_hooks) == 0 and len(model._forward_pre_hooks) == 0
+    # before: range()'s "arg 3 must not be zero", and scikit-learn's error for a k-means of 0 clusters
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            causal.collect(model, _data(), ["body"], batch_size=bad)
+    assert len(model.body._forward_hooks) == 0 and len(model._forward_pre_hooks) == 0
+    with pytest.raises(ValueError, match="n_clusters, a positive int; got 0"):
+        causal.cluster_units(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), "kmeans", n_clusters=0)
 
 
 def _snapshot(model: nn.Module):

@@ -861,6 +861,10 @@ def test_affine_map_inputs_validated():
         for call in (rr.affine_map, rr.preactivation_maps, rr.boundary_distance):
             with pytest.raises(ValueError, match=r"x holds 1 non-finite value\(s\)"):
                 call(m, bad)
+        with pytest.raises(ValueError, match=r"delta holds 1 non-finite value\(s\)"):
+            rr.what_if(m, x, bad - x)
+        with pytest.raises(ValueError, match=r"x1 holds 1 non-finite value\(s\)"):
+            rr.line_walk(m, x[:1], bad[1:])
 
 
 def test_chunking_and_to():
