@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -311,6 +312,19 @@ def test_labels_from_dict_batches_user_function_and_clear_errors():
     assert mon3.stats["test"].n_regions() == ref.n_regions()
     with pytest.raises(ValueError, match="stages"):
         RegionMonitor(stages=["fit"])
+    # every option is checked when the callback is made (before: a negative probe_size turned the probe off without a
+    # word, a purity threshold of 1.5 failed at the first recorded batch, a probe list at the first attribute read)
+    for kw, msg in [({"probe_size": -1}, "probe_size must be an int >= 0, got -1"),
+                    ({"probe_size": 1.5}, "probe_size must be an int >= 0"),
+                    ({"every_n_epochs": 0}, "every_n_epochs must be an int >= 1"),
+                    ({"train_every_n_batches": 0}, "train_every_n_batches must be None or an int >= 1"),
+                    ({"top": 0}, "top must be None or an int >= 1"),
+                    ({"compare_every_n_epochs": 0}, "compare_every_n_epochs must be None or an int >= 1"),
+                    ({"n_classes": True}, "n_classes must be None or an int >= 1"),
+                    ({"purity_threshold": 1.5}, "purity_threshold must lie in"),
+                    ({"probe": [[1.0, 2.0]]}, "probe must be None or a batched floating-point tensor")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            RegionMonitor(**kw)
     failing = Lit()
     failing.fail = True
     hooks = _hooks(failing)

@@ -173,19 +173,25 @@ class RegionMonitor(Callback):
         bad = [s for s in stages if s not in _STAGES]
         if bad:
             raise ValueError(f"stages must be among {_STAGES}, got {bad}")
+        # every option is checked here, before training starts, not at the first batch that reads it
+        for name, value, least, optional in (
+                ("train_every_n_batches", train_every_n_batches, 1, True), ("every_n_epochs", every_n_epochs, 1, False),
+                ("probe_every_n_epochs", probe_every_n_epochs, 1, False), ("probe_size", probe_size, 0, False),
+                ("n_classes", n_classes, 1, True), ("top", top, 1, True),
+                ("compare_every_n_epochs", compare_every_n_epochs, 1, True)):
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)
+                                                     or value < least):
+                raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {least}, got {value!r}")
+        if not 0.0 <= purity_threshold <= 1.0:
+            raise ValueError(f"purity_threshold must lie in [0, 1], got {purity_threshold}")
+        if probe is not None and not (isinstance(probe, Tensor) and probe.dim() >= 2 and probe.is_floating_point()):
+            raise ValueError("probe must be None or a batched floating-point tensor (B, *input_shape), got "
+                             f"{tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__}")
         if train_every_n_batches is not None:
-            if train_every_n_batches < 1:
-                raise ValueError(f"train_every_n_batches must be >= 1, got {train_every_n_batches}")
             if "train" not in stages:
                 stages.append("train")
         elif "train" in stages:
             train_every_n_batches = 1
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if probe_every_n_epochs < 1:
-            raise ValueError(f"probe_every_n_epochs must be >= 1, got {probe_every_n_epochs}")
-        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 1):
-            raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
         self.n_classes = n_classes
         self.module = module
         self.layers = layers
