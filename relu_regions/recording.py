@@ -125,8 +125,8 @@ def _build_nonlinear() -> set:
                 f = getattr(mod, n, None)
                 if callable(f):
                     out.add(f)
-    # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side only; not refused)
-    keep = set("diagonal matmul multi_dot vecdot solve solve_ex solve_triangular lstsq tensorsolve".split())
+    # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side: see _SOLVERS)
+    keep = set("diagonal matmul multi_dot vecdot solve solve_ex solve_triangular lstsq tensorsolve lu_solve".split())
     out.update(f for n in dir(torch.linalg) if not n.startswith("_") and n not in keep
                for f in [getattr(torch.linalg, n)] if callable(f) and not isinstance(f, type))
     for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
@@ -152,6 +152,18 @@ def _build_bilinear() -> set:
           T.addmm_, T.addmv_, T.baddbmm_, T.addbmm_,
           torch.linalg.matmul, torch.linalg.multi_dot, torch.linalg.vecdot, torch.chain_matmul]
     return set(fs)
+
+
+def _build_solvers() -> dict[Any, tuple[int, str]]:
+    """Solvers of linear systems: ``func -> (position, keyword)`` of the coefficient matrix. The solution is linear
+    in the right-hand side, not in the matrix (an inverse): an input-dependent matrix is refused."""
+    T, L = torch.Tensor, torch.linalg
+    table = {L.solve: (0, "A"), L.solve_ex: (0, "A"), L.solve_triangular: (0, "input"),
+             L.lstsq: (0, "input"), L.tensorsolve: (0, "input"), L.lu_solve: (0, "LU"),
+             torch.cholesky_solve: (1, "input2"), T.cholesky_solve: (1, "input2"),
+             torch.lu_solve: (1, "LU_data"), T.lu_solve: (1, "LU_data"),
+             torch.triangular_solve: (1, "A"), T.triangular_solve: (1, "A")}
+    return {f: v for f, v in table.items() if f is not None}
 
 
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div_,
@@ -203,8 +215,9 @@ _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
-_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | _CONVERSIONS | set(_RULES) | _SCALARS
-            | set(RANDOM))
+_SOLVERS = _build_solvers()
+_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | set(_SOLVERS) | _CONVERSIONS | set(_RULES)
+            | _SCALARS | set(RANDOM))
 # torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
 _OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
               for t in (base, *base.__subclasses__())}
@@ -620,13 +633,15 @@ class _Mode(TorchFunctionMode):
         origin = s.cut_of(args, kwargs) if s.cut else None
         if origin is not None and unit:
             raise _cut_error(origin, s.derivative, f"the piecewise-linear unit '{s.current[-1].name}'")
+        lost_only = origin is None  # a cut made here marks the results that lost the derivative, not the others
         if origin is None:
             if func in _CONSTANTS or not self._cuts(func, args, kwargs, out):
                 return
             origin = f"{s.describe(s.where())} calls '{_op_name(func)}'"
         for t in _tensors(out):
-            if t.is_floating_point() or t.is_complex():
-                s.cut[id(t)] = (weakref.ref(t), origin)
+            if (t.is_floating_point() or t.is_complex()) and not (
+                    lost_only and s.derivative == "reverse" and t.requires_grad):  # (lstsq: solution kept,
+                s.cut[id(t)] = (weakref.ref(t), origin)  # its empty singular values not)
 
     def _cuts(self, func, args, kwargs, out) -> bool:
         """Whether the call drops the derivative of an input-dependent argument that had it."""
@@ -701,6 +716,15 @@ class _Mode(TorchFunctionMode):
         if func in _DIVISIONS and kwargs.get("rounding_mode") is not None and args and s.is_tainted(args[0]):
             raise not_piecewise_linear(s.describe(s.where()),
                                        f"'{_op_name(func)}' with rounding_mode='{kwargs['rounding_mode']}' (a step)")
+        solver = _SOLVERS.get(func)
+        if solver is not None:
+            pos, key = solver
+            arg = args[pos] if len(args) > pos else kwargs.get(key)
+            if any(s.is_tainted(t) for t in _tensors(arg)):
+                raise not_piecewise_linear(
+                    s.describe(s.where()), f"'{_op_name(func)}' with a coefficient matrix that depends on the input "
+                    "(the solution is linear in the right-hand side only)")
+            return
         sel = _SELECTORS.get(func)
         if sel is not None:
             pos, key, what = sel

@@ -536,6 +536,66 @@ def test_a_unit_inside_torch_checkpoint_is_refused_in_reverse_replays_and_forwar
     assert _same(snap, _snapshot(model))
 
 
+def _solvers():
+    """name -> (solve(matrix, rhs) for (B, n, n) matrices and (B, n) right-hand sides, the op's name in errors)."""
+    ones = lambda a: torch.ones(a.shape[:-1], dtype=a.dtype).unsqueeze(-1)  # noqa: E731
+
+    def lu(a, b):
+        lu_, piv = torch.linalg.lu_factor(a)
+        return torch.linalg.lu_solve(lu_, piv, b.unsqueeze(-1)).squeeze(-1)
+
+    return {
+        "solve": (lambda a, b: torch.linalg.solve(a, b), "linalg_solve"),
+        "solve_kw": (lambda a, b: torch.linalg.solve(A=a, B=b), "linalg_solve"),
+        "solve_triangular": (lambda a, b: torch.linalg.solve_triangular(a.triu(), b.unsqueeze(-1), upper=True)
+                             .squeeze(-1), "linalg_solve_triangular"),
+        "lstsq": (lambda a, b: torch.linalg.lstsq(a, b.unsqueeze(-1)).solution.squeeze(-1), "linalg_lstsq"),
+        "lu_solve": (lu, "linalg_lu_factor"),  # (the factorisation of an input-dependent matrix is refused first)
+        "cholesky_solve": (lambda a, b: torch.cholesky_solve(b.unsqueeze(-1), a.tril() + 3 * torch.eye(
+            a.shape[-1], dtype=a.dtype)).squeeze(-1), "cholesky_solve"),
+        "Tensor.cholesky_solve": (lambda a, b: b.unsqueeze(-1).cholesky_solve(a.tril() + 3 * torch.eye(
+            a.shape[-1], dtype=a.dtype)).squeeze(-1), "cholesky_solve"),
+        "ones_rhs": (lambda a, b: torch.linalg.solve(a, ones(a).squeeze(-1)), "linalg_solve"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_solvers()))
+def test_a_solver_is_linear_in_its_right_hand_side_only(name):
+    """A linear solve ``A⁻¹ b`` inside a forward: with a constant matrix and an input-dependent right-hand side it is
+    linear, and the maps equal torch.func's Jacobian of the model; with an input-dependent matrix it is an inverse,
+    refused naming the call. Before, such a matrix passed as linear: ``affine_map`` failed its own value check with
+    a generic error and ``boundary_distance`` returned distances of a network that does not exist; ``lstsq`` with a
+    constant matrix was refused as a derivative cut (its empty singular values carry no gradient, and the cut was
+    marked on the solution too) and ``linalg.lu_solve`` as nonlinear."""
+    solve, op = _solvers()[name]
+
+    class Solved(nn.Module):
+        def __init__(self, dependent: bool):
+            super().__init__()
+            self.l1, self.l2, self.dependent = nn.Linear(3, 3), nn.Linear(3, 2), dependent
+            self.register_buffer("M", 2 * torch.eye(3) + 0.1 * torch.randn(3, 3, generator=torch.Generator()
+                                                                          .manual_seed(0)))
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            m = torch.diag_embed(h + 2.0) + 0.1 * self.M if self.dependent else self.M.expand(len(h), 3, 3)
+            return self.l2(solve(m, h))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    dependent = Solved(True).double().eval()
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape(f"calls '{op}'")):
+        rr.affine_map(dependent, x, method="reverse")
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape(f"calls '{op}'")):
+        rr.boundary_distance(dependent, x, route="forward")
+    if name == "ones_rhs":
+        return  # (a right-hand side that does not depend on the input)
+    model = Solved(False).double().eval()
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    for method in ("reverse", "forward"):
+        assert torch.allclose(rr.affine_map(model, x, method=method).A, jac, atol=1e-10)
+
+
 def test_a_cut_that_reaches_no_unit_and_not_the_output_is_replayed():
     """A statistic the forward keeps through ``.detach()`` reaches no unit and not the output: replayed, with the
     plain network's maps and distances. A custom Function after the last unit (a scale whose backward is wrong)
