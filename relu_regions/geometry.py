@@ -864,12 +864,21 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     b = x.shape[0]
     d_in = int(x[0].numel())
     with preserved(model, eval_mode=True):
+        whole = None  # a few inputs whose proofs are looked for: recorded once, for the layout and the proofs
         with torch.no_grad():
-            out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at, count_boundary=False)
+            if not per_layer and method == "exact" and b <= _RECORD_WHOLE:
+                whole = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
+                out1, probe = whole[0][:1], [pp.batch(slice(0, 1)) for pp in whole[1]]
+            else:
+                out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at, count_boundary=False)
         x1 = x[:1]
 
         def chain_plan() -> list | None:
-            plan = _chain_plan(model, x1, strict, logits_at, out1, probe)
+            o, pr = out1, probe
+            if whole is not None:  # the check compares bit for bit with a run on x1 alone (kernels vary by batch)
+                with torch.no_grad():
+                    o, pr = run_recorded(model, x1, strict=strict, logits_at=logits_at, count_boundary=False)
+            plan = _chain_plan(model, x1, strict, logits_at, o, pr)
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
                                  "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "
@@ -888,7 +897,9 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             # bounded memory: the pass holds every margin and its rate of a chunk
             n_margins = sum(int(torch.Size(pp.in_shape).numel()) for pp in probe if pp.name in wanted)
             step = max(1, min(1024, (1 << 22) // max(1, n_margins)))
-            found = [_on_boundary(model, x[i:i + step], wanted, names, logits_at, strict) for i in range(0, b, step)]
+            found = [_on_boundary(model, x[i:i + step], wanted, names, logits_at, strict,
+                                  None if whole is None else [pp.batch(slice(i, i + step)) for pp in whole[1]])
+                     for i in range(0, b, step)]
             proof = tuple(torch.cat(parts) for parts in zip(*found))  # (x holds samples: check_batch)
             rest = (~proof[0]).nonzero()[:, 0]
             x = x[rest]
@@ -947,7 +958,11 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     return BoundaryDistances(dist, layer, units, per_layer, names, float(p), method)
 
 
-def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], logits_at, strict: bool) -> tuple:
+_RECORD_WHOLE = 64  # boundary_distance(per_layer=False) records up to this many inputs once (RegionMonitor's probe)
+
+
+def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], logits_at, strict: bool,
+                 patterns: list[LayerPattern] | None = None) -> tuple:
     """``(proven, layer, unit)``: which inputs provably lie on their region's boundary, and an inequality that
     proves it (``layer`` indexes ``names``; -1 where not proven).
 
@@ -956,8 +971,9 @@ def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], log
     forward-mode pass along a fixed random direction gives every margin's rate; a margin whose gradient happens to
     be orthogonal to it is only not used as a proof (the input is then computed in full).
     """
-    with torch.no_grad():
-        _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
+    if patterns is None:  # (else: x's recording, made by the caller)
+        with torch.no_grad():
+            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
     so_far = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # proven by the layers seen so far
 
