@@ -35,6 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
+from .errors import is_int_at_least
 from .keys import pack_patterns, pattern_keys
 from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -384,7 +385,7 @@ def check_batch(x: Tensor, name: str = "x") -> None:
 
 def check_chunk_size(chunk_size: int | None) -> None:
     """Raise a clear error unless ``chunk_size`` is None or a positive int."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and not is_int_at_least(chunk_size, 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 

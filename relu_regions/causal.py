@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import is_int_at_least
 from .state import preserved
 
 Tensor = torch.Tensor
@@ -123,7 +124,7 @@ def lesion(model: nn.Module, site: str, units: Units, value: float = 0.0) -> Ite
 
 
 def _batches(n: int, size: int) -> list[slice]:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_int_at_least(size, 1):
         raise ValueError(f"batch_size must be a positive int, got {size!r}")
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
@@ -329,7 +330,7 @@ def cluster_units(profiles: Tensor | np.ndarray, method: str = "affinity", n_clu
                                      max_iter=1000, convergence_iter=50)
             labels[live] = ap.fit_predict(s)
     elif method == "kmeans":
-        if n_clusters is None or isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+        if not is_int_at_least(n_clusters, 1):
             raise ValueError(f"method='kmeans' needs n_clusters, a positive int; got {n_clusters!r}")
         from scipy.stats import rankdata
 

@@ -20,6 +20,11 @@ class UnsupportedModuleError(ReluRegionsError, ValueError):
 BATCH_STATISTICS = "batch_norm in training mode (batch statistics)"
 
 
+def is_int_at_least(value: object, least: int) -> bool:
+    """Whether an option meant as a count or size is a Python int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def not_piecewise_linear(where: str, what: str, hint: str = "") -> UnsupportedModuleError:
     """The error for ``where`` (a module description) calling ``what``; one wording for every recording route."""
     return UnsupportedModuleError(f"{where} calls {what}, which is not piecewise linear in the input.{hint}")

@@ -86,6 +86,7 @@ try:
 except ImportError as e:  # pragma: no cover - lightning is an optional dependency
     raise ImportError("relu_regions.integrations.lightning needs Lightning: pip install lightning") from e
 
+from ..errors import is_int_at_least
 from ..geometry import boundary_distance
 from ..keys import UnitCounts
 from ..recording import LayerSelection
@@ -179,8 +180,7 @@ class RegionMonitor(Callback):
                 ("probe_every_n_epochs", probe_every_n_epochs, 1, False), ("probe_size", probe_size, 0, False),
                 ("n_classes", n_classes, 1, True), ("top", top, 1, True),
                 ("compare_every_n_epochs", compare_every_n_epochs, 1, True)):
-            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)
-                                                     or value < least):
+            if not (optional and value is None) and not is_int_at_least(value, least):
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {least}, got {value!r}")
         if not 0.0 <= purity_threshold <= 1.0:
             raise ValueError(f"purity_threshold must lie in [0, 1], got {purity_threshold}")
