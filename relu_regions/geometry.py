@@ -864,21 +864,22 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     b = x.shape[0]
     d_in = int(x[0].numel())
     with preserved(model, eval_mode=True):
-        whole = None  # a few inputs whose proofs are looked for: recorded once, for the layout and the proofs
+        x1 = x[:1]
+        whole = first = None  # recordings of x (a few inputs whose proofs are looked for) and of x1 alone
         with torch.no_grad():
             if not per_layer and method == "exact" and b <= _RECORD_WHOLE:
                 whole = run_recorded(model, x, strict=strict, logits_at=logits_at, count_boundary=False)
-                out1, probe = whole[0][:1], [pp.batch(slice(0, 1)) for pp in whole[1]]
+                probe = [pp.batch(slice(0, 1)) for pp in whole[1]]
             else:
-                out1, probe = run_recorded(model, x[:1], strict=strict, logits_at=logits_at, count_boundary=False)
-        x1 = x[:1]
+                first = run_recorded(model, x1, strict=strict, logits_at=logits_at, count_boundary=False)
+                probe = first[1]
 
         def chain_plan() -> list | None:
-            o, pr = out1, probe
-            if whole is not None:  # the check compares bit for bit with a run on x1 alone (kernels vary by batch)
+            nonlocal first
+            if first is None:  # the check compares bit for bit with a run on x1 alone (kernels vary by batch size)
                 with torch.no_grad():
-                    o, pr = run_recorded(model, x1, strict=strict, logits_at=logits_at, count_boundary=False)
-            plan = _chain_plan(model, x1, strict, logits_at, o, pr)
+                    first = run_recorded(model, x1, strict=strict, logits_at=logits_at, count_boundary=False)
+            plan = _chain_plan(model, x1, strict, logits_at, *first)
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
                                  "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "

@@ -633,15 +633,17 @@ class _Mode(TorchFunctionMode):
         origin = s.cut_of(args, kwargs) if s.cut else None
         if origin is not None and unit:
             raise _cut_error(origin, s.derivative, f"the piecewise-linear unit '{s.current[-1].name}'")
-        lost_only = origin is None  # a cut made here marks the results that lost the derivative, not the others
-        if origin is None:
+        # a cut made by this call marks only the results that lost the derivative (lstsq keeps its solution's, not its
+        # empty singular values'); results of a cut argument are all marked
+        made_here = origin is None
+        if made_here:
             if func in _CONSTANTS or not self._cuts(func, args, kwargs, out):
                 return
             origin = f"{s.describe(s.where())} calls '{_op_name(func)}'"
         for t in _tensors(out):
-            if (t.is_floating_point() or t.is_complex()) and not (
-                    lost_only and s.derivative == "reverse" and t.requires_grad):  # (lstsq: solution kept,
-                s.cut[id(t)] = (weakref.ref(t), origin)  # its empty singular values not)
+            kept = made_here and s.derivative == "reverse" and t.requires_grad
+            if (t.is_floating_point() or t.is_complex()) and not kept:
+                s.cut[id(t)] = (weakref.ref(t), origin)
 
     def _cuts(self, func, args, kwargs, out) -> bool:
         """Whether the call drops the derivative of an input-dependent argument that had it."""
