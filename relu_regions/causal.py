@@ -61,16 +61,35 @@ def _module(model: nn.Module, site: str) -> nn.Module:
 
 
 def _units(units: Units) -> Tensor:
-    t = torch.as_tensor(units).reshape(-1).long()
+    """Flat unit indices as a ``(k,)`` int64 tensor, or a ``(n,)`` bool mask over the site's units (checked against
+    the site's size when it runs)."""
+    t = torch.as_tensor(units).reshape(-1)
     if t.numel() == 0:
         raise ValueError("units is empty")
+    if t.dtype == torch.bool:
+        if not bool(t.any()):
+            raise ValueError("units is a mask that selects no unit")
+        return t
+    if t.is_floating_point() or t.is_complex():
+        # .long() would truncate 2.7 to unit 2
+        raise TypeError(f"units must be integer indices or a bool mask, not {t.dtype}")
+    t = t.long()
+    if int(t.min()) < 0:
+        raise ValueError(f"unit index {int(t.min())} is negative; units are flat indices 0 .. n_units - 1 into "
+                         "the per-sample tensor at the site")
     return t
 
 
 def _set(t: Tensor, units: Tensor, value: Any, site: str) -> Tensor:
     flat = t.reshape(t.shape[0], -1)
-    if int(units.max()) >= flat.shape[1] or int(units.min()) < -flat.shape[1]:
-        raise ValueError(f"unit index {int(units.max())} out of range for site {site!r} with {flat.shape[1]} units")
+    n = flat.shape[1]
+    if units.dtype == torch.bool:
+        if units.numel() != n:
+            raise ValueError(f"units is a bool mask of {units.numel()} entries; site {site!r} has {n} units per "
+                             "sample")
+        units = units.nonzero().reshape(-1)
+    elif int(units.max()) >= n:
+        raise ValueError(f"unit index {int(units.max())} out of range for site {site!r} with {n} units")
     flat = flat.clone()
     v = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
     if v.dim() == 1 and v.numel() == flat.shape[0] and units.numel() != flat.shape[0]:
@@ -90,7 +109,7 @@ def intervene(model: nn.Module, site: str, units: Units, value: float | Tensor) 
         ``"input"`` for the model's (first positional) input, or a module path whose output holds the units
         (e.g. ``"decoder.3"`` for the ReLU of a hidden layer).
     units : int, sequence of int or Tensor
-        Flat indices into the per-sample tensor at the site.
+        Flat indices (0 .. n_units - 1) into the per-sample tensor at the site, or a bool mask over its n_units.
     value : float or Tensor
         The value set (a scalar, one value per unit, or one value per sample).
     """

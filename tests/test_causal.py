@@ -83,6 +83,25 @@ def test_intervention_on_hidden_unit():
     assert res.heatmaps("output", (1,)).shape == (3, 1)
 
 
+def test_unit_masks_and_bad_indices():
+    # a bool mask selects its units (before: .long() turned it into units 0 and 1); negative and fractional
+    # indices are refused (before: -1 silently meant the last unit, 2.7 unit 2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    with causal.lesion(model, "1", torch.tensor([False, True, False, True])) as m:
+        masked = m(x)
+    h = model[1](model[0](x)).clone()
+    h[:, [1, 3]] = 0
+    torch.testing.assert_close(masked, model[2](h), rtol=0, atol=0)
+    for bad, err, msg in (([-1], ValueError, "negative"), ([2.7], TypeError, "integer indices or a bool mask"),
+                          (torch.ones(3, dtype=torch.bool), ValueError, "mask of 3 entries; site '1' has 4"),
+                          (torch.zeros(4, dtype=torch.bool), ValueError, "selects no unit")):
+        with pytest.raises(err, match=msg):
+            with causal.lesion(model, "1", bad) as m:
+                m(x)
+        assert len(model[1]._forward_hooks) == 0
+
+
 def test_bad_site_and_units():
     model = _Skip()
     with pytest.raises(ValueError, match="not a module path"):
