@@ -35,7 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
-from .errors import is_int_at_least
+from .errors import CheckpointedReverseError, is_int_at_least
 from .keys import pack_patterns, pattern_keys
 from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -300,7 +300,8 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     target : int, sequence of int, Tensor or None
         Output index (or one per sample) to explain, as in Captum; ``None`` explains every output.
     method : {"auto", "reverse", "forward", "compose"}
-        See the module docstring for costs; all are exact.
+        See the module docstring for costs; all are exact. ``"auto"`` takes forward mode where reverse mode would
+        meet a unit inside ``torch.utils.checkpoint`` (which ``"reverse"`` refuses).
     logits_at : str, optional
         Module path whose output is explained (e.g. the layer before a softmax head).
     chunk_size : int, optional
@@ -347,7 +348,18 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
 
                     bar = tqdm(total=b, desc=f"affine_map ({route})", unit="sample")
             sel = None if sel_all is None else sel_all[start:stop]
-            parts.append(_one_chunk(model, xs, out, patterns, sel, route, logits_at, strict))
+            try:
+                parts.append(_one_chunk(model, xs, out, patterns, sel, route, logits_at, strict))
+            except CheckpointedReverseError:
+                if method != "auto" or parts:
+                    raise
+                # "auto" chose reverse mode, which a unit under torch.utils.checkpoint refuses; forward mode is exact
+                # there: this chunk again, in forward mode's chunks
+                route = "forward"
+                size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
+                if bar is not None:
+                    bar.set_description(f"affine_map ({route})")
+                continue
             if bar is not None:
                 bar.update(stop - start)
             start = stop

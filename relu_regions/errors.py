@@ -17,6 +17,11 @@ class UnsupportedModuleError(ReluRegionsError, ValueError):
     """
 
 
+class CheckpointedReverseError(UnsupportedModuleError):
+    """A reverse-mode replay reached a unit inside ``torch.utils.checkpoint`` (whose backward recomputes that part
+    of the forward outside the replay). Forward-mode routes are exact there: ``method="auto"`` falls back to them."""
+
+
 BATCH_STATISTICS = "batch_norm in training mode (batch statistics)"
 
 

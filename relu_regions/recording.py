@@ -33,7 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import BATCH_STATISTICS, PatternMismatchError, UnsupportedModuleError, not_piecewise_linear
+from .errors import (
+    BATCH_STATISTICS,
+    CheckpointedReverseError,
+    PatternMismatchError,
+    UnsupportedModuleError,
+    not_piecewise_linear,
+)
 from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, attach, draws, foreign_hook, ours
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
@@ -794,7 +800,7 @@ class _Mode(TorchFunctionMode):
                     f"{pattern.in_shape})")
             s.cursor += 1
             if s.derivative == "reverse" and _in_checkpoint():
-                raise UnsupportedModuleError(
+                raise CheckpointedReverseError(
                     f"{s.describe(s.where())} runs inside torch.utils.checkpoint: autograd recomputes that part of "
                     "the forward in the backward pass, outside relu-regions' replay, with the units' live patterns at "
                     "the replayed input, so the derivatives of this replay (reverse mode: affine_map(method="

@@ -502,8 +502,8 @@ def test_a_unit_inside_torch_checkpoint_is_refused_in_reverse_replays_and_forwar
     outside the replay, with the units' live patterns. Before, ``boundary_distance(route="reverse")`` returned
     distances of other regions without a word (0.0082 where the exact distance is 0.0053 on this seed) and
     ``affine_map(method="reverse")`` failed inside torch's checkpoint code. Now every reverse replay through a unit
-    there is refused, naming the unit; the forward and compose routes equal the same network without checkpointing;
-    the model is left as it was."""
+    there is refused, naming the unit; the forward and compose routes, and ``method="auto"``, which falls back to
+    forward mode, equal the same network without checkpointing; the model is left as it was."""
     from torch.utils.checkpoint import checkpoint
 
     class Ckpt(nn.Module):
@@ -531,6 +531,13 @@ def test_a_unit_inside_torch_checkpoint_is_refused_in_reverse_replays_and_forwar
     jac = torch.stack([torch.func.jacrev(lambda v: plain(v[None])[0])(xi) for xi in x])
     for method in ("forward", "compose"):
         assert torch.allclose(rr.affine_map(model, x, method=method).A, jac, atol=1e-10)
+    # "auto" (reverse for 3 outputs <= 5 features, so also contributions' default) falls back to forward mode
+    # (before: the refusal above); chunk_size=3 also runs the chunk after the fallback's
+    for target in (None, 1):
+        auto = rr.affine_map(model, x, target=target, chunk_size=3)
+        assert auto.method == "forward"
+        assert torch.allclose(auto.A, jac if target is None else jac[:, 1:2], atol=1e-10)
+    assert _same(snap, _snapshot(model))
     want = rr.boundary_distance(plain, x, route="reverse").distance
     assert torch.allclose(rr.boundary_distance(model, x, route="forward").distance, want, atol=1e-10)
     assert _same(snap, _snapshot(model))
