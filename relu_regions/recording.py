@@ -222,6 +222,7 @@ _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
 _SELECTORS = _build_selectors()
 _SOLVERS = _build_solvers()
+_LSTSQ = torch.linalg.lstsq
 _CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | set(_SOLVERS) | _CONVERSIONS | set(_RULES)
             | _SCALARS | set(RANDOM))
 # torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
@@ -606,6 +607,12 @@ class _Mode(TorchFunctionMode):
         if n:
             if func in _FINITE_CHECKS:
                 return out  # the same for every finite input: not input-dependent
+            if func is _LSTSQ and s.strict and out.residuals.numel():
+                raise not_piecewise_linear(
+                    s.describe(s.where()), "'linalg_lstsq' with residuals (a driver other than 'gelsy' and a tall "
+                    "full-rank matrix)", " The residuals are squared norms, quadratic in the input-dependent "
+                    "right-hand side, and may be read later; the solution alone is linear in it: pass driver='gelsy' "
+                    "(no residuals), or strict=False if the forward reads only the solution.")
             if func in _CONVERSIONS and s.strict:
                 self._check_conversion(func, args, out)
             res = args[0] if func is _SETITEM else out  # buf[:, :3] = h returns None: its result is buf

@@ -603,6 +603,38 @@ def test_a_solver_is_linear_in_its_right_hand_side_only(name):
         assert torch.allclose(rr.affine_map(model, x, method=method).A, jac, atol=1e-10)
 
 
+def test_lstsq_residuals_of_an_input_dependent_right_hand_side_are_refused():
+    """``lstsq``'s residuals are squared norms of ``A·X − B``, quadratic in an input-dependent ``B``. Before, a
+    forward that used them passed: ``affine_map`` failed its value check with a generic error, and
+    ``boundary_distance`` returned distances (0.18, 0.10, 0.33 on this seed) of no real network. Refused now, naming
+    them; the solution alone (driver 'gelsy', which computes no residuals) stays exact."""
+
+    class Residuals(nn.Module):
+        def __init__(self, driver: str, use: bool):
+            super().__init__()
+            self.l, self.driver, self.use = nn.Linear(4, 6), driver, use
+            self.register_buffer("M", torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            h = torch.relu(self.l(x))
+            sol, res, _, _ = torch.linalg.lstsq(self.M.expand(len(h), 6, 3), h.unsqueeze(-1), driver=self.driver)
+            return torch.cat([sol.squeeze(-1), res.reshape(len(h), -1)], 1) if self.use else sol.squeeze(-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    model = Residuals("gelsd", True).double().eval()
+    for call in (lambda: rr.boundary_distance(model, x), lambda: rr.affine_map(model, x, method="forward")):
+        with pytest.raises(rr.UnsupportedModuleError, match="'linalg_lstsq' with residuals"):
+            call()
+    with pytest.raises(rr.UnsupportedModuleError, match="'linalg_lstsq' with residuals"):
+        with rr.record(model):
+            model(x)
+    solution = Residuals("gelsy", False).double().eval()
+    solution.load_state_dict(model.state_dict())
+    jac = torch.stack([torch.func.jacrev(lambda v: solution(v[None])[0])(xi) for xi in x])
+    assert torch.allclose(rr.affine_map(solution, x).A, jac, atol=1e-10)
+
+
 def test_a_cut_that_reaches_no_unit_and_not_the_output_is_replayed():
     """A statistic the forward keeps through ``.detach()`` reaches no unit and not the output: replayed, with the
     plain network's maps and distances. A custom Function after the last unit (a scale whose backward is wrong)
