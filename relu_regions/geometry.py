@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, check_chunk_size, preactivation_maps
 from .affine import check_batch as _check_x
+from .errors import is_int_at_least
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
 from .recording import LayerSelection, StopReplay, run_frozen, run_recorded, select_layers
@@ -1044,12 +1046,26 @@ def certified_radius(model: nn.Module, x: Tensor, p: float = 2, **kw) -> Tensor:
 # --- validity curves --------------------------------------------------------------------------------------------
 
 
+def _distances(distances: Tensor) -> Tensor:
+    """Distances as a flat float64 CPU tensor; NaN (no distance at all) refused. ``inf`` is a distance: a region
+    that no unit bounds."""
+    if not isinstance(distances, Tensor):
+        distances = torch.as_tensor(distances)
+    d = distances.detach().reshape(-1).to(torch.float64).cpu()
+    bad = int(torch.isnan(d).sum()) + int((d < 0).sum())
+    if bad:
+        raise ValueError(f"distances holds {bad} NaN or negative value(s); a distance is >= 0 (inf: unbounded)")
+    return d
+
+
 def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -> tuple[Tensor, Tensor]:
     """Share of explanations still valid under every perturbation of norm ``eps``: ``mean(distance >= eps)``.
 
     Returns ``(eps, validity)``; ``eps`` defaults to ``n`` points from 0 to the largest finite distance.
     """
-    d = distances.detach().reshape(-1).to(torch.float64).cpu()
+    d = _distances(distances)
+    if not is_int_at_least(n, 1):
+        raise ValueError(f"n (points of the curve) must be a positive int, got {n!r}")
     if eps is None:
         finite = d[torch.isfinite(d)]
         top = float(finite.max()) if finite.numel() else 1.0
@@ -1060,9 +1076,13 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
 
 def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, float]:
     """ε_L: the largest ε with validity >= L, i.e. the ⌈L·N⌉-th largest distance (exact, Re3 §4.2.4)."""
-    d = torch.sort(distances.detach().reshape(-1).to(torch.float64).cpu(), descending=True).values
+    d = torch.sort(_distances(distances), descending=True).values
+    if d.numel() == 0:
+        raise ValueError("distances is empty: no validity level has an epsilon")
     out = {}
     for lv in levels:
+        if not isinstance(lv, numbers.Real) or not 0 < lv <= 1:
+            raise ValueError(f"levels are shares of the explanations, in (0, 1]; got {lv!r}")
         k = max(1, math.ceil(lv * d.numel() - 1e-9))
         out[f"eps{int(round(lv * 100))}"] = float(d[k - 1])
     return out

@@ -199,6 +199,26 @@ def test_line_walk_agrees_with_dense_sampling(model_fn):
         assert torch.equal(packed[j], walk.packed[walk.region_at(t)])
 
 
+def test_validity_functions_refuse_bad_input():
+    """Before: a level outside (0, 1] or no distances at all ended in an IndexError, and a NaN distance counted as
+    "invalid at every epsilon" (a curve at 0.5 for one NaN of two)."""
+    d = torch.arange(1, 11, dtype=torch.float64)
+    for levels in ((2.0,), (0.0,), (-0.5,)):
+        with pytest.raises(ValueError, match=r"levels are shares of the explanations, in \(0, 1\]"):
+            G.validity_epsilons(d, levels)
+    with pytest.raises(ValueError, match="distances is empty"):
+        G.validity_epsilons(torch.zeros(0))
+    for bad in (torch.tensor([float("nan"), 1.0]), torch.tensor([-1.0, 1.0])):
+        with pytest.raises(ValueError, match="1 NaN or negative value"):
+            G.validity_curve(bad)
+        with pytest.raises(ValueError, match="1 NaN or negative value"):
+            G.validity_epsilons(bad)
+    with pytest.raises(ValueError, match="n .* must be a positive int, got 0"):
+        G.validity_curve(d, n=0)
+    inf = torch.tensor([1.0, float("inf")])  # a region no unit bounds: a distance, valid at every epsilon
+    assert G.validity_epsilons(inf, (0.5, 1.0)) == {"eps50": float("inf"), "eps100": 1.0}
+
+
 def test_validity_epsilons_exact():
     d = torch.arange(1, 11, dtype=torch.float64)  # 1..10
     eps = G.validity_epsilons(d)
