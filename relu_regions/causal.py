@@ -19,6 +19,7 @@ user's code changes inside the block stays changed.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,8 +93,16 @@ def _set(t: Tensor, units: Tensor, value: Any, site: str) -> Tensor:
         raise ValueError(f"unit index {int(units.max())} out of range for site {site!r} with {n} units")
     flat = flat.clone()
     v = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
-    if v.dim() == 1 and v.numel() == flat.shape[0] and units.numel() != flat.shape[0]:
-        v = v[:, None]  # one value per sample
+    k = units.numel()
+    if v.dim() == 1 and v.numel() not in (1, k):
+        raise ValueError(f"value holds {v.numel()} values for {k} unit(s) at site {site!r}: give a scalar, one value "
+                         "per unit, or an (N, 1) / (N, units) tensor of one value per sample")
+    if v.dim() == 2 and (v.shape[0] != flat.shape[0] or v.shape[1] not in (1, k)):
+        raise ValueError(f"value of shape {tuple(v.shape)} does not fit site {site!r}'s batch of {flat.shape[0]} "
+                         f"sample(s) x {k} unit(s): per-sample values are (N, 1) or (N, units), N the batch the "
+                         "model is called with")
+    if v.dim() > 2:
+        raise ValueError(f"value must be a scalar, 1-D (per unit) or 2-D (per sample); got shape {tuple(v.shape)}")
     flat[:, units.to(flat.device)] = v
     return flat.reshape(t.shape)
 
@@ -111,7 +120,8 @@ def intervene(model: nn.Module, site: str, units: Units, value: float | Tensor) 
     units : int, sequence of int or Tensor
         Flat indices (0 .. n_units - 1) into the per-sample tensor at the site, or a bool mask over its n_units.
     value : float or Tensor
-        The value set (a scalar, one value per unit, or one value per sample).
+        The value set: a scalar, ``(units,)`` one value per unit, or ``(N, 1)`` / ``(N, units)`` per sample of
+        the batch the model is called with.
     """
     u = _units(units)
     # no `preserved` here: the user's code runs inside the block and keeps what it changes; only our hook goes
@@ -148,8 +158,27 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def collect(model: nn.Module, x: Tensor, layers: Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
-    """Run ``model`` on ``x`` (eval mode, no grad) and return ``{layer: (N, units)} | {"output": (N, K)}``."""
+def _layer_names(layers: str | Sequence[str]) -> tuple[str, ...]:
+    """Module paths to observe; one string is one path (not its letters). ``"output"`` names the model's output in
+    every result, so a module of that path cannot be told apart from it."""
+    names = (layers,) if isinstance(layers, str) else tuple(layers)
+    if "output" in names:
+        raise ValueError("'output' is the key of the model's output in the results; a module at the path 'output' "
+                         "would share it. Observe a module inside it, or the model's output itself (always there)")
+    return names
+
+
+def collect(model: nn.Module, x: Tensor, layers: str | Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
+    """Run ``model`` on ``x`` (eval mode, no grad) and return ``{layer: (N, units)} | {"output": (N, K)}``.
+
+    Each layer's output is copied when its module returns (a later in-place operation, ``nn.ReLU(inplace=True)`` or
+    ``out += identity``, does not change it). A module that runs more than once per forward (one ``nn.ReLU``
+    reused at several places) is refused: its calls cannot be told apart.
+    """
+    layers = _layer_names(layers)
+    if not isinstance(x, Tensor) or x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty batch of model inputs, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     mods = {name: _module(model, name) for name in layers}
     batches = _batches(len(x), batch_size)
     store: dict[str, list[Tensor]] = {name: [] for name in layers}
@@ -159,10 +188,16 @@ def collect(model: nn.Module, x: Tensor, layers: Sequence[str] = (), batch_size:
         try:
             for name, m in mods.items():
                 handles.append(m.register_forward_hook(
-                    lambda mod, a, out, name=name: store[name].append(out.detach().reshape(out.shape[0], -1))))
-            for sl in batches:
+                    lambda mod, a, out, name=name: store[name].append(out.detach().reshape(out.shape[0], -1).clone())))
+            for i, sl in enumerate(batches):
                 out = model(x[sl])
                 store["output"].append(out.detach().reshape(out.shape[0], -1))
+                for name in layers:
+                    if len(store[name]) != i + 1:
+                        raise ValueError(
+                            f"module {name!r} ran {len(store[name]) - i} times in one forward of the model (0: not "
+                            "on its path; more: one module used at several places), so its outputs cannot be told "
+                            "apart; observe a module that runs once per forward")
         finally:
             for h in handles:
                 h.remove()
@@ -213,11 +248,22 @@ class ACEResult:
         return fig
 
 
+def _unit_index(unit: Any) -> int:
+    """One unit's flat index (a Python, numpy or 0-d tensor integer; not a bool)."""
+    if isinstance(unit, (bool, np.bool_)) or (isinstance(unit, Tensor) and unit.dtype == torch.bool):
+        raise TypeError(f"unit must be one integer index, got {unit!r}")
+    try:
+        index = operator.index(unit)
+    except TypeError:
+        raise TypeError(f"unit must be one integer index, got {unit!r}") from None
+    if index < 0:
+        raise ValueError(f"unit index {index} is negative; units are flat indices 0 .. n_units - 1")
+    return index
+
+
 def _draw(data: Tensor, n_samples: int | None, seed: int) -> Tensor:
     if n_samples is None or n_samples >= len(data):
         return data
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     gen = torch.Generator().manual_seed(seed)
     return data[torch.randperm(len(data), generator=gen)[:n_samples].to(data.device)]
 
@@ -242,6 +288,10 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
     n_samples : int or None
         Monte-Carlo samples drawn without replacement from ``data`` (``None``: all of it, exact expectation).
     """
+    unit = _unit_index(unit)
+    if n_samples is not None and not is_int_at_least(n_samples, 1):
+        raise ValueError(f"n_samples must be None or a positive int, got {n_samples!r}")
+    observe = _layer_names(observe)
     alphas = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
     if alphas.numel() < 2:
         raise ValueError("alphas needs at least two values (the baseline is their mean)")
@@ -259,7 +309,7 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
             sums.setdefault(k, []).append(v.double().mean(0))
     expectation = {k: torch.stack(v) for k, v in sums.items()}
     effect = {k: v - v.mean(0, keepdim=True) for k, v in expectation.items()}
-    return ACEResult(site, int(unit), alphas, expectation, effect, len(xs))
+    return ACEResult(site, unit, alphas, expectation, effect, len(xs))
 
 
 def ace_profiles(model: nn.Module, data: Tensor, site: str, units: Sequence[int], alphas: Sequence[float],
@@ -335,6 +385,9 @@ def cluster_units(profiles: Tensor | np.ndarray, method: str = "affinity", n_clu
     p = profiles.detach().cpu().double().numpy() if isinstance(profiles, Tensor) else np.asarray(profiles, float)
     if p.ndim != 2:
         raise ValueError(f"profiles must be 2-D (units, features); got shape {p.shape}")
+    bad = int((~np.isfinite(p)).sum())
+    if bad:  # (a NaN row has no ranks: it would be labelled -1, "dead", without a word)
+        raise ValueError(f"profiles hold {bad} non-finite value(s) (nan or inf)")
     sim, live = _spearman(p)
     labels = np.full(len(p), -1, dtype=np.int64)
     n_live = int(live.sum())
@@ -367,6 +420,9 @@ def cluster_importance(clusters: UnitClusters, unit_scores: Tensor | np.ndarray)
     import pandas as pd
 
     s = np.asarray(unit_scores.detach().cpu() if isinstance(unit_scores, Tensor) else unit_scores, float)
+    if s.shape != clusters.labels.shape:
+        raise ValueError(f"unit_scores must hold one score per clustered unit, shape {clusters.labels.shape}; got "
+                         f"{s.shape}")
     rows = [{"cluster": c, "n_units": len(u), "importance": float(s[u].mean()), "units": u}
             for c, u in clusters.groups().items()]
     return pd.DataFrame(rows).sort_values("importance", ascending=False).reset_index(drop=True)
@@ -384,13 +440,32 @@ def cluster_intersection(a: UnitClusters, b: UnitClusters):
 def _metric(metric: str | Callable, output: Tensor, target: Tensor | None) -> float:
     if callable(metric):
         return float(metric(output, target))
+    if metric not in ("accuracy", "mse"):
+        raise ValueError(f"metric must be 'accuracy', 'mse' or a callable, got {metric!r}")
     if target is None:
         raise ValueError(f"metric {metric!r} needs a target")
+    target = torch.as_tensor(target).to(output.device)
+    n = len(output)
     if metric == "accuracy":
-        return float((output.reshape(len(output), -1).argmax(1) == target.to(output.device)).double().mean())
-    if metric == "mse":
-        return float(((output - target.to(output)) ** 2).double().mean())
-    raise ValueError(f"metric must be 'accuracy', 'mse' or a callable, got {metric!r}")
+        if target.numel() != n:  # (N, 1) labels against (N,) predictions broadcast to (N, N)
+            raise ValueError(f"metric 'accuracy' needs one label per sample ({n}); target has shape "
+                             f"{tuple(target.shape)}")
+        return float((output.reshape(n, -1).argmax(1) == target.reshape(-1)).double().mean())
+    if target.numel() != output.numel():
+        raise ValueError(f"metric 'mse' needs a target of the output's shape {tuple(output.shape)}; got "
+                         f"{tuple(target.shape)}")
+    return float(((output - target.reshape(output.shape).to(output)) ** 2).double().mean())
+
+
+def _group_units(groups: Mapping[Any, Units] | UnitClusters) -> dict[Any, tuple[Units, int]]:
+    """name -> (units, how many units they select), checked before anything runs."""
+    if isinstance(groups, UnitClusters):
+        groups = {f"cluster {c}": u for c, u in groups.groups().items()}
+    out = {}
+    for name, units in groups.items():
+        u = _units(units)
+        out[name] = (units, int(u.sum()) if u.dtype == torch.bool else int(u.unique().numel()))
+    return out
 
 
 def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any, Sequence[int]] | UnitClusters,
@@ -413,17 +488,16 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
     """
     import pandas as pd
 
-    if isinstance(groups, UnitClusters):
-        groups = {f"cluster {c}": u for c, u in groups.groups().items()}
+    groups = _group_units(groups)
     intact = collect(model, data, (), batch_size)["output"]
     base = _metric(metric, intact.reshape(len(data), *_out_shape(model, data)), target)
     rows = [{"lesion": "none", "units": 0, "metric": base, "change": 0.0, "mean_abs_output_change": 0.0,
              "changed_argmax": 0.0}]
-    for name, units in groups.items():
+    for name, (units, n_units) in groups.items():
         with lesion(model, site, units):
             out = collect(model, data, (), batch_size)["output"]
         m = _metric(metric, out.reshape(len(data), *_out_shape(model, data)), target)
-        rows.append({"lesion": str(name), "units": len(units), "metric": m, "change": m - base,
+        rows.append({"lesion": str(name), "units": n_units, "metric": m, "change": m - base,
                      "mean_abs_output_change": float((out - intact).abs().double().mean()),
                      "changed_argmax": float((out.argmax(1) != intact.argmax(1)).double().mean())})
     df = pd.DataFrame(rows)
@@ -442,12 +516,11 @@ def lesion_grid(model: nn.Module, x: Tensor, site: str, groups: Mapping[Any, Seq
     """Image grid (matplotlib figure) for image-output models: rows = samples, columns = intact + each lesion."""
     import matplotlib.pyplot as plt
 
-    if isinstance(groups, UnitClusters):
-        groups = {f"cluster {c}": u for c, u in groups.groups().items()}
+    groups = _group_units(groups)
     cols = [("intact", collect(model, x)["output"])]
-    for name, units in groups.items():
+    for name, (units, n_units) in groups.items():
         with lesion(model, site, units):
-            cols.append((f"{name}\n({len(units)} units)", collect(model, x)["output"]))
+            cols.append((f"{name}\n({n_units} units)", collect(model, x)["output"]))
     fig, axes = plt.subplots(len(x), len(cols), figsize=(cell * len(cols), cell * len(x)), squeeze=False)
     for j, (title, out) in enumerate(cols):
         for i in range(len(x)):

@@ -26,6 +26,9 @@ Also here:
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .errors import is_int_at_least
 
 Tensor = torch.Tensor
 
@@ -63,6 +68,17 @@ def _tensor(x: Any, dtype: torch.dtype | None = None, device: torch.device | Non
 def _check_2d(x: Tensor, n_features: int, name: str = "x") -> None:
     if x.dim() != 2 or x.shape[1] != n_features:
         raise ValueError(f"{name} must have shape (N, {n_features}); got {tuple(x.shape)}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf)")
+
+
+def _beta(beta: Any) -> float:
+    """A stiffness given by the user: a positive finite number (``β → 0`` and ``β → ∞`` are limits the soft-min's
+    formula does not reach: NaN)."""
+    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, np.floating)) or not 0 < float(beta) < math.inf:
+        raise ValueError(f"beta must be a positive finite number (None: 1 / E[f_c] over x), got {beta!r}")
+    return float(beta)
 
 
 def _softmin_pool(h: Tensor, beta: float | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -155,7 +171,7 @@ class NeuralizedKMeans:
         """``(N, K)`` cluster scores ``f_c(x) = min_{k≠c} h_ck(x)`` (hard) or the soft-min with stiffness β."""
         h = self.competitors(x)
         eye = torch.eye(self.n_clusters, dtype=torch.bool, device=h.device)
-        return _softmin_pool(h, beta, ~eye)[0]
+        return _softmin_pool(h, None if beta is None else _beta(beta), ~eye)[0]
 
     def predict(self, x: Tensor) -> Tensor:
         """``(N,)`` the cluster with positive hard score (= nearest centroid)."""
@@ -195,6 +211,9 @@ def neuralize_kmeans(kmeans: Any) -> NeuralizedKMeans:
     ValueError
         If ``kmeans`` is not fitted or has fewer than two clusters.
     """
+    if isinstance(kmeans, KernelKMeans):
+        raise TypeError("neuralize_kmeans takes a (linear) k-means; for a KernelKMeans use "
+                        "NeuralizedKernelKMeans.from_model(kmeans)")
     if hasattr(kmeans, "cluster_centers_"):
         return NeuralizedKMeans(torch.as_tensor(np.asarray(kmeans.cluster_centers_, dtype=np.float64)))
     if hasattr(kmeans, "fit") and not hasattr(kmeans, "cluster_centers_"):
@@ -214,7 +233,10 @@ def default_beta(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor) ->
 def _cluster_arg(c: Any, f: Tensor) -> Tensor:
     if c is None:
         return f.argmax(1)
-    t = torch.as_tensor(c, device=f.device).reshape(-1).long()
+    t = torch.as_tensor(c, device=f.device).reshape(-1)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():  # .long() would read 1.7 as cluster 1
+        raise TypeError(f"cluster must be an int or integer cluster indices (one per sample), not {t.dtype}")
+    t = t.long()
     if t.numel() == 1:
         t = t.expand(f.shape[0]).clone()
     if t.numel() != f.shape[0] or (t < 0).any() or (t >= f.shape[1]).any():
@@ -250,7 +272,7 @@ def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, cluster: A
         return model.neon(x, cluster, beta)
     x = _tensor(x)
     _check_2d(x, model.n_features)
-    beta = default_beta(model, x) if beta is None else float(beta)
+    beta = default_beta(model, x) if beta is None else _beta(beta)
     h = model.competitors(x)  # (N, K, K)
     n, k = x.shape[0], model.n_clusters
     c = _cluster_arg(cluster, model.logits(x))
@@ -298,8 +320,10 @@ class KernelKMeans:
 
     def __init__(self, n_clusters: int, gamma: float | None = None, max_iter: int = 100,
                  max_support: int | None = None, random_state: int = 0):
-        if n_clusters < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
+        if not is_int_at_least(n_clusters, 2):
+            raise ValueError(f"n_clusters must be an int >= 2, got {n_clusters!r}")
+        if not is_int_at_least(max_iter, 1):
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
         self.n_clusters = n_clusters
         self.gamma = gamma
         self.max_iter = max_iter
@@ -408,7 +432,7 @@ class NeuralizedKernelKMeans:
         """``(N, K)`` hard (or soft-min, β) cluster scores."""
         f = self.pairwise(x)
         eye = torch.eye(self.n_clusters, dtype=torch.bool, device=f.device)
-        return _softmin_pool(f, beta, ~eye)[0]
+        return _softmin_pool(f, None if beta is None else _beta(beta), ~eye)[0]
 
     def predict(self, x: Tensor) -> Tensor:
         return self.logits(x).argmax(1)
@@ -418,7 +442,7 @@ class NeuralizedKernelKMeans:
         competitor's supports (γ), then the midpoint rule ``m_ij = (u_i + u_j)/2``. Exactly conservative."""
         x = _tensor(x)
         _check_2d(x, self.n_features)
-        beta = default_beta(self, x) if beta is None else float(beta)
+        beta = default_beta(self, x) if beta is None else _beta(beta)
         fck = self.pairwise(x)
         n, k = x.shape[0], self.n_clusters
         c = _cluster_arg(cluster, self.logits(x))
@@ -466,7 +490,9 @@ class DeepKMeans:
     is a reference input and ``h̄_k(r)`` the region's affine competitor evaluated at ``r`` — i.e. the midpoint
     rule with the root point taken on the segment from ``x`` to ``r`` where the region's affine competitor
     vanishes. It is exactly conservative. Where the denominator vanishes, the share falls back to the
-    projection root (``R_i ∝ v_ki²``), also conservative.
+    projection root (``R_i ∝ v_ki²``), also conservative -- unless ``v_k = 0``: in a region where the competitor
+    does not depend on the input (every hidden unit off, say) no input feature moves it, its ``R_k`` stays
+    unassigned, :meth:`NeonResult.conservation_error` shows it, and :meth:`neon` warns.
 
     Parameters
     ----------
@@ -550,6 +576,13 @@ class DeepKMeans:
         proj = _safe_div(v2, v2.sum(2, keepdim=True))
         share = torch.where((denom != 0)[:, :, None], _safe_div(seg, denom[:, :, None]), proj)
         rel = torch.einsum("nkd,nk->nd", share, rk)
+        flat = ((v2.sum(2) == 0) & (rk != 0)).any(1)
+        if bool(flat.any()):
+            warnings.warn(
+                f"DeepKMeans.neon: {int(flat.sum())} of {n} samples lie in regions where a competitor's score does not "
+                "depend on the input (zero gradient, e.g. every hidden unit off): its relevance R_k cannot go to any "
+                "input feature and stays unassigned (see NeonResult.conservation_error()); hidden_relevance keeps it",
+                UserWarning, stacklevel=2)
         return NeonResult(rel.reshape(x.shape).to(x.dtype), hidden.score, c, rk, hidden.relevance)
 
 
@@ -597,11 +630,24 @@ def insertion_curve(predict: Callable[[Tensor], Tensor], x: Tensor, relevance: T
         ``(M, D)`` data the non-inserted features are taken from.
     """
     x, relevance, fill = _tensor(x), _tensor(relevance), _tensor(fill)
+    if x.dim() != 2 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty (N, D) batch; got shape {tuple(x.shape)}")
     if relevance.shape != x.shape:
         raise ValueError(f"relevance shape {tuple(relevance.shape)} differs from x shape {tuple(x.shape)}")
     n, d = x.shape
+    if fill.dim() != 2 or fill.shape[1] != d or len(fill) == 0:
+        raise ValueError(f"fill must be a non-empty (M, {d}) batch of data rows; got shape {tuple(fill.shape)}")
+    for name, value in (("n_fill", n_fill), ("chunk", chunk)):
+        if not is_int_at_least(value, 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     gen = torch.Generator().manual_seed(seed)
     cluster = torch.as_tensor(cluster).reshape(-1)
+    if cluster.dtype == torch.bool or cluster.is_floating_point() or cluster.is_complex():
+        raise TypeError(f"cluster must be an int or integer cluster indices (one per sample), not {cluster.dtype}")
+    if cluster.numel() == 1:  # one cluster for every sample, as neon takes it
+        cluster = cluster.expand(n)
+    if cluster.numel() != n:
+        raise ValueError(f"cluster must be an int or one cluster index per sample ({n}); got {cluster.numel()}")
     order = relevance.argsort(1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(d).expand(n, d).contiguous())

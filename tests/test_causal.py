@@ -243,3 +243,91 @@ def test_lesion_keeps_what_the_users_code_changes_inside_the_block():
         model(x)
     assert len(seen) == 1 and (seen[0] >= 0).all()
     kept.remove()
+
+
+def test_collect_copies_outputs_and_refuses_ambiguous_layers():
+    """Before: ``collect`` kept a view of each layer's output, which a later in-place ReLU rewrote (pre-activations
+    came back clamped at 0, and ACEs on them were wrong); a module named ``output`` was merged with the model's
+    output, one string of layers was read letter by letter (``"11"`` observed module ``"1"``), and a module that
+    runs twice per forward gave 2N rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    pre = causal.collect(model, x, ["0"])["0"]
+    torch.testing.assert_close(pre, model[0](x).detach(), rtol=0, atol=0)
+    assert bool((pre < 0).any())
+    res = causal.ace(model, x, "input", 0, [0.0, 1.0], observe=["0"], n_samples=None)
+    for i, a in enumerate((0.0, 1.0)):
+        xa = x.clone()
+        xa[:, 0] = a
+        torch.testing.assert_close(res.expectation["0"][i], model[0](xa).detach().double().mean(0))
+
+    deep = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)])
+    one = causal.collect(deep, x, "11")
+    assert set(one) == {"11", "output"}
+    torch.testing.assert_close(one["11"], one["output"], rtol=0, atol=0)  # module 11 is the last
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.output, self.act = nn.Linear(3, 3), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.output(x)) + self.act(x)  # `act` runs twice
+
+    with pytest.raises(ValueError, match="'output' is the key of the model's output"):
+        causal.collect(Named(), x, ["output"])
+    with pytest.raises(ValueError, match="module 'act' ran 2 times in one forward"):
+        causal.collect(Named(), x, ["act"])
+    with pytest.raises(ValueError, match="non-empty batch"):
+        causal.collect(model, x[:0], ["0"])
+
+
+def test_per_sample_values_lesion_metrics_and_unit_counts():
+    """``value`` per sample is an (N, 1) / (N, units) tensor; a 1-D value is per unit (before: guessed from its
+    length, so with N == units it was read per unit). ``lesion_table``'s metrics compare one label / target per
+    sample (before: (N, 1) labels broadcast to an (N, N) comparison: accuracy 0.39 for a perfect classifier) and
+    count the units a bool mask selects (before: the mask's length)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 3))
+    x = torch.randn(2, 3)
+    with causal.intervene(model, "1", [0, 1], torch.tensor([[10.0], [20.0]])) as m:
+        out = m(x)
+    torch.testing.assert_close(out, model[2](torch.tensor([[10.0, 10.0], [20.0, 20.0]])))
+    with pytest.raises(ValueError, match="value holds 3 values for 2 unit"):
+        with causal.intervene(model, "1", [0, 1], torch.tensor([1.0, 2.0, 3.0])) as m:
+            m(torch.randn(3, 3))
+
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    table = causal.lesion_table(model, x, "1", {"mask": torch.tensor([True, False]), "list": [0]},
+                                target=y[:, None])
+    assert table.metric[0] == 1.0 and table.units.tolist() == [0, 1, 1]
+    reg = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    xd = x.double()
+    with torch.no_grad():
+        target = reg(xd)[:, 0] + 1.0  # every residual exactly 1 (an (N,) target for an (N, 1) output)
+    assert causal.lesion_table(reg, xd, "1", {"a": [0]}, target=target, metric="mse").metric[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one label per sample"):
+        causal.lesion_table(model, x, "1", {"a": [0]}, target=y[:4])
+
+
+def test_ace_and_clustering_inputs_are_checked_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(6, 3)
+    for unit, err in (([2], TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(err, match="unit"):
+            causal.ace(model, x, "1", unit, [0.0, 1.0])
+    assert causal.ace(model, x, "1", np.int64(2), [0.0, 1.0]).unit == 2
+    with pytest.raises(ValueError, match="n_samples must be None or a positive int, got 2.5"):
+        causal.ace(model, x, "1", 0, [0.0, 1.0], n_samples=2.5)
+    profiles = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    profiles[2, 3] = float("nan")  # before: unit 2 was labelled -1, "dead"
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        causal.cluster_units(profiles)
+    clusters = causal.cluster_units(profiles.nan_to_num(), "kmeans", n_clusters=2)
+    for scores in (np.arange(20.0), np.ones((5, 3)), np.ones(4)):  # before: accepted, or numpy's IndexError
+        with pytest.raises(ValueError, match="one score per clustered unit"):
+            causal.cluster_importance(clusters, scores)
