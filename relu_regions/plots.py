@@ -31,8 +31,10 @@ def _np(t) -> np.ndarray:
 def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
                  class_names: Sequence[str] | None = None, ax=None):
     """Stacked bars of the ``top`` largest regions' sizes, coloured by true class (Re3 Fig. 2a)."""
-    fig, ax = _axes(ax)
     hist = _np(stats.class_histograms(granularity))
+    if class_names is not None and len(class_names) != hist.shape[1]:
+        raise ValueError(f"class_names has {len(class_names)} names for {hist.shape[1]} classes")
+    fig, ax = _axes(ax)
     order = np.argsort(-hist.sum(1), kind="stable")[:top]
     bottom = np.zeros(len(order))
     for c in range(hist.shape[1]):
@@ -49,8 +51,12 @@ def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
 def importance_heatmap(stats: RegionStats, cls: int = 0, top: int = 20,
                        feature_names: Sequence[str] | None = None, ax=None):
     """Heatmap of the mean contribution ``A_r[cls] ⊙ x`` per region (rows) and feature (Re3 Fig. 2b)."""
+    contrib = _np(stats.mean_contributions())
+    if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or not 0 <= cls < contrib.shape[1]:
+        # (a class past the last was shown as the last one, under the asked class's title)
+        raise ValueError(f"cls must be a class index in [0, {contrib.shape[1]}), got {cls!r}")
     fig, ax = _axes(ax, (8, 5))
-    mc = _np(stats.mean_contributions())[:, min(cls, stats.mean_contributions().shape[1] - 1)]
+    mc = contrib[:, cls]
     order = np.argsort(-_np(stats.sizes()), kind="stable")[:top]
     m = mc[order]
     lim = float(np.abs(m).max()) or 1.0

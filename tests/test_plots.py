@@ -42,6 +42,21 @@ def test_static_plots(fitted):
     plt.close("all")
 
 
+def test_static_plots_refuse_a_class_they_do_not_have(fitted):
+    """Before: ``importance_heatmap(cls=5)`` of a 2-class model drew class 1 under the title "class 5"."""
+    import matplotlib.pyplot as plt
+
+    _, _, s = fitted
+    plt.close("all")
+    for cls in (2, 5, -1, 1.0):
+        with pytest.raises(ValueError, match=r"cls must be a class index in \[0, 2\)"):
+            plots.importance_heatmap(s, cls=cls)
+    with pytest.raises(ValueError, match="class_names has 3 names for 2 classes"):
+        plots.region_sizes(s, class_names=["a", "b", "c"])
+    assert not plt.get_fignums()  # refused before a figure was made
+    plt.close("all")
+
+
 def test_sankey_mlp_and_cnn(fitted):
     model, x, _ = fitted
     flows = plots.pathway_flows(model, x[:1], feature_names=list("abcd"))
