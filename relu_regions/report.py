@@ -638,7 +638,11 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
     t0 = time.perf_counter()
     if not isinstance(X, Tensor) or not X.is_floating_point():
         raise TypeError("X must be a floating-point tensor")
-    y = torch.as_tensor(y).long().reshape(-1)
+    y = torch.as_tensor(y).reshape(-1)
+    if y.is_complex() or y.dtype == torch.bool or (y.is_floating_point() and not bool((y == y.round()).all())):
+        # (.long() would truncate 1.9 to class 1; whole-number floats, as a label column read as float, are fine)
+        raise TypeError(f"y must hold integer class labels, got {y.dtype} values such as {y[:3].tolist()}")
+    y = y.long()
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels")
     gen = torch.Generator().manual_seed(seed)

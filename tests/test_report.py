@@ -162,6 +162,8 @@ def test_missing_piece_gives_not_available(monkeypatch):
     assert all("missing" in s.reason or s.reason == "not requested" for s in missing)
     with pytest.raises(ValueError, match="unknown section"):
         rep.build_report(mlp(5, [6], 3), X, y, include=["nope"])
+    with pytest.raises(TypeError, match="y must hold integer class labels"):  # before: truncated to classes
+        rep.build_report(mlp(5, [6], 3), X, y.double() + 0.5, include=[])
     html_page = r.to_html()
     assert "not available: relu_regions." in html_page
     assert "*not available: relu_regions." in r.to_markdown()
