@@ -35,6 +35,7 @@ import torch.nn as nn
 from .affine import AffineMap, TargetType, affine_map, resolve_target
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
+from .units import LayerPattern
 
 Tensor = torch.Tensor
 LEVELS = ("logit", "probability")
@@ -58,8 +59,9 @@ class Contributions:
     level : str
         ``"logit"`` or ``"probability"``.
     same_region : Tensor or None
-        ``(B,)`` bool, only with a baseline: baseline and input share the activation region, i.e. the split is also
-        the exact difference ``f(x)[t] − f(x0)[t]``.
+        ``(B,)`` bool, only with a baseline: the baseline lies in the closed activation region of the input (see
+        :func:`same_region` with ``closed=True``), so the logit split is also the exact difference
+        ``f(x)[t] − f(x0)[t]``; where False it in general is not.
     """
 
     values: Tensor
@@ -74,12 +76,17 @@ def _baseline_like(x: Tensor, baseline: Tensor | float | None) -> Tensor | None:
     if baseline is None:
         return None
     if not isinstance(baseline, Tensor):
-        return torch.full_like(x, float(baseline))
-    try:
-        return baseline.to(device=x.device, dtype=x.dtype).expand_as(x)
-    except RuntimeError as e:
-        raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input shape "
-                         f"{tuple(x.shape)}") from e
+        base = torch.full_like(x, float(baseline))
+    else:
+        try:
+            base = baseline.detach().to(device=x.device, dtype=x.dtype).expand_as(x)
+        except RuntimeError as e:
+            raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input shape "
+                             f"{tuple(x.shape)}") from e
+    bad = int((~torch.isfinite(base)).sum())
+    if bad:  # refused like non-finite inputs: the contributions x − x0 and the offset would be nan / inf
+        raise ValueError(f"baseline holds {bad} non-finite value(s) (nan or inf)")
+    return base
 
 
 def _default_target(model: nn.Module, x: Tensor, target: TargetType, logits_at: str | None) -> Tensor:
@@ -91,18 +98,78 @@ def _default_target(model: nn.Module, x: Tensor, target: TargetType, logits_at: 
     return out.reshape(x.shape[0], -1).argmax(1)
 
 
-def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | None = None) -> Tensor:
-    """``(B,)`` bool: ``x[b]`` and ``other[b]`` have exactly the same activation pattern (all layers)."""
+def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | None = None, *,
+                closed: bool = False) -> Tensor:
+    """``(B,)`` bool: ``other[b]`` lies in the activation region of ``x[b]``.
+
+    Parameters
+    ----------
+    model, x, logits_at
+        As in :func:`~relu_regions.affine_map`.
+    other : Tensor
+        Points of the shape of ``x``, one per sample.
+    closed : bool
+        ``False``: ``x[b]`` and ``other[b]`` have exactly the same activation pattern (all layers). ``True``:
+        ``other[b]`` lies in the closed region of ``x[b]``: its pattern agrees with that of ``x[b]`` at every unit
+        that is not exactly at its breakpoint (a pre-activation exactly 0, a clamp input exactly at a bound, a
+        max-pool window whose maximum is also attained at the position ``x`` picks). Those units give the same
+        value in either state, so the frozen network of ``x``'s region reproduces the network at ``other``:
+        ``A·other + d == f(other)`` exactly (up to rounding), as for the zero input of a bias-free network, which
+        lies on the boundary of every region. Decided with exact comparisons, no tolerance.
+
+    Returns
+    -------
+    Tensor
+    """
     from .keys import pack_patterns
 
+    seen: dict[str, Tensor] = {}
+
+    def keep(pattern: LayerPattern, z: Tensor) -> None:
+        seen[pattern.name] = z.detach().clone()  # a later inplace op of the model may overwrite z
+
     with preserved(model, eval_mode=True), torch.no_grad():
-        packs = []
-        for t in (x, other):
-            _, pats = run_recorded(model, t, logits_at=logits_at)
-            if not pats:
-                return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            packs.append(pack_patterns(pats))
-    return (packs[0] == packs[1]).all(1)
+        # with closed=True both passes take the route that shows the pre-activations (the same route for both)
+        _, px = run_recorded(model, x, logits_at=logits_at, observe=(lambda p, z: None) if closed else None)
+        _, po = run_recorded(model, other, logits_at=logits_at, observe=keep if closed else None)
+    ones = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if not px and not po:
+        return ones
+    if [(p.kind, p.in_shape, p.state.shape) for p in px] != [(p.kind, p.in_shape, p.state.shape) for p in po]:
+        return ~ones  # the two passes ran different piecewise-linear calls: no shared region
+    if not closed:
+        return (pack_patterns(px) == pack_patterns(po)).all(1)
+    for p, q in zip(px, po):
+        ones &= _agree(p, q, seen[q.name])
+    return ones
+
+
+def _agree(p: LayerPattern, q: LayerPattern, z: Tensor) -> Tensor:
+    """``(B,)`` bool: every unit of one call, whose input ``z`` was recorded in state ``q``, gives the same value in
+    state ``p`` (the states agree, or ``z`` sits exactly on the breakpoint between them)."""
+    same = p.state == q.state
+    if p.kind == "maxpool":
+        if p.params.get("return_indices"):
+            ok = same  # the indices are an output too: a tie still changes them
+        else:
+            d = p.params["dims"]
+            flat = z.flatten(-d)
+            ok = same | (flat.gather(-1, p.state.flatten(-d)) == flat.gather(-1, q.state.flatten(-d))).view_as(same)
+    elif p.kind == "clamp":
+        lo, hi = p.params["lo"], p.params["hi"]
+
+        def value(s: Tensor) -> Tensor:  # the unit's output in state s (0 below, 1 linear, 2 above)
+            v = torch.where(s == 1, z, torch.zeros_like(z))
+            if lo is not None:
+                v = torch.where(s == 0, torch.full_like(z, lo), v)
+            if hi is not None:
+                v = torch.where(s == 2, torch.full_like(z, hi), v)
+            return v
+
+        ok = same | (value(p.state) == value(q.state))
+    else:  # ReLU-like: both pieces meet at a pre-activation of exactly 0
+        ok = same | (z == 0)
+    return ok.reshape(ok.shape[0], -1).all(1)
 
 
 def from_map(amap: AffineMap, baseline: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -137,7 +204,7 @@ def contributions(model: nn.Module, x: Tensor, target: TargetType = None, level:
     level : {"logit", "probability"}
         See the module docstring for the exact definitions.
     baseline : Tensor or float, optional
-        Reference input ``x0`` (broadcast to ``x``); default 0.
+        Reference input ``x0`` (broadcast to ``x``, finite); default 0.
     method : str
         Route of :func:`~relu_regions.affine_map` (all exact).
     logits_at : str, optional
@@ -154,7 +221,7 @@ def contributions(model: nn.Module, x: Tensor, target: TargetType = None, level:
     x = x.detach()
     base = _baseline_like(x, baseline)
     tgt = _default_target(model, x, target, logits_at)
-    same = same_region(model, x, base, logits_at) if base is not None else None
+    same = same_region(model, x, base, logits_at, closed=True) if base is not None else None
     if level == "logit":
         amap = affine_map(model, x, target=tgt, method=method, logits_at=logits_at)
         values, offset = from_map(amap, base)

@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 from scipy import stats
 
+from .errors import is_int_at_least
 from .state import preserved
 
 Tensor = torch.Tensor
@@ -61,6 +62,7 @@ DEFAULT_METHODS = ALL_METHODS[:-1]
 DETERMINISTIC = {"Re3", "Saliency", "InputXGradient", "IntegratedGradients", "DeepLift", "LRP"}
 MULTIPLIES_BY_INPUTS = {"Re3": True, "Saliency": False, "InputXGradient": True, "IntegratedGradients": True,
                         "DeepLift": True, "LRP": True, "GradientShap": True, "KernelShap": True, "Lime": True}
+CURVE_OUTPUTS = ("probability", "logit")
 
 
 @dataclass
@@ -80,6 +82,29 @@ class Settings:
     noise_std: float = 0.01
     infidelity_samples: int = 10
     perturbations_per_eval: int = 50
+
+
+_COUNTS = ("ig_steps", "shap_samples", "lime_samples", "gradshap_samples", "n_seeds", "n_steps", "ndcg_k",
+           "infidelity_samples", "perturbations_per_eval")
+
+
+def _check_settings(s: Settings, n_features: int) -> None:
+    """Raise a ValueError naming the first invalid option (before, a misspelt ``curve_output`` silently gave logit
+    curves, ``n_steps=0`` an AUC of 0, ``top_k`` >= the number of features equal top and bottom sets, t = NaN)."""
+    for name in _COUNTS:
+        v = getattr(s, name)
+        if not is_int_at_least(v, 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if s.superpixel is not None and not is_int_at_least(s.superpixel, 1):
+        raise ValueError(f"superpixel must be None or a positive int (the square's side), got {s.superpixel!r}")
+    if s.top_k is not None and not (is_int_at_least(s.top_k, 1) and s.top_k < n_features):
+        raise ValueError(f"top_k must be None or an int from 1 to {n_features - 1} (fewer than the {n_features} "
+                         f"input features, or the top and bottom sets coincide), got {s.top_k!r}")
+    if s.curve_output not in CURVE_OUTPUTS:
+        raise ValueError(f"curve_output must be one of {CURVE_OUTPUTS}, got {s.curve_output!r}")
+    v = s.noise_std
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"noise_std must be a finite number > 0, got {v!r}")
 
 
 def superpixel_mask(shape: Sequence[int], size: int) -> Tensor:
@@ -181,6 +206,8 @@ def top_bottom_test(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, k
 
     Returns (t, one-sided p, mean |Δ| top, mean |Δ| bottom).
     """
+    if not is_int_at_least(k, 1):  # k = 0 made the bottom set every feature (order[:, -0:])
+        raise ValueError(f"k must be a positive int, got {k!r}")
     b = x.shape[0]
     flat = x.reshape(b, -1)
     order = attr.reshape(b, -1).abs().argsort(dim=1, descending=True, stable=True)
@@ -202,8 +229,14 @@ def deletion_insertion(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor
                                                                                      np.ndarray]:
     """Mean deletion and insertion curves over samples at fractions ``0, 1/n, ..., 1`` of the features.
 
+    ``output`` is ``"probability"`` (softmax of the output) or ``"logit"``.
+
     Returns (fractions, deletion, insertion), each ``(n_steps + 1,)``.
     """
+    if output not in CURVE_OUTPUTS:  # anything else silently gave logits
+        raise ValueError(f"output must be one of {CURVE_OUTPUTS}, got {output!r}")
+    if not is_int_at_least(n_steps, 1):
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     b = x.shape[0]
     flat = x.reshape(b, -1)
     n = flat.shape[1]
@@ -333,7 +366,8 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
     methods : sequence of str, optional
         Subset of :data:`ALL_METHODS` (Re3 is always included as the reference); default all Captum ones.
     settings : Settings, optional
-        Metric and peer options; keyword ``options`` override single fields (e.g. ``n_seeds=2``).
+        Metric and peer options; keyword ``options`` override single fields (e.g. ``n_seeds=2``). Invalid values
+        raise a ValueError naming the option.
     progress : bool
         Progress bar over methods.
 
@@ -354,6 +388,7 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
         names.remove("Re3")
     names.insert(0, "Re3")
     x = inputs.detach()
+    _check_settings(s, int(x[0].numel()))
     with preserved(model, eval_mode=True):
         ref = copy.deepcopy(model).eval()  # the metrics' forward passes run on a copy too
     with torch.no_grad():

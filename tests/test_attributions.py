@@ -141,3 +141,54 @@ def test_model_untouched():
     assert m.training and all(mod.training for mod in m)
     assert not m[0].weight.requires_grad and m[2].weight.requires_grad
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+def test_zero_baseline_of_bias_free_cnn_lies_in_the_closed_region():
+    """No biases: at x0 = 0 every pre-activation is exactly 0 and every max-pool window ties, so x0 lies on the edge
+    of every region, where the region's map gives f(0) = 0. Before, the flag compared patterns and said False."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(3 * 4 * 4, 3, bias=False)).double().eval()
+    x = torch.randn(4, 1, 10, 10, dtype=torch.float64)
+    zero = torch.zeros_like(x)
+    c = contributions(m, x, target=2, baseline=0.0)
+    assert c.same_region.all()
+    assert same_region(m, x, zero, closed=True).all() and not same_region(m, x, zero).any()
+    with torch.no_grad():
+        gap = m(x)[:, 2] - m(zero)[:, 2]
+    torch.testing.assert_close(c.values.flatten(1).sum(1), gap, rtol=0, atol=1e-12)
+    assert not same_region(m, x, -x, closed=True).all()
+
+
+def test_same_region_closed_admits_units_exactly_at_their_breakpoint():
+    """Hand-made nets whose baselines sit exactly on a unit's breakpoint (with biases), or strictly beyond it."""
+    relu = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double().eval()
+    clamp = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh(), nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        for m in (relu, clamp):
+            m[0].weight.copy_(torch.eye(2))
+            m[0].bias.copy_(torch.tensor([-1.0, 0.25]))
+            m[2].weight.copy_(torch.tensor([[2.0, -3.0]]))
+            m[2].bias.fill_(0.5)
+    x = torch.tensor([[1.5, 0.0], [1.5, 0.0]], dtype=torch.float64)  # unit 0 at 0.5: active / linear
+    for m, edge, beyond in ((relu, 1.0, 0.5), (clamp, 2.0, 2.5)):  # unit 0 at 0 / at hi = 1, and past it
+        x0 = torch.tensor([[edge, 0.0], [beyond, 0.0]], dtype=torch.float64)
+        c = contributions(m, x, target=0, baseline=x0)
+        assert c.same_region.tolist() == [True, False]
+        assert not same_region(m, x, x0).any()  # the patterns differ in both
+        with torch.no_grad():  # the map of x's region at x0 is f(x0) exactly on the edge, not beyond it
+            err = c.offset - m(x0)[:, 0]
+        assert err[0] == 0 and err[1].abs() > 0.1
+
+
+def test_non_finite_and_grad_baselines():
+    m, x = _net(), _x()
+    with pytest.raises(ValueError, match="baseline holds 30 non-finite"):
+        contributions(m, x, target=1, baseline=float("nan"))
+    inf = torch.zeros(5, dtype=torch.float64)
+    inf[0] = float("inf")
+    with pytest.raises(ValueError, match="baseline holds 6 non-finite"):
+        contributions(m, x, target=1, baseline=inf)
+    bl = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    c = contributions(m, x, target=1, baseline=bl)
+    assert not c.values.requires_grad and not c.offset.requires_grad

@@ -327,3 +327,171 @@ def test_equals_input_x_gradient_on_every_zoo_model(name):
     assert _same(snap, _snapshot(model))
     ref = InputXGradient(model).attribute(x.clone().requires_grad_(True), target=tgt).detach()
     assert ours.shape == x.shape and _rel(ours, ref) <= 1e-9
+
+
+class _Masked(nn.Module):
+    """``f(x, mask) = l2(relu(l1(x * mask)))``: a per-sample side input, Captum's usual additional_forward_args."""
+
+    def __init__(self, n_out: int):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 8), nn.Linear(8, n_out)
+
+    def forward(self, x, mask):
+        return self.l2(torch.relu(self.l1(x * mask)))
+
+
+@pytest.mark.parametrize("b, method", [(6, "reverse"), (300, "reverse"), (6, "forward"), (600, "forward"),
+                                       (6, "compose"), (6, "auto")])
+def test_per_sample_forward_args_equal_input_x_gradient(b, method):
+    """Tensors of additional_forward_args whose first dimension is the batch are per-sample (Captum's convention):
+    each chunk of the batch (reverse: 256 samples, forward: 512) and each replica of it (forward route) gets their
+    rows. Before, every internal call got the whole batch's tensors: a size error."""
+    torch.manual_seed(11)
+    m = _Masked(3).double().eval()
+    x = torch.randn(b, 5, dtype=torch.float64)
+    mask = (torch.rand(b, 5) > 0.5).double()
+    tgt = torch.arange(b) % 3
+    attr, delta = Re3(m, method=method).attribute(x, target=tgt, additional_forward_args=(mask,),
+                                                  return_convergence_delta=True)
+    ref = InputXGradient(m).attribute(x.clone().requires_grad_(), target=tgt, additional_forward_args=(mask,))
+    assert _rel(attr, ref.detach()) <= 1e-9
+    with torch.no_grad():
+        out = m(x, mask)[torch.arange(b), tgt]
+    torch.testing.assert_close(attr.sum(1) + delta, out, rtol=0, atol=1e-10)
+
+
+def test_per_sample_forward_args_with_baselines_tuples_and_no_target():
+    torch.manual_seed(12)
+    m = _Masked(3).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    mask = (torch.rand(6, 5) > 0.5).double()
+    x0 = x * (1 - 1e-9)  # in the region of x: the split is f(x) − f(x0)
+    re3 = Re3(m)
+    attr, delta = re3.attribute(x, baselines=x0, target=2, additional_forward_args=(mask,),
+                                return_convergence_delta=True)
+    z = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(z, mask)[:, 2].sum(), z)
+    torch.testing.assert_close(attr, g * (x - x0), rtol=1e-9, atol=1e-15)
+    with torch.no_grad():
+        torch.testing.assert_close(delta, m(x0, mask)[:, 2], rtol=1e-9, atol=1e-12)
+    assert re3.same_region_.all()
+    # one output per sample, target=None: the probe of the output size ran x[:1] with all B rows of the mask
+    s = _Masked(1).double().eval()
+    ref = InputXGradient(s).attribute(x.clone().requires_grad_(), additional_forward_args=(mask,)).detach()
+    assert _rel(Re3(s).attribute(x, additional_forward_args=(mask,)), ref) <= 1e-9
+    # a tuple of inputs with a per-sample argument
+    two = Re3(lambda u, v, k: m(torch.cat([u, v], 1), k)).attribute((x[:, :2], x[:, 2:]), target=1,
+                                                                     additional_forward_args=(mask,))
+    ref = InputXGradient(m).attribute(x.clone().requires_grad_(), target=1, additional_forward_args=(mask,)).detach()
+    assert _rel(torch.cat(two, 1), ref) <= 1e-9
+
+
+def test_per_sample_forward_arg_with_one_sample_chunks():
+    """An image-sized input with 1000 classes makes the reverse route's chunk one sample. Before, the model ran on
+    one sample with the whole (B, 1) scale: its output broadcast to B rows and target 5 read sample 0's row for
+    every sample, silently (sample 1's attributions came out halved)."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 4, 3, stride=4), nn.Linear(4 * 16 * 16, 1000)
+
+        def forward(self, x, scale):
+            return self.fc(torch.relu(self.c(x)).flatten(1)) * scale
+
+    torch.manual_seed(13)
+    m = Scaled().double().eval()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    scale = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    attr, delta = Re3(m).attribute(x, target=5, additional_forward_args=(scale,), return_convergence_delta=True)
+    ref = InputXGradient(m).attribute(x.clone().requires_grad_(), target=5, additional_forward_args=(scale,))
+    assert _rel(attr, ref.detach()) <= 1e-9
+    with torch.no_grad():
+        torch.testing.assert_close(attr.sum((1, 2, 3)) + delta, m(x, scale)[:, 5], rtol=0, atol=1e-10)
+
+
+def test_zero_baseline_of_bias_free_net_lies_in_the_closed_region():
+    """The zero baseline of a bias-free network has every pre-activation exactly 0: on the edge of every region,
+    whose map gives f(0) = 0 there. Before, the flag said False and a warning claimed the split was not
+    f(x) − f(x0)."""
+    m = _bias_free_mlp()
+    torch.manual_seed(14)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    re3 = Re3(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attr, delta = re3.attribute(x, baselines=0.0, target=1, return_convergence_delta=True)
+    assert re3.same_region_.all()
+    with torch.no_grad():
+        gap = m(x)[:, 1] - m(torch.zeros_like(x))[:, 1]
+    torch.testing.assert_close(attr.sum(1), gap, rtol=0, atol=1e-12)
+    with pytest.warns(UserWarning, match="another activation region"):  # a baseline strictly elsewhere still warns
+        re3.attribute(x, baselines=-x, target=1)
+    assert not re3.same_region_.all()
+
+
+def test_target_list_needs_one_entry_per_sample():
+    """As Captum ("Target list length does not match output!"): a one-element list was broadcast to the batch."""
+    m = _biased_mlp(15, 5, [8], 3)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="Target list length"):
+        InputXGradient(m).attribute(x.clone().requires_grad_(), target=[2])
+    with pytest.raises(ValueError, match="target is a list of 1 entries for a batch of 4"):
+        Re3(m).attribute(x, target=[2])
+    one = Re3(m).attribute(x, target=2)  # an int (or a one-element tensor, as in Captum) is every sample's target
+    assert torch.equal(Re3(m).attribute(x, target=torch.tensor([2])), one)
+    assert torch.equal(Re3(m).attribute(x, target=[2] * 4), one)
+
+
+def test_non_finite_baselines_refused():
+    m = _biased_mlp(16, 5, [8], 3)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for bl in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^baselines holds 20 non-finite"):
+            Re3(m).attribute(x, baselines=bl, target=1)
+    bad = torch.zeros(5, dtype=torch.float64)
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match=r"^baselines\[1\] holds 4 non-finite"):
+        Re3(lambda u, v: m(torch.cat([u, v], 1))).attribute((x[:, :2], x[:, 2:]), baselines=(0.0, bad[2:]),
+                                                            target=1)
+
+
+def test_errors_name_the_arguments_as_passed():
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(1)).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    # a module path needs the module: a plain callable gave "not a submodule; known paths: " (an empty list)
+    with pytest.raises(ValueError, match="logits_at='2' is a module path, so forward_func must be an nn.Module"):
+        Re3(lambda z: m(z), logits_at="2")
+    torch.testing.assert_close(Re3(m.forward, logits_at="2").attribute(x, target=1),
+                               Re3(m, logits_at="2").attribute(x, target=1), rtol=0, atol=0)
+    # Re3 checked the joined flat tensor and called it "x"
+    f = Re3(lambda *a: m[:3](a[0]))
+    with pytest.raises(TypeError, match=r"^inputs must be a floating-point tensor, got torch.int64"):
+        f.attribute(x.long(), target=1)
+    with pytest.raises(TypeError, match=r"^inputs\[1\] must be a floating-point tensor"):
+        f.attribute((x, x.long()), target=1)
+    with pytest.raises(ValueError, match=r"^inputs\[1\] holds 20 non-finite"):
+        f.attribute((x, x * float("nan")), target=1)
+
+
+def test_one_dimensional_inputs_and_grad_baselines():
+    class OneFeature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(1, 6), nn.Linear(6, 3)
+
+        def forward(self, a):
+            return self.o(torch.relu(self.l(a[:, None])))
+
+    torch.manual_seed(17)
+    m = OneFeature().double().eval()
+    a = torch.randn(4, dtype=torch.float64)
+    ours = Re3(m).attribute(a, target=1)  # B samples of one feature, as InputXGradient takes them (was refused)
+    ref = InputXGradient(m).attribute(a.clone().requires_grad_(), target=1).detach()
+    assert ours.shape == (4,) and _rel(ours, ref) <= 1e-12
+    # a baseline that requires grad is detached like the inputs (the attributions carried a graph into it)
+    m2 = _biased_mlp(18, 5, [4], 2)
+    bl = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    attr, delta = Re3(m2).attribute(torch.randn(3, 5, dtype=torch.float64), baselines=bl, target=0,
+                                    return_convergence_delta=True)
+    assert not attr.requires_grad and not delta.requires_grad

@@ -138,3 +138,37 @@ def test_to_markdown_formats():
     df = pd.DataFrame({"a": ["x"], "b": [float("nan")], "c": [1234567.0], "d": [0.5]})
     md = to_markdown(df)
     assert md.splitlines()[2] == "| x | – | 1.23e+06 | 0.500 |"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("curve_output", "probabilities", r"curve_output must be one of \('probability', 'logit'\), got 'probabilities'"),
+    ("n_steps", 0, "n_steps must be a positive int, got 0"),
+    ("top_k", 6, "top_k must be None or an int from 1 to 5 .*got 6"),
+    ("ndcg_k", 0, "ndcg_k must be a positive int, got 0"),
+    ("n_seeds", 1.5, "n_seeds must be a positive int"),
+    ("noise_std", -1.0, "noise_std must be a finite number > 0"),
+    ("superpixel", 0, "superpixel must be None or a positive int"),
+])
+def test_compare_refuses_invalid_settings(tabular, option, value, message):
+    """Before, a misspelt curve_output silently gave logit curves, n_steps=0 an AUC of 0, top_k >= the number of
+    features the same top and bottom sets (t = NaN) and ndcg_k=0 NaN."""
+    m, x = tabular
+    with pytest.raises(ValueError, match=message):
+        compare(m, x, methods=["Saliency"], progress=False, **{option: value})
+
+
+def test_curve_and_test_functions_refuse_invalid_arguments(tabular):
+    m, x = tabular
+    attr = torch.randn_like(x)
+    tgt = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(ValueError, match=r"output must be one of \('probability', 'logit'\), got 'probabilities'"):
+        deletion_insertion(m, x, attr, tgt, output="probabilities")
+    with pytest.raises(ValueError, match="n_steps must be a positive int"):
+        deletion_insertion(m, x, attr, tgt, n_steps=0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        top_bottom_test(m, x, attr, tgt, k=0)
+    # the logit curve is the target logit itself (independent: the model's output at x and at the baseline 0)
+    _, dele, ins = deletion_insertion(m, x, attr, tgt, n_steps=2, output="logit")
+    with torch.no_grad():
+        assert dele[0] == pytest.approx(m(x)[:, 0].mean().item())
+        assert ins[0] == pytest.approx(m(torch.zeros_like(x))[:, 0].mean().item())

@@ -19,7 +19,7 @@ import torch.nn as nn
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 
-from ..affine import affine_map
+from ..affine import _chunks, _default_chunk, affine_map, check_batch, choose_method, resolve_target
 from ..attributions import from_map, same_region
 
 Tensor = torch.Tensor
@@ -28,9 +28,15 @@ Tensor = torch.Tensor
 class _Joined(nn.Module):
     """``model(*split(z), *additional_args)`` for a flat ``z``: several inputs become one, so the region's map has
     one ``A`` over all input features, split back per input afterwards. Holds the user's model as a submodule
-    (nothing of it is changed; the engine restores flags and hooks)."""
+    (nothing of it is changed; the engine restores flags and hooks).
 
-    def __init__(self, model: nn.Module | Callable, shapes: list[tuple[int, ...]], extra: tuple):
+    Tensor arguments whose first dimension is ``batch`` are per-sample (Captum's convention): they follow the rows
+    of ``z``. :meth:`rows` gives the module of a chunk of the batch; a call on ``r`` replicas of the batch
+    (replica-major, as the forward route runs it) gets them tiled ``r`` times.
+    """
+
+    def __init__(self, model: nn.Module | Callable, shapes: list[tuple[int, ...]], extra: tuple,
+                 batch: int | None = None):
         super().__init__()
         if isinstance(model, nn.Module):
             self.model = model
@@ -42,12 +48,28 @@ class _Joined(nn.Module):
         self.shapes = shapes
         self.sizes = [int(np.prod(s)) for s in shapes]
         self.extra = extra
+        self.batch = batch
+        self.per_sample = [batch is not None and isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == batch
+                           for e in extra]
+
+    def rows(self, sl: slice) -> _Joined:
+        """This module for the samples ``sl`` of the batch: its per-sample arguments cut to those rows."""
+        extra = tuple(e[sl] if p else e for e, p in zip(self.extra, self.per_sample))
+        return _Joined(self.fn if self.fn is not None else self.model, self.shapes, extra,
+                       len(range(*sl.indices(self.batch))))
 
     def forward(self, z: Tensor) -> Tensor:
         parts = torch.split(z, self.sizes, dim=1)
         parts = [p.reshape(p.shape[0], *s) for p, s in zip(parts, self.shapes)]
         f = self.fn if self.fn is not None else self.model
-        return f(*parts, *self.extra)
+        extra = self.extra
+        if any(self.per_sample) and z.shape[0] != self.batch:
+            r, rem = divmod(z.shape[0], self.batch)
+            if rem:
+                raise ValueError(f"the model was called on {z.shape[0]} rows, which are not replicas of the "
+                                 f"{self.batch} samples that the per-sample additional_forward_args belong to")
+            extra = tuple(e.repeat(r, *([1] * (e.dim() - 1))) if p else e for e, p in zip(extra, self.per_sample))
+        return f(*parts, *extra)
 
 
 def _as_tuple(x: Any) -> tuple:
@@ -68,7 +90,7 @@ def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]
         if not isinstance(b, Tensor):
             out.append(torch.full_like(x, float(b)))
             continue
-        b = b.to(device=x.device, dtype=x.dtype)
+        b = b.detach().to(device=x.device, dtype=x.dtype)  # like the inputs: no graph into the attributions
         if b.shape == x.shape[1:]:
             b = b.unsqueeze(0)
         try:
@@ -76,7 +98,24 @@ def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]
         except RuntimeError as e:
             raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not match input {i} of shape "
                              f"{tuple(x.shape)}") from e
+    for i, b in enumerate(out):
+        bad = int((~torch.isfinite(b)).sum())
+        if bad:
+            name = f"baselines[{i}]" if isinstance(baselines, tuple) else "baselines"
+            raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf): the map's value there, and the "
+                             "attributions x − baseline, would be nan / inf")
     return tuple(out)
+
+
+def _check_inputs(xs: tuple[Tensor, ...], is_tuple: bool) -> None:
+    """Captum-style inputs: each a batched floating-point tensor of finite values, named as the caller passed it
+    (``inputs``, or ``inputs[i]`` of a tuple), before they are joined into one flat tensor. A 1-D tensor is ``B``
+    samples of one feature."""
+    for i, t in enumerate(xs):
+        name = f"inputs[{i}]" if is_tuple else "inputs"
+        if t.dim() == 0:
+            raise ValueError(f"{name} must be batched, shape (B, ...); got a 0-d tensor")
+        check_batch(t if t.dim() > 1 else t.unsqueeze(1), name)
 
 
 class Re3(GradientAttribution):
@@ -98,18 +137,27 @@ class Re3(GradientAttribution):
     -----
     The convergence delta is the region's map evaluated at the baseline, ``A[t]·x0 + d[t]``: the region's offset
     ``d[t]`` (the frozen network at 0) for the default zero baseline. Hence ``attributions.sum() + delta ==
-    f(x)[target]`` exactly. With a baseline the split is also ``f(x) − f(x0)`` only when ``x0`` lies in the region of
-    ``x``; :attr:`same_region_` holds that flag per sample after each call with baselines (a warning is given
-    when it fails for some sample).
+    f(x)[target]`` exactly. With a baseline the split is also ``f(x) − f(x0)`` when ``x0`` lies in the closed region
+    of ``x`` (its pattern agrees with that of ``x`` at every unit not exactly at its breakpoint, as the zero baseline
+    of a bias-free network does), and in general not otherwise; :attr:`same_region_` holds that flag per sample after
+    each call with baselines (a warning is given when it fails for some sample).
 
     Several input tensors (a tuple) are joined into one flat input for the map and split back: ``A`` covers all
-    inputs. ``additional_forward_args`` are passed through as constants.
+    inputs; a 1-D input ``(B,)`` is ``B`` samples of one feature. ``additional_forward_args`` are constants of the
+    map; as in Captum, tensors among them whose first dimension is the batch size are per-sample: every internal
+    forward pass (a chunk of the batch, replicas of it) gets their matching rows.
     """
 
     def __init__(self, forward_func: nn.Module | Callable, multiply_by_inputs: bool = True, method: str = "reverse",
                  logits_at: str | None = None) -> None:
         if not callable(forward_func):
             raise TypeError(f"forward_func must be a torch.nn.Module or callable, got {type(forward_func).__name__}")
+        if logits_at is not None and not isinstance(forward_func, nn.Module) and not isinstance(
+                getattr(forward_func, "__self__", None), nn.Module):
+            # a module path needs a module to look it up in; a plain callable hides the model it calls
+            raise ValueError(f"logits_at={logits_at!r} is a module path, so forward_func must be an nn.Module or a "
+                             f"bound method of one; got {type(forward_func).__name__}. Pass the model itself, e.g. "
+                             "Re3(model, logits_at=...)")
         GradientAttribution.__init__(self, forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self.method = method
@@ -135,9 +183,10 @@ class Re3(GradientAttribution):
         baselines : None, number, Tensor or tuple, optional
             Reference ``x0`` (default 0), as in Captum.
         target : int, list, Tensor or None
-            As in Captum; None only for models with one output per sample.
+            As in Captum (a list has one entry per sample); None only for models with one output per sample.
         additional_forward_args : any, optional
-            Extra arguments of the forward function (constants).
+            Extra arguments of the forward function (constants of the map); tensors whose first dimension is the
+            batch size are per-sample, as in Captum.
         return_convergence_delta : bool
             Also return ``delta`` ``(B,)`` = ``A[t]·x0 + d[t]`` (``d[t]`` for the zero baseline).
 
@@ -149,6 +198,7 @@ class Re3(GradientAttribution):
         xs = _as_tuple(inputs)
         if not xs or not all(isinstance(t, Tensor) for t in xs):
             raise TypeError("inputs must be a Tensor or a tuple of Tensors")
+        _check_inputs(xs, is_tuple)
         b = xs[0].shape[0]
         if any(t.shape[0] != b for t in xs):
             raise ValueError(f"all input tensors need the same batch size; got {[t.shape[0] for t in xs]}")
@@ -157,13 +207,9 @@ class Re3(GradientAttribution):
         extra = _as_tuple(additional_forward_args)
         model, x, base = self._joined(xs, bls, extra)
         with torch.enable_grad():  # Captum users call attribute under no_grad
-            amap = affine_map(model, x, target=self._target(model, x, target), method=self.method,
-                              logits_at=self._logits_at(model))
-        values, delta = from_map(amap, base)
-        if not self._multiply_by_inputs:
-            values = amap.A[:, 0]
+            values, delta = self._attributions(model, x, base, target)
         if base is not None:
-            self.same_region_ = same_region(model, x, base, self._logits_at(model))
+            self.same_region_ = same_region(model, x, base, self._logits_at(model), closed=True)
             if not bool(self.same_region_.all()):
                 import warnings
 
@@ -180,12 +226,34 @@ class Re3(GradientAttribution):
         return out
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def _attributions(self, model: nn.Module, x: Tensor, base: Tensor | None, target: Any) -> tuple[Tensor, Tensor]:
+        """Attributions and delta of the flat inputs ``x`` (the engine's batched map, read off per sample)."""
+        b, logits_at = x.shape[0], self._logits_at(model)
+        if not (isinstance(model, _Joined) and any(model.per_sample)):
+            tgt = self._target(target, b, lambda: self._n_outputs(model, x[:1]))
+            return self._read(affine_map(model, x, target=tgt, method=self.method, logits_at=logits_at), base)
+        # per-sample additional_forward_args: the engine runs the model on chunks of the batch (and the forward
+        # route on replicas of a chunk), so the map is computed here chunk by chunk, each chunk's module holding
+        # the matching rows; the chunks are the engine's own (same size rule)
+        k = self._n_outputs(model.rows(slice(0, 1)), x[:1])
+        tgt = resolve_target(self._target(target, b, lambda: k), b, k, x.device)
+        n_inputs = int(x[0].numel())
+        size = _default_chunk(choose_method(self.method, 1, n_inputs), n_inputs, k)
+        parts = [self._read(affine_map(model.rows(sl), x[sl], target=tgt[sl], method=self.method, logits_at=logits_at,
+                                       chunk_size=sl.stop - sl.start), None if base is None else base[sl])
+                 for sl in _chunks(b, size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _read(self, amap, base: Tensor | None) -> tuple[Tensor, Tensor]:
+        values, delta = from_map(amap, base)
+        return (values if self._multiply_by_inputs else amap.A[:, 0]), delta
+
     def _joined(self, xs, bls, extra):
         f = self.forward_func
-        if len(xs) == 1 and not extra and isinstance(f, nn.Module):
+        if len(xs) == 1 and not extra and isinstance(f, nn.Module) and xs[0].dim() > 1:
             return f, xs[0], None if bls is None else bls[0]
         shapes = [tuple(t.shape[1:]) for t in xs]
-        model = _Joined(f, shapes, extra)
+        model = _Joined(f, shapes, extra, xs[0].shape[0])
         x = torch.cat([t.reshape(t.shape[0], -1) for t in xs], 1)
         base = None if bls is None else torch.cat([t.reshape(t.shape[0], -1) for t in bls], 1)
         return model, x, base
@@ -195,24 +263,37 @@ class Re3(GradientAttribution):
             return self.logits_at
         return f"model.{self.logits_at}"
 
-    def _target(self, model, x, target):
+    @staticmethod
+    def _target(target: Any, b: int, n_outputs: Callable[[], int]) -> Any:
+        """Captum's target for a batch of ``b``; None (one output per sample, ``n_outputs()`` asks the model)
+        becomes 0."""
         if target is not None:
             if isinstance(target, tuple):
                 raise NotImplementedError("Re3 supports int / per-sample targets over the flattened output; "
                                           "tuple targets for >2-D outputs are not supported")
             if isinstance(target, list) and target and isinstance(target[0], tuple):
                 raise NotImplementedError("Re3 does not support lists of tuple targets")
+            if isinstance(target, list) and len(target) != b:
+                # as Captum ("Target list length does not match output!"): a list is one target per sample, never
+                # broadcast (a leftover one-element list would explain the wrong class for every other sample)
+                raise ValueError(f"target is a list of {len(target)} entries for a batch of {b}; a list needs one "
+                                 "entry per sample (pass an int to explain the same output for every sample)")
             return target
         # no target: only for one output per sample (Captum's scalar-output convention)
+        k = n_outputs()
+        if k != 1:
+            raise ValueError(f"target=None needs one output per sample; the model gives {k} — pass "
+                             "target=<class index>")
+        return 0
+
+    def _n_outputs(self, model: nn.Module, x1: Tensor) -> int:
+        """Number of explained outputs of one sample ``x1`` (a recorded pass, the model restored afterwards)."""
         from ..recording import run_recorded
         from ..state import preserved
 
         with preserved(model, eval_mode=True), torch.no_grad():
-            out, _ = run_recorded(model, x[:1], logits_at=self._logits_at(model))
-        if out.numel() != 1:
-            raise ValueError(f"target=None needs one output per sample; the model gives {out.numel()} — pass "
-                             "target=<class index>")
-        return 0
+            out, _ = run_recorded(model, x1, logits_at=self._logits_at(model))
+        return out.numel()
 
     @staticmethod
     def _split(values: Tensor, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
