@@ -160,6 +160,11 @@ def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch
         return None
     if isinstance(target, int) and not isinstance(target, bool):
         t = torch.full((batch,), target, dtype=torch.long, device=device)
+    elif isinstance(target, (list, tuple)) and len(target) != batch:
+        # as Captum: a list is one target per sample, never broadcast (a leftover one-element list would explain
+        # the wrong output for every other sample); an int or a one-element tensor applies to all
+        raise ValueError(f"target is a list of {len(target)} entries for a batch of {batch}; a list needs one entry "
+                         "per sample (pass an int to explain the same output for every sample)")
     else:
         t = torch.as_tensor(target, device=device).reshape(-1)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:

@@ -79,6 +79,20 @@ def test_methods_agree_and_target_selects_rows(name):
         assert torch.allclose(t.d[:, 0], maps["reverse"].d[torch.arange(len(x)), target], atol=1e-10)
 
 
+def test_target_lists_need_one_entry_per_sample():
+    """As in Captum: a list is one target per sample (before, ``target=[2]`` was applied to every sample of a batch
+    of 4); an int or a one-element tensor applies to all."""
+    m, shape = _model("mlp3", torch.float64)
+    x = _inputs(shape, n=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="target is a list of 1 entries for a batch of 4"):
+        rr.affine_map(m, x, target=[2])
+    with pytest.raises(ValueError, match="target is a list of 1 entries for a batch of 4"):
+        rr.contributions(m, x, target=[2])
+    every = rr.affine_map(m, x, target=[2] * 4).A
+    assert torch.equal(rr.affine_map(m, x, target=2).A, every)
+    assert torch.equal(rr.affine_map(m, x, target=torch.tensor([2])).A, every)
+
+
 @pytest.mark.parametrize("name", ["mlp3", "lenet", "residual", "mixed", "conv1d", "functional", "resnet", "branchy"])
 def test_perturbation_inside_region_is_exact_and_crossing_breaks_it(name):
     m, shape = _model(name, torch.float64)
