@@ -345,11 +345,11 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
         raise CLIError(f"--model {p}: no such file")
     if class_spec is not None:
         cls = _import_class(class_spec)
+        if _is_torchscript(p):  # (before torch.load, which would print its own warning about it on the terminal)
+            raise CLIError(_TORCHSCRIPT.format(path=p))
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
-            if _is_torchscript(p):
-                raise CLIError(_TORCHSCRIPT.format(path=p)) from e
             raise CLIError(_REFUSE_PICKLE.format(path=p, err=" ".join(str(e).split())[:160])) from e
         sd = _state_dict_of(obj, p)
         try:
