@@ -1038,6 +1038,8 @@ def select_layers(names: list[str], layers: LayerSelection) -> list[str]:
     if isinstance(layers, slice):
         return names[layers]
     if isinstance(layers, int):
+        if not -len(names) <= layers < len(names):
+            raise IndexError(f"layer index {layers} is out of range; recorded layers are {names}")
         return [names[layers]]
     unknown = [n for n in layers if n not in names]
     if unknown:

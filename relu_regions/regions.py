@@ -29,6 +29,7 @@ Definitions (Re3 paper and the clustering-based-interpretation paper)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -64,12 +65,29 @@ def affine_map_keys(A: Tensor, d: Tensor, decimals: int = 6) -> Tensor:
     Rounding makes maps that differ only by floating-point noise count as one; maps that differ by less than
     ``10**-decimals`` but are not equal may merge, and equal maps straddling a rounding edge may split: the count
     is exact only up to that resolution (say so when reporting it).
+
+    Raises ``ValueError`` when an entry is not finite or a rounded entry ``|entry| · 10**decimals`` does not fit
+    in int64 (below 2**63): lower ``decimals`` then (its conversion would saturate, giving different maps one key).
     """
     from .keys import _mix
 
+    if isinstance(decimals, bool) or not isinstance(decimals, int):
+        raise TypeError(f"decimals must be an int, got {decimals!r}")
     b = A.shape[0]
-    flat = torch.cat([A.reshape(b, -1), d.reshape(b, -1)], 1).to(torch.float64)
-    q = torch.round(flat * 10.0 ** decimals)
+    # explicit widths, not -1: an empty batch has none to infer
+    flat = torch.cat([A.reshape(b, math.prod(A.shape[1:])), d.reshape(b, math.prod(d.shape[1:]))], 1)
+    flat = flat.to(torch.float64)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("affine_map_keys: the maps hold non-finite entries (inf / nan)")
+    try:
+        scale = 10.0 ** decimals
+    except OverflowError:
+        scale = math.inf
+    q = torch.round(flat * scale)
+    big = float(q.abs().max()) if q.numel() else 0.0
+    if not big < 2.0 ** 63:  # (also inf and nan: 0 · inf)
+        raise ValueError(f"affine_map_keys: decimals={decimals} scales the largest entry "
+                         f"({float(flat.abs().max()):.6g}) beyond int64; lower decimals")
     q = torch.where(q == 0, torch.zeros_like(q), q)  # -0.0 and 0.0 must hash alike
     words = q.to(torch.int64)
     h = torch.full((b,), 0x1234567, dtype=torch.int64, device=A.device)
@@ -104,7 +122,7 @@ def _argsort_by_class(cls: np.ndarray, size: np.ndarray, own: np.ndarray, n_clas
 
 
 class _Table:
-    """Per-region accumulators of one granularity (rows indexed in order of first appearance).
+    """Per-region accumulators of one granularity (rows added batch by batch, a batch's new keys ascending).
 
     Keys are found by binary search in a sorted copy (``searchsorted``), not a Python dict: an epoch of 10,000
     distinct MNIST regions cost ~10 ms in dict lookups and inserts, ~1-2% of a LeNet validation epoch. Sorting goes
@@ -264,13 +282,66 @@ class RegionStats:
         return self.tables[name]
 
     def _labels(self, y: Tensor, what: str, b: int) -> Tensor:
-        y = torch.as_tensor(y).detach().reshape(-1).to("cpu", torch.int64)
+        y = torch.as_tensor(y).detach()
+        # the int64 cast below would truncate probabilities or soft labels into classes without a word
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            hint = ("pass logits.argmax(1), or (logit > 0).long() for one output" if what == "y_pred"
+                    else "pass integer class indices (.long())")
+            raise TypeError(f"{what} must hold class indices (an integer tensor), got dtype {y.dtype}: {hint}")
+        y = y.reshape(-1).to("cpu", torch.int64)
         if y.numel() != b:
             raise ValueError(f"{what} has {y.numel()} entries for {b} keys")
         if b and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
             raise ValueError(f"{what} must hold class indices in [0, {self.n_classes}); "
                              f"got {int(y.min())}..{int(y.max())}")
         return y
+
+    def _kept_shape(self, name: str) -> tuple[int, ...] | None:
+        """Per-region shape of the sums ``name`` kept so far (None: none kept yet)."""
+        for t in self.tables.values():
+            if name in t.sums:
+                return tuple(t.sums[name].shape[1:])
+        return None
+
+    def _check_batch(self, b: int, y_true: Tensor, y_pred: Tensor, inputs: Tensor | None = None,
+                     contributions: Tensor | None = None, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Check what :meth:`update` takes for a batch of ``b`` samples (shapes only: nothing is copied) and return
+        the labels as CPU int64 tensors. Everything is checked before anything is added, so that a rejected batch
+        leaves the statistics as they were."""
+        yt = self._labels(y_true, "y_true", b)
+        yp = self._labels(y_pred, "y_pred", b)
+        d_in = None
+        if inputs is not None:
+            _check_rows(inputs, "inputs", b)
+            d_in = math.prod(inputs.shape[1:])
+            kept = self._kept_shape("inputs") if self.keep_inputs else None
+            if kept is not None and kept != (d_in,):
+                raise ValueError(f"inputs hold {d_in} features per sample, the earlier batches {kept[0]}")
+        kd = {}
+        for name, t in (("contributions", contributions), ("weights", weights)):
+            if t is None:
+                continue
+            kd[name] = _outputs_and_features(t, name, b)
+            # (B, *input_shape) of one output would be read as K = input_shape[0] outputs: refused where it shows
+            wrong = (f"{kd[name][1]} features per output, inputs {d_in}" if d_in is not None and kd[name][1] != d_in
+                     else f"K={kd[name][0]} outputs for n_classes={self.n_classes}" if kd[name][0] > self.n_classes
+                     else None)
+            if wrong:
+                raise ValueError(
+                    f"{name} of shape {tuple(t.shape)} hold {wrong}: a tensor of 3 or more dimensions is read as "
+                    f"(B, K, *input_shape); for one output of a non-flat input pass (B, 1, *input_shape) "
+                    f"({name}.unsqueeze(1))")
+            kept = self._kept_shape(name) if self.keep_contributions else None
+            if kept is not None and kept != kd[name]:
+                raise ValueError(f"{name} hold (outputs, features) = {kd[name]} per sample, the earlier batches {kept}")
+        if len(kd) == 2 and kd["contributions"] != kd["weights"]:
+            raise ValueError(f"contributions hold (outputs, features) = {kd['contributions']} per sample, weights "
+                             f"{kd['weights']}")
+        if "contributions" in kd and self.top_contributor is not None and \
+                kd["contributions"][1] != self.top_contributor.shape[0]:
+            raise ValueError(f"contributions hold {kd['contributions'][1]} features per output, the earlier batches "
+                             f"{self.top_contributor.shape[0]}")
+        return yt, yp
 
     def update(self, keys: Tensor | Mapping[str, Tensor], y_true: Tensor, y_pred: Tensor, inputs: Tensor | None = None,
                contributions: Tensor | None = None, weights: Tensor | None = None) -> RegionStats:
@@ -281,34 +352,42 @@ class RegionStats:
         keys : Tensor or dict name -> Tensor
             ``(B,)`` int64 region keys of the default granularity, or one ``(B,)`` tensor per granularity name.
         y_true, y_pred : Tensor
-            ``(B,)`` class indices (for a binary sigmoid model, ``y_pred = (logit > 0)``).
+            ``(B,)`` integer class indices (for a binary sigmoid model, ``y_pred = (logit > 0).long()``); floating,
+            bool and complex tensors are refused (``TypeError``): predictions must be classes, not probabilities.
         inputs : Tensor, optional
             ``(B, *input_shape)``, summed per region when ``keep_inputs``.
         contributions : Tensor, optional
-            ``(B, K, *input_shape)`` contributions ``A[k] ⊙ x`` (or ``(B, *input_shape)`` for one output), summed
-            per region when ``keep_contributions``; also counts each sample's top contributor (largest
-            contribution to its predicted class, or to the single output).
+            ``(B, K, *input_shape)`` contributions ``A[k] ⊙ x``, or ``(B, D)`` for one output of a flat input;
+            summed per region when ``keep_contributions``; also counts each sample's top contributor (largest
+            contribution to its predicted class, or to the single output). A tensor of 3 or more dimensions is
+            always read as ``(B, K, *input_shape)``: for one output of a non-flat input pass ``(B, 1,
+            *input_shape)`` (``contributions.unsqueeze(1)``; ``(B, *input_shape)`` would be read as ``K =
+            input_shape[0]`` outputs, refused when that exceeds ``n_classes``, when ``inputs`` are given or when
+            earlier batches fixed the shape).
         weights : Tensor, optional
-            ``(B, K, *input_shape)`` effective weights ``A`` (mean effective weights = feature importance of the
-            clustering paper), summed per region when ``keep_contributions``.
+            ``(B, K, *input_shape)`` (or ``(B, D)``, as ``contributions``) effective weights ``A`` (mean effective
+            weights = feature importance of the clustering paper), summed per region when ``keep_contributions``.
+
+        Every tensor's first dimension must be the batch size B. The batch is checked before anything is added
+        (a rejected batch changes nothing); an empty batch adds nothing.
         """
         if not isinstance(keys, Mapping):
             keys = {DEFAULT: keys}
-        unknown = [k for k in keys if k not in self.granularities and k != DEFAULT]
-        for k in unknown:  # ad-hoc granularities (e.g. affine-map keys) are accepted and kept
-            self.granularities[k] = None
         sizes = {k: int(torch.as_tensor(v).numel()) for k, v in keys.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"keys of different granularities have different batch sizes: {sizes}")
         b = next(iter(sizes.values()))
-        yt = self._labels(y_true, "y_true", b)
-        yp = self._labels(y_pred, "y_pred", b)
+        yt, yp = self._check_batch(b, y_true, y_pred, inputs, contributions, weights)
+        if b == 0:
+            return self
+        for k in keys:  # ad-hoc granularities (e.g. affine-map keys) are accepted and kept
+            self.granularities.setdefault(k, None)
         sums: dict[str, Tensor] = {}
         if self.keep_inputs and inputs is not None:
-            sums["inputs"] = inputs.detach().reshape(b, -1).cpu()
+            sums["inputs"] = inputs.detach().reshape(b, math.prod(inputs.shape[1:])).cpu()
         if contributions is not None:
             c = contributions.detach().cpu()
-            c = c.reshape(b, 1, -1) if c.dim() == 2 else c.reshape(b, c.shape[1], -1)
+            c = c.reshape(b, *_outputs_and_features(c, "contributions", b))
             if self.keep_contributions:
                 sums["contributions"] = c
             sel = yp.clamp(max=c.shape[1] - 1) if c.shape[1] > 1 else torch.zeros(b, dtype=torch.int64)
@@ -317,7 +396,7 @@ class RegionStats:
             self.top_contributor = counts if self.top_contributor is None else self.top_contributor + counts
         if self.keep_contributions and weights is not None:
             w = weights.detach().cpu()
-            sums["weights"] = w.reshape(b, 1, -1) if w.dim() == 2 else w.reshape(b, w.shape[1], -1)
+            sums["weights"] = w.reshape(b, *_outputs_and_features(w, "weights", b))
         for name, k in keys.items():
             k = torch.as_tensor(k).detach().reshape(-1).to("cpu", torch.int64)
             table = self._table(name)
@@ -335,8 +414,10 @@ class RegionStats:
         ``rec.clear()`` afterwards when streaming.
         """
         keys, units = self.recording_batch(rec)
+        # the unit counts after update(), which checks the batch first: a rejected batch adds nothing
+        self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
         self.add_unit_counts(units, len(rec))
-        return self.update(keys, y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
+        return self
 
     def recording_batch(self, rec) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
         """What :meth:`update_from_recording` needs from a recording, left on its device: region keys per
@@ -368,6 +449,8 @@ class RegionStats:
 
     def add_unit_counts(self, units: Mapping[str, Tensor], n_samples: int) -> None:
         """Add per-unit active counts (from :meth:`recording_batch`) observed on ``n_samples`` samples."""
+        if not n_samples:  # an empty batch adds nothing
+            return
         for name, act in units.items():
             act = act.to("cpu", torch.int64)
             self.unit_active[name] = act if name not in self.unit_active else self.unit_active[name] + act
@@ -379,6 +462,7 @@ class RegionStats:
             raise TypeError(f"can only merge RegionStats, got {type(other).__name__}")
         if other.n_classes != self.n_classes:
             raise ValueError(f"n_classes differ: {self.n_classes} vs {other.n_classes}")
+        self._check_same_setup(other)
         for name, t in other.tables.items():
             self.granularities.setdefault(name, other.granularities.get(name))
             self._table(name).merge(t)
@@ -391,6 +475,38 @@ class RegionStats:
         self.n_samples += other.n_samples
         self.n_correct += other.n_correct
         return self
+
+    def _check_same_setup(self, other: RegionStats) -> None:
+        """Raise ``ValueError`` naming the first setting in which ``other`` is configured differently: merged, its
+        tables would mix keys of different layers, or sums kept on one side only would be divided by both sides'
+        counts. Checked before anything is merged."""
+        if _norm_sel(self.layers) != _norm_sel(other.layers):
+            raise ValueError(f"cannot merge: layers differ ({self.layers!r} vs {other.layers!r})")
+        one_side = sorted(set(self.granularities) ^ set(other.granularities))
+        if one_side:
+            raise ValueError(f"cannot merge: granularities {one_side} are defined on one side only "
+                             f"({list(self.granularities)} vs {list(other.granularities)})")
+        for name, sel in self.granularities.items():
+            if _norm_sel(sel) != _norm_sel(other.granularities[name]):
+                raise ValueError(f"cannot merge: granularity {name!r} is defined differently "
+                                 f"({sel!r} vs {other.granularities[name]!r})")
+        for flag in ("keep_inputs", "keep_contributions"):
+            if bool(getattr(self, flag)) != bool(getattr(other, flag)):
+                raise ValueError(f"cannot merge: {flag} differs ({getattr(self, flag)} vs {getattr(other, flag)})")
+        for name, t in other.tables.items():
+            for s, v in t.sums.items():
+                mine = self.tables[name].sums.get(s) if name in self.tables else None
+                if mine is not None and mine.shape[1:] != v.shape[1:]:
+                    raise ValueError(f"cannot merge: per-region {s} of granularity {name!r} have shape "
+                                     f"{tuple(mine.shape[1:])} vs {tuple(v.shape[1:])}")
+        for name, v in other.unit_active.items():
+            if name in self.unit_active and self.unit_active[name].shape != v.shape:
+                raise ValueError(f"cannot merge: layer {name!r} has {self.unit_active[name].numel()} units vs "
+                                 f"{v.numel()}")
+        if self.top_contributor is not None and other.top_contributor is not None and \
+                self.top_contributor.shape != other.top_contributor.shape:
+            raise ValueError(f"cannot merge: top-contributor counts over {self.top_contributor.numel()} features vs "
+                             f"{other.top_contributor.numel()}")
 
     # ---------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -441,7 +557,8 @@ class RegionStats:
         return len(self._get(granularity))
 
     def region_keys(self, granularity: str = DEFAULT) -> Tensor:
-        """``(R,)`` region keys in order of first appearance (row order of every per-region tensor)."""
+        """``(R,)`` region keys in row order (the row order of every per-region tensor): rows are added batch by
+        batch, each batch's new regions in ascending key order (not in the order their samples came)."""
         return self._get(granularity).keys.clone()
 
     def sizes(self, granularity: str = DEFAULT) -> Tensor:
@@ -634,6 +751,33 @@ def markdown_table(df, floatfmt: str = ".4g") -> str:
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+def _check_rows(t: Tensor, what: str, b: int) -> None:
+    """``t`` holds one row per key: its first dimension is the batch size ``b``."""
+    if t.dim() == 0 or t.shape[0] != b:
+        raise ValueError(f"{what} of shape {tuple(t.shape)} do not hold one row per key: the first dimension must be "
+                         f"the batch size {b}")
+
+
+def _outputs_and_features(t: Tensor, what: str, b: int) -> tuple[int, int]:
+    """``(K, D)`` of ``(B, K, *input_shape)`` contributions / weights, or ``(1, D)`` of ``(B, D)`` ones."""
+    _check_rows(t, what, b)
+    if t.dim() < 2:
+        raise ValueError(f"{what} must be (B, K, *input_shape), or (B, D) for one output; got shape {tuple(t.shape)}")
+    if t.dim() == 2:
+        return 1, int(t.shape[1])
+    return int(t.shape[1]), math.prod(t.shape[2:])
+
+
+def _norm_sel(sel: LayerSelection) -> Any:
+    """A layer selection in one spelling (a name = a list of one name; lists, tuples and saved slices alike)."""
+    sel = _from_plain_sel(sel)
+    if isinstance(sel, str):
+        return [sel]
+    if isinstance(sel, (list, tuple)):
+        return list(sel)
+    return sel
 
 
 def _plain_sel(sel: LayerSelection) -> Any:

@@ -104,7 +104,8 @@ def _describe(batch: Any) -> str:
 
 def predictions(logits: Tensor) -> Tensor:
     """Predicted class per sample: argmax over outputs, or ``logit > 0`` for a single output."""
-    flat = logits.detach().reshape(logits.shape[0], -1)
+    logits = logits.detach()
+    flat = logits.reshape(logits.shape[0], math.prod(logits.shape[1:]))  # (not -1: an empty batch has none to infer)
     if flat.shape[1] == 1:
         return (flat[:, 0] > 0).long()
     return flat.argmax(1)
@@ -168,17 +169,27 @@ class RegionTracker:
     def take(self, n: int) -> None:
         """Keep only the last recorded pass when the passes since the last update hold more than ``n`` samples
         (a step that ran the model twice); raise if no pass matches ``n``."""
+        if self._last_pass_only(n):
+            del self.rec.passes[:-1]
+
+    def _last_pass_only(self, n: int) -> bool:
+        """Whether :meth:`take` keeps only the last pass for ``n`` labels; raises as it does, changes nothing."""
         passes = self.rec.passes
         if not passes:
             raise RuntimeError("the model did not run since the last update: nothing was recorded (if your step calls "
                                "a submodule directly, track/monitor that submodule)")
-        if len(self.rec) != n:
-            last = passes[-1][0].state.shape[0] if passes[-1] else passes[-1].batch
-            if last == n:
-                del passes[:-1]
-            else:
-                raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "
-                                 f"{n}; the model ran on inputs that do not match the labels")
+        if len(self.rec) == n:
+            return False
+        last = passes[-1][0].state.shape[0] if passes[-1] else passes[-1].batch
+        if last == n:
+            return True
+        raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "
+                         f"{n}; the model ran on inputs that do not match the labels")
+
+    def _predictions(self) -> Tensor:
+        if self.last_output is None:
+            raise RuntimeError("no model output was captured; pass y_pred=")
+        return predictions(self.last_output)
 
     def update(self, y_true: Tensor, y_pred: Tensor | None = None, *, contributions: Tensor | None = None,
                weights: Tensor | None = None) -> None:
@@ -193,10 +204,20 @@ class RegionTracker:
         contributions, weights : Tensor, optional
             Passed on to ``RegionStats.update`` (``(B, K, *input)`` contributions ``A ⊙ x`` and effective weights
             ``A``; summed per region when the stats keep contributions).
+
+        The batch is checked before the recording is cleared: a rejected batch (``ValueError`` / ``TypeError``)
+        leaves the stats, the recording and :attr:`n_updates` as they were.
         """
+        y_true = torch.as_tensor(y_true).reshape(-1)
+        self._last_pass_only(y_true.shape[0])
+        if y_pred is None:
+            y_pred = self._predictions()
+        check = getattr(self.stats, "_check_batch", None)  # (RegionStats; other stats objects check in update)
+        if check is not None:
+            check(y_true.shape[0], y_true, y_pred, contributions=contributions, weights=weights)
         keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred)
-        self.stats.add_unit_counts(units, n)
         self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights)
+        self.stats.add_unit_counts(units, n)
 
     def take_batch(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
         """The batch recorded since the last update, left on its device, then clear the recording.
@@ -215,9 +236,7 @@ class RegionTracker:
         y_true = torch.as_tensor(y_true).reshape(-1)
         self.take(y_true.shape[0])
         if y_pred is None:
-            if self.last_output is None:
-                raise RuntimeError("no model output was captured; pass y_pred=")
-            y_pred = predictions(self.last_output)
+            y_pred = self._predictions()
         batch = self.stats.batch_patterns(self.rec)
         self.rec.clear()
         self.n_updates += 1
@@ -324,6 +343,8 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
                 break
             x = get_inputs(batch).to(device)
             y = torch.as_tensor(get_labels(batch)).reshape(-1).to(device)
+            if x.shape[0] == 0 and y.numel() == 0:  # an empty batch adds nothing (and the model may refuse it)
+                continue
             contrib = y_pred = weights = None
             if contributions:  # outside the recording block: affine_map runs its own recorded passes
                 with torch.enable_grad():
@@ -346,7 +367,7 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
             # the recording outlives the block; computing keys outside it avoids the function mode's overhead
             tracker.update(y, y_pred, contributions=contrib, weights=weights)
     if stats is None:
-        raise ValueError("the data loader yielded no batches")
+        raise ValueError("the data loader yielded no batches (or only empty ones)")
     return stats
 
 
@@ -420,7 +441,9 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
 
     (only the ``k`` largest terms per sample when ``k`` is given), which counts — softly — the hyperplanes that cut
     the γ-ball around x, so minimising it makes the region around each sample larger and the regions fewer. Plus
-    ``l1 · mean_x Σ_j |a_j|``, the L1 activity penalty on the units' outputs (sparse activation patterns).
+    ``l1 · mean_x Σ_j relu(z_j)`` over the ReLU-like units, an L1 activity penalty on the positive part of their
+    pre-activations (sparse activation patterns): for ReLU units ``|a_j|``, their outputs; for LeakyReLU / PReLU
+    units the negative side's outputs are not penalised (clamp units have no L1 term).
 
     Both terms are differentiable with respect to the parameters: ``z_j`` and the gradients ``∇ₓ z_j`` are computed
     by running the network with its activation pattern frozen on ``[x, 0, e_1, …, e_D]`` (the frozen network is
@@ -447,7 +470,8 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
     logits_at, strict
         As in :func:`relu_regions.record`.
     return_parts : bool
-        Return ``{"total", "hinge", "l1", "min_distance"}`` instead of the total.
+        Return ``{"total", "hinge", "l1", "min_distance"}`` instead of the total (``"l1"`` unweighted:
+        ``mean_x Σ_j relu(z_j)``, 0 when ``l1`` is 0).
 
     Returns
     -------

@@ -250,3 +250,185 @@ def test_stats_filled_under_inference_mode_take_updates_and_merges_outside_it(se
     for g in ("full", "last", "first"):
         assert _by_key(a, g) == _by_key(b, g) == _by_key(whole, g)
     assert a.n_samples == whole.n_samples == 400
+
+
+def test_one_output_contributions_of_a_non_flat_input_are_read_right_or_refused():
+    """(B, *input_shape) contributions of a one-output model with a (3, 2, 2) input were read as K=3 outputs of 4
+    features (wrong top contributors and mean shape). (B, 1, *input_shape) and a flat (B, D) give the right counts;
+    the (B, *input_shape) form is refused where it shows (K > n_classes, or features unlike the inputs')."""
+    g = torch.Generator().manual_seed(0)
+    b = 8
+    contrib = torch.randn(b, 3, 2, 2, generator=g)
+    keys = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    y = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0])
+    # independent: each sample's largest of its 12 features, and per-region means of the flat rows
+    flat = contrib.reshape(b, 12)
+    want_top = torch.bincount(flat.argmax(1), minlength=12)
+    want_mean = torch.stack([flat[keys == k].mean(0) for k in (0, 1, 2)]).double()
+    for form in (contrib.unsqueeze(1), flat):
+        s = RegionStats(2, keep_contributions=True).update(keys, y, y, contributions=form)
+        assert torch.equal(s.top_contributor, want_top)
+        assert s.mean_contributions().shape == (3, 1, 12)
+        torch.testing.assert_close(s.mean_contributions()[:, 0], want_mean)
+    with pytest.raises(ValueError, match=r"K=3 outputs for n_classes=2.*unsqueeze\(1\)"):
+        RegionStats(2, keep_contributions=True).update(keys, y, y, contributions=contrib)
+    s = RegionStats(3, keep_contributions=True)  # K=3 could be classes here: the inputs tell
+    with pytest.raises(ValueError, match="4 features per output, inputs 12"):
+        s.update(keys, y, y, inputs=torch.randn(b, 3, 2, 2), contributions=contrib)
+    assert s.n_samples == 0 and s.top_contributor is None
+
+
+def test_merge_refuses_differently_configured_stats(setup):
+    model, x, y = setup
+
+    def build(xx, yy, **kw):
+        s = RegionStats(3, **kw)
+        with rr.record(model) as rec:
+            out = model(xx)
+            s.update_from_recording(rec, yy, out.argmax(1), inputs=xx)
+        return s
+
+    cases = [({"granularities": {"g": 0}}, {"granularities": {"g": -1}}, "granularity 'g'"),
+             ({"keep_inputs": True}, {"keep_inputs": False}, "keep_inputs"),
+             ({"keep_contributions": True}, {}, "keep_contributions"),
+             ({"layers": 0}, {}, "layers"),
+             ({"granularities": {"g": 0}}, {}, r"\['g'\]")]
+    for kw_a, kw_b, what in cases:
+        a, b = build(x[:100], y[:100], **kw_a), build(x[100:], y[100:], **kw_b)
+        before = _by_key(a)
+        with pytest.raises(ValueError, match=what):
+            a.merge(b)
+        assert _by_key(a) == before and a.n_samples == 100  # refused before anything was merged
+    # an ad-hoc granularity only one side has (its coverage would be divided by samples it never saw)
+    a, b = RegionStats(3), RegionStats(3)
+    k = torch.tensor([1, 1, 2, 2])
+    a.update({"full": k, "maps": k}, k - 1, k - 1)
+    b.update(k, k - 1, k - 1)
+    with pytest.raises(ValueError, match="maps"):
+        a.merge(b)
+    # the same setup spelled differently (a name / a one-name list, a tuple, a slice through a state dict) merges
+    a = build(x[:100], y[:100], granularities={"h": "1", "t": ("1", "3"), "s": slice(-1, None)})
+    b = build(x[100:], y[100:], granularities={"h": ["1"], "t": ["1", "3"], "s": slice(-1, None)})
+    a.merge(RegionStats.from_state_dict(pickle.loads(pickle.dumps(b.state_dict()))))
+    whole = build(x, y, granularities={"h": "1", "t": ("1", "3"), "s": slice(-1, None)})
+    for g in ("full", "h", "t", "s"):
+        assert _by_key(a, g) == _by_key(whole, g)
+
+
+def test_float_bool_and_complex_labels_are_refused():
+    """float labels were cast to int64: sigmoid probabilities as y_pred all became class 0 (accuracy 0.25 here
+    where logit > 0 is right on every sample)."""
+    logit = torch.tensor([2.0, 3.0, -1.0, 4.0])
+    y_true = torch.tensor([1, 1, 0, 1])
+    keys = torch.tensor([7, 7, 8, 9])
+    s = RegionStats(2)
+    with pytest.raises(TypeError, match=r"y_pred .*float32.*argmax\(1\)"):
+        s.update(keys, y_true, torch.sigmoid(logit))
+    with pytest.raises(TypeError, match="y_true"):
+        s.update(keys, y_true.double(), y_true)
+    with pytest.raises(TypeError, match="y_pred .*bool"):
+        s.update(keys, y_true, logit > 0)
+    with pytest.raises(TypeError, match="y_true .*complex"):
+        s.update(keys, y_true.to(torch.complex64), y_true)
+    assert s.n_samples == 0 and not s.tables
+    s.update(keys, y_true.int(), (logit > 0).long())  # integer tensors of any width are class indices
+    assert s.accuracy == float(((logit > 0).long() == y_true).float().mean()) == 1.0
+
+
+def test_inputs_contributions_and_weights_need_one_row_per_key():
+    """inputs / contributions / weights were reshaped to the batch size instead of checked: x.T gave scrambled
+    region means, 4 rows for 2 keys a (1, 6) mean input."""
+    keys, y = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    s = RegionStats(2, keep_inputs=True, keep_contributions=True)
+    with pytest.raises(ValueError, match=r"inputs of shape \(3, 4\).*batch size 4"):
+        s.update(keys, y, y, inputs=x.T)
+    with pytest.raises(ValueError, match=r"inputs of shape \(4, 3\).*batch size 2"):
+        s.update(keys[:2], y[:2], y[:2], inputs=x)
+    with pytest.raises(ValueError, match=r"contributions of shape \(4, 1, 3\).*batch size 2"):
+        s.update(keys[:2], y[:2], y[:2], contributions=torch.ones(4, 1, 3))
+    with pytest.raises(ValueError, match=r"weights of shape \(4, 1, 3\).*batch size 2"):
+        s.update(keys[:2], y[:2], y[:2], weights=torch.ones(4, 1, 3))
+    with pytest.raises(ValueError, match="4 features per sample, the earlier batches 3"):
+        s.update(keys, y, y, inputs=x).update(keys, y, y, inputs=torch.ones(4, 4))
+    assert s.n_samples == 4 and s.top_contributor is None
+    torch.testing.assert_close(s.mean_inputs(), torch.stack([x[:2].mean(0), x[2:].mean(0)]).double())
+
+
+def test_a_rejected_recorded_batch_adds_no_unit_counts(setup):
+    """update_from_recording added the batch's unit counts before the labels were checked: after a rejected batch
+    unit_samples no longer matched n_samples and the activation frequencies mixed in the rejected samples."""
+    model, x, y = setup
+    s = RegionStats(3)
+    with rr.record(model) as rec:
+        out = model(x[:10])
+        with pytest.raises(ValueError, match="y_true"):
+            s.update_from_recording(rec, y[:10] + 3, out.argmax(1))
+        assert s.n_samples == 0 and s.unit_samples == {} and s.unit_active == {} and not s.tables
+        rec.clear()
+        out = model(x[10:14])
+        s.update_from_recording(rec, y[10:14], out.argmax(1))
+    pre = model[0](x[10:14])  # independent: the first hidden layer's pre-activations
+    freq = s.activation_frequencies()
+    torch.testing.assert_close(freq["1"], (pre > 0).double().mean(0))
+    assert set(s.unit_samples.values()) == {4}
+
+
+def test_empty_batches_add_nothing():
+    """An empty batch with inputs or contributions failed in torch's reshape ("cannot reshape tensor of 0
+    elements into shape [0, -1]")."""
+    e = torch.zeros(0, dtype=torch.long)
+    keys, y = torch.tensor([3, 3, 5]), torch.tensor([0, 1, 1])
+    x = torch.randn(3, 4)
+    s = RegionStats(3, keep_inputs=True, keep_contributions=True)
+    s.update(e, e, e, inputs=torch.zeros(0, 4), contributions=torch.zeros(0, 3, 4), weights=torch.zeros(0, 3, 4))
+    s.update({"full": e, "maps": e}, e, e, inputs=torch.zeros(0, 2, 2))
+    assert s.n_samples == 0 and not s.tables and s.top_contributor is None and "maps" not in s.granularities
+    s.update(keys, y, y, inputs=x, contributions=x[:, None].expand(3, 3, 4))
+    ref = RegionStats(3, keep_inputs=True, keep_contributions=True)
+    ref.update(keys, y, y, inputs=x, contributions=x[:, None].expand(3, 3, 4))
+    assert _by_key(s) == _by_key(ref) and torch.equal(s.mean_inputs(), ref.mean_inputs())
+    assert torch.equal(s.top_contributor, ref.top_contributor)
+    assert affine_map_keys(torch.zeros(0, 2, 4), torch.zeros(0, 2)).shape == (0,)
+
+
+def test_an_integer_layer_index_out_of_range_names_the_recorded_layers():
+    model = mlp(4, [6], 3)
+    x, y = torch.randn(5, 4), torch.zeros(5, dtype=torch.long)
+    with rr.record(model) as rec:
+        model(x)
+        for call in (lambda: rec.region_ids(3), lambda: rec.packed(-2),
+                     lambda: RegionStats(3, granularities={"g": 3}).update_from_recording(rec, y, y)):
+            with pytest.raises(IndexError, match=r"layer index -?\d+ is out of range; recorded layers are \['1'\]"):
+                call()
+        assert torch.equal(rec.region_ids(-1), rec.region_ids(0)) and torch.equal(rec.region_ids(0), rec.region_ids())
+
+
+def test_region_keys_are_in_row_order_new_keys_of_a_batch_ascending():
+    # (documentation fix, behaviour pinned: rows are not in the order of first appearance within a batch)
+    s = RegionStats(3)
+    s.update(torch.tensor([30, 10, 20, 30]), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 0]))
+    s.update(torch.tensor([40, 5, 10]), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    assert s.region_keys().tolist() == [10, 20, 30, 5, 40]
+    assert s.sizes().tolist() == [2, 1, 2, 1, 1]
+
+
+def test_affine_map_keys_refuse_values_beyond_int64():
+    """Rounded entries of 2**63 or more saturated in the int64 cast: different maps got one key (decimals=20
+    here; entries 2e7 and 3e7 at decimals=12)."""
+    A = torch.tensor([[[1.0, 2.0]], [[3.0, -5.0]], [[0.5, 7.0]]])
+    d = torch.tensor([[0.1], [0.2], [0.3]])
+    assert len(set(affine_map_keys(A, d, decimals=18).tolist())) == 3
+    with pytest.raises(ValueError, match="decimals=20 .*int64"):
+        affine_map_keys(A, d, decimals=20)
+    with pytest.raises(ValueError, match="decimals=12"):
+        affine_map_keys(torch.tensor([[[2e7]], [[3e7]]]), torch.zeros(2, 1), decimals=12)
+    with pytest.raises(ValueError, match="int64"):
+        affine_map_keys(A, d, decimals=400)  # (10.0 ** 400 overflows a float)
+    with pytest.raises(ValueError, match="non-finite"):
+        affine_map_keys(A, torch.tensor([[0.1], [float("nan")], [0.3]]))
+    with pytest.raises(TypeError, match="decimals"):
+        affine_map_keys(A, d, decimals=2.5)
+    # at the edge: 9.2e18 < 2**63 still fits, and equal maps keep equal keys
+    keys = affine_map_keys(torch.tensor([[[9.2]], [[9.2]], [[-9.2]]]), torch.zeros(3, 1), decimals=18)
+    assert keys[0] == keys[1] != keys[2]

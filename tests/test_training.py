@@ -297,3 +297,79 @@ def test_parsimony_penalty_of_every_zoo_model_matches_the_geometry_and_central_d
     (up, p_up), (down, p_down) = at(eps), at(-eps)
     assert torch.equal(p_up, pattern) and torch.equal(p_down, pattern)
     assert (up - down) / (2 * eps) == pytest.approx(slope.item(), rel=1e-5, abs=1e-7)
+
+
+def test_a_rejected_tracker_update_leaves_the_stats_and_the_recording_as_they_were():
+    """RegionTracker.update cleared the recording, counted the update and added the unit counts before the stats
+    checked the labels: after a rejected batch the next good one mixed in its unit counts."""
+    model, (x, y) = _model(), _data(n=10)
+    stats = RegionStats(3)
+    with torch.no_grad(), track(model, stats) as tracker:
+        model(x)
+        for bad in (y + 3, y.float(), y[:4]):
+            with pytest.raises((ValueError, TypeError)):
+                tracker.update(bad)
+            assert stats.n_samples == 0 and stats.unit_samples == {} and stats.unit_active == {}
+            assert tracker.n_updates == 0 and len(tracker.rec) == 10
+        with pytest.raises(ValueError, match="contributions"):
+            tracker.update(y, contributions=torch.ones(4, 3, 4))
+        assert stats.n_samples == 0 and tracker.n_updates == 0 and len(tracker.rec) == 10
+        tracker.update(y)  # the same batch, now accepted
+    ref = evaluate(model, [(x, y)])
+    assert stats.n_samples == 10 and tracker.n_updates == 1 and len(tracker.rec) == 0
+    hand = (_hand_preacts(model, x)[0] > 0).double().mean(0)  # independent: the first layer's active share
+    torch.testing.assert_close(stats.activation_frequencies()["1"], hand)
+    assert torch.equal(stats.region_keys(), ref.region_keys()) and stats.accuracy == ref.accuracy
+
+
+def test_empty_batches_in_evaluate_and_track_add_nothing():
+    """evaluate on a loader with an empty batch failed in torch's reshape (predictions of 0 samples)."""
+    model, (x, y) = _model(), _data(n=20)
+    ref = evaluate(model, [(x[:10], y[:10]), (x[10:], y[10:])])
+    for loader in ([(x[:10], y[:10]), (x[:0], y[:0]), (x[10:], y[10:])], [(x[:0], y[:0]), (x, y)]):
+        s = evaluate(model, loader)
+        assert s.n_samples == 20 and s.n_classes == 3 and _same_stats(s, ref)
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(model, [(x[:0], y[:0])])
+    stats = RegionStats(3)
+    with torch.no_grad(), track(model, stats) as tracker:
+        model(x[:0])
+        tracker.update(y[:0])
+        assert stats.n_samples == 0 and stats.unit_samples == {} and not stats.tables
+        model(x[:10])
+        tracker.update(y[:10])
+        model(x[10:])
+        tracker.update(y[10:])
+    assert _same_stats(stats, ref) and stats.unit_samples == ref.unit_samples
+
+
+def _same_stats(a, b):
+    """Same regions with the same true and predicted histograms (rows may be in another order)."""
+    def by_key(s):
+        return dict(zip(s.region_keys().tolist(), zip(s.class_histograms().tolist(),
+                                                      s.class_histograms(which="pred").tolist())))
+    return a.n_samples == b.n_samples and by_key(a) == by_key(b)
+
+
+def test_parsimony_l1_term_is_the_positive_part_of_the_preactivations():
+    # (documentation fix, behaviour pinned: for LeakyReLU units the term is relu(z), not |leaky(z)|)
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for act in (nn.ReLU(), nn.LeakyReLU(0.5)):
+        model = nn.Sequential(nn.Linear(3, 7), act, nn.Linear(7, 2)).double()
+        got = parsimony_penalty(model, x, l1=1.0, return_parts=True, max_samples=None)["l1"]
+        z = x @ model[0].weight.T + model[0].bias  # independent: the pre-activations by hand
+        torch.testing.assert_close(got, torch.relu(z).sum(1).mean())
+
+
+def test_tqdm_is_a_core_dependency():
+    """evaluate shows a tqdm bar by default for loaders of more than 20 batches, but tqdm was only in the optional
+    extras: a plain install failed there with ModuleNotFoundError."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options"]["install_requires"].splitlines()]
+    assert "tqdm" in names and "torch" in names

@@ -339,9 +339,10 @@ class RegionMonitor(Callback):
             return
         stats = self._local[slot]
         keys = {name: torch.cat([it[0][name] for it in items]) for name in items[0][0]}
-        # a few sums per block of the keys' products, not a few operations per batch and layer
-        stats.add_unit_counts(UnitCounts.total([it[1] for it in items]), sum(it[4] for it in items))
+        # the unit counts after update(), which checks the batch first: a rejected one adds nothing; a few sums per
+        # block of the keys' products, not a few operations per batch and layer
         stats.update(keys, torch.cat([it[2] for it in items]), torch.cat([it[3] for it in items]))
+        stats.add_unit_counts(UnitCounts.total([it[1] for it in items]), sum(it[4] for it in items))
 
     def _close(self, stage: str | None = None) -> None:
         for s in [stage] if stage else list(self._open):
