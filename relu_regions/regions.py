@@ -337,6 +337,20 @@ class RegionStats:
         if len(kd) == 2 and kd["contributions"] != kd["weights"]:
             raise ValueError(f"contributions hold (outputs, features) = {kd['contributions']} per sample, weights "
                              f"{kd['weights']}")
+        if "contributions" in kd and 1 < kd["contributions"][0] < self.n_classes:
+            # the top contributor is read at the predicted class's row: K outputs must be the n_classes classes
+            raise ValueError(f"contributions hold K={kd['contributions'][0]} outputs for n_classes={self.n_classes}: "
+                             "give all classes' rows (or one output)")
+        if self.n_samples:  # a sum kept on some batches only would be divided by every batch's samples
+            given = {"inputs": inputs is not None and self.keep_inputs,
+                     "contributions": contributions is not None and self.keep_contributions,
+                     "weights": weights is not None and self.keep_contributions}
+            for name, now in given.items():
+                before = self._kept_shape(name) is not None
+                if now != before:
+                    raise ValueError(f"{name} were {'given' if before else 'not given'} with the earlier batches "
+                                     f"and {'are' if now else 'are not'} with this one: per-region means need them "
+                                     "with every batch")
         if "contributions" in kd and self.top_contributor is not None and \
                 kd["contributions"][1] != self.top_contributor.shape[0]:
             raise ValueError(f"contributions hold {kd['contributions'][1]} features per output, the earlier batches "
@@ -377,6 +391,15 @@ class RegionStats:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"keys of different granularities have different batch sizes: {sizes}")
         b = next(iter(sizes.values()))
+        for name, k in keys.items():
+            k = torch.as_tensor(k)
+            if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:  # (truncated to int64 before)
+                raise TypeError(f"keys[{name!r}] must hold integer region keys, got {k.dtype}")
+        if self.n_samples and b:
+            seen = sorted(n for n, t in self.tables.items() if len(t))
+            if sorted(keys) != seen:  # coverage and shares divide by every batch's samples
+                raise ValueError(f"keys hold the granularities {sorted(keys)}; the earlier batches held {seen}: give "
+                                 "the same ones with every batch")
         yt, yp = self._check_batch(b, y_true, y_pred, inputs, contributions, weights)
         if b == 0:
             return self

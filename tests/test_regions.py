@@ -432,3 +432,37 @@ def test_affine_map_keys_refuse_values_beyond_int64():
     # at the edge: 9.2e18 < 2**63 still fits, and equal maps keep equal keys
     keys = affine_map_keys(torch.tensor([[[9.2]], [[9.2]], [[-9.2]]]), torch.zeros(3, 1), decimals=18)
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_every_batch_gives_the_same_parts():
+    """Means and shares divide by every batch's samples: a granularity, or kept inputs / contributions, given with
+    some batches only made them wrong without a word (coverage 0.5 where it is 1.0; means of inputs over samples
+    whose inputs were never added). Refused now, as are float keys (truncated before) and contributions of
+    1 < K < n_classes outputs (the top contributor was read at a clamped row)."""
+    s = RegionStats(3, keep_inputs=True)
+    k = torch.tensor([1, 2, 1])
+    y = torch.tensor([0, 1, 2])
+    x = torch.randn(3, 4)
+    s.update({"a": k, "b": k}, y, y, inputs=x)
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=r"keys hold the granularities \['a'\]; the earlier batches held \['a', 'b'\]"):
+        s.update({"a": k}, y, y, inputs=x)
+    with pytest.raises(ValueError, match="inputs were given with the earlier batches and are not with this one"):
+        s.update({"a": k, "b": k}, y, y)
+    with pytest.raises(TypeError, match=r"keys\['a'\] must hold integer region keys"):
+        s.update({"a": k.double(), "b": k}, y, y, inputs=x)
+    assert _same_state(before, s.state_dict())
+    s.update({"a": k, "b": k}, y, y, inputs=x)
+    assert s.coverage(1, "b") == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="K=2 outputs for n_classes=3"):
+        RegionStats(3).update(k, y, y, contributions=torch.randn(3, 2, 4))
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(u, v) for u, v in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
