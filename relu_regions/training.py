@@ -39,6 +39,7 @@ samples (fewer, larger regions around the data); use it in a ``training_step``::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .errors import is_int_at_least
 from .hook_recording import ForwardPatch
 from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -128,6 +130,7 @@ class RegionTracker:
         self.last_output: Tensor | None = None
         self.n_updates = 0
         self._depth = 0
+        self._pass_io: list[tuple[Tensor | None, Tensor | None]] = []  # (input, output) of each recorded pass
 
         def through_root(module, inner, args, kwargs):
             if not rec.active:  # a session opened inside the block runs the model: not the batch's forward
@@ -141,6 +144,8 @@ class RegionTracker:
                 self._depth -= 1
             if capture_module is module:
                 self._capture(out)
+            if self._depth == 0:
+                self._pass_io.append((self.last_input, self.last_output))
             return out
 
         def capture(module, inner, args, kwargs):
@@ -166,9 +171,19 @@ class RegionTracker:
             h.remove()
         self._handles = []
 
-    def take(self, n: int) -> None:
-        """Keep only the last recorded pass when the passes since the last update hold more than ``n`` samples
-        (a step that ran the model twice); raise if no pass matches ``n``."""
+    def take(self, n: int, inputs: Tensor | None = None) -> None:
+        """Keep one recorded pass when the passes since the last update are several: the last one whose input is
+        ``inputs`` (the batch's own tensor, when given and found), else the last one if the passes hold more than
+        ``n`` samples (a step that ran the model twice); raise if no pass matches ``n``."""
+        passes = self.rec.passes
+        if inputs is not None and len(passes) > 1 and len(self._pass_io) == len(passes):
+            # the step's pass on the batch, not another pass of the step (an augmented copy) or of a callback
+            found = [i for i, (x, _) in enumerate(self._pass_io) if x is not None and _same_tensor(x, inputs)]
+            if found:
+                i = found[-1]
+                self.last_input, self.last_output = self._pass_io[i]
+                passes[:] = [passes[i]]
+                self._pass_io[:] = [self._pass_io[i]]
         if self._last_pass_only(n):
             del self.rec.passes[:-1]
 
@@ -229,18 +244,26 @@ class RegionTracker:
         keys, units = self.stats.batch_keys(batch)
         return keys, units, y_true, y_pred, n
 
-    def take_patterns(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
+    def take_patterns(self, y_true: Tensor, y_pred: Tensor | None = None, inputs: Tensor | None = None) -> tuple:
         """:meth:`take_batch` without the keys: ``(patterns, y_true, y_pred, n)``, where ``patterns`` (a
         :class:`~relu_regions.regions.BatchPatterns`) gives the keys and unit counts later through
-        ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now."""
+        ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now.
+        ``inputs``: the batch's input tensor, to pick the pass on it among several (see :meth:`take`)."""
         y_true = torch.as_tensor(y_true).reshape(-1)
-        self.take(y_true.shape[0])
+        self.take(y_true.shape[0], inputs)
         if y_pred is None:
             y_pred = self._predictions()
         batch = self.stats.batch_patterns(self.rec)
         self.rec.clear()
+        self._pass_io.clear()
         self.n_updates += 1
         return batch, y_true, y_pred, batch.n
+
+
+def _same_tensor(a: Tensor, b: Any) -> bool:
+    """Whether ``a`` (a detached view) holds exactly the tensor ``b``: same storage, offset, shape and strides."""
+    return (isinstance(b, Tensor) and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and (a.numel() == 0 or a.data_ptr() == b.data_ptr()))
 
 
 @contextmanager
@@ -352,18 +375,20 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
                 y_pred = predictions(amap.output)
                 weights = amap.A
                 contrib = amap.A * x.unsqueeze(1).to(amap.A.dtype)
-            if stats is None:
-                from .regions import RegionStats
-
-                if n_classes is None:
-                    out = model(x[:1])
-                    k = (out[0] if isinstance(out, (tuple, list)) else out).reshape(1, -1).shape[1]
-                    n_classes = 2 if k == 1 else k
-                stats = RegionStats(n_classes, layers=layers, granularities=granularities,
-                                    keep_contributions=contributions, **stats_kwargs)
             # hooks only around the user's forward, one batch at a time
             with track(model, stats, logits_at=logits_at, strict=strict) as tracker:
                 model(x)
+            if stats is None:
+                from .regions import RegionStats
+
+                if n_classes is None:  # the width of what predictions are read from (logits_at's output)
+                    if tracker.last_output is None:
+                        raise ValueError("evaluate: no model output was captured (a dict or other non-tensor "
+                                         "output): pass logits_at= (the module whose output holds the logits)")
+                    k = tracker.last_output.reshape(x.shape[0], -1).shape[1]
+                    n_classes = 2 if k == 1 else k
+                stats = tracker.stats = RegionStats(n_classes, layers=layers, granularities=granularities,
+                                                    keep_contributions=contributions, **stats_kwargs)
             # the recording outlives the block; computing keys outside it avoids the function mode's overhead
             tracker.update(y, y_pred, contributions=contrib, weights=weights)
     if stats is None:
@@ -478,10 +503,15 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
     Tensor
         A scalar on x's device and dtype, differentiable with respect to the model's parameters.
     """
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError("x must be a batched floating-point tensor (B, ...)")
+    for name, v in (("gamma", gamma), ("l1", l1)):  # (a NaN passed every comparison and gave a NaN loss)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or \
+                (name == "gamma" and v == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'gamma' else '>= 0'}, got {v!r}")
+    for name, v in (("max_samples", max_samples), ("k", k)):
+        if v is not None and not is_int_at_least(v, 1):
+            raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point() or len(x) == 0:
+        raise ValueError("x must be a non-empty batched floating-point tensor (B, ...)")
     x = x.detach()
     if max_samples is not None:
         x = x[:max_samples]

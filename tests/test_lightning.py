@@ -321,9 +321,19 @@ def test_labels_from_dict_batches_user_function_and_clear_errors():
                     ({"top": 0}, "top must be None or an int >= 1"),
                     ({"compare_every_n_epochs": 0}, "compare_every_n_epochs must be None or an int >= 1"),
                     ({"n_classes": True}, "n_classes must be None or an int >= 1"),
-                    ({"purity_threshold": 1.5}, "purity_threshold must lie in"),
-                    ({"probe": [[1.0, 2.0]]}, "probe must be None or a batched floating-point tensor")]:
+                    ({"purity_threshold": 1.5}, "purity_threshold must be a number in [0, 1]"),
+                    ({"purity_threshold": "0.7"}, "purity_threshold must be a number in [0, 1]"),
+                    ({"probe": [[1.0, 2.0]]}, "probe must be None or a non-empty batched floating-point tensor"),
+                    ({"probe": torch.zeros(0, 2)}, "probe must be None or a non-empty batched")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
+            RegionMonitor(**kw)
+    # before: at the first batch ('str' object is not callable), or never (prefix=None logged "Noneval/...")
+    for kw, msg in [({"get_labels": "y"}, "get_labels must be a function of the batch"),
+                    ({"get_inputs": "x"}, "get_inputs must be a function of the batch"),
+                    ({"prefix": None}, "prefix must be a str"), ({"stages": None}, "stages must be a stage"),
+                    ({"granularities": ["last"]}, "granularities must be a dict"),
+                    ({"module": 3}, "module must be None or a str")]:
+        with pytest.raises(TypeError, match=re.escape(msg)):
             RegionMonitor(**kw)
     failing = Lit()
     failing.fail = True
@@ -562,3 +572,82 @@ def test_a_network_with_inplace_relus_gets_the_probe_distance_of_the_same_networ
     assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(d[d.isfinite()].median()), rel=1e-5)
     ev = evaluate(plain, loader(val, bs=8), n_classes=4)
     assert mon.stats["val"].n_regions() == ev.n_regions() and mon.stats["val"].accuracy == ev.accuracy
+
+
+def test_standalone_validate_probe_collate_and_one_monitor_per_stage():
+    """Before: ``every_n_epochs=2`` also skipped a standalone ``trainer.validate()`` (nothing recorded, no word);
+    the default probe bypassed the loader's ``collate_fn`` (its distance was of inputs the model never saw: 0.9994
+    against 0.0564 in the QA repro); two monitors of one stage failed at the first batch with advice about
+    ``module=``; an earlier epoch's ``stats["val"]`` stayed beside a later epoch's per-loader entries; ``evaluate``
+    took ``n_classes`` from the model's final output, not from ``logits_at``'s."""
+    val = make_data(48, 1)
+    mon = RegionMonitor(every_n_epochs=2, probe_size=0)
+    trainer([mon]).validate(Lit(), loader(val))
+    assert [h["stage"] for h in mon.history] == ["val"] and mon.stats["val"].n_samples == 48
+
+    def scaled(items):  # the loader's own preprocessing
+        x, y = torch.utils.data.default_collate(items)
+        return 3 * x + 1, y
+
+    model = Lit()
+    mon = RegionMonitor(probe_size=8)
+    trainer([mon]).validate(model, torch.utils.data.DataLoader(val, batch_size=16, collate_fn=scaled))
+    assert torch.equal(mon.probe, 3 * val.tensors[0][:8] + 1)
+    want = boundary_distances(model.net, mon.probe).median()  # (an MLP: the nearest ReLU hyperplane)
+    assert mon.history[-1]["boundary_distance_median"] == pytest.approx(float(want), rel=1e-5)
+
+    with pytest.raises(ValueError, match=r"several RegionMonitor callbacks record the stage\(s\) \['validate'\]"):
+        trainer([RegionMonitor(probe_size=0), RegionMonitor(stages="validate", probe_size=0, prefix="b/")]).validate(
+            Lit(), loader(val))
+    trainer([RegionMonitor(stages="validate", probe_size=0),
+             RegionMonitor(stages="test", probe_size=0, prefix="b/")]).validate(Lit(), loader(val))
+
+    class TwoLoaders(Lit):
+        def validation_step(self, batch, i, dataloader_idx=0):
+            self(batch[0])
+
+    mon = RegionMonitor(probe_size=0)
+    trainer([mon]).validate(TwoLoaders(), loader(val))
+    trainer([mon]).validate(TwoLoaders(), [loader(val), loader(make_data(32, 2))])
+    assert sorted(mon.stats) == ["val/dataloader_idx_0", "val/dataloader_idx_1"]
+
+    class Head(torch.nn.Module):  # logits_at's 4 outputs, then a 3-wide head
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.head = mlp(2, [6], 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    ds = torch.utils.data.TensorDataset(val.tensors[0], val.tensors[1] + 1)  # labels 1..3 of 4 classes
+    assert evaluate(Head(), loader(ds), logits_at="body").n_classes == 4  # before: "y_pred ... got 0..3"
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["hook-route", "function-mode"])
+def test_the_steps_pass_on_the_batch_is_taken_among_several(functional):
+    """A step that also runs the model on an augmented copy, or a callback listed before the monitor that runs it
+    after the step: before, the statistics were those of the last pass (the copy's; equal to evaluate() on x + 0.5,
+    not on x), or a ValueError blamed the inputs when the sizes differed. The pass on the batch's own input tensor
+    is taken now."""
+
+    class Twice(Lit):
+        def validation_step(self, batch, i):
+            x, y = batch
+            self(x)
+            self(x[:5] + 0.5)
+
+    class Perturb(pl.Callback):
+        def on_validation_batch_end(self, trainer, m, outputs, batch, i, dataloader_idx=0):
+            m(batch[0] + 1.0)
+
+    val = make_data(48, 1)
+    model = Twice(functional=functional)
+    ev = evaluate(model.net, loader(val), n_classes=3)
+    for callbacks in (lambda mon: [mon], lambda mon: [Perturb(), mon]):
+        mon = RegionMonitor(3, probe_size=0)
+        trainer(callbacks(mon)).validate(model, loader(val))
+        st = mon.stats["val"]
+        assert (st.n_regions(), st.coverage(1), st.accuracy) == (ev.n_regions(), ev.coverage(1), ev.accuracy)
+        assert torch.equal(st.region_keys().sort().values, ev.region_keys().sort().values)
+        assert st.mean_purity() == pytest.approx(ev.mean_purity(), rel=1e-12)  # (a sum in another order)

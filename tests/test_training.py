@@ -373,3 +373,18 @@ def test_tqdm_is_a_core_dependency():
     cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
     names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options"]["install_requires"].splitlines()]
     assert "tqdm" in names and "torch" in names
+
+
+def test_parsimony_penalty_checks_its_options():
+    """Before: ``gamma=nan`` gave a NaN loss and ``max_samples=0`` an IndexError."""
+    model = mlp(3, [5], 2)
+    x = torch.randn(4, 3)
+    for kw, msg in (({"gamma": float("nan")}, "gamma must be a finite number > 0"),
+                    ({"gamma": 0.0}, "gamma must be a finite number > 0"),
+                    ({"l1": -1.0}, "l1 must be a finite number >= 0"),
+                    ({"max_samples": 0}, "max_samples must be None or a positive int"),
+                    ({"k": 0}, "k must be None or a positive int")):
+        with pytest.raises(ValueError, match=msg):
+            parsimony_penalty(model, x, **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        parsimony_penalty(model, x[:0])

@@ -51,19 +51,32 @@ registers, requires_grad, train/eval) stays. How long it stays on depends on the
 
 - the hook route (every unit an ``nn.ReLU`` / ``nn.MaxPool`` module, no forward hooks of your own when the epoch
   starts; :mod:`relu_regions.hook_recording`): instance-level forwards on the unit modules, from the first recorded
-  batch of an epoch to the epoch's end. They see only the recorded module's unit calls, so each batch takes the
-  passes recorded since the previous one and keeps its step's own (a model call between batches, by another
-  callback, is not counted). Opening a recording per batch cost ~0.2 ms of a ~14 ms LeNet batch on a 2-core CPU.
+  batch of an epoch to the epoch's end. They see only the recorded module's unit calls; each batch takes the passes
+  recorded since the previous one. Opening a recording per batch cost ~0.2 ms of a ~14 ms LeNet batch on a 2-core CPU.
 - the function mode (functional units, foreign hooks): from the start of each recorded batch to its end only,
   because the mode sees every torch call while it is on, also Lightning's between the batches.
+
+Which pass is the batch's: among the passes recorded since the previous batch, the last one whose input is the
+batch's own input tensor (``get_inputs(batch)``, the same storage and shape), so a step that also runs the model on
+an augmented copy, or another callback that runs it, is not counted. When the step feeds the model a new tensor
+(``self(x.float())``, a transform inside the step), the last pass of the batch's size is taken.
 
 The extra eval-mode pass on training batches restores the model's flags, hooks and requires_grad. Outputs are
 bit-identical. Region keys are computed at the end of each batch, which frees its unit states before the next
 forward (on the fifteenth session's 2-core CPU, LeNet validation epochs ran ~2.5 points faster than with keys every
 four batches; benchmarks/results/callback_overhead.md).
 
-DDP: at epoch end every rank all-gathers the ``state_dict`` of its statistics and merges them in rank order, so
-every rank (and so rank 0's loggers) logs exactly what one process would log on the same samples. Lightning's
+Checkpoints: the monitor's state (history, statistics, probe) goes into Lightning checkpoints. A checkpoint saved
+at the end of a validation (``ModelCheckpoint``'s default when validation does not run once per epoch) is written
+before that epoch's training row is added to the history (at the training epoch's end), so a run resumed from it
+lacks that row.
+
+DDP: with ``strategy="ddp_spawn"`` the processes that train are spawned copies: the monitor object you hold in the
+launching process keeps none of their history, statistics or probe after ``fit`` (Lightning returns only the
+model's weights), and a later ``trainer.test()`` takes its probe afresh. Read the logged metrics (the logger's
+files), or use ``strategy="ddp"``. At epoch end every rank all-gathers the ``state_dict`` of its statistics and
+merges them in rank order, so every rank (and so rank 0's loggers) logs exactly what one process would log on the
+same samples. Lightning's
 ``DistributedSampler`` pads the evaluation set with repeated samples when its size is not a multiple of the world
 size; those duplicates are counted (as by any metric), so use sizes divisible by the number of processes for
 exact equality.
@@ -122,7 +135,8 @@ class RegionMonitor(Callback):
     train_every_n_batches : int, optional
         Also record every N-th training batch (one extra eval-mode forward pass of that batch, no gradients).
     every_n_epochs : int
-        Record validation in epochs ``n-1, 2n-1, ...`` (like ``check_val_every_n_epoch``); test always.
+        During ``fit``, record validation in epochs ``n-1, 2n-1, ...`` (like ``check_val_every_n_epoch``); a
+        standalone ``trainer.validate()`` and test always.
     probe : Tensor, optional
         Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items.
     probe_size : int
@@ -170,6 +184,8 @@ class RegionMonitor(Callback):
                  get_inputs: Callable[[Any], Tensor] | None = None, logits_at: str | None = None,
                  strict: bool = True, compare: bool = False, compare_every_n_epochs: int | None = None,
                  compare_kwargs: dict | None = None, prefix: str = "regions/", purity_threshold: float = 0.7):
+        if not isinstance(stages, (str, Sequence)):
+            raise TypeError(f"stages must be a stage or a sequence of stages among {_STAGES}, got {stages!r}")
         stages = [stages] if isinstance(stages, str) else list(stages)
         bad = [s for s in stages if s not in _STAGES]
         if bad:
@@ -182,11 +198,25 @@ class RegionMonitor(Callback):
                 ("compare_every_n_epochs", compare_every_n_epochs, 1, True)):
             if not (optional and value is None) and not is_int_at_least(value, least):
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {least}, got {value!r}")
-        if not 0.0 <= purity_threshold <= 1.0:
-            raise ValueError(f"purity_threshold must lie in [0, 1], got {purity_threshold}")
-        if probe is not None and not (isinstance(probe, Tensor) and probe.dim() >= 2 and probe.is_floating_point()):
-            raise ValueError("probe must be None or a batched floating-point tensor (B, *input_shape), got "
+        if isinstance(purity_threshold, bool) or not isinstance(purity_threshold, numbers.Real) or \
+                not 0.0 <= purity_threshold <= 1.0:
+            raise ValueError(f"purity_threshold must be a number in [0, 1], got {purity_threshold!r}")
+        if probe is not None and not (isinstance(probe, Tensor) and probe.dim() >= 2 and probe.is_floating_point()
+                                      and len(probe) > 0):
+            raise ValueError("probe must be None or a non-empty batched floating-point tensor (B, *input_shape), got "
                              f"{tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__}")
+        for name, fn in (("get_labels", get_labels), ("get_inputs", get_inputs)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a function of the batch, got {type(fn).__name__}"
+                                + (" (for a dict key, pass label_key=...)" if name == "get_labels" else ""))
+        for name, value in (("module", module), ("logits_at", logits_at), ("label_key", label_key)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be None or a str, got {type(value).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str (the start of the logged names), got {type(prefix).__name__}")
+        if granularities is not None and not isinstance(granularities, dict):
+            raise TypeError("granularities must be a dict name -> layer selection, got "
+                            f"{type(granularities).__name__}")
         if train_every_n_batches is not None:
             if "train" not in stages:
                 stages.append("train")
@@ -266,7 +296,7 @@ class RegionMonitor(Callback):
     def _epoch_active(self, trainer: Any, stage: str) -> bool:
         if stage not in self.stages or getattr(trainer, "sanity_checking", False):
             return False
-        if stage == "validate":
+        if stage == "validate" and _fitting(trainer):  # a standalone trainer.validate() is always recorded
             return (trainer.current_epoch + 1) % self.every_n_epochs == 0
         return True
 
@@ -313,7 +343,11 @@ class RegionMonitor(Callback):
         # the example CNN level (benchmarks/results/callback_overhead.md). Keys, labels and predictions stay on the
         # device until the epoch ends: no host synchronisation per batch.
         waiting = self._waiting.setdefault(slot, [])
-        waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device)))
+        try:
+            inputs = self.get_inputs(batch)  # picks the step's pass on the batch among several (see take_patterns)
+        except Exception:  # an exotic batch: the last pass of the batch's size, as before
+            inputs = None
+        waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device), inputs=inputs))
         if len(waiting) >= _KEY_EVERY or sum(w[0].nbytes for w in waiting) >= _KEY_BYTES:
             self._key(slot)
         if (stage != "train" and dataloader_idx == 0 and self.probe is None and self.probe_size
@@ -351,6 +385,13 @@ class RegionMonitor(Callback):
                 cm.__exit__(None, None, None)
 
     # ------------------------------------------------------------------------------------------ epochs
+    def setup(self, trainer, pl_module, stage):
+        others = [cb for cb in trainer.callbacks if isinstance(cb, RegionMonitor) and cb is not self]
+        shared = sorted(set(self.stages) & {s for cb in others for s in cb.stages})
+        if shared:  # (two monitors' recordings would take each other's passes)
+            raise ValueError(f"several RegionMonitor callbacks record the stage(s) {shared}: use one per stage "
+                             "(its granularities= count several layer selections at once)")
+
     def _start_epoch(self, trainer: Any, stage: str) -> None:
         self._epoch_start[stage] = time.perf_counter()
         for slot in [k for k in (*self._local, *self._waiting, *self._pending)
@@ -378,9 +419,12 @@ class RegionMonitor(Callback):
             return None
         from torch.utils.data import default_collate
 
+        # the loader's own collate_fn: it may transform the inputs (normalise, pad), and the probe must be what
+        # the model sees
+        collate = getattr(loaders, "collate_fn", None) or default_collate
         try:
             items = [ds[i] for i in range(min(self.probe_size, len(ds)))]
-            return self.get_inputs(default_collate(items)).detach().cpu().clone()
+            return self.get_inputs(collate(items)).detach().cpu().clone()
         except Exception:  # an exotic dataset: fall back to the first batches seen (see _end_epoch)
             return None
 
@@ -430,6 +474,9 @@ class RegionMonitor(Callback):
             rows.append((short + suffix, suffix, metrics))
         if not rows:
             return
+        for key in [k for k in self.stats if (k == short or k.startswith(short + "/"))
+                    and k not in {name for name, _, _ in rows}]:
+            del self.stats[key]  # an earlier epoch's, under another number of data loaders
         if stage != "train" and self.probe is None and getattr(self, "_fallback_probe", None):
             probe = torch.cat(self._fallback_probe)[: self.probe_size]
             self.probe = trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
@@ -613,6 +660,11 @@ class _Deferred:
 
     def recording_batch(self, *a, **k):  # pragma: no cover - replaced before use
         raise RuntimeError("internal: stats not set")
+
+
+def _fitting(trainer: Any) -> bool:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return getattr(fn, "value", fn) == "fit"
 
 
 def _to_cpu(obj: Any) -> Any:
