@@ -87,7 +87,9 @@ def _build_nonlinear() -> set:
         (F, "sigmoid tanh gelu silu mish elu selu celu softplus softmax log_softmax softmin layer_norm group_norm "
             "instance_norm local_response_norm rms_norm scaled_dot_product_attention multi_head_attention_forward "
             "hardswish hardsigmoid logsigmoid softsign tanhshrink glu normalize softshrink hardshrink "
-            "threshold elu_ celu_ selu_ rrelu rrelu_ max_pool3d adaptive_max_pool3d fractional_max_pool2d lp_pool2d"),
+            "threshold elu_ celu_ selu_ rrelu rrelu_ max_pool3d adaptive_max_pool3d fractional_max_pool2d lp_pool2d "
+            "lp_pool1d lp_pool3d max_pool3d_with_indices adaptive_max_pool3d_with_indices fractional_max_pool3d "
+            "fractional_max_pool2d_with_indices fractional_max_pool3d_with_indices"),
     ]
     out = set()
     for mod, ns in names:
@@ -105,7 +107,12 @@ def _build_nonlinear() -> set:
             "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
             "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
             "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount igamma "
-            "igammac ldexp")
+            "igammac ldexp inverse det logdet slogdet pinverse matrix_exp svd svd_lowrank pca_lowrank nuclear_norm "
+            "frobenius_norm matrix_power pdist cov corrcoef qr geqrf cholesky cholesky_inverse lu native_layer_norm "
+            "native_group_norm native_norm max_pool1d max_pool2d max_pool3d adaptive_max_pool1d "
+            "max_pool1d_with_indices quantized_max_pool1d quantized_max_pool2d")
+    # (the torch.* spellings of max-pools: F.max_pool2d calls them where the recording does not look, a direct call
+    # would be a max no rule records)
     # the activations and norms of the F list under their torch / Tensor spellings too (torch.selu, h.hardshrink())
     for n in names[0][1].split() + more.split() + ["angle"]:
         for mod in (torch, torch.Tensor, torch.special, F):
@@ -151,7 +158,7 @@ def _build_bilinear() -> set:
     T = torch.Tensor
     fs = [torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, torch.matmul, T.matmul, T.__matmul__, torch.bmm,
           torch.mm, T.mm, T.bmm, torch.einsum, torch.div, T.div, T.__truediv__, T.__rtruediv__, T.__itruediv__,
-          F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.baddbmm, torch.addmm,
+          F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, torch.outer, torch.ger, T.ger, torch.baddbmm, torch.addmm,
           T.mul_, T.div_, torch.multiply, T.multiply, torch.divide, T.divide, torch.true_divide, T.true_divide,
           torch.mv, T.mv, torch.addmv, T.addmv, T.addmm, torch.addbmm, T.__rmatmul__, T.outer,
           F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, T.multiply_, T.divide_, T.true_divide_,
@@ -220,10 +227,21 @@ _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
 _BATCH_NORM = F.batch_norm
+# reductions whose ``reduce`` decides: sums and means are linear, max / min / prod are not
+_REDUCTIONS = {f: (pos, key) for f, pos, key in (
+    (torch.scatter_reduce, 4, "reduce"), (torch.Tensor.scatter_reduce, 4, "reduce"),
+    (torch.Tensor.scatter_reduce_, 4, "reduce"), (torch.index_reduce, 4, "reduce"),
+    (torch.Tensor.index_reduce, 4, "reduce"), (torch.Tensor.index_reduce_, 4, "reduce"),
+    (getattr(torch, "segment_reduce", None), 1, "reduce"), (torch.Tensor.scatter, 4, "reduce"),
+    (torch.Tensor.scatter_, 4, "reduce")) if f is not None}
+_LINEAR_REDUCE = {None, "sum", "mean", "add"}
+# linear in their input, not in their sampling grid (a spatial transformer's grid computed from the input)
+_GRIDS = {F.grid_sample: (1, "grid")}
 _SELECTORS = _build_selectors()
 _SOLVERS = _build_solvers()
 _LSTSQ = torch.linalg.lstsq
-_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM} | set(_SELECTORS) | set(_SOLVERS) | _CONVERSIONS | set(_RULES)
+_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM, torch.batch_norm} | set(_REDUCTIONS) | set(_GRIDS)
+            | set(_SELECTORS) | set(_SOLVERS) | _CONVERSIONS | set(_RULES)
             | _SCALARS | set(RANDOM))
 # torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
 _OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
@@ -740,6 +758,25 @@ class _Mode(TorchFunctionMode):
                     s.describe(s.where()), f"'{_op_name(func)}' with a coefficient matrix that depends on the input "
                     "(the solution is linear in the right-hand side only)")
             return
+        red = _REDUCTIONS.get(func)
+        if red is not None:
+            pos, key = red
+            mode = args[pos] if len(args) > pos else kwargs.get(key)
+            if mode not in _LINEAR_REDUCE:
+                raise not_piecewise_linear(s.describe(s.where()), f"'{_op_name(func)}' with reduce={mode!r}")
+            # (scatter's index is checked below, with the selectors)
+        grid = _GRIDS.get(func)
+        if grid is not None:
+            pos, key = grid
+            arg = args[pos] if len(args) > pos else kwargs.get(key)
+            if any(s.is_tainted(t) for t in _tensors(arg)):
+                raise not_piecewise_linear(s.describe(s.where()), f"'{_op_name(func)}' with a {key} that depends on "
+                                           "the input (the sampling is linear in the sampled input only)")
+            return
+        if func is torch.batch_norm:  # torch.batch_norm(input, weight, bias, mean, var, training, ...)
+            if bool(args[5] if len(args) > 5 else kwargs.get("training", False)):
+                raise not_piecewise_linear(s.describe(s.where()), BATCH_STATISTICS)
+            return
         sel = _SELECTORS.get(func)
         if sel is not None:
             pos, key, what = sel
@@ -765,7 +802,10 @@ class _Mode(TorchFunctionMode):
             if bad:
                 path = s.where()
                 hint = ""
-                if nonlinear:
+                if nonlinear and "max_pool" in _op_name(func):
+                    hint = (" Write it as F.max_pool1d / F.max_pool2d or nn.MaxPool1d / nn.MaxPool2d, whose states "
+                            "are recorded.")
+                elif nonlinear:
                     hint = (" If this is the output activation (softmax/sigmoid head), pass logits_at='<module path>'"
                             " naming the module that produces the logits, or explain a model without the head.")
                 what = (BATCH_STATISTICS if func is _BATCH_NORM

@@ -1563,3 +1563,75 @@ def test_every_route_gives_the_same_numbers_inside_inference_mode_and_autocast(n
         with torch.inference_mode() if context == "inference_mode" else torch.autocast("cpu", dtype=torch.bfloat16):
             got = call()
         assert torch.equal(got, want), what
+
+
+def _refused_ops():
+    idx = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    return {
+        "torch.max_pool2d": (lambda h: torch.max_pool2d(h.view(-1, 1, 2, 4), (2, 1)).flatten(1), "max_pool2d"),
+        "torch.max_pool1d": (lambda h: torch.max_pool1d(h.unsqueeze(1), 2).flatten(1), "max_pool1d"),
+        "scatter_reduce amax": (lambda h: torch.zeros(len(h), 4, dtype=h.dtype).scatter_reduce(
+            1, idx.expand(len(h), 8), h, reduce="amax"), "reduce='amax'"),
+        "inverse": (lambda h: torch.inverse(h.view(-1, 2, 2, 2) + 3 * torch.eye(2, dtype=h.dtype)).flatten(1),
+                    "'inverse'"),
+        "lp_pool1d": (lambda h: F.lp_pool1d(h.unsqueeze(1), 2, 2).flatten(1), "'lp_pool1d'"),
+        "ger": (lambda h: torch.stack([torch.ger(r[:2], r[2:4]) for r in h]).flatten(1), "'ger' of two"),
+        "torch.batch_norm training": (lambda h: torch.batch_norm(h, None, None, None, None, True, 0.1, 1e-5, False),
+                                      "batch statistics"),
+        "grid_sample grid": (lambda h: F.grid_sample(
+            h.view(-1, 2, 2, 2), F.affine_grid(torch.cat([h[:, :4].view(-1, 2, 2), torch.zeros(len(h), 2, 1,
+                                                                                                 dtype=h.dtype)], 2),
+                                               (len(h), 2, 2, 2), align_corners=False),
+            align_corners=False).flatten(1), "with a grid that depends on the input"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_refused_ops()))
+def test_selections_and_smooth_ops_under_other_spellings_are_refused(name):
+    """Before, these passed ``record(strict=True)`` as linear: ``torch.max_pool2d`` (the spelling under
+    ``F.max_pool2d``) gave one region id where ``torch.func`` finds 11-16 different Jacobians on 200 inputs, and
+    ``affine_map`` failed only its own value check ("please report the model"). Their linear relatives stay
+    exact: ``scatter_reduce(reduce="sum")`` and ``grid_sample`` on a constant grid."""
+    op, msg = _refused_ops()[name]
+
+    class Net(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.l1, self.op, self.l2 = nn.Linear(8, 8), op, nn.LazyLinear(2)
+
+        def forward(self, x):
+            return self.l2(F.relu(self.op(self.l1(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    model = Net(op).double().eval()
+    model(x)
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape(msg)):
+        with rr.record(model):
+            model(x)
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape(msg)):
+        rr.boundary_distance(model, x)
+
+
+def test_linear_reductions_and_constant_grids_stay_exact():
+    idx = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    grid = F.affine_grid(torch.tensor([[[0.9, 0.1, 0.0], [-0.2, 1.1, 0.1]]], dtype=torch.float64), (1, 2, 2, 2),
+                         align_corners=False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(8, 8), nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = F.relu(self.l1(x))
+            s = torch.zeros(len(h), 4, dtype=h.dtype).scatter_reduce(1, idx.expand(len(h), 8), h, reduce="sum")
+            g = F.grid_sample(h.view(-1, 2, 2, 2), grid.expand(len(h), 2, 2, 2), align_corners=False)
+            return self.l2(torch.cat([s, g.flatten(1)], 1))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    # (reverse mode only: torch has no forward-mode derivative of grid_sample)
+    assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-10)
