@@ -293,7 +293,10 @@ class LeakyReluRule(UnitRule):
                          "inplace": _inplace(getattr(func, "__name__", ""), args, kwargs, 2)}
 
     def record(self, func, args, kwargs, x, params):
-        return func(*args, **kwargs), x > 0, _boundary(x, params), 2
+        # the state and the boundary before the call: an in-place leaky ReLU overwrites x (with a negative or zero
+        # slope, x > 0 and x == 0 read afterwards are another pattern)
+        state, n_boundary = x > 0, _boundary(x, params)
+        return func(*args, **kwargs), state, n_boundary, 2
 
     def frozen(self, z, pattern, func, args, kwargs):
         slopes = _cached(pattern, "slopes", z, lambda: torch.where(

@@ -1635,3 +1635,25 @@ def test_linear_reductions_and_constant_grids_stay_exact():
     jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
     # (reverse mode only: torch has no forward-mode derivative of grid_sample)
     assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-10)
+
+
+@pytest.mark.parametrize("slope", [-0.5, 0.0])
+def test_an_inplace_leaky_relu_records_the_pattern_before_it_writes(slope):
+    """Before: the state ``x > 0`` was read after an in-place leaky ReLU had overwritten x, so with a negative
+    slope every unit was recorded active (1 region id where the same weights without inplace give 31), and with
+    slope 0 every negative input counted as a boundary."""
+    torch.manual_seed(0)
+
+    def net(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 6), nn.LeakyReLU(slope, inplace=inplace), nn.Linear(6, 2)).double()
+
+    x = torch.randn(64, 3, dtype=torch.float64)
+    ids = []
+    for inplace in (True, False):
+        model = net(inplace)
+        with rr.record(model, count_boundary=True) as rec:
+            model(x)
+        ids.append(rec.region_ids())
+        assert int(rec.n_boundary().sum()) == 0
+    assert torch.equal(ids[0], ids[1]) and len(ids[0].unique()) > 1
