@@ -118,6 +118,11 @@ class _ComposeMode(_Mode):
                     s.set_m(out[0] if isinstance(out, tuple) else out, m_out)
                     return out
         self._check(func, args, kwargs)
+        if func is T.__setitem__:  # returns None: the write would pass as a shape query, M left as it was
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} writes into a tensor ('__setitem__') with an input-dependent tensor "
+                "involved, which the graph walker (method='compose') has no rule for; use method='reverse' or "
+                "'forward', which need no per-operation rules")
         out = func(*args, **kwargs)
         outs = list(_tensors(out))
         if not outs or not any(o.is_floating_point() for o in outs):

@@ -37,11 +37,13 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _at_zero(x: Tensor, bias: Tensor | None, out_shape: tuple) -> Tensor:
-    """A linear layer's output at an all-zero input: its bias, broadcast (no matrix product)."""
+def _at_zero(x: Tensor, bias: Tensor | None, out_shape: tuple, dim: int = 1) -> Tensor:
+    """A linear layer's output at an all-zero input: its bias along ``dim`` (the channels of a convolution, the
+    last dimension of a Linear), broadcast (no matrix product)."""
     if bias is None:
         return x.new_zeros(out_shape)
-    view = (1, -1) + (1,) * (len(out_shape) - 2)
+    view = [1] * len(out_shape)
+    view[dim] = -1
     return bias.to(x.dtype).reshape(view).expand(out_shape).clone()
 
 
@@ -76,7 +78,7 @@ class _LinearAtZero(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _at_zero(x, bias, (*x.shape[:-1], weight.shape[0]))
+        return _at_zero(x, bias, (*x.shape[:-1], weight.shape[0]), dim=-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

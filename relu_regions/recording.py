@@ -351,7 +351,8 @@ class _Session:
         self.stepped: dict[int, weakref.ref] = {}
         self.count_boundary = True
         self.fast_input_grads = False  # set by the reverse route's replay (see relu_regions.input_grads)
-        self.zero_tensors: list[Tensor] = []  # the replay input when the caller knows it is all zeros, and its reshapes
+        # the replay input when the caller knows it is all zeros, and its reshapes, with their versions then
+        self.zero_tensors: list[tuple[Tensor, int]] = []
         self.zero_uses: list = []  # the torch functions that read those
         self.first_linear: tuple | None = None  # (output, weight, version) of F.linear on a zero tensor
         self._zeros: dict = {}
@@ -581,9 +582,12 @@ class _Mode(TorchFunctionMode):
         n = s.any_tainted(args, kwargs)
         if n:
             zero = False
-            if s.zero_tensors and any(a is z for a in args for z in s.zero_tensors):
-                s.zero_uses.append(func)  # every reader of the zero input, piecewise-linear units included
-                zero = any(args[0] is z for z in s.zero_tensors)
+            # every reader of the zero input, piecewise-linear units included, also inside a list (torch.cat) or a
+            # keyword (torch.add(h, other=x)); it is still zero only while no in-place op wrote it (x.sub_(mean))
+            if s.zero_tensors and any(t is z for a in (*args, *kwargs.values()) for t in _tensors(a)
+                                      for z, _ in s.zero_tensors):
+                s.zero_uses.append(func)
+                zero = bool(args) and any(args[0] is z and z._version == v for z, v in s.zero_tensors)
             rules = _RULES.get(func)
             if rules is not None and s.is_tainted(args[0]):
                 for rule in rules:
@@ -603,7 +607,7 @@ class _Mode(TorchFunctionMode):
             if zero:
                 if func in _RESHAPES:  # a reshaped zero input (nn.Flatten) is still all zeros
                     out = func(*args, **kwargs)
-                    s.zero_tensors.append(out)
+                    s.zero_tensors.append((out, out._version))
                     s.taint(out)
                     return out
             if s.fast_input_grads and (func is F.conv2d or func is F.linear):
@@ -1202,7 +1206,7 @@ def run_frozen(model: nn.Module, z: Tensor, patterns: Sequence[LayerPattern], *,
     z = z.clone()  # an inplace first layer writes into its input: not into the caller's (autograd and tangents follow)
     with _session(model, strict=strict, replay=patterns, logits_at=logits_at, observe=observe) as s:
         s.fast_input_grads = fast_input_grads
-        s.zero_tensors = [z] if fast_input_grads and zero_input else []
+        s.zero_tensors = [(z, z._version)] if fast_input_grads and zero_input else []
         if session_out is not None:  # the reverse route reads the session's record of the first layer
             session_out.append(s)
         try:

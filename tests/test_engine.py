@@ -1657,3 +1657,81 @@ def test_an_inplace_leaky_relu_records_the_pattern_before_it_writes(slope):
         ids.append(rec.region_ids())
         assert int(rec.n_boundary().sum()) == 0
     assert torch.equal(ids[0], ids[1]) and len(ids[0].unique()) > 1
+
+
+class _PerToken(nn.Module):
+    """A Linear on (B, T, F) inputs with T == out_features (the bias broadcast on the wrong axis matched in shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.l2(F.relu(self.l1(x)).flatten(1))
+
+
+class _SkipInList(nn.Module):
+    """The input read again inside a list (torch.cat) and through a keyword (torch.add(..., other=x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.add(self.l2(torch.cat([F.relu(self.l1(x)), x], 1)), other=x)
+
+
+class _Centred(nn.Module):
+    """The input changed in place before the first layer (x.sub_), and a constant written into a copy of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("mean", torch.linspace(-0.5, 0.5, 4))
+
+    def forward(self, x):
+        x = x.sub_(self.mean)
+        return self.l2(F.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize("net,shape", [(_PerToken, (4, 3)), (_SkipInList, (4,)), (_Centred, (4,))],
+                         ids=["per-token-linear", "input-in-a-list", "inplace-input"])
+def test_the_reverse_routes_zero_input_shortcuts_see_every_reader_and_write(net, shape):
+    """The reverse route evaluates the frozen network at 0 and lets the layers that read the zero input return their
+    bias. Before: a Linear on (B, T, F) got its bias on axis 1 (d wrong by 0.09 when T == out_features, a shape error
+    otherwise); reads of the input inside a list or a keyword were not counted, so the all-class shortcut dropped
+    the input's direct path (A wrong by 0.29); an in-place change of the input (x.sub_(mean)) left it "zero"
+    (d wrong by 0.06). Compared with torch.func's Jacobian and f(x) − A·x from it, in float64."""
+    torch.manual_seed(0)
+    model = net().double().eval()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    f = lambda v: model(v.clone())  # noqa: E731 (the model writes into its input)
+    jac = torch.stack([torch.func.jacrev(lambda v: f(v[None])[0])(xi) for xi in x])
+    d = f(x) - torch.einsum("bkd,bd->bk", jac.reshape(3, jac.shape[1], -1), x.reshape(3, -1))
+    for target in (None, 0):
+        for method in ("reverse", "forward"):
+            am = rr.affine_map(model, x.clone(), target=target, method=method, check=False)
+            want_a, want_d = (jac, d) if target is None else (jac[:, :1], d[:, :1])
+            assert torch.allclose(am.A, want_a, atol=1e-12) and torch.allclose(am.d, want_d, atol=1e-12)
+
+
+def test_compose_refuses_writes_into_tensors():
+    """``__setitem__`` returns None, so the graph walker let it pass like a shape query and kept the tensor's old
+    linear part (its value check then failed with "please report the model")."""
+
+    class Written(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = x.clone()
+            x[:, 0] = 1.0
+            return self.l1(x)
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    model = Written().double()
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape("writes into a tensor ('__setitem__')")):
+        rr.affine_map(model, x, method="compose")
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-12)
