@@ -11,7 +11,9 @@ The exact ``l_p`` distance from ``x`` to the region's boundary is ``min_j m_j(x)
 ``p``; margins with zero gradient never bind and are excluded): the point where the first hyperplane is reached
 along the shortest path is the first point where any inequality fails, so no other inequality can be closer.
 ``method="re3"`` is the Re3 paper's ``|z_j| / ||w_j||_q`` with ``w_j`` the unit's weight row in its *own layer's*
-input space — exact for the first layer only (it ignores how earlier layers stretch space), kept for comparison.
+input space — exact only for first-layer units fed directly by that Linear / Conv (it ignores how earlier layers
+stretch space, and an affine step between the layer and the unit, such as a BatchNorm, which rescales ``z_j`` but
+not ``w_j``), kept for comparison.
 
 Routes for the exact distance (:func:`boundary_distance`, all exact): ``"structured"`` for plain chains of standard
 modules and functional ReLU / max-pool / flatten calls, such as LeNet or PyTorch's MNIST example CNN (the Jacobian
@@ -814,7 +816,8 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     method : {"exact", "re3"}
         ``"exact"``: ``min_j m_j / ||∇ₓ m_j||_q`` over every inequality of the region (ReLU-like units, clamps,
         max-pool argmax comparisons). ``"re3"``: the Re3 paper's per-layer ``|z_j| / ||w_j||_q`` (ReLU and clamp
-        units only) — exact for the first layer, an overestimate possible for deeper layers.
+        units only) — exact for first-layer units fed directly by the first Linear / Conv (not through a
+        BatchNorm or other affine step, whose scaling it ignores), an overestimate possible for deeper layers.
     layers : selection, optional
         Only the inequalities of these piecewise-linear calls (a name, list of names, int or slice as in
         :meth:`~relu_regions.Recording.patterns`). Default: all — the distance to the region's boundary.
@@ -1035,11 +1038,19 @@ def decision_distance(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: s
     return d.min(1).values
 
 
-def certified_radius(model: nn.Module, x: Tensor, p: float = 2, **kw) -> Tensor:
+def certified_radius(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: str | None = None,
+                     strict: bool = True, chunk_size: int | None = None, route: str = "auto",
+                     progress: bool = False) -> Tensor:
     """``(B,)`` ``min(region distance, decision distance)``: no perturbation of smaller ``l_p`` norm changes the
-    prediction (inside that ball the network is the region's affine map)."""
-    bd = boundary_distance(model, x, p=p, **kw).distance
-    dd = decision_distance(model, x, p=p, logits_at=kw.get("logits_at"), strict=kw.get("strict", True))
+    prediction (inside that ball the network is the region's affine map).
+
+    The region distance is the exact one over every unit (:func:`boundary_distance`, ``method="exact"``): the
+    options that would loosen it (``method="re3"``, ``layers=``, ``kinds=``) are not taken, since with them the
+    radius would no longer be certified. The other options are :func:`boundary_distance`'s.
+    """
+    bd = boundary_distance(model, x, p=p, logits_at=logits_at, strict=strict, chunk_size=chunk_size, route=route,
+                           progress=progress, per_layer=False).distance
+    dd = decision_distance(model, x, p=p, logits_at=logits_at, strict=strict)
     return torch.minimum(bd, dd)
 
 
@@ -1064,13 +1075,17 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
     Returns ``(eps, validity)``; ``eps`` defaults to ``n`` points from 0 to the largest finite distance.
     """
     d = _distances(distances)
+    if d.numel() == 0:
+        raise ValueError("distances is empty: a share of no explanations has no value")
     if not is_int_at_least(n, 1):
         raise ValueError(f"n (points of the curve) must be a positive int, got {n!r}")
     if eps is None:
         finite = d[torch.isfinite(d)]
         top = float(finite.max()) if finite.numel() else 1.0
         eps = torch.linspace(0, top, n, dtype=torch.float64)
-    eps = torch.as_tensor(eps, dtype=torch.float64)
+    eps = torch.as_tensor(eps, dtype=torch.float64).reshape(-1)
+    if bool(torch.isnan(eps).any()):
+        raise ValueError("eps holds NaN")
     return eps, (d[None, :] >= eps[:, None]).to(torch.float64).mean(1)
 
 
@@ -1084,7 +1099,10 @@ def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, f
         if not isinstance(lv, numbers.Real) or not 0 < lv <= 1:
             raise ValueError(f"levels are shares of the explanations, in (0, 1]; got {lv!r}")
         k = max(1, math.ceil(lv * d.numel() - 1e-9))
-        out[f"eps{int(round(lv * 100))}"] = float(d[k - 1])
+        key = f"eps{lv * 100:g}"  # eps90, eps99.5 (rounded to whole percents, 0.9 and 0.904 shared one key)
+        if key in out:
+            raise ValueError(f"levels {list(levels)} name the level {key} twice")
+        out[key] = float(d[k - 1])
     return out
 
 
@@ -1194,11 +1212,15 @@ class LineWalk:
         ``(n,)`` int64 keys of the regions in order.
     packed : Tensor
         ``(n, n_words)`` exact bit-packed patterns.
+    complete : bool
+        False when the walk stopped at ``max_regions``: the last region is then only known to start at its
+        breakpoint (the segment beyond it was not walked; :func:`line_walk` warns).
     """
 
     breakpoints: Tensor
     region_ids: Tensor
     packed: Tensor
+    complete: bool = True
 
     @property
     def n_regions(self) -> int:
@@ -1220,11 +1242,16 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
     checked to reach back to the breakpoint — otherwise ``η`` is halved, so thin regions are not skipped. With
     ``float64=True`` (default) the walk runs on a float64 copy of the model (the user's model is not touched).
     """
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+    if not is_int_at_least(max_regions, 1):
+        raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
     x0 = x0.detach()
     if x0.dim() == 1:
         x0 = x0.unsqueeze(0)
     if x0.shape[0] != 1:
         raise ValueError(f"x0 must be one sample with a batch dimension (1, *input_shape); got {tuple(x0.shape)}")
+    _check_x(x0, "x0")
     if not isinstance(x1, Tensor) or x1.numel() != x0.numel():
         raise ValueError(f"x1 must be a tensor with as many elements as x0 {tuple(x0.shape)}")
     x1 = x1.detach().reshape(x0.shape)
@@ -1250,21 +1277,28 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
         pats, fwd, bwd = probe(0.0)
         eta0 = 1e-9 if float64 else 1e-5
         if fwd <= 0:  # starting on a boundary: take the region just after it
-            pats, fwd, bwd, t = _step_past(probe, 0.0, eta0)
+            pats, fwd, bwd, t = _step_past(probe, 0.0, eta0, float64)
+        complete = True
         while True:
             packs.append(pack_patterns(pats) if pats else torch.zeros(1, 1, dtype=torch.int64))
             keys.append(pattern_keys(pats) if pats else torch.zeros(1, dtype=torch.int64))
             end = t + fwd
             if end >= 1.0 or len(packs) >= max_regions:
+                complete = end >= 1.0
                 bps.append(1.0)
                 break
             bps.append(end)
-            pats, fwd, bwd, t = _step_past(probe, end, eta0)
+            pats, fwd, bwd, t = _step_past(probe, end, eta0, float64)
+    if not complete:
+        import warnings
+
+        warnings.warn(f"line_walk stopped at max_regions={max_regions} at t={bps[-2]:.6g}: the last region's end and "
+                      "the regions beyond it were not walked (LineWalk.complete is False)", UserWarning, stacklevel=2)
     packed = torch.cat(packs)
-    return LineWalk(torch.tensor(bps, dtype=torch.float64), torch.cat(keys), packed)
+    return LineWalk(torch.tensor(bps, dtype=torch.float64), torch.cat(keys), packed, complete)
 
 
-def _step_past(probe, tb: float, eta: float):
+def _step_past(probe, tb: float, eta: float, float64: bool):
     """Record the region just after breakpoint ``tb``: the largest tried ``η`` whose region reaches back to tb."""
     for _ in range(40):
         t = tb + eta
@@ -1272,7 +1306,11 @@ def _step_past(probe, tb: float, eta: float):
         if t - bwd <= tb + 1e-12 * max(1.0, abs(tb)) + eta * 1e-6 and fwd > 0:
             return pats, fwd, bwd, t
         eta /= 2
-    return pats, max(fwd, 0.0), bwd, t
+    # no region found that starts at tb and leads on: in the model's own precision the breakpoints are closer than
+    # its rounding (going on would repeat tb, or skip regions)
+    raise RuntimeError(f"line_walk: no region after the breakpoint t={tb:.9g} could be resolved "
+                       f"({'float64' if float64 else 'the model dtype'}: breakpoints closer than its rounding)"
+                       + ("; use float64=True (the default)" if not float64 else ""))
 
 
 # --- explicit inequalities: input-domain box, largest inscribed ball ----------------------------------------------
@@ -1285,9 +1323,11 @@ class RegionInequalities:
     Attributes
     ----------
     margin : Tensor
-        ``(B, M)`` margins at ``x`` (margins that do not exist, e.g. padding in a max-pool window, removed).
+        ``(B, M)`` margins at ``x``: margins that exist for no sample (padding in a max-pool window) removed; a
+        margin that exists for some samples only (a clamp unit's bounds depend on its state) is ``+inf`` for the
+        others (never violated).
     grad : Tensor
-        ``(B, M, D)`` their input gradients (flattened input).
+        ``(B, M, D)`` their input gradients (flattened input); zero where the margin is ``+inf``.
     layer : Tensor
         ``(M,)`` index into ``layer_names`` of each margin's layer.
     layer_names : list of str
@@ -1339,7 +1379,9 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
         z = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
         return RegionInequalities(z, z.unsqueeze(2).expand(b, 0, n), torch.zeros(0, dtype=torch.int64), names)
     m, g, layer = torch.cat(ms, 1), torch.cat(gs, 1), torch.cat(lay)
-    exists = torch.isfinite(m).all(0)  # padding / missing clamp bounds are +inf for every sample
+    # a column no sample has (max-pool padding) goes; one that only some samples have (a clamp's upper bound is a
+    # constraint of its linear units, not of its saturated ones) stays, +inf with a zero gradient where it is missing
+    exists = torch.isfinite(m).any(0)
     return RegionInequalities(m[:, exists], g[:, exists], layer[exists], names)
 
 
@@ -1350,8 +1392,18 @@ def _as_box(box, x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"box must be a pair (lo, hi) of numbers or tensors shaped like one input, got {box!r}") \
             from None
     shape = x.shape[1:]
-    lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device).expand(shape).reshape(-1)
-    hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device).expand(shape).reshape(-1)
+    bounds = []
+    for name, v in (("lo", lo), ("hi", hi)):
+        t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        try:
+            t = t.expand(shape).reshape(-1)
+        except RuntimeError:
+            raise ValueError(f"box: {name} of shape {tuple(t.shape)} does not broadcast to one input's shape "
+                             f"{tuple(shape)}") from None
+        if bool(torch.isnan(t).any()):  # (NaN passes every comparison below)
+            raise ValueError(f"box: {name} holds NaN")
+        bounds.append(t)
+    lo, hi = bounds
     if (lo > hi).any():
         raise ValueError("box: lo must be <= hi everywhere")
     xf = x.reshape(x.shape[0], -1)

@@ -969,3 +969,68 @@ def test_certified_radius_of_every_zoo_model_holds(name, p):
             u = _unit_dirs(x.shape, p, g)
             moved = model(x + 0.999 * r.view(-1, *[1] * len(shape)) * u).reshape(len(x), -1).argmax(1)
             assert torch.equal(moved, pred)
+
+
+def test_a_clamp_bound_of_some_samples_only_stays_for_them():
+    """A Hardtanh unit's upper bound is a constraint of its linear samples, not of its saturated ones (+inf there).
+    Before, a column that was +inf for any sample of the batch was dropped for all: x = 0.5 batched with x = 3 got
+    the box distance 1.5 and the inscribed radius 3 instead of 0.5 and 1 (alone: 0.5 and 1)."""
+
+    class OneClamp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(2, 1, bias=False)
+            with torch.no_grad():
+                self.l.weight.copy_(torch.tensor([[1.0, 0.0]]))
+
+        def forward(self, x):
+            return F.hardtanh(self.l(x))
+
+    model = OneClamp().double()
+    alone = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
+    both = torch.tensor([[0.5, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    box = (-5.0, 5.0)
+    assert G.boundary_distance_in_box(model, alone, box).distance.tolist() == [0.5]
+    assert G.boundary_distance_in_box(model, both, box).distance.tolist() == [0.5, 2.0]
+    assert G.inscribed_ball(model, both, box=box).radius[0].item() == pytest.approx(1.0)
+    ineq = G.region_inequalities(model, both)
+    assert ineq.margin[0].tolist() == [1.5, 0.5] and ineq.margin[1, 1].item() == math.inf
+    assert ineq.grad[1, 1].abs().sum() == 0
+
+
+def test_line_walk_and_certified_radius_guard_their_results():
+    """Before: a walk stopped at max_regions looked complete (no flag, no warning); a NaN x0 gave one region; a
+    float32 walk could repeat one breakpoint (0.8168 ... 7 times in a QA repro) instead of saying it cannot resolve
+    it; certified_radius passed method="re3" / layers= on to boundary_distance, returning radii (1.0 where the
+    exact one is 0.5) that a perturbation of norm 0.6 crossed."""
+    torch.manual_seed(0)
+    model = mlp(2, [16, 16], 3).double()
+    x0, x1 = torch.tensor([[-3.0, -2.0]], dtype=torch.float64), torch.tensor([[3.0, 2.5]], dtype=torch.float64)
+    full = G.line_walk(model, x0, x1)
+    assert full.complete and full.n_regions > 3
+    with pytest.warns(UserWarning, match="line_walk stopped at max_regions=3"):
+        part = G.line_walk(model, x0, x1, max_regions=3)
+    assert not part.complete and torch.equal(part.breakpoints[:3], full.breakpoints[:3])
+    with pytest.raises(ValueError, match="x0 holds 1 non-finite"):
+        G.line_walk(model, torch.tensor([[float("nan"), 0.0]], dtype=torch.float64), x1)
+    with pytest.raises(ValueError, match="max_regions must be a positive int"):
+        G.line_walk(model, x0, x1, max_regions=0)
+    for kw in ({"method": "re3"}, {"layers": 0}, {"kinds": ["relu"]}):
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            G.certified_radius(model, x0, **kw)
+
+
+def test_box_and_validity_inputs_are_checked():
+    """Before: a NaN bound passed (NaN distances, or a scipy error from inscribed_ball), a box of the wrong shape
+    failed in torch's expand; levels 0.9 and 0.904 wrote one key "eps90" (the second overwrote the first)."""
+    model = mlp(2, [4], 2).double()
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="box: lo holds NaN"):
+        G.boundary_distance_in_box(model, x, (float("nan"), 1.0))
+    with pytest.raises(ValueError, match=r"box: hi of shape \(3,\) does not broadcast"):
+        G.boundary_distance_in_box(model, x, (-1.0, torch.ones(3, dtype=torch.float64)))
+    d = torch.arange(1, 201, dtype=torch.float64)
+    eps = G.validity_epsilons(d, (0.9, 0.904, 0.995))
+    assert eps == {"eps90": 21.0, "eps90.4": 20.0, "eps99.5": 2.0}
+    with pytest.raises(ValueError, match="distances is empty"):
+        G.validity_curve(torch.zeros(0))
