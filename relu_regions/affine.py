@@ -314,7 +314,8 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     strict : bool
         Raise :class:`~relu_regions.UnsupportedModuleError` on operations that are not piecewise linear.
     check : bool
-        Verify ``|A·x + d − f(x)| <= 1e-3·(1 + |f(x)|)`` (float32; 1e-8 for float64) and raise if it fails,
+        Verify ``|A·x + d − f(x)| <= 1e-3·(1 + |f(x)|)`` (float32; 1e-8 for float64, 4·eps for bfloat16 /
+        float16) and raise if it fails,
         which catches nonlinear operations that slipped past ``strict``.
     progress : bool
         Show a progress bar over chunks (tqdm).
@@ -438,7 +439,8 @@ def _keys(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
 
 
 def _check(amap: AffineMap) -> None:
-    tol = 1e-8 if amap.A.dtype == torch.float64 else 1e-3
+    # relative: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3 / 5e-4 per operation
+    tol = 1e-8 if amap.A.dtype == torch.float64 else max(1e-3, 4 * torch.finfo(amap.A.dtype).eps)
     err = amap.residual()
     bound = tol * (1 + amap.output.abs().amax(1))
     bad = err > bound

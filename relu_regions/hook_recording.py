@@ -116,6 +116,9 @@ class HookPlan:
     batch_norms: tuple[str, ...]
 
 
+_DROPOUTS = (nn.modules.dropout._DropoutNd,)
+
+
 class PlanCache:
     """Per-model cache of ``build(model, logits_at)`` (a plan read from a ``torch.fx`` trace), keyed weakly on the
     model, checked against a structural signature (module objects, types, train flags, patched forwards)."""
@@ -128,8 +131,11 @@ class PlanCache:
         modules = dict(model.named_modules())
         # checked on every recording that opens (per batch under RegionMonitor): a list comprehension, and
         # instance_forward only where the instance holds a forward
+        # (a dropout's p too: whether a training-mode dropout draws anything decides the plan, and warm-up
+        # schedules change p on the same module)
         sig = (logits_at, tuple([(n, id(m), type(m), m.training,
-                                  id(instance_forward(m) if "forward" in m.__dict__ else None))
+                                  id(instance_forward(m) if "forward" in m.__dict__ else None),
+                                  m.p if isinstance(m, _DROPOUTS) else None)
                                  for n, m in modules.items()]))
         plans = self._cache.setdefault(model, {})  # a few signatures per model: train/eval flags alternate
         plan = plans.get(sig)

@@ -965,7 +965,8 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if hooks is not None:  # the patch skips nn.Module's slow call path (see hook_recording.ForwardPatch)
             handles.append(ForwardPatch.on(model, root_body))
         else:  # hooks: they run around the user's own root hooks, whose code the mode must see inside the pass
-            handles.append(model.register_forward_pre_hook(root_pre))
+            # (prepend: before the user's pre-hooks, which would otherwise read the input before it is tracked)
+            handles.append(model.register_forward_pre_hook(root_pre, prepend=True))
             handles.append(model.register_forward_hook(root_post, always_call=True))
         if hooks is not None:
             yield s

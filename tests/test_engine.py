@@ -1735,3 +1735,39 @@ def test_compose_refuses_writes_into_tensors():
         rr.affine_map(model, x, method="compose")
     jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
     assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-12)
+
+
+def test_a_forward_pre_hook_on_the_root_runs_inside_the_pass():
+    """The recording's own pre-hook on the root now runs before the user's: before, a user pre-hook that clamps the
+    input to [0, 1] ran before the pass opened, so the clamp was missing from every pattern (3 region ids on 300
+    inputs where torch.func finds 21 different Jacobians) and a sigmoid there was not refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    handle = model.register_forward_pre_hook(lambda mod, args: (args[0].clamp(0.0, 1.0),))
+    x = torch.randn(300, 3, dtype=torch.float64)
+    with torch.no_grad(), rr.record(model) as rec:
+        model(x)
+    ids = rec.region_ids()
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    differ = (jac[:, None] - jac[None, :]).flatten(2).abs().amax(-1) > 1e-9
+    assert not bool((differ & (ids[:, None] == ids[None, :])).any())
+    for method in METHODS:
+        assert torch.allclose(rr.affine_map(model, x[:8], method=method).A, jac[:8], atol=1e-12)
+    handle.remove()
+    model.register_forward_pre_hook(lambda mod, args: (torch.sigmoid(args[0]),))
+    with pytest.raises(rr.UnsupportedModuleError, match="calls 'sigmoid'"):
+        with rr.record(model):
+            model(x)
+
+
+def test_bfloat16_models_pass_the_value_check():
+    """The value check's tolerance was 1e-3 relative for every dtype but float64; bfloat16 rounds at ~4e-3, so a
+    plain bfloat16 ReLU MLP failed it on every method ("please report the model") although A equalled
+    torch.func's Jacobian exactly. It is 4·eps for the half-precision dtypes now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = model.to(torch.bfloat16).eval()
+    x = torch.randn(16, 16).to(torch.bfloat16)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    for method in METHODS:
+        assert torch.allclose(rr.affine_map(model, x, method=method).A.float(), jac.float(), atol=1e-2)

@@ -490,3 +490,21 @@ def test_unit_params_follow_a_pool_changed_between_recordings():
     for kernel, size in ((2, 12), (3, 12), (3, 15), (2, 12)):
         model[2].kernel_size = model[2].stride = kernel
         _hooked_like_the_mode(model, _inputs((1, size, size)))
+
+
+def test_the_hook_plan_follows_a_dropouts_p():
+    """Before: a training-mode model first recorded with Dropout(p=0) kept its cached hook plan after p was raised
+    (a warm-up schedule), and recorded random passes without a word (two recordings of one input, two patterns)."""
+    import relu_regions as rr
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.0), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 2)).train()
+    with torch.no_grad(), rr.record(m) as rec:
+        m(x)
+    assert rec.route == "hooks"
+    m[1].p = 0.5
+    with pytest.raises(rr.UnsupportedModuleError, match="random"):
+        with torch.no_grad(), rr.record(m):
+            m(x)
