@@ -141,6 +141,8 @@ _FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Sh
 def _csv_header(path: Path) -> list[str] | None:
     with open(path, encoding="utf-8") as f:
         first = f.readline().strip().split(",")
+    if [v.strip() for v in first] == [str(i) for i in range(len(first))]:
+        return None if len(first) < 2 else first  # pandas' header of unnamed columns, "0,1,...": not a sample
     try:
         [float(v) for v in first]
         return None
@@ -434,6 +436,9 @@ def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
     n_out = out.shape[1]
     if int(data.y.max()) >= n_out:
         raise CLIError(f"the labels go up to {int(data.y.max())} but the model has only {n_out} outputs")
+    if data.class_names is not None and len(data.class_names) != n_out and logits_at is None:
+        # (the labels of a --limit subset need not show every class)
+        raise CLIError(f"the data has {len(data.class_names)} classes but the model gives {n_out} outputs")
     return n_out
 
 
@@ -614,6 +619,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         compare = importlib.import_module("relu_regions.compare")
     except ImportError as e:
         raise CLIError(f"compare is not available: relu_regions.compare is missing ({e})") from e
+    if args.out and Path(args.out).is_dir():  # (checked before the comparison runs)
+        raise CLIError(f"--out {args.out}: is a directory; give the path of the Markdown file to write")
     if args.model is None:
         model, _ = train_demo_model(seed=args.seed, quick=args.quick, progress=not args.no_progress)
         _, data = digits_data(args.seed)
@@ -648,6 +655,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # Parser
 # --------------------------------------------------------------------------------------------------------------
 
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count (argparse turns the ValueError into its one-line usage error, exit 2)."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
 _DESCRIPTION = """\
 Exact, deterministic explanations of piecewise-linear (ReLU) PyTorch classifiers from their activation regions.
 Inside the region that contains an input x the network is an affine map f(x) = A·x + d; relu-regions finds A and
@@ -672,7 +687,7 @@ def _common(p: argparse.ArgumentParser, report: bool = True) -> None:
         g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                        help="report directory (index.html, summary.md, figures/); replaced only if it holds a "
                             "previous report (default: ./%(default)s)")
-        g.add_argument("--explain", type=int, default=None, metavar="N",
+        g.add_argument("--explain", type=_positive_int, default=None, metavar="N",
                        help="samples for the exact Re3 contributions (default: all analysed samples)")
     g.add_argument("--seed", type=int, default=0, help="seed for training and sample subsets (default: 0)")
     g.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (a few seconds)")
@@ -731,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     _model_data(cp, required=False)
     cp.add_argument("--methods", metavar="LIST", help="comma-separated methods (default: the harness's default)")
-    cp.add_argument("--samples", type=int, default=32, metavar="N", help="samples to explain (default: 32)")
+    cp.add_argument("--samples", type=_positive_int, default=32, metavar="N",
+                    help="samples to explain (default: 32)")
     cp.add_argument("--out", metavar="FILE.md", help="also write the table as Markdown")
     _common(cp, report=False)
     cp.set_defaults(func=cmd_compare)

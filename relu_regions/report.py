@@ -287,7 +287,7 @@ def _fmt(v: Any) -> str:
 
 def _table_markdown(table: Any) -> str:
     cols, rows = _rows(table)
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out = ["| " + " | ".join(str(c).replace("|", "\\|") for c in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -461,12 +461,16 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
         majority = hist.argmax(1)
         wrong = torch.zeros(r, dtype=torch.long).index_add_(0, inv.cpu(), (y_true != y_pred).long().cpu())
         confused = ((phist > 0).sum(1) > 1) | (wrong > 0)
-        # top-1 coverage: for each class, its largest region among those with that majority class
+        # top-1 coverage: for each class, its largest region among those with that majority class (equal sizes:
+        # more samples of the class first), as RegionStats.coverage (the region with most samples of the class
+        # was taken before: another number than the overview's for the same data)
         covered = 0
+        size = hist.sum(1)
         for c in range(n_classes):
             mine = (majority == c).nonzero().flatten()
             if mine.numel():
-                covered += int(hist[mine, c].max())
+                best = mine[(size[mine] * (n + 1) + hist[mine, c]).argmax()]
+                covered += int(hist[best, c])
         nb = boundary_counts(pats, n)
         rows.append({
             "granularity": gname,
@@ -658,6 +662,10 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
     y_pred = logits.argmax(1).cpu()
     if int(y.max()) >= k:
         raise ValueError(f"labels go up to {int(y.max())} but the model has only {k} outputs")
+    if class_names is not None and len(class_names) != k:
+        raise ValueError(f"class_names has {len(class_names)} names for the model's {k} outputs")
+    if feature_names is not None and X.dim() == 2 and len(feature_names) != X.shape[1]:
+        raise ValueError(f"feature_names has {len(feature_names)} names for {X.shape[1]} input features")
     names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     acc = float((y_pred == y.cpu()).double().mean())
     results: dict[str, Any] = {"accuracy": acc, "n_samples": int(X.shape[0]), "n_classes": k,
@@ -845,8 +853,9 @@ def _compare_section(model, X, target, seed, results, quick=False, progress=Fals
         opts = {"n_seeds": 2}
     if X.dim() == 4 and X[0].numel() > 256:
         opts["superpixel"] = 4  # KernelShap on superpixels for large images, as usual
-    torch.manual_seed(seed)
-    result = compare(model, X, target=target, methods=methods, progress=progress, **opts)
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's generator left as it was
+        torch.manual_seed(seed)
+        result = compare(model, X, target=target, methods=methods, progress=progress, **opts)
     table = result.table
     cols = [c for c in _COMPARE_COLUMNS if c in table.columns]
     results["compare"] = table[cols].to_dict("records")
@@ -894,7 +903,8 @@ def _validity_section(model, X, target, seed, results, logits_at=None, kinds=Non
         eps = geometry.validity_epsilons(d)
         fin = d[torch.isfinite(d)]
         rows.append({"distance": name, "samples": int(d.numel()),
-                     "median": float(fin.median()) if fin.numel() else float("nan"),
+                     # (torch.median is the lower of the two middle values of an even count)
+                     "median": float(fin.double().quantile(0.5)) if fin.numel() else float("nan"),
                      "min": float(fin.min()) if fin.numel() else float("nan"), **eps})
     results["validity"] = rows
     sec = Section("", text=[

@@ -235,3 +235,28 @@ def test_compare_command(capsys, tmp_path):
     assert "| Re3 |" in table and "| InputXGradient |" in table and "| IntegratedGradients |" in table
     code, _, err = run(["compare", "--quick", "--methods", "nonsense"], capsys)
     assert_one_line_error(code, err, "unknown method")
+
+
+def test_numeric_headers_counts_and_compare_out(tabular_files, capsys):
+    """Before: pandas' header of unnamed columns ("0,1,2,3,4") was read as a sample (21 rows for 20); --samples 0
+    and negative --explain / --samples ran (an IndexError, or a count from the end); compare --out naming a
+    directory failed with an IsADirectoryError after the whole comparison, leaving a temporary file beside it."""
+    from relu_regions.cli import load_data
+
+    tmp, model, X, y, sd, npz, csv = tabular_files
+    plain = tmp / "plain.csv"
+    rows = np.concatenate([X.numpy(), y.numpy()[:, None]], 1)
+    np.savetxt(plain, rows, delimiter=",", header="0,1,2,3,4", comments="", fmt="%.6g")
+    data = load_data(str(plain))
+    assert len(data.y) == len(X) and torch.equal(data.y, y)
+    for argv in (["compare", "--quick", "--samples", "0"], ["compare", "--quick", "--samples", "-1"],
+                 ["analyze", "--model", str(sd), "--class", "netdefs:make", "--data", str(npz), "--explain", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert "must be a positive integer" in capsys.readouterr().err
+    folder = tmp / "cmpdir"
+    folder.mkdir()
+    code, _, err = run(["compare", "--quick", "--out", str(folder)], capsys)
+    assert_one_line_error(code, err, "is a directory")
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".cmpdir")) == []

@@ -236,3 +236,44 @@ def test_optional_sections_when_their_modules_are_present(mlp_report):
     if "validity" in report.results:
         exact = report.results["validity"][0]
         assert exact["distance"] == "exact" and exact["eps90"] <= exact["eps50"]
+
+
+def test_report_numbers_agree_and_the_callers_state_is_kept():
+    """Before: the region table's top-1 coverage took, per class, the region with most samples of that class, while
+    its docstring and the overview (RegionStats.coverage) take the largest region assigned to the class (0.5217 vs
+    0.4783 on the QA example: regions of 10 (6 of class 0), 8 (7 of class 0) and 5 (class 1) samples); the
+    validity median was torch's lower median (2.0 for the distances 1, 2, 3, 4); the comparison section reseeded the
+    caller's global generator; class / feature name lists of the wrong length failed late or dropped a section; a
+    "|" in a column header broke the Markdown table."""
+    from relu_regions.units import LayerPattern
+
+    inv = torch.tensor([0] * 10 + [1] * 8 + [2] * 5)
+    y = torch.tensor([0] * 6 + [1] * 4 + [0] * 7 + [1] + [1] * 5)
+    state = torch.nn.functional.one_hot(inv, 3).bool()
+    pattern = LayerPattern("relu", "relu", state, 2, torch.zeros(len(inv), dtype=torch.long), {})
+    rows, _ = rep.region_table([pattern], y, y)
+    assert rows[0]["top-1 coverage"] == round(11 / 23, 4)
+    X, yt = _tabular()
+    model = mlp(5, [6], 3)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    r = rep.build_report(model, X, yt, quick=True, include=["compare"], class_names=["a|b", "c", "d"])
+    assert torch.equal(torch.rand(3), want)
+    assert "a\\|b" in r.to_markdown()
+    with pytest.raises(ValueError, match="class_names has 2 names for the model's 3 outputs"):
+        rep.build_report(model, X, yt, include=[], class_names=["a", "b"])
+    with pytest.raises(ValueError, match="feature_names has 3 names for 5 input features"):
+        rep.build_report(model, X, yt, include=[], feature_names=["a", "b", "c"])
+
+
+def test_validity_median_is_the_median():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU(), torch.nn.Linear(1, 2)).eval()
+    with torch.no_grad():  # one ReLU at x = 0: the exact distance of x is |x|
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[2].bias.zero_()
+    X = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    r = rep.build_report(net, X, torch.zeros(4, dtype=torch.long), include=["validity"], validity_samples=4)
+    assert r.results["validity"][0]["median"] == 2.5  # (torch.median: 2.0)

@@ -8,7 +8,8 @@ through ``pl_module.log`` (so every logger sees them), under ``"<prefix><stage>/
 ``n_regions`` (and ``n_regions_<granularity>`` for extra granularities), ``top1_coverage``, ``topC_coverage``,
 ``mean_purity``, ``confusion_share``, ``accuracy``; for validation also ``train_overlap`` (share of validation samples
 whose region was seen on the training batches of the epoch; needs ``train_every_n_batches``); for validation and
-test ``boundary_distance_median`` (median exact Euclidean distance from the probe inputs to their region's boundary,
+test ``boundary_distance_median`` (the lower median -- for an even count the lower of the two middle values, so one
+probe input's own distance -- of the exact Euclidean distances from the probe inputs to their region's boundary,
 from :func:`relu_regions.geometry.boundary_distance`; every ``probe_every_n_epochs`` recorded validation epochs, and
 at test).
 
