@@ -288,8 +288,14 @@ def _chain_plan(model: nn.Module, x1: Tensor, strict: bool, logits_at, out: Tens
     """
     if not strict:
         return None
-    steps, _ = _CHAINS.get(model, logits_at)  # the trace once per model structure; the check on every call
+    steps, modules = _CHAINS.get(model, logits_at)  # the trace once per model structure; the check on every call
     if steps is None:
+        return None
+    from .hook_recording import foreign_hook
+
+    if foreign_hook(modules) is not None:
+        # the check below runs the modules with their hooks, the tangents are pushed with their weights only: a
+        # hook that scales a layer's output passed the check and scaled no gradient (distances off by its factor)
         return None
     plan_kinds = [k for _, k, _ in steps if k]
     with torch.no_grad():
@@ -556,7 +562,11 @@ def _colouring(plan: list, byname: dict, in_shape: tuple, last: int, dtype, devi
         linear = next((j for j in range(stop + 1, len(plan)) if not isinstance(plan[j][0], _POINTWISE)), -1)
         if linear < 0 or not isinstance(plan[stop][0], nn.Flatten) or not isinstance(plan[linear][0], nn.Linear):
             return None
-    period = tuple(min(f, h) for f, h in zip(field, in_shape[1:]))
+    if any(f > h for f, h in zip(field, in_shape[1:])):
+        # a receptive field longer than the input (padding): a window starting in the padding would hold one colour
+        # twice (the first Linear's rows of some features were lost, distances off by ~3%)
+        return None
+    period = tuple(field)
     n = int(torch.Size(in_shape).numel())
     g = in_shape[0] * int(torch.Size(period).numel())
     if not windowed or g >= n:
@@ -888,7 +898,8 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             if plan is None and route == "structured":
                 raise ValueError("route='structured' needs a model that is a plain chain of Conv/Linear/ReLU/"
                                  "LeakyReLU/MaxPool2d/AvgPool/Flatten/Dropout modules or the functional ReLU, "
-                                 "max-pool and flatten calls (and strict=True); use route='forward' or 'reverse'")
+                                 "max-pool and flatten calls, without forward (pre-)hooks of its own (and "
+                                 "strict=True); use route='forward' or 'reverse'")
             return plan
 
         plan = chain_plan() if method == "exact" and route == "structured" else None
@@ -988,6 +999,9 @@ def _on_boundary(model: nn.Module, x: Tensor, wanted: set, names: list[str], log
         return bool(so_far.all())
 
     m, s, out, _, widths = _directional(model, x, v, patterns, logits_at, strict, wanted, enough)
+    if m.shape[1] == 0:  # no inequality at all (an affine network, or a selection that matches no call)
+        none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return none, torch.full_like(none, -1, dtype=torch.int64), torch.zeros_like(none, dtype=torch.int64)
     hit = (m <= 0) & (s != 0)  # (<= as in _layer_min, which clamps margins at 0)
     if len(widths) > len(names) or (out is not None and len(widths) != len(names)):
         hit = torch.zeros_like(hit)  # the calls differ from the first sample's: no proofs, compute in full

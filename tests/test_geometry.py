@@ -1034,3 +1034,28 @@ def test_box_and_validity_inputs_are_checked():
     assert eps == {"eps90": 21.0, "eps90.4": 20.0, "eps99.5": 2.0}
     with pytest.raises(ValueError, match="distances is empty"):
         G.validity_curve(torch.zeros(0))
+
+
+def test_structured_route_with_hooks_and_fields_longer_than_the_input():
+    """Two silent errors of the structured route (the one route="auto" takes for plain CNN chains): a forward hook
+    that scales a conv's output passed its bit-for-bit check (which runs the modules) while the tangents were pushed
+    with the weights only (distances up to 100x too small); and with a receptive field longer than an input
+    dimension (8x16 input, padded convs) the colouring held one colour twice and lost input features (distances off
+    by ~3% for the ReLU after the first Linear). Both now match the forward route (itself checked against
+    torch.func elsewhere)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(4 * 2 * 4, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    x = torch.randn(3, 1, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = G.boundary_distance(net, x, route="forward").per_layer["8"]
+    assert torch.allclose(G.boundary_distance(net, x, route="structured").per_layer["8"], want, rtol=1e-9)
+    handle = net[3].register_forward_hook(lambda m, i, o: o * 0.01)
+    want = G.boundary_distance(net, x, route="forward").distance
+    assert torch.allclose(G.boundary_distance(net, x).distance, want, rtol=1e-9)
+    with pytest.raises(ValueError, match="without forward \\(pre-\\)hooks of its own"):
+        G.boundary_distance(net, x, route="structured")
+    handle.remove()
+    flat = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 7, 2)).double()
+    for route in ("forward", "reverse"):  # no inequality at all (before: an IndexError with per_layer=False)
+        assert G.boundary_distance(flat, x, route=route, per_layer=False).distance.tolist() == [math.inf] * 3
