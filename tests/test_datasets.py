@@ -88,6 +88,11 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
     (tmp_path / "short").write_bytes((tmp_path / "ok").read_bytes()[:-3])
     with pytest.raises(ValueError, match="truncated"):
         ds.read_idx(tmp_path / "short")
+    # before: "read length must be non-negative" from gzip, or "truncated" for a raw file
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="limit must be None or an int >= 0"):
+            ds.read_idx(tmp_path / "ok", limit=bad)
+    assert ds.read_idx(tmp_path / "ok", limit=0).shape == (0,)
 
 
 # ---------------------------------------------------------------- MNIST (real)

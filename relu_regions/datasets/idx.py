@@ -84,6 +84,11 @@ def idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
         return _read_header(f, path)[1]
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+
+
 def read_idx(path: str | os.PathLike[str], limit: int | None = None) -> np.ndarray:
     """Read an IDX file (gzip-compressed if the name ends in ``.gz``, raw otherwise).
 
@@ -104,6 +109,7 @@ def read_idx(path: str | os.PathLike[str], limit: int | None = None) -> np.ndarr
     ValueError
         If the magic number is invalid or the file is shorter than its header says.
     """
+    _check_limit(limit)
     path = Path(path)
     with _open(path) as f:
         dtype, shape = _read_header(f, path)
@@ -263,6 +269,7 @@ def load_mnist(
     """
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_limit(limit)
     src = _resolve(kind, root)
     if src.backend == "torchvision":
         import torchvision
