@@ -105,8 +105,8 @@ def _build_nonlinear() -> set:
             "sin cos tan asin acos atan arcsin arccos arctan atan2 arctan2 sinh cosh asinh acosh atanh arcsinh "
             "arccosh arctanh hypot logaddexp logaddexp2 xlogy xlog1py expit logit sinc lgamma digamma polygamma "
             "mvlgamma i0 i0e i1 i1e ndtr ndtri log_ndtr entr gammaln softmax log_softmax norm var std var_mean "
-            "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp inner dot vdot "
-            "tensordot kron cross prod argmax argmin unique unique_consecutive histc histogram bincount igamma "
+            "std_mean dist cdist renorm cosine_similarity pairwise_distance addcmul addcdiv lerp "
+            "prod argmax argmin unique unique_consecutive histc histogram bincount igamma "
             "igammac ldexp inverse det logdet slogdet pinverse matrix_exp svd svd_lowrank pca_lowrank nuclear_norm "
             "frobenius_norm matrix_power pdist cov corrcoef qr geqrf cholesky cholesky_inverse lu native_layer_norm "
             "native_group_norm native_norm max_pool1d max_pool2d max_pool3d adaptive_max_pool1d "
@@ -139,7 +139,8 @@ def _build_nonlinear() -> set:
                 if callable(f):
                     out.add(f)
     # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side: see _SOLVERS)
-    keep = set("diagonal matmul multi_dot vecdot solve solve_ex solve_triangular lstsq tensorsolve lu_solve".split())
+    keep = set("diagonal matmul multi_dot vecdot cross solve solve_ex solve_triangular lstsq tensorsolve "
+               "lu_solve".split())
     out.update(f for n in dir(torch.linalg) if not n.startswith("_") and n not in keep
                for f in [getattr(torch.linalg, n)] if callable(f) and not isinstance(f, type))
     for n in ("threshold_", "hardshrink", "softshrink", "tanhshrink"):
@@ -163,6 +164,9 @@ def _build_bilinear() -> set:
           torch.mv, T.mv, torch.addmv, T.addmv, T.addmm, torch.addbmm, T.__rmatmul__, T.outer,
           F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, T.multiply_, T.divide_, T.true_divide_,
           T.addmm_, T.addmv_, T.baddbmm_, T.addbmm_,
+          # products that are linear in each operand: with one constant operand they are linear maps
+          torch.inner, T.inner, torch.dot, T.dot, torch.vdot, T.vdot, torch.tensordot, torch.kron, T.kron,
+          torch.cross, T.cross, torch.linalg.cross,
           torch.linalg.matmul, torch.linalg.multi_dot, torch.linalg.vecdot, torch.chain_matmul]
     return set(fs)
 

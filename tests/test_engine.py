@@ -1771,3 +1771,41 @@ def test_bfloat16_models_pass_the_value_check():
     jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
     for method in METHODS:
         assert torch.allclose(rr.affine_map(model, x, method=method).A.float(), jac.float(), atol=1e-2)
+
+
+def test_products_with_a_constant_operand_are_linear():
+    """``tensordot`` / ``inner`` / ``kron`` / ``dot`` / ``cross`` with one constant operand are linear maps; they were
+    refused as nonlinear. With two input-dependent operands they are products: refused."""
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ops = {
+        "tensordot": lambda h: torch.tensordot(h, w, dims=([1], [0])),
+        "inner": lambda h: torch.inner(h, w.T),
+        "kron": lambda h: torch.kron(h, torch.tensor([[1.0, -2.0]], dtype=h.dtype)),
+        "cross": lambda h: torch.linalg.cross(h[:, :3], w[:3, :3].T[:1].expand(len(h), 3)),
+        "dot": lambda h: torch.stack([torch.dot(r, w[:, 0]) for r in h])[:, None],
+    }
+
+    class Net(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.l1, self.op, self.l2 = nn.Linear(3, 6), op, nn.LazyLinear(2)
+
+        def forward(self, x):
+            return self.l2(self.op(F.relu(self.l1(x))))
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for name, op in ops.items():
+        torch.manual_seed(0)
+        model = Net(op).double().eval()
+        model(x)
+        jac = torch.stack([torch.func.jacrev(lambda v, m=model: m(v[None])[0])(xi) for xi in x])
+        for method in ("reverse", "forward"):
+            assert torch.allclose(rr.affine_map(model, x, method=method).A, jac, atol=1e-12), (name, method)
+
+    class Square(nn.Module):
+        def forward(self, x):
+            h = F.relu(x)
+            return torch.kron(h, h)
+
+    with pytest.raises(rr.UnsupportedModuleError, match="'kron' of two input-dependent"):
+        rr.affine_map(Square(), x)
