@@ -35,7 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
-from .errors import CheckpointedReverseError, is_int_at_least
+from .errors import CheckpointedReverseError, check_finite, is_int_at_least, is_integer_tensor
 from .keys import pack_patterns, pattern_keys
 from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -167,7 +167,7 @@ def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch
                          "per sample (pass an int to explain the same output for every sample)")
     else:
         t = torch.as_tensor(target, device=device).reshape(-1)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if not is_integer_tensor(t):
             raise TypeError(f"target must be an int or integer output indices (one per sample), got {t.dtype} "
                             f"values")
         t = t.long()
@@ -395,10 +395,7 @@ def check_batch(x: Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} holds no samples (shape {tuple(x.shape)}): there is no region to compute")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    bad = int((~torch.isfinite(x)).sum())  # (one host synchronisation per entry point call)
-    if bad:
-        raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf): no activation region contains such "
-                         "an input")
+    check_finite(x, name, "no activation region contains such an input")
 
 
 def check_chunk_size(chunk_size: int | None) -> None:

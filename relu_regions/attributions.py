@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .affine import AffineMap, TargetType, affine_map, resolve_target
+from .errors import check_finite
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
@@ -83,9 +84,7 @@ def _baseline_like(x: Tensor, baseline: Tensor | float | None) -> Tensor | None:
         except RuntimeError as e:
             raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input shape "
                              f"{tuple(x.shape)}") from e
-    bad = int((~torch.isfinite(base)).sum())
-    if bad:  # refused like non-finite inputs: the contributions x − x0 and the offset would be nan / inf
-        raise ValueError(f"baseline holds {bad} non-finite value(s) (nan or inf)")
+    check_finite(base, "baseline")  # like non-finite inputs: the contributions x − x0 and the offset would be nan
     return base
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import is_int_at_least
+from .errors import is_int_at_least, is_integer_tensor
 from .state import preserved
 
 Tensor = torch.Tensor
@@ -71,8 +71,7 @@ def _units(units: Units) -> Tensor:
         if not bool(t.any()):
             raise ValueError("units is a mask that selects no unit")
         return t
-    if t.is_floating_point() or t.is_complex():
-        # .long() would truncate 2.7 to unit 2
+    if not is_integer_tensor(t):
         raise TypeError(f"units must be integer indices or a bool mask, not {t.dtype}")
     t = t.long()
     if int(t.min()) < 0:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import is_int_at_least
+from .errors import check_finite, is_int_at_least, is_integer_tensor
 
 Tensor = torch.Tensor
 
@@ -68,9 +68,7 @@ def _tensor(x: Any, dtype: torch.dtype | None = None, device: torch.device | Non
 def _check_2d(x: Tensor, n_features: int, name: str = "x") -> None:
     if x.dim() != 2 or x.shape[1] != n_features:
         raise ValueError(f"{name} must have shape (N, {n_features}); got {tuple(x.shape)}")
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf)")
+    check_finite(x, name)
 
 
 def _beta(beta: Any) -> float:
@@ -230,16 +228,24 @@ def default_beta(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor) ->
     return 1.0 / mean
 
 
-def _cluster_arg(c: Any, f: Tensor) -> Tensor:
-    if c is None:
-        return f.argmax(1)
-    t = torch.as_tensor(c, device=f.device).reshape(-1)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():  # .long() would read 1.7 as cluster 1
+def _cluster_ids(c: Any, n: int, device: torch.device | None = None) -> Tensor:
+    """``(n,)`` int64 clusters from an int (every sample) or one integer index per sample."""
+    t = torch.as_tensor(c, device=device).reshape(-1)
+    if not is_integer_tensor(t):  # .long() would read 1.7 as cluster 1, a bool mask as clusters 0 / 1
         raise TypeError(f"cluster must be an int or integer cluster indices (one per sample), not {t.dtype}")
     t = t.long()
     if t.numel() == 1:
-        t = t.expand(f.shape[0]).clone()
-    if t.numel() != f.shape[0] or (t < 0).any() or (t >= f.shape[1]).any():
+        t = t.expand(n).clone()
+    if t.numel() != n:
+        raise ValueError(f"cluster must be an int or one cluster index per sample ({n}); got {t.numel()}")
+    return t
+
+
+def _cluster_arg(c: Any, f: Tensor) -> Tensor:
+    if c is None:
+        return f.argmax(1)
+    t = _cluster_ids(c, f.shape[0], f.device)
+    if (t < 0).any() or (t >= f.shape[1]).any():
         raise ValueError(f"cluster must be an int or one index per sample in [0, {f.shape[1]}); got {c!r}")
     return t
 
@@ -641,13 +647,7 @@ def insertion_curve(predict: Callable[[Tensor], Tensor], x: Tensor, relevance: T
         if not is_int_at_least(value, 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     gen = torch.Generator().manual_seed(seed)
-    cluster = torch.as_tensor(cluster).reshape(-1)
-    if cluster.dtype == torch.bool or cluster.is_floating_point() or cluster.is_complex():
-        raise TypeError(f"cluster must be an int or integer cluster indices (one per sample), not {cluster.dtype}")
-    if cluster.numel() == 1:  # one cluster for every sample, as neon takes it
-        cluster = cluster.expand(n)
-    if cluster.numel() != n:
-        raise ValueError(f"cluster must be an int or one cluster index per sample ({n}); got {cluster.numel()}")
+    cluster = _cluster_ids(cluster, n)  # (an int: one cluster for every sample, as neon takes it)
     order = relevance.argsort(1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(d).expand(n, d).contiguous())

@@ -30,6 +30,24 @@ def is_int_at_least(value: object, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def is_integer_tensor(t: object) -> bool:
+    """Whether ``t`` is a tensor of integer indices: not floating (``.long()`` would truncate 2.7 to 2), complex or
+    bool (a mask, or a comparison used as labels)."""
+    import torch
+
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_finite(t: object, name: str, why: str = "") -> None:
+    """Raise a ``ValueError`` naming ``name`` (and ``why``, after a colon) if the tensor ``t`` holds NaN or inf (one
+    host synchronisation)."""
+    import torch
+
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf){': ' + why if why else ''}")
+
+
 def not_piecewise_linear(where: str, what: str, hint: str = "") -> UnsupportedModuleError:
     """The error for ``where`` (a module description) calling ``what``; one wording for every recording route."""
     return UnsupportedModuleError(f"{where} calls {what}, which is not piecewise linear in the input.{hint}")

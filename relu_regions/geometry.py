@@ -1072,11 +1072,13 @@ def certified_radius(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: st
 
 
 def _distances(distances: Tensor) -> Tensor:
-    """Distances as a flat float64 CPU tensor; NaN (no distance at all) refused. ``inf`` is a distance: a region
-    that no unit bounds."""
+    """Distances as a flat float64 CPU tensor; none at all, NaN (no distance) or negative ones refused. ``inf`` is a
+    distance: a region that no unit bounds."""
     if not isinstance(distances, Tensor):
         distances = torch.as_tensor(distances)
     d = distances.detach().reshape(-1).to(torch.float64).cpu()
+    if d.numel() == 0:
+        raise ValueError("distances is empty: validity is a share of explanations, and there are none")
     bad = int(torch.isnan(d).sum()) + int((d < 0).sum())
     if bad:
         raise ValueError(f"distances holds {bad} NaN or negative value(s); a distance is >= 0 (inf: unbounded)")
@@ -1089,8 +1091,6 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
     Returns ``(eps, validity)``; ``eps`` defaults to ``n`` points from 0 to the largest finite distance.
     """
     d = _distances(distances)
-    if d.numel() == 0:
-        raise ValueError("distances is empty: a share of no explanations has no value")
     if not is_int_at_least(n, 1):
         raise ValueError(f"n (points of the curve) must be a positive int, got {n!r}")
     if eps is None:
@@ -1106,8 +1106,6 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
 def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, float]:
     """ε_L: the largest ε with validity >= L, i.e. the ⌈L·N⌉-th largest distance (exact, Re3 §4.2.4)."""
     d = torch.sort(_distances(distances), descending=True).values
-    if d.numel() == 0:
-        raise ValueError("distances is empty: no validity level has an epsilon")
     out = {}
     for lv in levels:
         if not isinstance(lv, numbers.Real) or not 0 < lv <= 1:

@@ -51,6 +51,7 @@ from .units import (
     PReluRule,
     ReluRule,
     UnitRule,
+    _arg,
     boundary_counts,
     write_back,
 )
@@ -138,7 +139,7 @@ def _build_nonlinear() -> set:
                 f = getattr(mod, n, None)
                 if callable(f):
                     out.add(f)
-    # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side: see _SOLVERS)
+    # torch.linalg: all but the (bi)linear maps and the solvers (linear in the right-hand side: see _ONE_SIDED)
     keep = set("diagonal matmul multi_dot vecdot cross solve solve_ex solve_triangular lstsq tensorsolve "
                "lu_solve".split())
     out.update(f for n in dir(torch.linalg) if not n.startswith("_") and n not in keep
@@ -171,16 +172,22 @@ def _build_bilinear() -> set:
     return set(fs)
 
 
-def _build_solvers() -> dict[Any, tuple[int, str]]:
-    """Solvers of linear systems: ``func -> (position, keyword)`` of the coefficient matrix. The solution is linear
-    in the right-hand side, not in the matrix (an inverse): an input-dependent matrix is refused."""
+def _build_one_sided() -> dict[Any, tuple[int, str, str]]:
+    """Calls linear in their input but not in one other argument: ``func -> (position, keyword, what)`` of that
+    argument. Solvers of linear systems are linear in the right-hand side, not in the matrix (an inverse); a sampling
+    is linear in the sampled input, not in its grid (a spatial transformer's grid computed from the input). An
+    input-dependent such argument is refused."""
     T, L = torch.Tensor, torch.linalg
+    matrix = "a coefficient matrix that depends on the input (the solution is linear in the right-hand side only)"
     table = {L.solve: (0, "A"), L.solve_ex: (0, "A"), L.solve_triangular: (0, "input"),
              L.lstsq: (0, "input"), L.tensorsolve: (0, "input"), L.lu_solve: (0, "LU"),
              torch.cholesky_solve: (1, "input2"), T.cholesky_solve: (1, "input2"),
              torch.lu_solve: (1, "LU_data"), T.lu_solve: (1, "LU_data"),
              torch.triangular_solve: (1, "A"), T.triangular_solve: (1, "A")}
-    return {f: v for f, v in table.items() if f is not None}
+    out = {f: (pos, key, matrix) for f, (pos, key) in table.items() if f is not None}
+    out[F.grid_sample] = (1, "grid", "a grid that depends on the input (the sampling is linear in the sampled input "
+                                     "only)")
+    return out
 
 
 _DIVISIONS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div_,
@@ -230,7 +237,7 @@ _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
 _BILINEAR = _build_bilinear()
-_BATCH_NORM = F.batch_norm
+_BATCH_NORMS = {F.batch_norm, torch.batch_norm}  # both take ``training`` at position 5
 # reductions whose ``reduce`` decides: sums and means are linear, max / min / prod are not
 _REDUCTIONS = {f: (pos, key) for f, pos, key in (
     (torch.scatter_reduce, 4, "reduce"), (torch.Tensor.scatter_reduce, 4, "reduce"),
@@ -239,14 +246,11 @@ _REDUCTIONS = {f: (pos, key) for f, pos, key in (
     (getattr(torch, "segment_reduce", None), 1, "reduce"), (torch.Tensor.scatter, 4, "reduce"),
     (torch.Tensor.scatter_, 4, "reduce")) if f is not None}
 _LINEAR_REDUCE = {None, "sum", "mean", "add"}
-# linear in their input, not in their sampling grid (a spatial transformer's grid computed from the input)
-_GRIDS = {F.grid_sample: (1, "grid")}
 _SELECTORS = _build_selectors()
-_SOLVERS = _build_solvers()
+_ONE_SIDED = _build_one_sided()
 _LSTSQ = torch.linalg.lstsq
-_CHECKED = (_NONLINEAR | _BILINEAR | {_BATCH_NORM, torch.batch_norm} | set(_REDUCTIONS) | set(_GRIDS)
-            | set(_SELECTORS) | set(_SOLVERS) | _CONVERSIONS | set(_RULES)
-            | _SCALARS | set(RANDOM))
+_CHECKED = (_NONLINEAR | _BILINEAR | _BATCH_NORMS | set(_REDUCTIONS) | set(_SELECTORS) | set(_ONE_SIDED)
+            | _CONVERSIONS | set(_RULES) | _SCALARS | set(RANDOM))
 # torch.ops.<namespace>.<name>[.<overload>] (a set of the exact types: cheaper than isinstance on every call)
 _OPERATORS = {t for base in (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
               for t in (base, *base.__subclasses__())}
@@ -757,39 +761,22 @@ class _Mode(TorchFunctionMode):
         if func in _DIVISIONS and kwargs.get("rounding_mode") is not None and args and s.is_tainted(args[0]):
             raise not_piecewise_linear(s.describe(s.where()),
                                        f"'{_op_name(func)}' with rounding_mode='{kwargs['rounding_mode']}' (a step)")
-        solver = _SOLVERS.get(func)
-        if solver is not None:
-            pos, key = solver
-            arg = args[pos] if len(args) > pos else kwargs.get(key)
-            if any(s.is_tainted(t) for t in _tensors(arg)):
-                raise not_piecewise_linear(
-                    s.describe(s.where()), f"'{_op_name(func)}' with a coefficient matrix that depends on the input "
-                    "(the solution is linear in the right-hand side only)")
+        one_sided = _ONE_SIDED.get(func)
+        if one_sided is not None:
+            pos, key, what = one_sided
+            if any(s.is_tainted(t) for t in _tensors(_arg(args, kwargs, pos, key))):
+                raise not_piecewise_linear(s.describe(s.where()), f"'{_op_name(func)}' with {what}")
             return
         red = _REDUCTIONS.get(func)
         if red is not None:
-            pos, key = red
-            mode = args[pos] if len(args) > pos else kwargs.get(key)
+            mode = _arg(args, kwargs, *red)
             if mode not in _LINEAR_REDUCE:
                 raise not_piecewise_linear(s.describe(s.where()), f"'{_op_name(func)}' with reduce={mode!r}")
             # (scatter's index is checked below, with the selectors)
-        grid = _GRIDS.get(func)
-        if grid is not None:
-            pos, key = grid
-            arg = args[pos] if len(args) > pos else kwargs.get(key)
-            if any(s.is_tainted(t) for t in _tensors(arg)):
-                raise not_piecewise_linear(s.describe(s.where()), f"'{_op_name(func)}' with a {key} that depends on "
-                                           "the input (the sampling is linear in the sampled input only)")
-            return
-        if func is torch.batch_norm:  # torch.batch_norm(input, weight, bias, mean, var, training, ...)
-            if bool(args[5] if len(args) > 5 else kwargs.get("training", False)):
-                raise not_piecewise_linear(s.describe(s.where()), BATCH_STATISTICS)
-            return
         sel = _SELECTORS.get(func)
         if sel is not None:
             pos, key, what = sel
-            arg = args[pos] if len(args) > pos else kwargs.get(key)
-            if any(s.is_tainted(t) for t in _tensors(arg)):
+            if any(s.is_tainted(t) for t in _tensors(_arg(args, kwargs, pos, key))):
                 raise UnsupportedModuleError(
                     f"{s.describe(s.where())} calls '{_op_name(func)}' with a {what} that depends on the input: a "
                     "piecewise-linear gate whose state no recording keeps (regions and distances would ignore it). "
@@ -797,14 +784,14 @@ class _Mode(TorchFunctionMode):
                     "strict=False to take the selection as fixed.")
             return
         nonlinear = func in _NONLINEAR
-        if nonlinear or func in _BILINEAR or func is _BATCH_NORM:
+        if nonlinear or func in _BILINEAR or func in _BATCH_NORMS:
             if n is None:
                 n = s.any_tainted(args, kwargs)
             # an input-dependent divisor (1/z is not piecewise linear); __rtruediv__(z, c) computes c / z
             divisor = func is torch.Tensor.__rtruediv__ or (func in _DIVISIONS and len(args) > 1 and
                                                             s.is_tainted(args[1]))
-            if func is _BATCH_NORM:
-                bad = n and bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+            if func in _BATCH_NORMS:
+                bad = n and bool(_arg(args, kwargs, 5, "training", False))
             else:
                 bad = divisor or (n >= 2 if not nonlinear else n >= 1)
             if bad:
@@ -816,7 +803,7 @@ class _Mode(TorchFunctionMode):
                 elif nonlinear:
                     hint = (" If this is the output activation (softmax/sigmoid head), pass logits_at='<module path>'"
                             " naming the module that produces the logits, or explain a model without the head.")
-                what = (BATCH_STATISTICS if func is _BATCH_NORM
+                what = (BATCH_STATISTICS if func in _BATCH_NORMS
                         else f"a division by an input-dependent tensor ('{_op_name(func)}')" if divisor
                         else f"'{_op_name(func)}'" + ("" if nonlinear else " of two input-dependent tensors"))
                 raise not_piecewise_linear(s.describe(path), what, hint)

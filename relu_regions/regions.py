@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .errors import is_integer_tensor
 from .keys import pattern_keys_and_counts
 from .recording import LayerSelection, keys_of
 
@@ -284,7 +285,7 @@ class RegionStats:
     def _labels(self, y: Tensor, what: str, b: int) -> Tensor:
         y = torch.as_tensor(y).detach()
         # the int64 cast below would truncate probabilities or soft labels into classes without a word
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        if not is_integer_tensor(y):
             hint = ("pass logits.argmax(1), or (logit > 0).long() for one output" if what == "y_pred"
                     else "pass integer class indices (.long())")
             raise TypeError(f"{what} must hold class indices (an integer tensor), got dtype {y.dtype}: {hint}")
@@ -393,7 +394,7 @@ class RegionStats:
         b = next(iter(sizes.values()))
         for name, k in keys.items():
             k = torch.as_tensor(k)
-            if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:  # (truncated to int64 before)
+            if not is_integer_tensor(k):  # (truncated to int64 before)
                 raise TypeError(f"keys[{name!r}] must hold integer region keys, got {k.dtype}")
         if self.n_samples and b:
             seen = sorted(n for n, t in self.tables.items() if len(t))

@@ -17,6 +17,8 @@ from typing import IO, Literal
 import numpy as np
 import torch
 
+from ..errors import is_int_at_least
+
 __all__ = ["DATA_ENV_VAR", "describe_mnist_source", "find_data_root", "idx_shape", "load_mnist", "read_idx"]
 
 DATA_ENV_VAR = "RELU_REGIONS_DATA"
@@ -85,7 +87,7 @@ def idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and not is_int_at_least(limit, 0):
         raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
 
 

@@ -21,6 +21,7 @@ from captum.log import log_usage
 
 from ..affine import _chunks, _default_chunk, affine_map, check_batch, choose_method, resolve_target
 from ..attributions import from_map, same_region
+from ..errors import check_finite
 
 Tensor = torch.Tensor
 
@@ -99,11 +100,8 @@ def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]
             raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not match input {i} of shape "
                              f"{tuple(x.shape)}") from e
     for i, b in enumerate(out):
-        bad = int((~torch.isfinite(b)).sum())
-        if bad:
-            name = f"baselines[{i}]" if isinstance(baselines, tuple) else "baselines"
-            raise ValueError(f"{name} holds {bad} non-finite value(s) (nan or inf): the map's value there, and the "
-                             "attributions x − baseline, would be nan / inf")
+        check_finite(b, f"baselines[{i}]" if isinstance(baselines, tuple) else "baselines",
+                     "the map's value there, and the attributions x − baseline, would be nan / inf")
     return tuple(out)
 
 
