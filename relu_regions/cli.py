@@ -349,6 +349,9 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
         cls = _import_class(class_spec)
         if _is_torchscript(p):  # (before torch.load, which would print its own warning about it on the terminal)
             raise CLIError(_TORCHSCRIPT.format(path=p))
+        if _is_exported(p):
+            raise CLIError(f"--model {p} is a torch.export program: it carries its own architecture; leave out "
+                           f"--class {class_spec}")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
@@ -389,6 +392,17 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
 _TORCHSCRIPT = ("--model {path} is TorchScript: its forward runs inside the TorchScript interpreter, where "
                 "relu-regions cannot observe activations. Save the model with torch.export.save (dynamic batch "
                 "dimension) or save its state_dict and pass --class module:Class.")
+
+
+def _is_exported(p: Path) -> bool:
+    """Whether ``p`` is a ``torch.export.save`` archive (it has an ``archive_format`` record and a
+    ``models/`` folder; a ``torch.save`` file has ``data.pkl``)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
 
 
 def _is_torchscript(p: Path) -> bool:
@@ -619,6 +633,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         compare = importlib.import_module("relu_regions.compare")
     except ImportError as e:
         raise CLIError(f"compare is not available: relu_regions.compare is missing ({e})") from e
+    if getattr(args, "logits_at", None):  # (Captum's peers explain the model's output, as compare() does)
+        raise CLIError("--logits-at: compare explains the model's own output with Re3 and the Captum methods, so "
+                       "that output must be the logits; run it on a model that returns them (analyze takes "
+                       "--logits-at and leaves the comparison out)")
     if args.out and Path(args.out).is_dir():  # (checked before the comparison runs)
         raise CLIError(f"--out {args.out}: is a directory; give the path of the Markdown file to write")
     if args.model is None:

@@ -120,20 +120,20 @@ def cluster_importance(stats: RegionStats, feature_names: Sequence[str] | None =
 
 
 def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None,
-                  top: int = 8) -> dict[str, Any]:
+                  top: int = 8, *, logits_at: str | None = None) -> dict[str, Any]:
     """Flows of one sample's decision pathway: input feature → active unit of the first recorded layer → class.
 
     Input→unit links are ``|∂z_u/∂x_i · x_i|`` (exact in the region); unit→class links are the unit's activation
     (a size, not a signed contribution). Convolutional layers are aggregated per channel. Returns nodes and links
-    (used by :func:`sankey`).
+    (used by :func:`sankey`). ``logits_at`` names the module whose output are the logits (a model ending in
+    softmax), as in :func:`relu_regions.affine_map`; the predicted class is read there when ``target`` is None.
     """
     from .affine import affine_map, preactivation_maps
 
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must be one sample with a batch dimension, got shape {tuple(x.shape)}")
-    amap = affine_map(model, x)
-    c = int(amap.output[0].argmax()) if target is None else int(target)
-    maps = preactivation_maps(model, x, layers=0)
+    c = int(affine_map(model, x, logits_at=logits_at).output[0].argmax()) if target is None else int(target)
+    maps = preactivation_maps(model, x, layers=0, logits_at=logits_at)
     lm = next(iter(maps.values()))
     jac = lm.jacobian[0]  # (*unit_shape, *input_shape)
     unit_shape = lm.value.shape[1:]
@@ -170,12 +170,14 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
     return {"nodes": nodes, "source": src, "target": dst, "value": val, "class": c}
 
 
-def sankey(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None, top: int = 8):
-    """Plotly Sankey of one sample's decision pathway (Re3 Fig. 4); plotly is imported lazily."""
+def sankey(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None, top: int = 8,
+           *, logits_at: str | None = None):
+    """Plotly Sankey of one sample's decision pathway (Re3 Fig. 4; the flows of :func:`pathway_flows`); plotly is
+    imported lazily."""
     try:
         import plotly.graph_objects as go
     except ImportError as e:  # pragma: no cover
         raise ImportError("relu_regions.plots.sankey needs plotly (pip install plotly)") from e
-    f = pathway_flows(model, x, target, feature_names, top)
+    f = pathway_flows(model, x, target, feature_names, top, logits_at=logits_at)
     return go.Figure(go.Sankey(node={"label": f["nodes"]},
                                link={"source": f["source"], "target": f["target"], "value": f["value"]}))

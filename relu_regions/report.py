@@ -741,7 +741,7 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
         model, X[vs], y_pred[vs], seed, results, logits_at=logits_at, kinds={p.name: p.kind for p in patterns}),
         "validity" in wanted))
     sections.append(_safe("One sample's path through the regions (Sankey)", lambda: _sankey_section(
-        model, X, y_pred, int(sub[0]), names, results, feature_names), "sankey" in wanted))
+        model, X, y_pred, int(sub[0]), names, results, feature_names, logits_at), "sankey" in wanted))
 
     results["seconds"] = time.perf_counter() - t0
     header["analysis time"] = f"{results['seconds']:.1f} s"
@@ -981,7 +981,7 @@ def _sankey_static(flows: dict[str, Any], title: str) -> Figure:
     return Figure("sankey", _png(fig), "Static rendering of the same flows (line width ∝ flow).")
 
 
-def _sankey_section(model, X, y_pred, i, names, results, feature_names=None) -> Section:
+def _sankey_section(model, X, y_pred, i, names, results, feature_names=None, logits_at=None) -> Section:
     plots = _optional("plots")
     x = X[i:i + 1]
     target = int(y_pred[i])
@@ -990,7 +990,7 @@ def _sankey_section(model, X, y_pred, i, names, results, feature_names=None) -> 
         _, c, h, w = X.shape
         flat_names = [f"px({r},{q})" if c == 1 else f"c{ch}({r},{q})" for ch in range(c) for r in range(h)
                       for q in range(w)]
-    flows = plots.pathway_flows(model, x, target=target, feature_names=flat_names)
+    flows = plots.pathway_flows(model, x, target=target, feature_names=flat_names, logits_at=logits_at)
     results["sankey_sample"] = i
     title = f"sample {i}: predicted {names[target] if target < len(names) else target}"
     sec = Section("", text=[
@@ -1000,7 +1000,7 @@ def _sankey_section(model, X, y_pred, i, names, results, feature_names=None) -> 
     try:
         import plotly  # noqa: F401
 
-        fig = plots.sankey(model, x, target=target, feature_names=flat_names)
+        fig = plots.sankey(model, x, target=target, feature_names=flat_names, logits_at=logits_at)
         fig.update_layout(title=title, height=420, margin={"l": 10, "r": 10, "t": 40, "b": 10})
         sec.html_fragments.append(_plotly_inline(fig))
     except ImportError:

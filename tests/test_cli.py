@@ -129,6 +129,20 @@ def test_analyze_exported_program_and_csv(tabular_files, capsys):
         model(X)
     assert len(torch.unique(r1.packed(), dim=0)) == len(torch.unique(r2.packed(), dim=0))
     assert len(r1.layer_names) == 2
+    # before: --class with a .pt2 program failed in torch.load's pickle check ("not a plain state_dict")
+    code, _, err = run(["analyze", "--model", str(path), "--class", "relu_regions.models:SmallCNN", "--data",
+                        str(csv), "--out", str(tmp / "rep3")], capsys)
+    assert_one_line_error(code, err, "is a torch.export program", "leave out --class relu_regions.models:SmallCNN")
+    assert not (tmp / "rep3").exists()
+
+
+def test_compare_refuses_logits_at(tabular_files, capsys):
+    """Before: compare accepted --logits-at and ignored it (it explained the model's output, e.g. softmax
+    probabilities); the Captum peers and Re3 explain that output, so it must be the logits."""
+    tmp, _, _, _, sd, npz, _ = tabular_files
+    code, _, err = run(["compare", "--model", str(sd), "--class", "netdefs:make", "--data", str(npz),
+                        "--logits-at", "2", "--quick"], capsys)
+    assert_one_line_error(code, err, "--logits-at", "must be the logits")
 
 
 def test_errors_are_one_line_and_write_nothing(tabular_files, capsys, monkeypatch):

@@ -277,3 +277,28 @@ def test_validity_median_is_the_median():
     X = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     r = rep.build_report(net, X, torch.zeros(4, dtype=torch.long), include=["validity"], validity_samples=4)
     assert r.results["validity"][0]["median"] == 2.5  # (torch.median: 2.0)
+
+
+def test_sankey_reads_logits_at():
+    """Before: the Sankey section ignored logits_at, so a model ending in softmax lost the section ("not
+    available": the softmax is not piecewise linear) although the rest of the report used the logits."""
+    pytest.importorskip("relu_regions.plots")
+    torch.manual_seed(0)
+    X, y = _tabular()
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(dim=1))
+    r = rep.build_report(net, X, y, quick=True, include=["sankey"], logits_at="2")
+    sec = r.section("One sample's path through the regions (Sankey)")
+    assert sec.available, sec.reason
+    from relu_regions import plots
+
+    i = r.results["sankey_sample"]
+    flows = plots.pathway_flows(net, X[i:i + 1], logits_at="2")
+    with torch.no_grad():
+        assert flows["nodes"][-1] == f"class {int(net[:3](X[i:i + 1]).argmax())}"
+    # input -> unit flows: |W1[u, i] * x_i| of the active first-layer units (independent of the library's maps)
+    w, z = net[0].weight, net[0](X[i])
+    names = flows["nodes"]
+    for a, b, v in zip(flows["source"], flows["target"], flows["value"]):
+        if names[a].startswith("x") and names[b].startswith("unit"):
+            u, f = int(names[b].split()[1]), int(names[a][1:])
+            assert z[u] > 0 and v == pytest.approx(float((w[u, f] * X[i, f]).abs()), rel=1e-5)
