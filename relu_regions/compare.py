@@ -206,10 +206,15 @@ def top_bottom_test(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, k
 
     Returns (t, one-sided p, mean |Δ| top, mean |Δ| bottom).
     """
-    if not is_int_at_least(k, 1):  # k = 0 made the bottom set every feature (order[:, -0:])
-        raise ValueError(f"k must be a positive int, got {k!r}")
     b = x.shape[0]
     flat = x.reshape(b, -1)
+    n = flat.shape[1]
+    # k = 0 made the bottom set every feature (order[:, -0:]); k >= n the two sets equal (t = NaN, said nothing)
+    if not (is_int_at_least(k, 1) and k < n):
+        raise ValueError(f"k must be an int from 1 to {n - 1} (fewer than the {n} input features, or the top and "
+                         f"bottom sets coincide), got {k!r}")
+    if attr.shape != x.shape:
+        raise ValueError(f"attr must have the shape of x {tuple(x.shape)}, got {tuple(attr.shape)}")
     order = attr.reshape(b, -1).abs().argsort(dim=1, descending=True, stable=True)
     base = _forward_target(model, x, target)
     deltas = []

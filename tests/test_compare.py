@@ -165,8 +165,12 @@ def test_curve_and_test_functions_refuse_invalid_arguments(tabular):
         deletion_insertion(m, x, attr, tgt, output="probabilities")
     with pytest.raises(ValueError, match="n_steps must be a positive int"):
         deletion_insertion(m, x, attr, tgt, n_steps=0)
-    with pytest.raises(ValueError, match="k must be a positive int"):
-        top_bottom_test(m, x, attr, tgt, k=0)
+    n = x[0].numel()
+    for k in (0, n, n + 3):  # before: k >= n removed every feature twice and gave t = p = NaN without a word
+        with pytest.raises(ValueError, match=f"k must be an int from 1 to {n - 1}"):
+            top_bottom_test(m, x, attr, tgt, k=k)
+    with pytest.raises(ValueError, match="attr must have the shape of x"):
+        top_bottom_test(m, x, attr[:, :-1], tgt, k=1)
     # the logit curve is the target logit itself (independent: the model's output at x and at the baseline 0)
     _, dele, ins = deletion_insertion(m, x, attr, tgt, n_steps=2, output="logit")
     with torch.no_grad():
