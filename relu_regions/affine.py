@@ -35,7 +35,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
-from .errors import CheckpointedReverseError, check_finite, is_int_at_least, is_integer_tensor
+from .errors import (
+    CheckpointedReverseError,
+    ForwardADMissingError,
+    check_finite,
+    forward_mode,
+    is_int_at_least,
+    is_integer_tensor,
+)
 from .keys import pack_patterns, pattern_keys
 from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -240,7 +247,7 @@ def _forward(model: nn.Module, patterns: list[LayerPattern], x: Tensor, sel: Ten
              **kw) -> tuple:
     b = x.shape[0]
     tangent, n = _basis(x)
-    with torch.no_grad(), fwAD.dual_level():
+    with forward_mode("method='forward'", "use method='reverse'"), torch.no_grad(), fwAD.dual_level():
         out = run_frozen(model, fwAD.make_dual(torch.zeros_like(tangent), tangent), patterns, **kw)
         primal, tan = fwAD.unpack_dual(out)
     d = primal.reshape(n, b, -1)[0]
@@ -306,7 +313,9 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
         Output index (or one per sample) to explain, as in Captum; ``None`` explains every output.
     method : {"auto", "reverse", "forward", "compose"}
         See the module docstring for costs; all are exact. ``"auto"`` takes forward mode where reverse mode would
-        meet a unit inside ``torch.utils.checkpoint`` (which ``"reverse"`` refuses).
+        meet a unit inside ``torch.utils.checkpoint`` (which ``"reverse"`` refuses), and reverse mode where an
+        operation has no forward-mode rule in PyTorch (``grid_sample``; ``"forward"`` raises
+        :class:`~relu_regions.errors.ForwardADMissingError`).
     logits_at : str, optional
         Module path whose output is explained (e.g. the layer before a softmax head).
     chunk_size : int, optional
@@ -356,12 +365,14 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
             sel = None if sel_all is None else sel_all[start:stop]
             try:
                 parts.append(_one_chunk(model, xs, out, patterns, sel, route, logits_at, strict))
-            except CheckpointedReverseError:
-                if method != "auto" or parts:
+            except (CheckpointedReverseError, ForwardADMissingError) as e:
+                other = "forward" if isinstance(e, CheckpointedReverseError) else "reverse"
+                if method != "auto" or parts or route == other:
                     raise
-                # "auto" chose reverse mode, which a unit under torch.utils.checkpoint refuses; forward mode is exact
-                # there: this chunk again, in forward mode's chunks
-                route = "forward"
+                # "auto" chose reverse mode, which a unit under torch.utils.checkpoint refuses, or forward mode,
+                # which an operation without a forward-AD rule refuses; the other mode is exact there: this chunk
+                # again, in that mode's chunks
+                route = other
                 size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
                 if bar is not None:
                     bar.set_description(f"affine_map ({route})")
@@ -552,10 +563,17 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
                         norm = _norm(g, reduce, 0).reshape(b, *p.in_shape)
                     result[p.name] = LayerMap(p.name, p.kind, val, offsets[p.name], jac, norm, "forward")
 
-            with torch.no_grad(), fwAD.dual_level():
-                primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-                run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
-                           logits_at=logits_at, observe=grab)
+            try:
+                with forward_mode("method='forward'", "use method='reverse'"), torch.no_grad(), fwAD.dual_level():
+                    primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+                    run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
+                               logits_at=logits_at, observe=grab)
+            except ForwardADMissingError:
+                if method != "auto":
+                    raise
+                for name in fw:  # reverse mode is exact there too
+                    chosen[name] = "reverse"
+                    result.pop(name, None)
         rv = [n for n, m in chosen.items() if m == "reverse"]
         if rv:
             captured: dict[str, Tensor] = {}

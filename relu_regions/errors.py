@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
+
 
 class ReluRegionsError(Exception):
     """Base class of all relu-regions errors."""
@@ -20,6 +24,27 @@ class UnsupportedModuleError(ReluRegionsError, ValueError):
 class CheckpointedReverseError(UnsupportedModuleError):
     """A reverse-mode replay reached a unit inside ``torch.utils.checkpoint`` (whose backward recomputes that part
     of the forward outside the replay). Forward-mode routes are exact there: ``method="auto"`` falls back to them."""
+
+
+class ForwardADMissingError(UnsupportedModuleError):
+    """An operation of the model has no forward-mode AD rule in PyTorch (``grid_sample``, for one). Reverse-mode
+    routes are exact there: the ``"auto"`` choices of :func:`~relu_regions.affine_map`,
+    :func:`~relu_regions.preactivation_maps` and :func:`~relu_regions.geometry.boundary_distance` fall back to
+    them."""
+
+
+@contextlib.contextmanager
+def forward_mode(what: str, instead: str) -> Iterator[None]:
+    """Turn PyTorch's "Trying to use forward AD with <op> ..." (a NotImplementedError, with a request to file an
+    issue) into a :class:`ForwardADMissingError` that says what needed forward mode and what to use instead."""
+    try:
+        yield
+    except NotImplementedError as e:
+        found = re.search(r"forward AD with (\w+)", str(e))
+        if found is None:
+            raise
+        raise ForwardADMissingError(f"{what} uses forward-mode AD, which PyTorch does not implement for "
+                                    f"'{found.group(1)}' (called by this model); {instead}") from e
 
 
 BATCH_STATISTICS = "batch_norm in training mode (batch statistics)"

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, check_chunk_size, preactivation_maps
 from .affine import check_batch as _check_x
-from .errors import is_int_at_least
+from .errors import ForwardADMissingError, forward_mode, is_int_at_least
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
 from .recording import LayerSelection, StopReplay, run_frozen, run_recorded, select_layers
@@ -233,7 +233,7 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
                 g = margins(p, tan, const=False).reshape(n, b, -1)
             per[p.name] = _layer_min(m, _qnorm(g, q, 0))
 
-        with torch.no_grad(), fwAD.dual_level():
+        with forward_mode("route='forward'", "use route='reverse'"), torch.no_grad(), fwAD.dual_level():
             primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
             run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                        logits_at=logits_at, observe=grab)
@@ -920,7 +920,8 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             proof = tuple(torch.cat(parts) for parts in zip(*found))  # (x holds samples: check_batch)
             rest = (~proof[0]).nonzero()[:, 0]
             x = x[rest]
-        if route == "auto":  # the chain's trace and check only when inputs are left to compute
+        auto = route == "auto"
+        if auto:  # the chain's trace and check only when inputs are left to compute
             plan = chain_plan() if method == "exact" and x.shape[0] else None
             route = "structured" if plan is not None else ("forward" if d_in <= max(widest, 1) else "reverse")
         colour = None
@@ -951,7 +952,13 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
             elif route == "structured":
                 per, names = _fast_chunk(model, plan, x[sl], q, wanted, cache, logits_at, colour)
             else:
-                per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
+                try:
+                    per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
+                except ForwardADMissingError:
+                    if not auto:
+                        raise
+                    route = "reverse"  # exact as well, without forward-mode rules
+                    per, names = _exact_chunk(model, x[sl], q, logits_at, strict, route, wanted)
             parts.append(per)
     if parts:
         names = [n for n in names if n in parts[0]]
@@ -1118,6 +1125,10 @@ def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, f
     return out
 
 
+_REVERSE_ONLY = ("affine_map, preactivation_maps and boundary_distance / decision_distance fall back to reverse mode "
+                 "for such models")
+
+
 # --- directional: what-if and line walks ------------------------------------------------------------------------
 
 
@@ -1139,7 +1150,8 @@ def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = 
 
     b = x.shape[0]
     primal = tan = None
-    with torch.no_grad(), fwAD.dual_level():
+    with forward_mode("this directional computation (what_if, line_walk, certified_radius)",
+                      _REVERSE_ONLY), torch.no_grad(), fwAD.dual_level():
         out = run_frozen(model, fwAD.make_dual(x, v.to(x.dtype)), patterns, strict=strict, logits_at=logits_at,
                          observe=grab)
         if out is not None:
@@ -1383,7 +1395,7 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
             gs.append(g.permute(1, 2, 0))
             lay.append(torch.full((m.shape[1],), names.index(p.name), dtype=torch.int64))
 
-        with torch.no_grad(), fwAD.dual_level():
+        with forward_mode("region_inequalities", _REVERSE_ONLY), torch.no_grad(), fwAD.dual_level():
             primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
             run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                        logits_at=logits_at, observe=grab)

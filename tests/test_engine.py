@@ -1637,6 +1637,49 @@ def test_linear_reductions_and_constant_grids_stay_exact():
     assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-10)
 
 
+def test_operations_without_forward_ad_fall_back_to_reverse_mode():
+    """Before: with more outputs than input features, ``affine_map(method="auto")``, ``preactivation_maps``,
+    ``boundary_distance`` and ``decision_distance`` chose forward mode and failed in PyTorch's "Trying to use forward
+    AD with grid_sampler_2d ... please file an issue"; reverse mode is exact there. Explicit forward mode and the
+    directional functions now say what to use instead."""
+    grid = F.affine_grid(torch.tensor([[[0.9, 0.1, 0.0], [-0.2, 1.1, 0.1]]], dtype=torch.float64), (1, 2, 2, 2),
+                         align_corners=False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(12, 20)
+
+        def forward(self, x):
+            g = F.grid_sample(F.relu(self.l1(x)).view(-1, 2, 2, 2), grid.expand(len(x), 2, 2, 2), align_corners=False)
+            return self.l3(F.relu(self.l2(g.flatten(1))))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    amap = rr.affine_map(model, x)  # 20 outputs > 8 features: "auto" tries forward mode first
+    assert amap.method == "reverse" and torch.allclose(amap.A, jac, atol=1e-10)
+    # the second hidden layer's pre-activation Jacobian, from torch.func on the model's own modules
+    pre = rr.preactivation_maps(model, x)
+
+    def hidden(v):
+        g = F.grid_sample(F.relu(model.l1(v[None])).view(-1, 2, 2, 2), grid, align_corners=False)
+        return model.l2(g.flatten(1))[0]
+
+    want = torch.stack([torch.func.jacrev(hidden)(xi) for xi in x])
+    assert torch.allclose(list(pre.values())[1].jacobian, want, atol=1e-10)
+    bd, rv = rr.boundary_distance(model, x), rr.boundary_distance(model, x, route="reverse")
+    assert torch.equal(bd.distance, rv.distance) and torch.isfinite(bd.distance).all()
+    from relu_regions.errors import ForwardADMissingError
+
+    for call in (lambda: rr.affine_map(model, x, method="forward"),
+                 lambda: rr.boundary_distance(model, x, route="forward"),
+                 lambda: rr.what_if(model, x, torch.ones_like(x) * 1e-3)):
+        with pytest.raises(ForwardADMissingError, match="does not implement for 'grid_sampler_2d'"):
+            call()
+
+
 @pytest.mark.parametrize("slope", [-0.5, 0.0])
 def test_an_inplace_leaky_relu_records_the_pattern_before_it_writes(slope):
     """Before: the state ``x > 0`` was read after an in-place leaky ReLU had overwritten x, so with a negative
