@@ -78,7 +78,9 @@ class AffineMap:
     n_boundary : Tensor
         ``(B,)`` units exactly on a breakpoint; where > 0 the input sits on a region boundary, and ``A`` is the
         map of the region selected by the convention (pre-activation > 0 is active). Counted on first access
-        (one more recorded forward pass over ``x``), so maps that never ask do not pay for it.
+        (one more recorded forward pass over ``x``), so maps that never ask do not pay for it; a model changed since
+        the map was computed (an optimizer step, new weights) is refused then, since it would count another
+        network's breakpoints.
     """
 
     A: Tensor
@@ -178,6 +180,9 @@ def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch
             raise TypeError(f"target must be an int or integer output indices (one per sample), got {t.dtype} "
                             f"values")
         t = t.long()
+        if t.is_inference():  # (argmax taken under torch.inference_mode): autograd may not save it as an index
+            with torch.inference_mode(False):
+                t = t.clone()
         if t.numel() == 1:
             t = t.expand(batch).clone()
     if t.numel() != batch:
@@ -388,11 +393,26 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     cat = {i: join(i) for i in (0, 1, 2)}
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, patterns=[p[3] for p in parts],
                      _sizes=[len(p[0]) for p in parts], method=route, layer_names=parts[0][4],
-                     _recount=functools.partial(boundary_units, model, x, chunk_size=size, strict=strict,
-                                                logits_at=logits_at))
+                     _recount=functools.partial(_recount, model, _fingerprint(model), x, chunk_size=size,
+                                                strict=strict, logits_at=logits_at))
     if check:
         _check(amap)
     return amap
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Which tensors the model holds and their versions (in-place writes, an optimizer step, ``.data`` swaps
+    change it)."""
+    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in
+                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+
+
+def _recount(model: nn.Module, fingerprint: tuple, x: Tensor, **kw) -> Tensor:
+    if _fingerprint(model) != fingerprint:
+        raise RuntimeError("n_boundary: the model changed (its parameters or buffers were written or replaced) "
+                           "after this AffineMap was computed, and the counts come from one more pass through the "
+                           "model; read n_boundary before changing the model, or compute a new map")
+    return boundary_units(model, x, **kw)
 
 
 def check_batch(x: Tensor, name: str = "x") -> None:
@@ -579,8 +599,10 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
             captured: dict[str, Tensor] = {}
             z = x.clone().requires_grad_(True)
             with torch.enable_grad():
+                # clones (in the graph): the model may change a unit's input in place after the unit read it
+                # (h += block(relu(h))), and these are read after the whole forward
                 run_frozen(model, z, patterns, strict=strict, logits_at=logits_at,
-                           observe=lambda p, t: captured.__setitem__(p.name, t) if p.name in rv else None)
+                           observe=lambda p, t: captured.__setitem__(p.name, t.clone()) if p.name in rv else None)
                 for name in rv:
                     pre = captured[name].reshape(b, -1)
                     units = pre.shape[1]

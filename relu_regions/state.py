@@ -13,7 +13,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 @contextmanager
-def preserved(model: nn.Module, eval_mode: bool = False):
+def preserved(model: nn.Module, eval_mode: bool = False, backward_hooks: bool = False):
     """Restore every module's training flag, every parameter's requires_grad, every hook dict and instance-level
     ``forward`` on exit.
 
@@ -28,6 +28,10 @@ def preserved(model: nn.Module, eval_mode: bool = False):
         Switch the whole model to eval mode inside the block (BatchNorm uses running statistics, Dropout is the
         identity, so the network is piecewise linear); the previous per-module flags come back on exit, also
         after an exception.
+    backward_hooks : bool
+        Keep the model's module backward hooks (and global ones) working inside the block. By default they are
+        off there: the package's own backward passes through a replay of the model must neither be changed by a
+        user's gradient hook (gradient scaling, guided backprop) nor fire it.
 
     The block also runs outside ``torch.inference_mode`` (the package's routes need autograd or dual tensors; a
     caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back) and outside ``torch.autocast``
@@ -43,7 +47,20 @@ def preserved(model: nn.Module, eval_mode: bool = False):
     hooks = [(m, name, dict(d) if d else None) for m in modules for name in _HOOK_DICTS
              if (d := getattr(m, name, None)) is not None]
     forwards = [(m, m.__dict__.get("forward")) for m in modules]  # instance-level forwards (the hook route's)
+    from torch.nn.modules import module as torch_module
+
+    global_backward = None
     try:
+        if not backward_hooks:  # (the saved copies above bring the modules' own back on exit)
+            for m in modules:
+                if m._backward_hooks or m._backward_pre_hooks:
+                    m._backward_hooks.clear()
+                    m._backward_pre_hooks.clear()
+            if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+                global_backward = (dict(torch_module._global_backward_hooks),
+                                   dict(torch_module._global_backward_pre_hooks))
+                torch_module._global_backward_hooks.clear()
+                torch_module._global_backward_pre_hooks.clear()
         if eval_mode:
             model.eval()
         with torch.inference_mode(False), ExitStack() as stack:
@@ -52,6 +69,9 @@ def preserved(model: nn.Module, eval_mode: bool = False):
                     stack.enter_context(torch.autocast(device, enabled=False))
             yield model
     finally:
+        if global_backward is not None:
+            torch_module._global_backward_hooks.update(global_backward[0])
+            torch_module._global_backward_pre_hooks.update(global_backward[1])
         for m, flag in zip(modules, training):
             if m.training is not flag:  # Module.__setattr__ costs ~10 µs: only where a flag changed
                 m.training = flag
