@@ -401,10 +401,21 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """Which tensors the model holds and their versions (in-place writes, an optimizer step, ``.data`` swaps
-    change it)."""
-    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in
-                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+    """The model's tensors by name, shape and dtype, and a checksum of their bits (two integer moments: an optimizer
+    step or new weights change them; a pickled copy of the map's model keeps them)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    sums = []
+    for _, t in named:
+        flat = t.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.is_floating_point() and flat.element_size() in (2, 4, 8):
+            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        flat = flat.to(torch.int64)
+        sums.append(torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, device=flat.device)).sum()])
+                    if len(flat) else flat.new_zeros(2))
+    checksum = torch.stack(sums).cpu().tolist() if sums else []
+    return tuple((n, tuple(t.shape), t.dtype) for n, t in named), checksum
 
 
 def _recount(model: nn.Module, fingerprint: tuple, x: Tensor, **kw) -> Tensor:

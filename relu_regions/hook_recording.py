@@ -34,6 +34,7 @@ forward with other side effects (a call counter, a print) sees that one extra ca
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 import warnings
@@ -225,6 +226,40 @@ def ours(hook: Callable) -> Callable:
     return hook
 
 
+def inert_hook(*args: Any) -> None:
+    """What a copy of the model made inside a recording (``copy.deepcopy``, pickling) gets for the recording's own
+    module hooks: nothing (the copy is not recorded, and pickles)."""
+    return None
+
+
+inert_hook._relu_regions_hook = True  # type: ignore[attr-defined]
+
+
+class SessionHook:
+    """A module hook of one recording (``fn`` closes over its session); copied or pickled with the model it becomes
+    :func:`inert_hook` (before: the copy kept the live closure, which recorded into a closed session and would not
+    pickle)."""
+
+    __slots__ = ("fn",)
+    _relu_regions_hook = True
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict) -> Callable:
+        return inert_hook
+
+    def __reduce__(self) -> tuple:
+        return (_inert, ())
+
+
+def _inert() -> Callable:
+    return inert_hook
+
+
 def foreign_hook(modules: dict[str, nn.Module]) -> str | None:
     """Why the hook route must not record now: a forward (pre-)hook that is not one of this library's own runs code
     on the input's path that only the function mode sees; None when there is none."""
@@ -281,6 +316,8 @@ class ForwardPatch:
     def __init__(self, module: nn.Module, body: Callable) -> None:
         self.module = module
         self.prev = module.__dict__.get("forward")  # None: the class's forward
+        if _copied_forward(module, self.prev):  # left by a copy made during a recording: unlinked on remove()
+            self.prev = None
         self.inner = type(module).forward.__get__(module) if self.prev is None else self.prev
         self.body = body
         self.live = True
@@ -303,14 +340,20 @@ class ForwardPatch:
             return self.inner(*args, **kwargs)
         return self.body(self.module, self.inner, args, kwargs)
 
-    def __deepcopy__(self, memo: dict) -> ForwardPatch:
-        # a copy of the model made while the patch is on (copy.deepcopy inside a recording) gets an inert patch
-        # that calls the copy's own forward; its first hook-route recording unlinks it
+    def __deepcopy__(self, memo: dict) -> Callable:
+        # a copy of the model made while the patch is on (copy.deepcopy inside a recording) gets what the forward
+        # was before the patch: the copy's own class forward (a partial: picklable, unlike this patch's closure),
+        # or a copy of the instance forward below the patch
         twin = copy.deepcopy(self.module, memo)  # the module's copy: in the memo while its dict is copied
-        new = ForwardPatch.__new__(ForwardPatch)
-        new.module, new.prev, new.body, new.live = twin, copy.deepcopy(self.prev, memo), self.body, False
-        new.inner = type(twin).forward.__get__(twin) if new.prev is None else new.prev
-        return new
+        if self.prev is None:
+            return functools.partial(type(twin).forward, twin)
+        return copy.deepcopy(self.prev, memo)
+
+    def __reduce__(self) -> tuple:
+        # pickled with its module (torch.save of the model inside a recording): as for a copy
+        if self.prev is None:
+            return (functools.partial, (type(self.module).forward, self.module))
+        return (_identity, (self.prev,))
 
     def remove(self) -> None:
         self.live = False
@@ -326,6 +369,10 @@ class ForwardPatch:
             d["forward"] = prev
 
 
+def _identity(x: Any) -> Any:
+    return x
+
+
 def instance_forward(module: nn.Module) -> Any:
     """The forward set on ``module``'s instance by anyone but this library's patches (None if none, or if it is the
     class's own forward bound to the module: Lightning's DDP strategies leave that behind after each step)."""
@@ -334,7 +381,13 @@ def instance_forward(module: nn.Module) -> Any:
         f = f.prev
     if getattr(f, "__func__", None) is type(module).forward and getattr(f, "__self__", None) is module:
         return None
-    return f
+    return None if _copied_forward(module, f) else f
+
+
+def _copied_forward(module: nn.Module, f: Any) -> bool:
+    """Whether ``f`` is what a copy of a patched module got for the patch (:meth:`ForwardPatch.__deepcopy__`)."""
+    return (isinstance(f, functools.partial) and f.func is type(module).forward and len(f.args) == 1
+            and f.args[0] is module and not f.keywords)
 
 
 _KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unit module -> {call key: params}

@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedModuleError,
     not_piecewise_linear,
 )
-from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, attach, draws, foreign_hook, ours
+from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, SessionHook, attach, draws, foreign_hook, ours
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import (
@@ -314,6 +314,15 @@ _CONSTANTS = {f for n in ("zeros_like", "ones_like", "full_like", "empty_like", 
               if f is not None}
 
 
+_CASTS = {torch.Tensor.type_as, torch.Tensor.to}
+
+
+def _reference_only(func, args: tuple, s: _Session) -> bool:
+    """``const.type_as(h)`` / ``const.to(h)``: the input-dependent argument gives only its dtype and device; the
+    result is the constant, cast (a buffer or positional encoding added to ``h``)."""
+    return func in _CASTS and len(args) > 1 and isinstance(args[0], Tensor) and not s.is_tainted(args[0])
+
+
 class _Pass(list):
     """The patterns of one forward pass, in execution order, and the pass's batch size (from its first input
     tensor; known also for a model without piecewise-linear units)."""
@@ -426,15 +435,18 @@ class _Session:
         """The root module's call returned (or ``raised``): the call that opened the pass closes it."""
         self.depth -= 1
         if self.depth == self.open_depth:
-            self.end_pass(check=not raised)
+            self.end_pass(check=not raised, keep=not raised)
         elif self.depth < self.open_depth:  # the wrapping call returned
             self.open_depth = self.depth
 
-    def end_pass(self, check: bool = True) -> None:
-        """Close the pass (``check``: a replay must have met every recorded unit; not when the forward raised)."""
+    def end_pass(self, check: bool = True, keep: bool = True) -> None:
+        """Close the pass (``check``: a replay must have met every recorded unit; not when the forward raised;
+        ``keep=False``: the forward raised, and a pass without an output is dropped -- a loop that catches the
+        error and goes on would otherwise get rows for samples it never got outputs for)."""
         if self.current is None:
             return
-        self.passes.append(self.current)
+        if keep:
+            self.passes.append(self.current)
         if check and self.replay is not None and self.cursor != len(self.replay) and not self.stopped:
             raise PatternMismatchError(
                 f"the replayed forward ran {self.cursor} piecewise-linear operations, the recording has "
@@ -635,8 +647,8 @@ class _Mode(TorchFunctionMode):
                     return out
         out = func(*args, **kwargs)
         if n:
-            if func in _FINITE_CHECKS:
-                return out  # the same for every finite input: not input-dependent
+            if func in _FINITE_CHECKS or _reference_only(func, args, s):
+                return out  # the same for every finite input / a constant cast like h: not input-dependent
             if func is _LSTSQ and s.strict and out.residuals.numel():
                 raise not_piecewise_linear(
                     s.describe(s.where()), "'linalg_lstsq' with residuals (a driver other than 'gelsy' and a tall "
@@ -680,7 +692,7 @@ class _Mode(TorchFunctionMode):
         # empty singular values'); results of a cut argument are all marked
         made_here = origin is None
         if made_here:
-            if func in _CONSTANTS or not self._cuts(func, args, kwargs, out):
+            if func in _CONSTANTS or _reference_only(func, args, s) or not self._cuts(func, args, kwargs, out):
                 return
             origin = f"{s.describe(s.where())} calls '{_op_name(func)}'"
         for t in _tensors(out):
@@ -912,6 +924,8 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             return
         s.check_output(output, logits_at)
         if stop_at_logits:
+            if s.depth == s.open_depth + 1 and s.current is not None:  # a complete pass: kept (the raise below is
+                s.end_pass(check=False)  # ours, not the forward's failing)
             raise _StopForward(output)
         if s.depth == s.open_depth + 1 and s.current is not None:  # recording in the user's own forward: stop
             s.end_pass()
@@ -940,9 +954,12 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             return inner(*args, **kwargs)
         s.enter_root(args, taint=False)
         try:
-            return inner(*args, **kwargs)
-        finally:
-            s.leave_root()
+            out = inner(*args, **kwargs)
+        except BaseException:
+            s.leave_root(raised=True)
+            raise
+        s.leave_root()
+        return out
 
     outer = list(_ACTIVE)
     for o in outer:
@@ -952,13 +969,13 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if hooks is not None:  # unit patches first: they run inside the module, before its logits_at hook
             handles = attach(*hooks, s)
         if logits_at is not None:
-            handles.append(mods[logits_at].register_forward_hook(stop))
+            handles.append(mods[logits_at].register_forward_hook(SessionHook(stop)))
         if hooks is not None:  # the patch skips nn.Module's slow call path (see hook_recording.ForwardPatch)
             handles.append(ForwardPatch.on(model, root_body))
         else:  # hooks: they run around the user's own root hooks, whose code the mode must see inside the pass
             # (prepend: before the user's pre-hooks, which would otherwise read the input before it is tracked)
-            handles.append(model.register_forward_pre_hook(root_pre, prepend=True))
-            handles.append(model.register_forward_hook(root_post, always_call=True))
+            handles.append(model.register_forward_pre_hook(SessionHook(root_pre), prepend=True))
+            handles.append(model.register_forward_hook(SessionHook(root_post), always_call=True))
         if hooks is not None:
             yield s
         else:

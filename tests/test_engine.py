@@ -1749,6 +1749,31 @@ def test_inference_mode_targets_and_stale_boundary_counts():
         _ = amap.n_boundary
 
 
+def test_constants_cast_like_an_input_dependent_tensor_stay_constants():
+    """Before: ``self.pe.type_as(h)`` / ``self.pe.to(h)`` (a buffer cast to h's dtype and device) was taken for a
+    derivative cut ("autograd does not follow it") by the reverse routes, and a product with such a constant for a
+    product of two input-dependent tensors."""
+    class Net(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.l1, self.l2, self.how = nn.Linear(4, 6), nn.Linear(6, 2), how
+            self.register_buffer("pe", torch.randn(6))
+            self.register_buffer("scale", torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            h = self.l1(x)
+            cast = (lambda t: t.type_as(h)) if self.how == "type_as" else (lambda t: t.to(h))
+            return self.l2(torch.relu(h * cast(self.scale) + cast(self.pe)))
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 4)
+    for how in ("type_as", "to"):
+        model = Net(how).eval()
+        jac = torch.stack([torch.func.jacrev(lambda v, m=model: m(v[None])[0])(xi) for xi in x]).detach()
+        for method in ("auto", "reverse", "forward"):
+            torch.testing.assert_close(rr.affine_map(model, x, method=method).A, jac)
+
+
 def test_operations_without_forward_ad_fall_back_to_reverse_mode():
     """Before: with more outputs than input features, ``affine_map(method="auto")``, ``preactivation_maps``,
     ``boundary_distance`` and ``decision_distance`` chose forward mode and failed in PyTorch's "Trying to use forward

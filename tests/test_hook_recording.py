@@ -508,3 +508,87 @@ def test_the_hook_plan_follows_a_dropouts_p():
     with pytest.raises(rr.UnsupportedModuleError, match="random"):
         with torch.no_grad(), rr.record(m):
             m(x)
+
+
+@pytest.mark.parametrize("route", ["auto", "mode"])
+@pytest.mark.parametrize("where", [4, 2])
+def test_a_forward_that_raised_leaves_no_pass(route, where):
+    """Before: a batch whose forward raised inside record() (a loop that skips it) kept its pass: 12 keys for 8
+    outputs, the later batch's keys at the failed batch's rows; failing between the units, every accessor raised
+    "layer ... is missing from recorded pass 1"."""
+    class MaybeFail(nn.Module):
+        fail = False
+
+        def forward(self, x):
+            if self.fail:
+                raise RuntimeError("simulated")
+            return x
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)]
+    layers.insert(where, MaybeFail())
+    model = nn.Sequential(*layers).eval()
+    batches = [torch.randn(4, 4) for _ in range(3)]
+    with torch.no_grad(), rr.record(model, route=route) as rec:
+        for i, xb in enumerate(batches):
+            model[where].fail = i == 1
+            with contextlib.suppress(RuntimeError):
+                model(xb)
+    model[where].fail = False
+    # independent: masks of the two ReLUs read by plain forward hooks, one bit string per sample
+    masks = []
+    handles = [model[j].register_forward_hook(lambda m, i, o: masks.append(o > 0))
+               for j, m in enumerate(model) if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        for xb in (batches[0], batches[2]):
+            model(xb)
+    for h in handles:
+        h.remove()
+    want = torch.cat([torch.cat(masks[0:2], 1), torch.cat(masks[2:4], 1)])
+    keys = rec.region_ids()
+    assert len(rec) == len(keys) == 8
+    same = want[:, None, :].eq(want[None, :, :]).all(2)
+    assert torch.equal(keys[:, None] == keys[None, :], same)
+    assert torch.equal(rec.packed(), torch.cat([rr.affine_map(model, b).packed for b in (batches[0], batches[2])]))
+
+
+def test_a_copy_made_inside_a_recording_pickles_and_is_not_recorded_on_either_route():
+    """Before: on the function-mode route a copy made inside the block (keep the best model) kept the session's
+    root hooks: called after the block it raised "the output ... does not depend on the model's input", and neither
+    route's copy pickled (local closures)."""
+    import io
+
+    from relu_regions.regions import RegionStats
+    from relu_regions.training import track
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    for model, route in ((_FunctionalNet(), "mode"), (seq, "hooks")):
+        stats = RegionStats(n_classes=2)
+        with track(model, stats) as t:
+            model(x)
+            best = copy.deepcopy(model)
+            with torch.no_grad():
+                best(x)  # not recorded: another model
+            t.update(torch.zeros(3, dtype=torch.long))
+            buf = io.BytesIO()
+            torch.save(best, buf)
+        assert t.rec.route == route and stats.n_samples == 3
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(best(x), want)
+            buf.seek(0)
+            assert torch.equal(torch.load(buf, weights_only=False)(x), want)
+        with torch.no_grad(), rr.record(best) as rec:
+            best(x)
+        assert len(rec) == 3
+
+
+class _FunctionalNet(nn.Module):  # functional ReLU: the function mode (module level: the test pickles it)
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
