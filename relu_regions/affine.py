@@ -322,7 +322,9 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
         operation has no forward-mode rule in PyTorch (``grid_sample``; ``"forward"`` raises
         :class:`~relu_regions.errors.ForwardADMissingError`).
     logits_at : str, optional
-        Module path whose output is explained (e.g. the layer before a softmax head).
+        Module path whose output is explained (e.g. the layer before a softmax head). A model (or module) that
+        returns a tuple or list is explained through its first element (``(logits, aux)``); name the module that
+        produces another element to explain that one.
     chunk_size : int, optional
         Samples per chunk; bounds memory. Default depends on the method and sizes.
     strict : bool

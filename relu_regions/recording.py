@@ -236,6 +236,17 @@ _FINITE_CHECKS = {f for n in ("isfinite", "isnan", "isinf", "isposinf", "isnegin
 _OWN_FILES = {__file__, __file__.replace("recording.py", "compose.py")}
 _RULES = _build_rules()
 _NONLINEAR = _build_nonlinear()
+# piecewise-linear selections the recording has no unit for (refused like the nonlinear calls, with another message)
+_ORDER = "Write it with ReLUs / max-pool, or pass strict=False to take the selection as fixed."
+_UNRECORDED_PL = {
+    "abs": "Write it as F.relu(h) + F.relu(-h) (two recorded units).",
+    "absolute": "Write it as F.relu(h) + F.relu(-h) (two recorded units).",
+    "maximum": "Write it as b + F.relu(a - b) (one recorded unit).",
+    "fmax": "Write it as b + F.relu(a - b) (one recorded unit).",
+    "minimum": "Write it as a - F.relu(a - b) (one recorded unit).",
+    "fmin": "Write it as a - F.relu(a - b) (one recorded unit).",
+    **{n: _ORDER for n in ("max", "min", "amax", "amin", "sort", "topk", "kthvalue", "median", "nanmedian",
+                           "cummax", "cummin", "msort", "aminmax")}}
 _BILINEAR = _build_bilinear()
 _BATCH_NORMS = {F.batch_norm, torch.batch_norm}  # both take ``training`` at position 5
 # reductions whose ``reduce`` decides: sums and means are linear, max / min / prod are not
@@ -809,6 +820,12 @@ class _Mode(TorchFunctionMode):
             if bad:
                 path = s.where()
                 hint = ""
+                rewrite = _UNRECORDED_PL.get(_op_name(func).rstrip("_"))
+                if nonlinear and rewrite is not None:
+                    raise UnsupportedModuleError(
+                        f"{s.describe(path)} calls '{_op_name(func)}' on input-dependent data: piecewise linear, but a "
+                        "selection relu-regions does not record as units (its states would be missing from every "
+                        f"pattern, map and distance). {rewrite}")
                 if nonlinear and "max_pool" in _op_name(func):
                     hint = (" Write it as F.max_pool1d / F.max_pool2d or nn.MaxPool1d / nn.MaxPool2d, whose states "
                             "are recorded.")

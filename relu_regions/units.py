@@ -22,6 +22,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from .errors import UnsupportedModuleError
+
 Tensor = torch.Tensor
 
 
@@ -210,6 +212,23 @@ def _expand_state(state: Tensor, z: Tensor) -> Tensor:
     return state if r == 1 else state.repeat(r, *([1] * (state.dim() - 1)))
 
 
+def _adaptive_ties(x: Tensor, out: Tensor, dims: int) -> Tensor:
+    """``(B,)`` windows of an adaptive max-pool whose nonzero maximum is attained more than once: window ``i`` of a
+    length-``n`` axis pooled to ``o`` is ``[floor(i n / o), ceil((i + 1) n / o))`` (torch's rule; windows may
+    overlap), one comparison per window."""
+    if dims == 1:
+        x, out = x.unsqueeze(-2), out.unsqueeze(-2)
+    (h, w), (oh, ow) = x.shape[-2:], out.shape[-2:]
+    rows = [(i * h // oh, -(-(i + 1) * h // oh)) for i in range(oh)]
+    cols = [(j * w // ow, -(-(j + 1) * w // ow)) for j in range(ow)]
+    ties = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            top = out[..., i, j]
+            ties[..., i, j] = ((x[..., r0:r1, c0:c1] == top[..., None, None]).flatten(-2).sum(-1) > 1) & (top != 0)
+    return _count(ties.reshape(x.shape[0], -1))
+
+
 def _top_two(x: Tensor, ks: tuple) -> tuple[Tensor, Tensor | None]:
     """Largest and second largest entry of every disjoint ``ks`` window of ``x`` (..., H, W): running merges over
     the rows of each window (contiguous slices), then over its columns."""
@@ -348,6 +367,10 @@ class ClampRule(UnitRule):
 
     def record(self, func, args, kwargs, x, params):
         lo, hi = params["lo"], params["hi"]
+        if lo is not None and hi is not None and lo > hi:  # (before: recorded as if lo <= hi, wrong states)
+            raise UnsupportedModuleError(
+                f"'{getattr(func, '__name__', func)}' with min {lo:g} > max {hi:g}: torch sets every element to max, "
+                "a constant, which no three-state unit describes; write the constant instead")
         state = torch.ones_like(x, dtype=torch.int8)
         n_boundary = None
         for bound, value, below in ((lo, 0, True), (hi, 2, False)):
@@ -415,15 +438,24 @@ class MaxPoolRule(UnitRule):
 
     @staticmethod
     def _ties(x: Tensor, out: Tensor, idx: Tensor, params: dict) -> Tensor | None:
-        """Windows whose nonzero maximum is attained more than once (counted exactly)."""
+        """Windows whose nonzero maximum is attained more than once (counted exactly).
+
+        Ties at exactly 0 are not counted: after a ReLU they are windows of inactive units, whose affine functions
+        coincide (no boundary there). A max-pool reading exact zeros that no ReLU made (an input image's
+        background) does have a boundary there, which this count leaves out; ``boundary_distance`` gives 0.
+        """
         if not params.get("count_boundary", True):
             return None
         zero = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-        if params["adaptive"] or x.shape[0] == 0:
-            return zero  # adaptive windows have no fixed geometry; ties are not counted
-        ks, st, pad, dil, _ = params["geometry"]
+        if x.shape[0] == 0:
+            return zero
+        if params["adaptive"]:
+            return _adaptive_ties(x.detach(), out.detach(), params["dims"])
+        ks, st, pad, dil, ceil = params["geometry"]
         m = out.detach()
-        if tuple(st) == tuple(ks) and not any(pad) and all(d == 1 for d in dil):
+        partial = ceil and any((n - k) % s for n, k, s in zip(x.shape[-2:] if params["dims"] == 2
+                                                                else (1, x.shape[-1]), ks, st))
+        if tuple(st) == tuple(ks) and not any(pad) and all(d == 1 for d in dil) and not partial:
             # disjoint windows: the runner-up of every window from strided slices; a tie is a runner-up equal to
             # the maximum (3x cheaper than knocking the winner out and pooling again)
             xx = x.detach()
@@ -437,12 +469,17 @@ class MaxPoolRule(UnitRule):
             xx = xx.unsqueeze(-2)
         batch_shape = xx.shape[:-2]
         xx = xx.reshape(-1, 1, *xx.shape[-2:])
-        if any(pad):  # unfold pads with 0, max-pool with -inf
-            xx = F.pad(xx, (pad[1], pad[1], pad[0], pad[0]), value=float("-inf"))
+        # ceil_mode's partial windows at the far ends: padded with -inf, as the pool's own padding (unfold pads
+        # with 0, max-pool with -inf)
+        outs = (1, m.shape[-1]) if params["dims"] == 1 else tuple(m.shape[-2:])
+        extra = [max(0, (o - 1) * s_ + d * (k - 1) + 1 - (n + 2 * p))
+                 for o, s_, d, k, n, p in zip(outs, st, dil, ks, xx.shape[-2:], pad)]
+        if any(pad) or any(extra):
+            xx = F.pad(xx, (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0]), value=float("-inf"))
         cols = F.unfold(xx, ks, dilation=dil, stride=st)  # (N, k, L)
         m = m.reshape(cols.shape[0], -1)
-        if m.shape[-1] != cols.shape[-1]:  # ceil_mode adds partial windows: not counted
-            return zero
+        if m.shape[-1] != cols.shape[-1]:  # (a geometry this arithmetic does not know: refuse to guess)
+            raise RuntimeError(f"max-pool ties: {cols.shape[-1]} windows for {m.shape[-1]} outputs; please report")
         # ties at exactly 0 are windows of inactive ReLUs: their affine functions coincide, no boundary there
         ties = ((cols == m.unsqueeze(1)).sum(1) > 1) & (m != 0)
         return _count(ties.reshape(*batch_shape, -1).reshape(x.shape[0], -1))

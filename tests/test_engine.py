@@ -1774,6 +1774,93 @@ def test_constants_cast_like_an_input_dependent_tensor_stay_constants():
             torch.testing.assert_close(rr.affine_map(model, x, method=method).A, jac)
 
 
+def _brute_ties(x, windows_h, windows_w):
+    """Windows (lists of row / column index lists) whose nonzero maximum appears more than once, per sample."""
+    counts = []
+    for xi in x:
+        n = 0
+        for plane in xi.reshape(-1, *xi.shape[-2:]):
+            for rows in windows_h:
+                for cols in windows_w:
+                    vals = [float(plane[r, c]) for r in rows for c in cols]
+                    top = max(vals)
+                    n += top != 0 and vals.count(top) > 1
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.parametrize("pool", ["ceil", "ceil_pad", "ceil_disjoint", "adaptive", "adaptive1d"])
+def test_max_pool_ties_are_counted_for_adaptive_and_ceil_mode_pools(pool):
+    """Before: adaptive max-pools never counted ties, and a ceil_mode pool with a partial window counted none in the
+    whole layer: n_boundary 0 on inputs that brute force finds on 3-8 tied windows (boundary_distance: 0)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (3, 2, 7, 7)).double()  # small integers: many ties, some at 0
+
+    def windows(n, k, s, p, o):
+        return [[q for q in range(i * s - p, i * s - p + k) if 0 <= q < n] for i in range(o)]
+
+    if pool.startswith("ceil"):
+        k, s, p = {"ceil": (3, 2, 0), "ceil_pad": (3, 2, 1), "ceil_disjoint": (2, 2, 0)}[pool]
+        layer = nn.MaxPool2d(k, s, padding=p, ceil_mode=True)
+        o = layer(x).shape[-1]
+        want = _brute_ties(x, windows(7, k, s, p, o), windows(7, k, s, p, o))
+    elif pool == "adaptive":
+        layer = nn.AdaptiveMaxPool2d((3, 2))
+        want = _brute_ties(x, [list(range(i * 7 // 3, -(-(i + 1) * 7 // 3))) for i in range(3)],
+                           [list(range(j * 7 // 2, -(-(j + 1) * 7 // 2))) for j in range(2)])
+    else:
+        layer = nn.AdaptiveMaxPool1d(3)
+        x = x[:, :, 0]
+        want = _brute_ties(x[:, :, None], [[0]], [list(range(i * 7 // 3, -(-(i + 1) * 7 // 3))) for i in range(3)])
+    with rr.record(layer, count_boundary=True) as rec:
+        layer(x)
+    assert rec.n_boundary().tolist() == want and min(want) > 0
+
+
+def test_a_clamp_with_min_above_max_is_refused():
+    """Before: torch.clamp(h, min=0.3, max=0.1) (every element becomes 0.1: the network is constant) was recorded
+    as a three-state unit with the states of min <= max: 8 regions on 50 inputs whose outputs are all equal."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return torch.clamp(self.lin(x), min=0.3, max=0.1).sum(1, keepdim=True)
+
+    x, model = torch.randn(50, 3), Net()
+    with torch.no_grad():
+        assert model(x).unique().numel() == 1  # independent: the output is constant
+    with pytest.raises(rr.UnsupportedModuleError, match=r"min 0.3 > max 0.1"):
+        with rr.record(model):
+            model(x)
+
+
+@pytest.mark.parametrize("op, rewrite", [(torch.abs, "F.relu(h) + F.relu(-h)"),
+                                         (lambda h: torch.maximum(h, 2 * h), "b + F.relu(a - b)"),
+                                         (lambda h: h.topk(2, 1).values, "strict=False")])
+def test_piecewise_linear_selections_without_units_are_refused_as_such(op, rewrite):
+    """Before: abs / maximum / topk were refused as "not piecewise linear in the input" (false), with a hint about
+    softmax heads; the message now says what they are and how to write them with recorded units."""
+    model = nn.Sequential(nn.Linear(3, 4), _Lambda(op))
+    with pytest.raises(rr.UnsupportedModuleError, match=re.escape(rewrite)) as e:
+        with rr.record(model):
+            model(torch.randn(2, 3))
+    assert "piecewise linear, but a selection" in str(e.value) and "logits_at" not in str(e.value)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
 def test_operations_without_forward_ad_fall_back_to_reverse_mode():
     """Before: with more outputs than input features, ``affine_map(method="auto")``, ``preactivation_maps``,
     ``boundary_distance`` and ``decision_distance`` chose forward mode and failed in PyTorch's "Trying to use forward
