@@ -651,3 +651,191 @@ def test_the_steps_pass_on_the_batch_is_taken_among_several(functional):
         assert (st.n_regions(), st.coverage(1), st.accuracy) == (ev.n_regions(), ev.coverage(1), ev.accuracy)
         assert torch.equal(st.region_keys().sort().values, ev.region_keys().sort().values)
         assert st.mean_purity() == pytest.approx(ev.mean_purity(), rel=1e-12)  # (a sum in another order)
+
+
+def _relu_keys(net, x):
+    """Independent region keys: the on/off mask of every nn.ReLU output of the eval-mode network, per sample."""
+    masks = []
+    handles = [m.register_forward_hook(lambda m, a, o: masks.append((o > 0).reshape(len(o), -1)))
+               for m in net.modules() if isinstance(m, torch.nn.ReLU)]
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was)
+    return [tuple(row.tolist()) for row in torch.cat(masks, 1)]
+
+
+def _overlap(train_keys, val_keys):
+    seen = set(train_keys)
+    return sum(k in seen for k in val_keys) / len(val_keys)
+
+
+def test_a_standalone_validate_after_fit_logs_no_train_overlap():
+    """Before: a ``trainer.validate()`` after ``fit`` logged ``train_overlap`` against the training regions of the
+    fit's last epoch (the "train" stage stayed active; 0.41 in the QA repro). Now only the fit's own validations
+    log it (equal to the hand-computed share), the later validation logs its regions and no overlap."""
+    train, val, other = make_data(64, 0), make_data(48, 1), make_data(40, 5)
+    model = Lit(lr=0.0)  # fixed weights: every training batch's regions are those of the final network
+    mon = RegionMonitor(3, train_every_n_batches=1, probe_size=0)
+    trainer([mon], max_epochs=1, num_sanity_val_steps=0).fit(model, loader(train), loader(val))
+    fit_row = next(h for h in mon.history if h["stage"] == "val")
+    train_keys = _relu_keys(model.net, train.tensors[0])
+    assert fit_row["train_overlap"] == pytest.approx(_overlap(train_keys, _relu_keys(model.net, val.tensors[0])))
+    assert _overlap(train_keys, _relu_keys(model.net, other.tensors[0])) > 0  # a stale overlap would show
+    t = trainer([mon])
+    t.validate(model, loader(other), verbose=False)
+    row = mon.history[-1]
+    assert row["stage"] == "val" and "train_overlap" not in row
+    assert "regions/val/train_overlap" not in t.callback_metrics
+    assert row["n_regions"] == len(set(_relu_keys(model.net, other.tensors[0])))
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """A randomly augmenting data set: draws from torch's, Python's and NumPy's global generators per item."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.ds[i]
+        return x + 0.1 * torch.randn(2) + 0.01 * random.random() + 0.01 * float(np.random.rand()), y
+
+
+def test_the_default_probe_leaves_the_random_generators_as_they_were():
+    """Before: the default probe read the validation set's first items outside the data loader, drawing from the
+    global generators when the data set augments randomly: the next epoch's shuffle, and so the trained weights,
+    differed from the same run without the monitor. Now weights and generator states equal that run's."""
+    import random
+
+    import numpy as np
+
+    train, val = make_data(64, 0), make_data(32, 1)
+
+    def run(callbacks):
+        torch.manual_seed(7)
+        random.seed(7)
+        np.random.seed(7)
+        model = Lit(lr=0.5)
+        trainer(callbacks, max_epochs=2, num_sanity_val_steps=0).fit(
+            model, torch.utils.data.DataLoader(train, batch_size=16, shuffle=True),
+            torch.utils.data.DataLoader(_Noisy(val), batch_size=16))
+        return model.state_dict(), torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+
+    w0, torch0, py0, np0 = run([])
+    mon = RegionMonitor(3, probe_size=4)
+    w1, torch1, py1, np1 = run([mon])
+    assert mon.probe.shape == (4, 2) and "boundary_distance_median" in mon.history[-1]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert torch.equal(torch0, torch1) and py0 == py1 and np.array_equal(np0, np1)
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 2, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, 0, 0] > 0).long() + (x[:, 1, 0] > 0.5).long())
+
+
+class LitFlat(Lit):
+    """Images in the loader, a flat MLP: the step reshapes the batch before calling the model."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        torch.manual_seed(0)
+        self.net = mlp(4, [6, 5], 3)
+
+    def _xy(self, batch):
+        x, y = batch
+        return x.flatten(1), y
+
+
+def _hand_distance_median(net, x):
+    """Lower median over ``x`` of the distance to the nearest ReLU hyperplane, min |z_i| / ||grad z_i|| over the
+    pre-activations z of the MLP (torch.func's Jacobian); for an MLP, the distance to the region's boundary."""
+    from torch.func import jacrev
+
+    def pre(v):
+        z1 = net[0](v)
+        return torch.cat([z1, net[2](torch.relu(z1))])
+
+    out = []
+    for v in x:
+        z, g = pre(v).detach(), jacrev(pre)(v).detach().norm(dim=1)
+        out.append(min(float(a.abs() / b) for a, b in zip(z, g) if b > 0))
+    return float(torch.tensor(out).median())
+
+
+def test_a_step_that_reshapes_the_batch_gets_the_probe_and_training_pass_of_its_own_inputs():
+    """Before: with ``self(x.flatten(1))`` in the step, the default probe (the data set's images) and the pass over
+    training batches (``get_inputs(batch)``) were fed the images and ended ``fit`` with torch's raw "mat1 and mat2
+    shapes cannot be multiplied". Now both take the inputs the step fed the module (statistics and distance equal
+    hand computations on the flattened data); a ``probe=`` of images is reported at the first batch and its
+    failure names the probe; a step that bypasses the module gets an error naming ``get_inputs=``."""
+    train, val = _images(64, 0), _images(48, 1)
+    model = LitFlat(lr=0.0)
+    hooks = _hooks(model)
+    mon = RegionMonitor(3, train_every_n_batches=1, probe_size=8)
+    trainer([mon], max_epochs=1, num_sanity_val_steps=0).fit(model, loader(train), loader(val))
+    flat = val.tensors[0].flatten(1)
+    assert torch.equal(mon.probe, flat[:8])
+    row = next(h for h in mon.history if h["stage"] == "val")
+    assert row["boundary_distance_median"] == pytest.approx(_hand_distance_median(model.net, flat[:8]), rel=1e-5)
+    train_keys = _relu_keys(model.net, train.tensors[0].flatten(1))
+    assert mon.stats["train"].n_samples == 64 and mon.stats["train"].n_regions() == len(set(train_keys))
+    assert _hooks(model) == hooks
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(RuntimeError) as err:
+        warnings.simplefilter("always")
+        trainer([RegionMonitor(3, probe=val.tensors[0][:4])]).validate(model, loader(val), verbose=False)
+    assert [str(w.message) for w in seen if "probe= holds inputs of shape (2, 2)" in str(w.message)]
+    assert "RegionMonitor: the boundary distance of the probe" in str(err.value) and "probe=" in str(err.value)
+    assert _hooks(model) == hooks
+
+    class Bypass(LitFlat):  # the step calls the network, the monitor records the LightningModule
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.cross_entropy(self.net(x.flatten(1)), y)
+
+    with pytest.raises(RuntimeError, match=r"get_inputs\(batch\), of shape \(16, 2, 2\).*get_inputs="):
+        trainer([RegionMonitor(3, stages=["train"])], max_epochs=1).fit(Bypass(), loader(train))
+
+
+class _TrainBatches(pl.Callback):
+    def __init__(self):
+        self.x = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.x.append(batch[0])
+
+
+def test_a_fit_resumed_inside_an_epoch_records_the_rest_of_its_training_batches(tmp_path):
+    """Before: Lightning skips ``on_train_epoch_start`` of an epoch resumed from a checkpoint saved inside it, and
+    the "train" stage stayed off: no training batch of the epoch was recorded, its validation had no
+    ``train_overlap`` and no training row was logged. Now the stage starts at the first training batch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = make_data(64, 0), make_data(48, 1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer([RegionMonitor(3, train_every_n_batches=1, probe_size=0), ckpt], tmp_path, max_epochs=1,
+            num_sanity_val_steps=0, enable_checkpointing=True).fit(Lit(lr=0.0), loader(train), loader(val))
+    mon, batches = RegionMonitor(3, train_every_n_batches=1, probe_size=0), _TrainBatches()
+    model = Lit(lr=0.0)
+    trainer([mon, batches], tmp_path, max_epochs=1, num_sanity_val_steps=0).fit(
+        model, loader(train), loader(val), ckpt_path=str(tmp_path / "step=2.ckpt"))
+    x = torch.cat(batches.x)
+    assert 0 < len(x) < 64  # the batches after the resume
+    keys = _relu_keys(model.net, x)
+    assert mon.stats["train"].n_samples == len(x) and mon.stats["train"].n_regions() == len(set(keys))
+    assert [(h["epoch"], h["stage"]) for h in mon.history] == [(0, "val"), (0, "train")]
+    val_keys = _relu_keys(model.net, val.tensors[0])
+    assert mon.history[0]["train_overlap"] == pytest.approx(_overlap(keys, val_keys))

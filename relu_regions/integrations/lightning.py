@@ -40,10 +40,17 @@ How the callback finds things
 - Labels: ``get_labels(batch)`` if given; else ``batch[label_key]`` if given; else ``batch[1]`` of a tuple/list
   batch, or the first of the keys ``y, label, labels, target, targets`` of a dict batch. Anything else raises a
   ``TypeError`` saying so.
-- Inputs (for the training-batch recording and the probe): ``get_inputs(batch)``, else ``batch[0]`` / the keys
-  ``x, input, inputs, image, images, features, data``. The probe is ``probe`` if given, else the first
-  ``probe_size`` items of the first validation data set (so every DDP rank and a single process use the same
-  probe); it is fed straight into the recorded module.
+- Inputs: ``get_inputs(batch)``, else ``batch[0]`` / the keys ``x, input, inputs, image, images, features,
+  data``. The extra pass over a training batch feeds the recorded module what the training step fed it (the step's
+  pass on the batch's own input tensor, else its last pass of the batch's size, so a step that reshapes or casts
+  the batch, ``self(x.flatten(1))``, works); ``get_inputs(batch)`` only when the step did not call the module.
+- The probe is ``probe`` if given, else the first ``probe_size`` items of the first validation data set (so every
+  DDP rank and a single process use the same probe); it is fed straight into the recorded module. When the step
+  feeds the module inputs of another shape than the data set's items (a reshape in the step), the first
+  recorded batch tells, and the probe becomes the first ``probe_size`` inputs the step fed the module (under DDP
+  rank 0's, broadcast to the others). A ``probe=`` of another shape than the step's inputs gets a warning at that
+  batch. Reading the data set's items leaves the random number generators (torch, ``random``, NumPy) as they
+  were, so a randomly augmenting data set draws the same numbers as in a run without the monitor.
 
 State safety: what the monitor attaches goes through handles, and goes when its epoch ends (also on exceptions and at
 teardown): exactly what the monitor added, while what your step or another callback changes meanwhile (a hook it
@@ -63,14 +70,20 @@ an augmented copy, or another callback that runs it, is not counted. When the st
 (``self(x.float())``, a transform inside the step), the last pass of the batch's size is taken.
 
 The extra eval-mode pass on training batches restores the model's flags, hooks and requires_grad. Outputs are
-bit-identical. Region keys are computed at the end of each batch, which frees its unit states before the next
-forward (on the fifteenth session's 2-core CPU, LeNet validation epochs ran ~2.5 points faster than with keys every
-four batches; benchmarks/results/callback_overhead.md).
+bit-identical. To feed it what the step fed the module, an instance-level forward on the recorded module notes the
+inputs of its calls from the start of each recorded training batch to its end (also taken off on exceptions).
+Region keys are computed at the end of each batch, which frees its unit states before the next forward (on the
+fifteenth session's 2-core CPU, LeNet validation epochs ran ~2.5 points faster than with keys every four batches;
+benchmarks/results/callback_overhead.md).
 
 Checkpoints: the monitor's state (history, statistics, probe) goes into Lightning checkpoints. A checkpoint saved
 at the end of a validation (``ModelCheckpoint``'s default when validation does not run once per epoch) is written
 before that epoch's training row is added to the history (at the training epoch's end), so a run resumed from it
-lacks that row.
+lacks that row. A run resumed in the middle of an epoch (where Lightning skips ``on_train_epoch_start``) starts
+the epoch's training statistics at its first training batch: they hold the batches trained after the resume.
+
+The training statistics belong to the ``fit`` that recorded them: ``train_overlap`` is logged only by the
+validations of that ``fit``, not by a later standalone ``trainer.validate()``.
 
 DDP: with ``strategy="ddp_spawn"`` the processes that train are spawned copies: the monitor object you hold in the
 launching process keeps none of their history, statistics or probe after ``fit`` (Lightning returns only the
@@ -87,8 +100,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -102,10 +117,11 @@ except ImportError as e:  # pragma: no cover - lightning is an optional dependen
 
 from ..errors import is_int_at_least
 from ..geometry import boundary_distance
+from ..hook_recording import ForwardPatch
 from ..keys import UnitCounts
 from ..recording import LayerSelection
 from ..state import preserved
-from ..training import default_inputs, default_labels, track
+from ..training import _same_tensor, default_inputs, default_labels, track
 
 Tensor = torch.Tensor
 
@@ -139,7 +155,8 @@ class RegionMonitor(Callback):
         During ``fit``, record validation in epochs ``n-1, 2n-1, ...`` (like ``check_val_every_n_epoch``); a
         standalone ``trainer.validate()`` and test always.
     probe : Tensor, optional
-        Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items.
+        Fixed probe inputs for the boundary distance; default the first ``probe_size`` validation items (or the
+        first inputs the step feeds the recorded module, when their shape differs: see the module docstring).
     probe_size : int
         Size of the default probe (0 disables the boundary distance). The exact distance costs at most about
         ``probe_size × input features`` forward passes per epoch, much less on CNNs (see the module docstring and
@@ -231,6 +248,7 @@ class RegionMonitor(Callback):
         self.train_every_n_batches = train_every_n_batches
         self.every_n_epochs = every_n_epochs
         self.probe = None if probe is None else probe.detach().cpu()
+        self._probe_given = probe is not None  # (the user's: never replaced by the inputs the step feeds)
         self.probe_size = probe_size
         self.probe_every_n_epochs = probe_every_n_epochs
         self.top = top
@@ -256,6 +274,10 @@ class RegionMonitor(Callback):
         self._epoch_start: dict[str, float] = {}  # stage -> perf_counter at epoch start (the slow-probe warning)
         self._probe_epochs = 0  # recorded validation epochs seen (probe_every_n_epochs)
         self._warned_slow_probe = False
+        self._warned_probe_shape = False
+        self._probe_checked = False  # whether this epoch's first recorded batch checked the probe's shape
+        self._train_epoch: int | None = None  # the epoch whose training statistics run (None: none in this fit)
+        self._spy: tuple[ForwardPatch, list[Tensor]] | None = None  # the module's inputs during a training step
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -351,11 +373,36 @@ class RegionMonitor(Callback):
         waiting.append(tracker.take_patterns(y.reshape(-1).to(out.device), inputs=inputs))
         if len(waiting) >= _KEY_EVERY or sum(w[0].nbytes for w in waiting) >= _KEY_BYTES:
             self._key(slot)
+        if stage != "train" and dataloader_idx == 0 and tracker.last_input is not None:
+            self._check_probe_shape(tracker.last_input, stage)  # (before the fallback below: it may start it)
         if (stage != "train" and dataloader_idx == 0 and self.probe is None and self.probe_size
                 and tracker.last_input is not None):
             if sum(len(t) for t in self._fallback_probe) < self.probe_size:
                 self._fallback_probe.append(tracker.last_input[: self.probe_size].cpu())
         tracker.last_input = tracker.last_output = None  # this batch's, not the next one's
+
+    def _check_probe_shape(self, fed: Tensor, stage: str) -> None:
+        """At the epoch's first recorded batch: whether the probe's inputs have the shape of ``fed``, the input the
+        step fed the recorded module. The data set's items do not when the step transforms the batch first
+        (``self(x.flatten(1))``): the probe becomes the inputs the step feeds the module. The user's ``probe=``
+        stays, with a warning now rather than torch's shape error at the epoch's end."""
+        if self._probe_checked:
+            return
+        self._probe_checked = True
+        probe = self.probe
+        if probe is None or not self.probe_size or probe.shape[1:] == fed.shape[1:]:
+            return
+        if not self._probe_given:
+            self.probe = None  # _end_batch collects the step's inputs from this batch on (the fallback probe)
+            return
+        if not self._warned_probe_shape:
+            self._warned_probe_shape = True
+            rank_zero_warn(
+                f"RegionMonitor: probe= holds inputs of shape {tuple(probe.shape[1:])}, but the {_SHORT[stage]} step "
+                f"feeds the recorded module ({self.module or 'the LightningModule'}) inputs of shape "
+                f"{tuple(fed.shape[1:])}; the probe is fed straight into that module, so its boundary distance at "
+                "the epoch's end will likely fail. Pass probe= shaped like the step's inputs, or probe_size=0 to "
+                "turn the boundary distance off.", category=UserWarning)
 
     def _key(self, slot: str) -> None:
         """Compute the keys of the slot's waiting batches."""
@@ -394,7 +441,10 @@ class RegionMonitor(Callback):
                              "(its granularities= count several layer selections at once)")
 
     def _start_epoch(self, trainer: Any, stage: str) -> None:
+        self._unspy()  # (left on only if a training batch ended without on_train_batch_end)
         self._epoch_start[stage] = time.perf_counter()
+        if stage == "train":
+            self._train_epoch = trainer.current_epoch
         for slot in [k for k in (*self._local, *self._waiting, *self._pending)
                      if k == stage or k.startswith(stage + "/")]:
             self._local.pop(slot, None)
@@ -406,6 +456,7 @@ class RegionMonitor(Callback):
             self._active.add(stage)
             if stage in ("validate", "test"):
                 self._fallback_probe: list[Tensor] = []
+                self._probe_checked = False
                 if self.probe is None and self.probe_size:
                     self.probe = self._probe_from_dataset(trainer, stage)
         else:
@@ -424,8 +475,10 @@ class RegionMonitor(Callback):
         # the model sees
         collate = getattr(loaders, "collate_fn", None) or default_collate
         try:
-            items = [ds[i] for i in range(min(self.probe_size, len(ds)))]
-            return self.get_inputs(collate(items)).detach().cpu().clone()
+            # outside the loader: a randomly augmenting data set must not draw from the run's generators here
+            with _rng_kept():
+                items = [ds[i] for i in range(min(self.probe_size, len(ds)))]
+                return self.get_inputs(collate(items)).detach().cpu().clone()
         except Exception:  # an exotic dataset: fall back to the first batches seen (see _end_epoch)
             return None
 
@@ -456,7 +509,7 @@ class RegionMonitor(Callback):
         short = _SHORT[stage]
         n = self._n_loaders.get(stage, 1)
         train = None
-        if stage == "validate" and "train" in self._active:
+        if stage == "validate" and "train" in self._active and _fitting(trainer):  # this fit's training batches
             train = self._gather(trainer, self._local.get("train"))
             if train is not None:
                 self.stats["train"] = train
@@ -484,7 +537,12 @@ class RegionMonitor(Callback):
         if stage != "train" and self.probe is not None and self.probe_size and self._probe_due(stage):
             t0 = time.perf_counter()
             # the probe comes from the first data loader: its distance is logged with that loader's metrics
-            rows[0][2]["boundary_distance_median"] = self.probe_distance(pl_module)
+            try:
+                rows[0][2]["boundary_distance_median"] = self.probe_distance(pl_module)
+            except RuntimeError as e:
+                if type(e) is not RuntimeError:  # (the package's own errors say what to do already)
+                    raise
+                raise RuntimeError(self._probe_failed(e)) from e
             self._check_probe_time(stage, time.perf_counter() - t0, t0 - self._epoch_start.get(stage, t0))
         for name, suffix, metrics in rows:
             for metric, value in metrics.items():
@@ -494,6 +552,16 @@ class RegionMonitor(Callback):
         if self.compare and (stage == "test" or (self.compare_every_n_epochs and stage == "validate" and
                                                   (trainer.current_epoch + 1) % self.compare_every_n_epochs == 0)):
             self._run_compare(trainer, pl_module, short)
+
+    def _probe_failed(self, e: Exception) -> str:
+        """The message of torch's error (a shape mismatch, typically) raised by the probe's boundary distance."""
+        shape = tuple(self.probe.shape) if self.probe is not None else None
+        source = ("probe=" if self._probe_given else
+                  "the first probe_size validation items, as get_inputs= takes them out of a batch")
+        return (f"RegionMonitor: the boundary distance of the probe (inputs of shape {shape}: {source}) failed in "
+                f"the recorded module ({self.module or 'the LightningModule'}): {e}. The probe is fed straight into "
+                "that module: pass probe= with inputs as your step feeds them to it, or probe_size=0 to turn the "
+                "boundary distance off.")
 
     def _probe_due(self, stage: str) -> bool:
         if stage == "test":
@@ -599,28 +667,81 @@ class RegionMonitor(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self._start_epoch(trainer, "train")
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._unspy()
+        if "train" in self.stages and self._train_epoch != trainer.current_epoch:
+            # resumed from a checkpoint saved inside this epoch: Lightning skipped on_train_epoch_start
+            self._start_epoch(trainer, "train")
+        if "train" in self._active and batch_idx % self.train_every_n_batches == 0:
+            self._spy = _spy(self._net(pl_module))  # what the step feeds the module (see on_train_batch_end)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        fed = self._unspy()
         if "train" not in self._active or batch_idx % self.train_every_n_batches:
             return
         # an extra eval-mode pass: the training forward has dropout / batch statistics, not the model's regions
         net = self._net(pl_module)
-        x = self.get_inputs(batch)
+        y = self._labels(batch)
+        x = self._step_input(fed, batch, y.numel())
+        from_step = x is not None
+        if not from_step:  # the step did not call the module (nor its forward) with a tensor: the batch's inputs
+            x = self.get_inputs(batch)
         with preserved(net, eval_mode=True), torch.no_grad():
             with track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict) as tracker:
-                net(x)
+                try:
+                    net(x)
+                except RuntimeError as e:
+                    if from_step or type(e) is not RuntimeError:
+                        raise
+                    raise RuntimeError(
+                        f"RegionMonitor: the extra pass over training batches (train_every_n_batches) fed the "
+                        f"recorded module ({self.module or 'the LightningModule'}) get_inputs(batch), of shape "
+                        f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}, because the training "
+                        f"step did not call that module: {e}. Pass module= (the submodule the step calls) or "
+                        "get_inputs= (the module's input from a batch).") from e
             tracker.stats = self._stats_for("train", tracker)
-            tracker.update(self._labels(batch))
+            tracker.update(y)
+
+    def _step_input(self, fed: list[Tensor] | None, batch: Any, n: int) -> Tensor | None:
+        """The input of the training step's pass on the batch among the module's calls ``fed``: the one on the
+        batch's own input tensor, else the last one of ``n`` samples, else the last one; None if none."""
+        if not fed:
+            return None
+        try:
+            own = self.get_inputs(batch)
+        except Exception:  # an exotic batch: found by its size
+            own = None
+        for x in reversed(fed):
+            if _same_tensor(x, own):
+                return x
+        return next((x for x in reversed(fed) if x.dim() and x.shape[0] == n), fed[-1])
+
+    def _unspy(self) -> list[Tensor] | None:
+        """Take off the training step's input capture (if on); returns the inputs it saw."""
+        if self._spy is None:
+            return None
+        patch, fed = self._spy
+        self._spy = None
+        patch.remove()
+        return fed
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._unspy()
         self._end_epoch(trainer, pl_module, "train")
 
     def on_exception(self, trainer, pl_module, exception):
+        self._unspy()
         self._close()
         self._waiting.clear()  # the epoch is lost: let its recorded states go
         self._pending.clear()
 
     def teardown(self, trainer, pl_module, stage):
+        self._unspy()
         self._close()
+        if stage == "fit":  # the training statistics belong to this fit (not to a later trainer.validate())
+            self._active.discard("train")
+            self._local.pop("train", None)
+            self._train_epoch = None
 
     # ------------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -661,6 +782,45 @@ class _Deferred:
 
     def recording_batch(self, *a, **k):  # pragma: no cover - replaced before use
         raise RuntimeError("internal: stats not set")
+
+
+def _spy(module: nn.Module) -> tuple[ForwardPatch, list[Tensor]]:
+    """Note the first positional tensor of every outermost call of ``module`` (an instance forward, taken off by
+    the handle's ``remove()``, like the recordings')."""
+    fed: list[Tensor] = []
+    depth = [0]
+
+    def body(mod, inner, args, kwargs):
+        if depth[0] == 0 and args and isinstance(args[0], Tensor):
+            fed.append(args[0].detach())
+        depth[0] += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    return ForwardPatch.on(module, body), fed
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Leave the global random generators (torch's CPU one and the current CUDA device's, ``random``'s, NumPy's)
+    as they were before the block."""
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is optional
+        np = None
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
 
 
 def _fitting(trainer: Any) -> bool:
