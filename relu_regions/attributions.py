@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .affine import AffineMap, TargetType, affine_map, resolve_target
+from .affine import AffineMap, TargetType, affine_map, check_batch, resolve_target
 from .errors import check_finite
 from .recording import LayerSelection, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -94,7 +94,9 @@ def _default_target(model: nn.Module, x: Tensor, target: TargetType, logits_at: 
         return target
     with preserved(model, eval_mode=True), torch.no_grad():
         out, _ = run_recorded(model, x, logits_at=logits_at)
-    return out.reshape(x.shape[0], -1).argmax(1)
+        # taken inside preserved (outside a caller's inference_mode): an inference tensor could not be saved by the
+        # autograd of the reverse route
+        return out.reshape(x.shape[0], -1).argmax(1)
 
 
 def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | None = None, *,
@@ -122,6 +124,11 @@ def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | Non
     """
     from .keys import pack_patterns
 
+    check_batch(x)
+    check_batch(other, "other")
+    if other.shape != x.shape:
+        raise ValueError(f"other must have the shape of x {tuple(x.shape)} (one point per sample), got "
+                         f"{tuple(other.shape)}")
     seen: dict[str, Tensor] = {}
 
     def keep(pattern: LayerPattern, z: Tensor) -> None:
@@ -215,8 +222,7 @@ def contributions(model: nn.Module, x: Tensor, target: TargetType = None, level:
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError("x must be a batched tensor (B, ...)")
+    check_batch(x)  # before the default target runs the model on x
     x = x.detach()
     base = _baseline_like(x, baseline)
     tgt = _default_target(model, x, target, logits_at)
@@ -254,8 +260,7 @@ def neuron_contributions(model: nn.Module, x: Tensor, target: TargetType = None,
     dict of name -> Tensor ``(B, *unit_input_shape)`` in execution order: for a conv ReLU ``(B, C, H, W)``, for a
     max-pool the pool input (the window maxima carry the contributions), for a dense ReLU ``(B, units)``.
     """
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError("x must be a batched tensor (B, ...)")
+    check_batch(x)  # before the default target runs the model on x
     x = x.detach()
     tgt = _default_target(model, x, target, logits_at)
     with preserved(model, eval_mode=True):
@@ -282,7 +287,8 @@ def neuron_contributions(model: nn.Module, x: Tensor, target: TargetType = None,
             y = run_frozen(model, z0, patterns, logits_at=logits_at, observe=observe)
             sel = y.reshape(x.shape[0], -1).gather(1, t[:, None]).sum()
             torch.autograd.grad(sel, z0, allow_unused=True)
-    return {n: values[n] * grads[n] if n in grads else torch.zeros_like(values[n]) for n in names}
+        # inside preserved, outside a caller's inference_mode: ordinary tensors back, like affine_map's
+        return {n: values[n] * grads[n] if n in grads else torch.zeros_like(values[n]) for n in names}
 
 
 def channel_contributions(c: Tensor) -> Tensor:

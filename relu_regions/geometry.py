@@ -11,9 +11,12 @@ The exact ``l_p`` distance from ``x`` to the region's boundary is ``min_j m_j(x)
 ``p``; margins with zero gradient never bind and are excluded): the point where the first hyperplane is reached
 along the shortest path is the first point where any inequality fails, so no other inequality can be closer.
 ``method="re3"`` is the Re3 paper's ``|z_j| / ||w_j||_q`` with ``w_j`` the unit's weight row in its *own layer's*
-input space — exact only for first-layer units fed directly by that Linear / Conv (it ignores how earlier layers
-stretch space, and an affine step between the layer and the unit, such as a BatchNorm, which rescales ``z_j`` but
-not ``w_j``), kept for comparison.
+input space — exact only for first-layer units fed directly by a Linear, or by a Conv whose window at the unit's
+position lies inside the input (every unit of an unpadded Conv). It ignores how earlier layers stretch space, an
+affine step between the layer and the unit, such as a BatchNorm, which rescales ``z_j`` but not ``w_j``, and the
+border of a padded Conv: a unit whose window overlaps the padding sees only part of the kernel (zero padding: its
+gradient is the cropped kernel, of smaller norm, so re3 underestimates its distance; reflect / circular padding
+fold kernel entries together). Kept as the paper defines it, for comparison.
 
 Routes for the exact distance (:func:`boundary_distance`, all exact): ``"structured"`` for plain chains of standard
 modules and functional ReLU / max-pool / flatten calls, such as LeNet or PyTorch's MNIST example CNN (the Jacobian
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 
 from .affine import _basis, affine_map, check_chunk_size, preactivation_maps
 from .affine import check_batch as _check_x
-from .errors import ForwardADMissingError, forward_mode, is_int_at_least
+from .errors import ForwardADMissingError, ReluRegionsError, forward_mode, is_int_at_least
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
 from .recording import LayerSelection, StopReplay, run_frozen, run_recorded, select_layers
@@ -63,6 +66,10 @@ _RELU_LIKE = ("relu", "leaky_relu", "prelu")
 
 def dual_norm(p: float) -> float:
     """The ``q`` with ``1/p + 1/q = 1`` for ``p`` in {1, 2, inf}."""
+    # a bool is no norm order (float(True) would be the l1 norm); numpy's bool is not a numbers.Real either
+    if isinstance(p, bool) or not isinstance(p, (numbers.Real, Tensor)) or (isinstance(p, Tensor) and (
+            p.numel() != 1 or p.dtype == torch.bool)):
+        raise ValueError(f"p must be 1, 2 or inf (the l_p norm), got {p!r}")
     p = float(p)
     if p == 2.0:
         return 2.0
@@ -826,8 +833,12 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
     method : {"exact", "re3"}
         ``"exact"``: ``min_j m_j / ||∇ₓ m_j||_q`` over every inequality of the region (ReLU-like units, clamps,
         max-pool argmax comparisons). ``"re3"``: the Re3 paper's per-layer ``|z_j| / ||w_j||_q`` (ReLU and clamp
-        units only) — exact for first-layer units fed directly by the first Linear / Conv (not through a
-        BatchNorm or other affine step, whose scaling it ignores), an overestimate possible for deeper layers.
+        units only, ``w_j`` the full weight row / kernel) — exact for first-layer units fed directly by the first
+        Linear, or by the first Conv where the unit's window lies inside the input (all units of an unpadded
+        Conv; not through a BatchNorm or other affine step, whose scaling it ignores). Not exact for the border
+        units of a padded Conv, whose window overlaps the padding: with zero padding their gradient is the
+        cropped kernel, of smaller norm, so re3 underestimates their distance. Deeper layers: an overestimate
+        or an underestimate is possible.
     layers : selection, optional
         Only the inequalities of these piecewise-linear calls (a name, list of names, int or slice as in
         :meth:`~relu_regions.Recording.patterns`). Default: all — the distance to the region's boundary.
@@ -838,6 +849,12 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         the exact region distance is 0 there). With a subset of layers the result is the distance at which one of
         *those* inequalities first fails — not a region distance (other units may switch earlier); ``per_layer``
         always holds the distances of the computed layers.
+    logits_at : str, optional
+        Module path whose output is the explained output (as in :func:`~relu_regions.affine_map`): the run ends
+        there, so only the piecewise-linear calls before it bound the region.
+    strict : bool
+        Raise :class:`~relu_regions.UnsupportedModuleError` on operations that are not piecewise linear (as in
+        :func:`~relu_regions.affine_map`); the structured route needs it.
     chunk_size : int, optional
         Samples per chunk (bounds memory: the forward and structured routes hold ``D`` tangents per sample).
     route : {"auto", "structured", "forward", "reverse"}
@@ -975,7 +992,10 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         layer = torch.full((n_rest,), -1, dtype=torch.int64, device=x.device)
         units = torch.zeros(n_rest, dtype=torch.int64, device=x.device)
     if proof is not None:  # proven samples: 0 at the proving inequality; the others as computed
-        dist = torch.zeros(b, dtype=x.dtype, device=x.device).index_copy(0, rest, dist)
+        # in the distances' dtype, which follows the margins: a model that computes its units in float64 from a
+        # float32 input gives float64 distances
+        dist = torch.zeros(b, dtype=torch.promote_types(x.dtype, dist.dtype), device=x.device).index_copy(
+            0, rest, dist.to(torch.promote_types(x.dtype, dist.dtype)))
         layer = proof[1].index_copy(0, rest, layer)
         units = proof[2].index_copy(0, rest, units)
         per_layer = {}
@@ -1110,12 +1130,37 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
     return eps, (d[None, :] >= eps[:, None]).to(torch.float64).mean(1)
 
 
-def validity_epsilons(distances: Tensor, levels=(0.9, 0.75, 0.5)) -> dict[str, float]:
-    """ε_L: the largest ε with validity >= L, i.e. the ⌈L·N⌉-th largest distance (exact, Re3 §4.2.4)."""
+def validity_epsilons(distances: Tensor, levels: float | Sequence[float] = (0.9, 0.75, 0.5)) -> dict[str, float]:
+    """ε_L: the largest ε with validity >= L, i.e. the ⌈L·N⌉-th largest distance (exact, Re3 §4.2.4).
+
+    Parameters
+    ----------
+    distances : Tensor
+        Per-explanation distances (e.g. :attr:`BoundaryDistances.distance`); ``inf`` is allowed, NaN is not.
+    levels : float or sequence of float
+        Validity levels ``L`` in (0, 1]; a single number is one level.
+
+    Returns
+    -------
+    dict
+        ``"eps90"`` -> ε_0.9 and so on (keys in whole percents, or fractions of one: ``"eps99.5"``).
+    """
+    if isinstance(levels, numbers.Real) and not isinstance(levels, bool):
+        levels = (levels,)
+    elif isinstance(levels, Tensor):
+        levels = levels.reshape(-1).tolist()
+    else:
+        try:
+            if isinstance(levels, (str, bytes)):
+                raise TypeError
+            levels = tuple(levels)
+        except TypeError:
+            raise TypeError(f"levels must be a number or a sequence of numbers in (0, 1], got {levels!r}") from None
     d = torch.sort(_distances(distances), descending=True).values
     out = {}
     for lv in levels:
-        if not isinstance(lv, numbers.Real) or not 0 < lv <= 1:
+        # a bool is not a share (True would be the level 1.0)
+        if isinstance(lv, bool) or not isinstance(lv, numbers.Real) or not 0 < lv <= 1:
             raise ValueError(f"levels are shares of the explanations, in (0, 1]; got {lv!r}")
         k = max(1, math.ceil(lv * d.numel() - 1e-9))
         key = f"eps{lv * 100:g}"  # eps90, eps99.5 (rounded to whole percents, 0.9 and 0.904 shared one key)
@@ -1152,8 +1197,10 @@ def _directional(model, x, v, patterns, logits_at, strict, wanted: set | None = 
     primal = tan = None
     with forward_mode("this directional computation (what_if, line_walk, certified_radius)",
                       _REVERSE_ONLY), torch.no_grad(), fwAD.dual_level():
-        out = run_frozen(model, fwAD.make_dual(x, v.to(x.dtype)), patterns, strict=strict, logits_at=logits_at,
-                         observe=grab)
+        # contiguous: make_dual writes into its primal's and tangent's layout, which an expanded (stride-0) input,
+        # one sample broadcast to a batch, does not allow
+        out = run_frozen(model, fwAD.make_dual(x.contiguous(), v.to(x.dtype).contiguous()), patterns, strict=strict,
+                         logits_at=logits_at, observe=grab)
         if out is not None:
             primal, tan = fwAD.unpack_dual(out)
     if primal is not None:
@@ -1264,7 +1311,10 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
     From the pattern at the current point one JVP pass gives the step at which the first inequality fails; the
     next region's pattern is recorded just past that breakpoint (a tiny step ``η``), and its own backward exit is
     checked to reach back to the breakpoint — otherwise ``η`` is halved, so thin regions are not skipped. With
-    ``float64=True`` (default) the walk runs on a float64 copy of the model (the user's model is not touched).
+    ``float64=True`` (default) the walk runs on a float64 deep copy of the model (the user's model is not touched);
+    a model that cannot be deep-copied, has an instance-level ``forward`` function (a wrapper, which the copy would
+    keep calling on the original modules) or fails as a float64 copy (a forward that casts to a fixed dtype) is
+    refused with an error that says to pass ``float64=False``, which walks in the model's own dtype.
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
@@ -1280,9 +1330,10 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
         raise ValueError(f"x1 must be a tensor with as many elements as x0 {tuple(x0.shape)}")
     x1 = x1.detach().reshape(x0.shape)
     _check_x(x1, "x1")
+    dtype = x0.dtype
     net = model
     if float64:
-        net = copy.deepcopy(model).double()
+        net = _float64_copy(model)
         x0, x1 = x0.double(), x1.double()
     v = x1 - x0
     bps = [0.0]
@@ -1298,7 +1349,17 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
             return pats, float(fwd[0]), float(bwd[0])
 
         t = 0.0
-        pats, fwd, bwd = probe(0.0)
+        try:
+            pats, fwd, bwd = probe(0.0)
+        except Exception as e:
+            if not float64 or isinstance(e, ReluRegionsError) or not _runs(model, x0.to(dtype)):
+                raise
+            # the model runs in its own dtype and its float64 copy does not: its forward casts to a fixed dtype
+            # (x.float()), or keeps layers of another dtype
+            raise RuntimeError(f"line_walk(float64=True) runs on a float64 copy of the model, which fails on x0 "
+                               f"({type(e).__name__}: {e}) although the model itself runs in {dtype}; its forward "
+                               "probably casts to a fixed dtype. Pass float64=False to walk in the model's own "
+                               "dtype") from e
         eta0 = 1e-9 if float64 else 1e-5
         if fwd <= 0:  # starting on a boundary: take the region just after it
             pats, fwd, bwd, t = _step_past(probe, 0.0, eta0, float64)
@@ -1320,6 +1381,37 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
                       "the regions beyond it were not walked (LineWalk.complete is False)", UserWarning, stacklevel=2)
     packed = torch.cat(packs)
     return LineWalk(torch.tensor(bps, dtype=torch.float64), torch.cat(keys), packed, complete)
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of ``model`` for :func:`line_walk`, or a clear error where a copy cannot stand in for it."""
+    try:
+        net = copy.deepcopy(model)
+    except Exception as e:
+        raise TypeError(f"line_walk(float64=True) runs on a float64 deep copy of the model, and the model cannot "
+                        f"be deep-copied ({type(e).__name__}: {e}); pass float64=False to walk in the model's own "
+                        "dtype") from e
+    for (name, mod), dup in zip(model.named_modules(), net.modules()):
+        fwd = mod.__dict__.get("forward")
+        # an instance-level forward that deepcopy kept as it is (a function: a wrapper set with model.forward = ...)
+        # still calls the float32 original; a method of the model is rebound to the copy, and a compiled module
+        # makes its own
+        if fwd is not None and dup.__dict__.get("forward") is fwd:
+            raise ValueError(f"line_walk(float64=True) runs on a float64 deep copy of the model, but "
+                             f"{'the model' if not name else repr(name)} has an instance-level forward "
+                             f"({getattr(fwd, '__qualname__', type(fwd).__name__)}) that the copy would keep "
+                             "calling on the original modules; pass float64=False to walk in the model's own dtype")
+    return net.double()
+
+
+def _runs(model: nn.Module, x: Tensor) -> bool:
+    """Whether a plain forward pass of ``model`` on ``x`` succeeds (the model's state restored afterwards)."""
+    try:
+        with preserved(model, eval_mode=True), torch.no_grad():
+            model(x)
+    except Exception:
+        return False
+    return True
 
 
 def _step_past(probe, tb: float, eta: float, float64: bool):
@@ -1521,10 +1613,18 @@ def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, 
 
     Parameters
     ----------
+    model : nn.Module
+        Piecewise-linear network (run in eval mode; its state is restored afterwards).
+    x : Tensor
+        ``(B, *input_shape)`` inputs, each inside the box.
     box : (lo, hi)
         Numbers or tensors broadcastable to one input's shape; every ``x`` must lie inside.
     p, layers, kinds, logits_at, strict
         As in :func:`boundary_distance`.
+
+    Returns
+    -------
+    BoxDistances
     """
     q = dual_norm(p)
     p = float(p)

@@ -192,3 +192,65 @@ def test_non_finite_and_grad_baselines():
     bl = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     c = contributions(m, x, target=1, baseline=bl)
     assert not c.values.requires_grad and not c.offset.requires_grad
+
+
+# --- s17: inputs checked before the default target runs the model; inference mode --------------------------------
+
+
+def test_neuron_contributions_and_same_region_refuse_non_finite_inputs():
+    """Before: neuron_contributions returned NaN contributions and same_region(NaN, NaN) answered True (two NaN
+    inputs "shared a region"), where contributions refused the same inputs."""
+    m, x = _net(), _x()
+    nan = torch.full_like(x, float("nan"))
+    with pytest.raises(ValueError, match="x holds 30 non-finite"):
+        neuron_contributions(m, nan)
+    with pytest.raises(ValueError, match="x holds 30 non-finite"):
+        same_region(m, nan, nan)
+    other = x.clone()
+    other[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="other holds 1 non-finite"):
+        same_region(m, x, other)
+    with pytest.raises(ValueError, match="other must have the shape of x"):
+        same_region(m, x, x[:2])
+
+
+def test_inputs_are_checked_before_the_default_target_runs_the_model():
+    """Before: with the default target, an integer or empty x reached the model first and gave raw torch errors
+    ("mat1 and mat2 must have the same dtype", "cannot reshape tensor of 0 elements")."""
+    m = _net()
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    for fn in (contributions, neuron_contributions):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+            fn(m, torch.randint(0, 3, (2, 5)))
+        with pytest.raises(ValueError, match="x holds no samples"):
+            fn(m, torch.zeros(0, 5, dtype=torch.float64))
+    assert not calls  # refused before any forward pass
+
+
+def test_default_target_inside_inference_mode():
+    """Before: under torch.inference_mode the default target (argmax of the output) was an inference tensor, and
+    the reverse route failed with "Inference tensors cannot be saved for backward"; neuron_contributions gave
+    inference tensors back."""
+    m, x = _net(), _x()
+    w1, b1, w2, b2, w3 = m[0].weight, m[0].bias, m[2].weight, m[2].bias, m[4].weight
+    with torch.no_grad():  # by hand: the region's masks, the target row of A, the units' gradients
+        h1 = x @ w1.T + b1
+        d1 = (h1 > 0).double()
+        h2 = (h1 * d1) @ w2.T + b2
+        d2 = (h2 > 0).double()
+        t = m(x).argmax(1)
+        g2 = w3[t] * d2  # ∂f_t/∂(unit output of layer 2), masked: the gradient at its input
+        g1 = (g2 @ w2) * d1
+        a_t = g1 @ w1
+    with torch.inference_mode():
+        for method in ("reverse", "forward"):
+            c = contributions(m, x, method=method)
+            torch.testing.assert_close(c.values, a_t * x, rtol=0, atol=1e-12)
+            assert torch.equal(c.target, t) and not c.target.is_inference()
+        p = contributions(m, x, level="probability")
+        assert torch.equal(p.target, t)
+        nc = neuron_contributions(m, x)
+    torch.testing.assert_close(nc["1"], h1 * g1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(nc["3"], h2 * g2, rtol=0, atol=1e-12)
+    assert not any(v.is_inference() for v in nc.values())

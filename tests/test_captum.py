@@ -495,3 +495,70 @@ def test_one_dimensional_inputs_and_grad_baselines():
     attr, delta = Re3(m2).attribute(torch.randn(3, 5, dtype=torch.float64), baselines=bl, target=0,
                                     return_convergence_delta=True)
     assert not attr.requires_grad and not delta.requires_grad
+
+
+# --- s17: targets made in inference mode, targets of >2-D outputs, baseline messages --------------------------------
+
+
+def test_inference_mode_calls_and_targets():
+    """Before: a target made under torch.inference_mode (an eval loop's argmax) failed in the reverse route with
+    "Inference tensors cannot be saved for backward"; also with per-sample additional_forward_args."""
+    torch.manual_seed(21)
+    plain = _biased_mlp(21, 5, [8], 3)
+    m = _Masked(3).double().eval()
+    x = torch.randn(5, 5, dtype=torch.float64)
+    mask = (torch.rand(5, 5) > 0.3).double()
+    with torch.inference_mode():
+        tgt = plain(x).argmax(1)
+        tgt_masked = m(x, mask).argmax(1)
+    ref = InputXGradient(plain).attribute(x.clone().requires_grad_(), target=tgt.clone()).detach()
+    ref_masked = InputXGradient(m).attribute(x.clone().requires_grad_(), target=tgt_masked.clone(),
+                                             additional_forward_args=(mask,)).detach()
+    with torch.inference_mode():
+        for method in ("reverse", "forward"):
+            assert _rel(Re3(plain, method=method).attribute(x, target=tgt), ref) <= 1e-12
+            ours = Re3(m, method=method).attribute(x, target=tgt_masked, additional_forward_args=(mask,))
+            assert _rel(ours, ref_masked) <= 1e-12
+
+
+class _Grid(nn.Module):
+    """A ``(B, *shape)`` output."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+        self.l = nn.Linear(3, int(torch.Size(shape).numel()))
+
+    def forward(self, x):
+        return torch.relu(self.l(x)).reshape(-1, *self.shape)
+
+
+def test_targets_of_outputs_with_more_than_two_dims():
+    """Before: Re3(target=1) on a (B, 2, 3) output silently explained the flattened index (out[:, 0, 1]) where
+    Captum refuses the call (its int target selects out[:, 1], a whole row)."""
+    torch.manual_seed(22)
+    x = torch.rand(2, 3, dtype=torch.float64)
+    m = _Grid((2, 3)).double().eval()
+    for target in (1, [0, 1], torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match=r"needs a \(B, K\) output, but the explained output has shape "
+                                             r"\(B, 2, 3\)"):
+            Re3(m).attribute(x, target=target)
+    with pytest.raises(AssertionError):  # Captum's own refusal of the same call
+        InputXGradient(m).attribute(x.clone().requires_grad_(), target=1)
+    # trailing dims of size 1 leave one entry per index: taken, as Captum takes it
+    m1 = _Grid((3, 1)).double().eval()
+    ref = InputXGradient(m1).attribute(x.clone().requires_grad_(), target=2).detach()
+    assert _rel(Re3(m1).attribute(x, target=2), ref) <= 1e-12
+
+
+def test_a_single_baselines_tensor_is_named_as_passed():
+    """Before: a mis-shaped single baselines tensor was reported as "baselines[0] ... input 0", names the user
+    never wrote."""
+    m = nn.Linear(3, 2).double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^baselines of shape \(4,\) does not match inputs of shape \(2, 3\)"):
+        Re3(m).attribute(x, target=0, baselines=torch.zeros(4))
+    f = Re3(lambda u, v: m(torch.cat([u, v], 1)))
+    with pytest.raises(ValueError, match=r"^baselines\[1\] of shape \(4,\) does not match inputs\[1\] of shape "
+                                         r"\(2, 1\)"):
+        f.attribute((x[:, :2], x[:, 2:]), target=0, baselines=(0.0, torch.zeros(4)))

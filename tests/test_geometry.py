@@ -1059,3 +1059,219 @@ def test_structured_route_with_hooks_and_fields_longer_than_the_input():
     flat = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 7, 2)).double()
     for route in ("forward", "reverse"):  # no inequality at all (before: an IndexError with per_layer=False)
         assert G.boundary_distance(flat, x, route=route, per_layer=False).distance.tolist() == [math.inf] * 3
+
+
+# --- s17: expanded inputs, float64 copies, mixed dtypes, re3 on padded convs, argument checks, docstrings --------
+
+
+def _one_hidden(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)).to(dtype).eval()
+
+
+def _by_hand(net: nn.Sequential, x: torch.Tensor):
+    """First-layer pre-activations, active masks and each sample's region map ``A`` of a Linear-ReLU-Linear net,
+    written out from its weights."""
+    w1, b1, w2 = net[0].weight.detach(), net[0].bias.detach(), net[2].weight.detach()
+    z = x @ w1.T + b1
+    mask = (z > 0).to(x.dtype)
+    a = torch.einsum("kh,bh,hd->bkd", w2, mask, w1)
+    return z, mask, a
+
+
+def test_expanded_inputs_work_in_the_directional_routes():
+    """Before: one sample broadcast to a batch with ``expand`` (stride 0) made what_if, certified_radius and
+    boundary_distance(per_layer=False) fail in fwAD.make_dual ("more than one element of the written-to tensor
+    refers to a single memory location")."""
+    net = _one_hidden()
+    x = torch.randn(1, 4, dtype=torch.float64).expand(3, 4)
+    delta = torch.full((1, 4), 0.01, dtype=torch.float64).expand(3, 4)  # an expanded change too
+    z, mask, a = _by_hand(net, x)
+    w1 = net[0].weight.detach()
+    region = (z.abs() / torch.linalg.vector_norm(w1, dim=1)).min(1).values  # first-layer units: exact
+    bd = G.boundary_distance(net, x, per_layer=False).distance
+    torch.testing.assert_close(bd, region, rtol=1e-12, atol=0)
+    out = net(x).detach()
+    c = out.argmax(1)
+    ar = torch.arange(3)
+    gap = out[ar, c][:, None] - out
+    nrm = torch.linalg.vector_norm(a[ar, c][:, None] - a, dim=2)
+    dd = torch.where(gap > 0, gap / nrm, torch.full_like(gap, INF)).min(1).values
+    torch.testing.assert_close(G.certified_radius(net, x), torch.minimum(region, dd), rtol=1e-12, atol=0)
+    w = G.what_if(net, x, delta)
+    torch.testing.assert_close(w.prediction, net(x + delta).detach(), rtol=0, atol=1e-12)
+    rate = delta @ w1.T  # pre-activations' rate along delta; the first unit that reaches 0 ends the ray
+    steps = torch.where(rate * z < 0, -z / rate, torch.full_like(z, INF)).min(1).values
+    torch.testing.assert_close(w.max_step, steps, rtol=1e-12, atol=0)
+
+
+def _crossings(net: nn.Sequential, x0: torch.Tensor, x1: torch.Tensor) -> int:
+    """Regions on the segment of a one-hidden-layer net: one more than the units whose pre-activation changes sign
+    strictly inside it (a hand computation; the segments below have no ties)."""
+    z0 = (x0 @ net[0].weight.double().T + net[0].bias.double())[0]
+    z1 = (x1 @ net[0].weight.double().T + net[0].bias.double())[0]
+    return int(((z0 * z1) < 0).sum()) + 1
+
+
+class _Locked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _one_hidden(dtype=torch.float32)
+        import threading
+
+        self.lock = threading.Lock()  # deepcopy cannot pickle a lock
+
+    def forward(self, x):
+        with self.lock:
+            return self.net(x)
+
+
+class _Alt(nn.Sequential):
+    def scaled(self, x):
+        return 2 * super().forward(x)
+
+
+def test_line_walk_float64_copy_is_refused_clearly_where_a_copy_cannot_stand_in():
+    """Before: line_walk(float64=True) deep-copied the model: a member that cannot be copied gave pickle's raw
+    "cannot pickle '_thread.lock' object", and an instance-level forward wrapper (still calling the float32
+    original) a raw "mat1 and mat2 must have the same dtype"."""
+    import functools
+
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    locked = _Locked().eval()
+    with pytest.raises(TypeError, match=r"cannot be deep-copied .*pass float64=False"):
+        G.line_walk(locked, x[:1], x[1:2])
+    assert G.line_walk(locked, x[:1], x[1:2], float64=False).n_regions == _crossings(locked.net, x[:1].double(),
+                                                                                     x[1:2].double())
+    wrapped = _one_hidden(dtype=torch.float32)
+    orig = wrapped.forward
+
+    @functools.wraps(orig)
+    def logged(*args, **kw):
+        return orig(*args, **kw)
+
+    wrapped.forward = logged
+    with pytest.raises(ValueError, match=r"instance-level forward .*pass float64=False"):
+        G.line_walk(wrapped, x[:1], x[1:2])
+    assert wrapped.forward is logged  # the model as it was
+    assert G.line_walk(wrapped, x[:1], x[1:2], float64=False).n_regions == _crossings(wrapped, x[:1].double(),
+                                                                                      x[1:2].double())
+    # an instance-level forward that is a method of the model is rebound by the copy: walked in float64
+    alt = _Alt(*_one_hidden(dtype=torch.float32))
+    alt.forward = alt.scaled
+    assert G.line_walk(alt, x[:1], x[1:2]).n_regions == _crossings(alt, x[:1].double(), x[1:2].double())
+    # so is a compiled module's (the copy makes its own)
+    net = _one_hidden(dtype=torch.float32)
+    compiled = torch.compile(net, backend=lambda gm, example_inputs: gm.forward)
+    assert G.line_walk(compiled, x[:1], x[1:2]).n_regions == _crossings(net, x[:1].double(), x[1:2].double())
+
+
+class _Back(nn.Module):
+    """float64 first layer and ReLU, float32 head; the forward casts."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(4, 7).double()
+        self.l2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x.double())).float())
+
+
+def test_models_with_layers_of_two_dtypes():
+    """Before: boundary_distance(per_layer=False) and certified_radius failed in index_copy ("self and source
+    expected to have the same dtype": the result was allocated in x's float32, the margins were float64), and
+    line_walk(float64=True) with a raw "mat1 and mat2 must have the same dtype"."""
+    m = _Back().eval()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    w1, b1 = m.l1.weight.detach(), m.l1.bias.detach()
+    z = x.double() @ w1.T + b1
+    region = (z.abs() / torch.linalg.vector_norm(w1, dim=1)).min(1).values  # the only ReLU layer: exact
+    bd = G.boundary_distance(m, x, per_layer=False).distance
+    assert bd.dtype == G.boundary_distance(m, x).distance.dtype
+    torch.testing.assert_close(bd.double(), region, rtol=1e-12, atol=0)
+    cr = G.certified_radius(m, x)
+    assert torch.isfinite(cr).all() and (cr <= bd).all() and (cr > 0).all()
+    with pytest.raises(RuntimeError, match=r"float64 copy of the model.*Pass float64=False"):
+        G.line_walk(m, x[:1], x[1:2])
+    walk = G.line_walk(m, x[:1], x[1:2], float64=False)
+    z0, z1 = z[0], z[1]
+    assert walk.n_regions == int(((z0 * z1) < 0).sum()) + 1
+
+
+def test_re3_distance_on_convs_is_exact_without_padding_and_underestimates_padded_borders():
+    """Before: the docstrings called method="re3" exact for every first-layer unit fed by a Conv; a padded
+    Conv's border units see a cropped kernel (smaller norm), so re3 underestimates their distance. The docs say so
+    now; this pins both cases against an independent Jacobian (torch.func.jacrev of the conv alone)."""
+    from torch.func import jacrev
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    for pad, exact in ((0, True), (1, False)):
+        conv = nn.Conv2d(1, 2, 3, padding=pad).double()
+        model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3).double()).double()
+        model(x)
+        re3 = G.boundary_distance(model, x, method="re3").distance
+        ref = []
+        for i in range(3):
+            z = conv(x[i:i + 1]).detach().reshape(-1)
+            jac = jacrev(lambda u, conv=conv: conv(u).reshape(-1))(x[i:i + 1]).reshape(z.numel(), -1)
+            ref.append((z.abs() / torch.linalg.vector_norm(jac, dim=1)).min())
+        ref = torch.stack(ref).detach()
+        if exact:
+            torch.testing.assert_close(re3, ref, rtol=1e-12, atol=0)
+        else:
+            assert (re3 <= ref * (1 + 1e-12)).all() and (re3 < ref * (1 - 1e-6)).any()
+    assert "padded Conv" in G.boundary_distance.__doc__ and "padded Conv" in G.__doc__
+
+
+def test_validity_epsilons_levels_are_checked():
+    """Before: levels=0.9 gave a raw TypeError ("'float' object is not iterable") and levels=(True,) was taken
+    as the level 1.0."""
+    d = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    # ⌈0.9·4⌉ = 4: the 4th largest distance; ⌈0.5·4⌉ = 2: the 2nd largest
+    assert G.validity_epsilons(d, 0.9) == {"eps90": pytest.approx(0.1)}
+    import numpy as np
+
+    assert G.validity_epsilons(d, np.array([0.5])) == {"eps50": pytest.approx(0.3)}
+    for bad in ((True,), [0.5, False]):
+        with pytest.raises(ValueError, match="levels are shares"):
+            G.validity_epsilons(d, bad)
+    for bad in (True, "0.9", None):
+        with pytest.raises((TypeError, ValueError), match="levels"):
+            G.validity_epsilons(d, bad)
+
+
+def test_a_bool_is_not_a_norm_order():
+    """Before: p=True was taken as the l1 norm (dual_norm did float(p))."""
+    net = _one_hidden()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for call in (lambda p: G.boundary_distance(net, x, p=p), lambda p: G.decision_distance(net, x, p=p),
+                 lambda p: G.certified_radius(net, x, p=p),
+                 lambda p: G.boundary_distance_in_box(net, x, (-5.0, 5.0), p=p)):
+        for p in (True, False, "2"):
+            with pytest.raises(ValueError, match="p must be 1, 2 or inf"):
+                call(p)
+
+
+def _documented(fn) -> set[str]:
+    """Names listed in a numpy docstring's Parameters section ("a : type" or "a, b, c")."""
+    import inspect
+    import re
+
+    doc = inspect.cleandoc(fn.__doc__)
+    section = doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0] if "\n----------\n" in doc else ""
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line and not line.startswith(" "):
+            names.update(n.strip() for n in re.split(r"\s:\s|\s:$", line)[0].split(","))
+    return names
+
+
+def test_boundary_distance_docstrings_list_every_parameter():
+    """Before: boundary_distance did not document logits_at and strict, boundary_distance_in_box model and x."""
+    import inspect
+
+    for fn in (G.boundary_distance, G.boundary_distance_in_box):
+        assert set(inspect.signature(fn).parameters) <= _documented(fn), fn.__name__

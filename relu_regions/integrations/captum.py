@@ -79,29 +79,33 @@ def _as_tuple(x: Any) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-    """Captum baselines (None, number, tensor, or a tuple of those, one per input) as full-size tensors."""
+def _baselines(baselines: Any, inputs: tuple[Tensor, ...], inputs_tuple: bool = True) -> tuple[Tensor, ...] | None:
+    """Captum baselines (None, number, tensor, or a tuple of those, one per input) as full-size tensors; the
+    messages name the baselines and inputs as the caller passed them (``baselines`` / ``baselines[i]``, ``inputs``
+    / ``inputs[i]``, the latter when ``inputs_tuple``)."""
     if baselines is None:
         return None
     bl = baselines if isinstance(baselines, tuple) else (baselines,)
     if len(bl) != len(inputs):
         raise ValueError(f"baselines has {len(bl)} entries for {len(inputs)} input tensors")
+    names = [f"baselines[{i}]" if isinstance(baselines, tuple) else "baselines" for i in range(len(bl))]
     out = []
     for i, (b, x) in enumerate(zip(bl, inputs)):
         if not isinstance(b, Tensor):
             out.append(torch.full_like(x, float(b)))
             continue
         b = b.detach().to(device=x.device, dtype=x.dtype)  # like the inputs: no graph into the attributions
+        shape = tuple(b.shape)
         if b.shape == x.shape[1:]:
             b = b.unsqueeze(0)
         try:
             out.append(b.expand_as(x))
         except RuntimeError as e:
-            raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not match input {i} of shape "
-                             f"{tuple(x.shape)}") from e
-    for i, b in enumerate(out):
-        check_finite(b, f"baselines[{i}]" if isinstance(baselines, tuple) else "baselines",
-                     "the map's value there, and the attributions x − baseline, would be nan / inf")
+            which = f"inputs[{i}]" if inputs_tuple else "inputs"
+            raise ValueError(f"{names[i]} of shape {shape} does not match {which} of shape {tuple(x.shape)} (give "
+                             "one per sample, or one of a single sample's shape)") from e
+    for name, b in zip(names, out):
+        check_finite(b, name, "the map's value there, and the attributions x − baseline, would be nan / inf")
     return tuple(out)
 
 
@@ -181,7 +185,9 @@ class Re3(GradientAttribution):
         baselines : None, number, Tensor or tuple, optional
             Reference ``x0`` (default 0), as in Captum.
         target : int, list, Tensor or None
-            As in Captum (a list has one entry per sample); None only for models with one output per sample.
+            As in Captum (a list has one entry per sample): an index into dim 1 of a ``(B, K)`` output (outputs with
+            more dims are refused, as by Captum, unless the extra dims have size 1); None only for models with one
+            output per sample.
         additional_forward_args : any, optional
             Extra arguments of the forward function (constants of the map); tensors whose first dimension is the
             batch size are per-sample, as in Captum.
@@ -201,7 +207,7 @@ class Re3(GradientAttribution):
         if any(t.shape[0] != b for t in xs):
             raise ValueError(f"all input tensors need the same batch size; got {[t.shape[0] for t in xs]}")
         xs = tuple(t.detach() for t in xs)
-        bls = _baselines(baselines, xs)
+        bls = _baselines(baselines, xs, is_tuple)
         extra = _as_tuple(additional_forward_args)
         model, x, base = self._joined(xs, bls, extra)
         with torch.enable_grad():  # Captum users call attribute under no_grad
@@ -227,14 +233,16 @@ class Re3(GradientAttribution):
     def _attributions(self, model: nn.Module, x: Tensor, base: Tensor | None, target: Any) -> tuple[Tensor, Tensor]:
         """Attributions and delta of the flat inputs ``x`` (the engine's batched map, read off per sample)."""
         b, logits_at = x.shape[0], self._logits_at(model)
-        if not (isinstance(model, _Joined) and any(model.per_sample)):
-            tgt = self._target(target, b, lambda: self._n_outputs(model, x[:1]))
+        per_sample = isinstance(model, _Joined) and any(model.per_sample)
+        shape = self._out_shape(model.rows(slice(0, 1)) if per_sample else model, x[:1])
+        tgt = self._target(target, b, shape)
+        if not per_sample:
             return self._read(affine_map(model, x, target=tgt, method=self.method, logits_at=logits_at), base)
         # per-sample additional_forward_args: the engine runs the model on chunks of the batch (and the forward
         # route on replicas of a chunk), so the map is computed here chunk by chunk, each chunk's module holding
         # the matching rows; the chunks are the engine's own (same size rule)
-        k = self._n_outputs(model.rows(slice(0, 1)), x[:1])
-        tgt = resolve_target(self._target(target, b, lambda: k), b, k, x.device)
+        k = int(np.prod(shape[1:]))
+        tgt = resolve_target(tgt, b, k, x.device)
         n_inputs = int(x[0].numel())
         size = _default_chunk(choose_method(self.method, 1, n_inputs), n_inputs, k)
         parts = [self._read(affine_map(model.rows(sl), x[sl], target=tgt[sl], method=self.method, logits_at=logits_at,
@@ -262,15 +270,25 @@ class Re3(GradientAttribution):
         return f"model.{self.logits_at}"
 
     @staticmethod
-    def _target(target: Any, b: int, n_outputs: Callable[[], int]) -> Any:
-        """Captum's target for a batch of ``b``; None (one output per sample, ``n_outputs()`` asks the model)
-        becomes 0."""
+    def _target(target: Any, b: int, shape: tuple[int, ...]) -> Any:
+        """Captum's target for a batch of ``b`` and an explained output of shape ``shape`` for one sample
+        ``(1, ...)``; None (one output per sample) becomes 0."""
         if target is not None:
             if isinstance(target, tuple):
-                raise NotImplementedError("Re3 supports int / per-sample targets over the flattened output; "
-                                          "tuple targets for >2-D outputs are not supported")
+                raise NotImplementedError("Re3 supports int / per-sample targets of (B, K) outputs; tuple targets "
+                                          "(an entry of a >2-D output) are not supported: flatten the output in a "
+                                          "wrapper module and pass the flat index")
             if isinstance(target, list) and target and isinstance(target[0], tuple):
                 raise NotImplementedError("Re3 does not support lists of tuple targets")
+            if len(shape) > 2 and int(np.prod(shape[2:])) != 1:
+                # as Captum, which selects output[:, target] (a whole slice here, not one entry) and refuses it;
+                # the index into the flattened output would silently explain another entry than Captum's (trailing
+                # dims of size 1, (B, K, 1), leave one entry per index: the same in both)
+                what = f"target={target!r}" if isinstance(target, int) else "a per-sample target"
+                raise ValueError(f"{what} needs a (B, K) output, but the explained output has shape "
+                                 f"(B, {', '.join(map(str, shape[1:]))}); as in Captum, int and per-sample targets "
+                                 "index dim 1 of a 2-D output only. Flatten the output in a wrapper module "
+                                 "(forward returns model(x).flatten(1)) and pass the flat index")
             if isinstance(target, list) and len(target) != b:
                 # as Captum ("Target list length does not match output!"): a list is one target per sample, never
                 # broadcast (a leftover one-element list would explain the wrong class for every other sample)
@@ -278,20 +296,21 @@ class Re3(GradientAttribution):
                                  "entry per sample (pass an int to explain the same output for every sample)")
             return target
         # no target: only for one output per sample (Captum's scalar-output convention)
-        k = n_outputs()
+        k = int(np.prod(shape[1:]))
         if k != 1:
             raise ValueError(f"target=None needs one output per sample; the model gives {k} — pass "
                              "target=<class index>")
         return 0
 
-    def _n_outputs(self, model: nn.Module, x1: Tensor) -> int:
-        """Number of explained outputs of one sample ``x1`` (a recorded pass, the model restored afterwards)."""
+    def _out_shape(self, model: nn.Module, x1: Tensor) -> tuple[int, ...]:
+        """Shape ``(1, ...)`` of the explained output of one sample ``x1`` (a recorded pass, the model restored
+        afterwards)."""
         from ..recording import run_recorded
         from ..state import preserved
 
         with preserved(model, eval_mode=True), torch.no_grad():
             out, _ = run_recorded(model, x1, logits_at=self._logits_at(model))
-        return out.numel()
+        return tuple(out.shape)
 
     @staticmethod
     def _split(values: Tensor, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
