@@ -12,6 +12,8 @@ A *region* is a distinct activation pattern. Two different patterns can give the
 a unit is inactive in a layer whose output is multiplied by zero downstream, or differs only in a dead unit), so
 the number of distinct affine maps is at most the number of regions and usually smaller. Pass keys from
 :func:`affine_map_keys` under their own granularity name to count maps; do not read region counts as map counts.
+Such a name (not a layer selection of the constructor) is registered as :data:`EXTERNAL`: its keys come only from
+:meth:`~RegionStats.update`, and :meth:`~RegionStats.update_from_recording` refuses stats that hold one.
 
 Definitions (Re3 paper and the clustering-based-interpretation paper)
 ---------------------------------------------------------------------
@@ -36,13 +38,27 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .errors import is_integer_tensor
+from .errors import is_int_at_least, is_integer_tensor
 from .keys import pattern_keys_and_counts
 from .recording import LayerSelection, keys_of
 
 Tensor = torch.Tensor
 
 DEFAULT = "full"
+
+
+class _External:
+    """The selection of a granularity whose keys the caller computes (e.g. :func:`affine_map_keys`), not a layer
+    selection: a recording cannot give its keys."""
+
+    def __repr__(self) -> str:
+        return "EXTERNAL"
+
+    def __reduce__(self) -> str:  # pickle and deepcopy give back the one module-level instance
+        return "EXTERNAL"
+
+
+EXTERNAL = _External()
 
 
 class BatchPatterns(NamedTuple):
@@ -193,6 +209,9 @@ class _Table:
             self.sums[name] = self.sums[name].index_add(0, rows, v.to(torch.float64))
 
     def merge(self, other: _Table) -> None:
+        if len(self) and len(other) and set(self.sums) != set(other.sums):
+            # sums of one side would be divided by both sides' counts (RegionStats._check_same_setup says which)
+            raise ValueError(f"cannot merge tables keeping the sums {sorted(self.sums)} and {sorted(other.sums)}")
         rows = self.rows(other.keys)
         n = len(self)
         self.count = self.count.index_add(0, rows, other.count)
@@ -233,7 +252,8 @@ class RegionStats:
         :meth:`update_from_recording`.
     granularities : dict name -> selection, optional
         Further granularities, e.g. ``{"last2": slice(-2, None), "fc1": "head.1"}``; each keeps its own table.
-        ``"full"`` is always present.
+        ``"full"`` is always present. :data:`EXTERNAL` declares one whose keys you pass to :meth:`update` (e.g.
+        :func:`affine_map_keys`); names first seen in :meth:`update` are registered so.
     keep_inputs : bool
         Keep the per-region sum of inputs (mean input / average instance); memory O(regions × features).
     keep_contributions : bool
@@ -255,7 +275,7 @@ class RegionStats:
     def __init__(self, n_classes: int, layers: LayerSelection = None,
                  granularities: Mapping[str, LayerSelection] | None = None, keep_inputs: bool = False,
                  keep_contributions: bool = False, purity_threshold: float = 0.7):
-        if not isinstance(n_classes, int) or n_classes < 1:
+        if not is_int_at_least(n_classes, 1):
             raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
         if not 0.0 <= purity_threshold <= 1.0:
             raise ValueError(f"purity_threshold must lie in [0, 1], got {purity_threshold}")
@@ -404,8 +424,8 @@ class RegionStats:
         yt, yp = self._check_batch(b, y_true, y_pred, inputs, contributions, weights)
         if b == 0:
             return self
-        for k in keys:  # ad-hoc granularities (e.g. affine-map keys) are accepted and kept
-            self.granularities.setdefault(k, None)
+        for k in keys:  # ad-hoc granularities (e.g. affine-map keys) are kept, as keys no recording can give
+            self.granularities.setdefault(k, EXTERNAL)
         sums: dict[str, Tensor] = {}
         if self.keep_inputs and inputs is not None:
             sums["inputs"] = inputs.detach().reshape(b, math.prod(inputs.shape[1:])).cpu()
@@ -449,9 +469,20 @@ class RegionStats:
         batches and add them later in one :meth:`update` (no host synchronisation per batch on a GPU)."""
         return self.batch_keys(self.batch_patterns(rec))
 
+    def _check_recordable(self) -> None:
+        """Raise ``ValueError`` when a granularity's keys cannot come from a recording (:data:`EXTERNAL`)."""
+        external = [name for name, sel in self.granularities.items() if sel is EXTERNAL]
+        if external:
+            raise ValueError(f"granularities {external} hold keys passed to update() (e.g. affine_map_keys), which a "
+                             "recording cannot give: add every batch with update() and keys of "
+                             f"{list(self.granularities)}, or count those keys in separate RegionStats")
+
     def batch_patterns(self, rec) -> BatchPatterns:
         """The patterns of a recording that each granularity's keys are computed from (selected now; the keys
-        later, by :meth:`batch_keys`). The recording may be cleared in between: the patterns keep their states."""
+        later, by :meth:`batch_keys`). The recording may be cleared in between: the patterns keep their states.
+
+        Raises ``ValueError`` when a granularity is :data:`EXTERNAL` (its keys were passed to :meth:`update`)."""
+        self._check_recordable()
         return BatchPatterns({name: rec.patterns(sel) for name, sel in self.granularities.items()}, len(rec),
                              rec._device())
 
@@ -517,6 +548,20 @@ class RegionStats:
         for flag in ("keep_inputs", "keep_contributions"):
             if bool(getattr(self, flag)) != bool(getattr(other, flag)):
                 raise ValueError(f"cannot merge: {flag} differs ({getattr(self, flag)} vs {getattr(other, flag)})")
+        if self.n_samples and other.n_samples:  # (an empty side adds nothing, or takes the other's tables as they are)
+            mine = sorted(n for n, t in self.tables.items() if len(t))
+            theirs = sorted(n for n, t in other.tables.items() if len(t))
+            if mine != theirs:  # a table's samples would be those of one side, its shares read as of both
+                raise ValueError(f"cannot merge: this object holds tables of the granularities {mine}, the other "
+                                 f"{theirs} (batches added with keys for some granularities only): give update() "
+                                 "the keys of the same granularities on both sides")
+            for name in mine:
+                a, b = set(self.tables[name].sums), set(other.tables[name].sums)
+                if a != b:  # (update() refuses the same mix within one object)
+                    raise ValueError(f"cannot merge: per-region {sorted(a ^ b)} of granularity {name!r} were given "
+                                     f"with the batches of one side only ({sorted(a)} vs {sorted(b)}): per-region "
+                                     "means would divide one side's sums by both sides' counts; pass inputs= / "
+                                     "contributions= / weights= with the batches of both sides, or with neither")
         for name, t in other.tables.items():
             for s, v in t.sums.items():
                 mine = self.tables[name].sums.get(s) if name in self.tables else None
@@ -636,11 +681,12 @@ class RegionStats:
         (equal sizes: more samples of the class first) and the samples of that class inside them are counted (Re3
         "top-1 / top-C coverage").
         """
+        if not is_int_at_least(top, 1):  # (1.5 used to act as 2, 0 and negative counts as no region)
+            raise ValueError(f"top must be a positive int (regions per class), got {top!r}")
         t = self._get(granularity)
-        if not len(t) or self.n_samples == 0:
+        n = int(t.count.sum())  # this table's samples (equal to n_samples when every batch gave its keys)
+        if not len(t) or n == 0:
             return float("nan")
-        if top < 0:
-            raise ValueError(f"top must be >= 0, got {top}")
         own, maj = (v.cpu().numpy() for v in t.true.max(1))  # the majority class (lowest on ties) and its count
         count = t.count.cpu().numpy()
         # one sort: by class, and in each class the largest regions first; among regions of equal size the one with
@@ -649,7 +695,7 @@ class RegionStats:
         order = _argsort_by_class(maj, count, own, self.n_classes)
         per_class = np.bincount(maj, minlength=self.n_classes)
         rank = np.arange(len(t)) - (np.cumsum(per_class) - per_class)[maj[order]]
-        return int(own[order][rank < top].sum()) / self.n_samples
+        return int(own[order][rank < top].sum()) / n
 
     def overlap(self, other: RegionStats, granularity: str = DEFAULT) -> float:
         """Share of the samples of ``other`` whose region also occurs in ``self``."""
@@ -750,6 +796,8 @@ class RegionStats:
 
     def to_markdown(self, granularity: str = DEFAULT, max_regions: int = 20) -> str:
         """A Markdown report: the overview table and the ``max_regions`` largest regions."""
+        if not is_int_at_least(max_regions, 1):  # (pandas' head(-k) would drop the k smallest regions instead)
+            raise ValueError(f"max_regions must be a positive int, got {max_regions!r}")
         s = self.summary(granularity)
         parts = [f"RegionStats: {self.n_samples} samples, accuracy {self.accuracy:.4f}", "",
                  markdown_table(s["overview"]), "",
@@ -805,6 +853,8 @@ def _norm_sel(sel: LayerSelection) -> Any:
 
 
 def _plain_sel(sel: LayerSelection) -> Any:
+    if sel is EXTERNAL:  # plain values only: state dicts load with torch.load(weights_only=True)
+        return {"external": True}
     if isinstance(sel, slice):
         return {"slice": (sel.start, sel.stop, sel.step)}
     if isinstance(sel, (list, tuple)):
@@ -815,4 +865,6 @@ def _plain_sel(sel: LayerSelection) -> Any:
 def _from_plain_sel(v: Any) -> LayerSelection:
     if isinstance(v, dict) and "slice" in v:
         return slice(*v["slice"])
+    if isinstance(v, dict) and v.get("external"):
+        return EXTERNAL
     return v

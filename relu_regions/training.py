@@ -206,8 +206,8 @@ class RegionTracker:
             raise RuntimeError("no model output was captured; pass y_pred=")
         return predictions(self.last_output)
 
-    def update(self, y_true: Tensor, y_pred: Tensor | None = None, *, contributions: Tensor | None = None,
-               weights: Tensor | None = None) -> None:
+    def update(self, y_true: Tensor, y_pred: Tensor | None = None, *, inputs: Tensor | None = None,
+               contributions: Tensor | None = None, weights: Tensor | None = None) -> None:
         """Add the batch recorded since the last update to the stats, then clear the recording.
 
         Parameters
@@ -216,6 +216,9 @@ class RegionTracker:
             ``(B,)`` labels of the batch.
         y_pred : Tensor, optional
             ``(B,)`` predicted classes; default: argmax of the captured output.
+        inputs : Tensor, optional
+            ``(B, *input_shape)`` batch inputs, passed on to ``RegionStats.update`` (summed per region when the
+            stats keep inputs: mean input / average instance).
         contributions, weights : Tensor, optional
             Passed on to ``RegionStats.update`` (``(B, K, *input)`` contributions ``A ⊙ x`` and effective weights
             ``A``; summed per region when the stats keep contributions).
@@ -229,9 +232,10 @@ class RegionTracker:
             y_pred = self._predictions()
         check = getattr(self.stats, "_check_batch", None)  # (RegionStats; other stats objects check in update)
         if check is not None:
-            check(y_true.shape[0], y_true, y_pred, contributions=contributions, weights=weights)
+            check(y_true.shape[0], y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
         keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred)
-        self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights)
+        extra = {} if inputs is None else {"inputs": inputs}  # (other stats objects may take no inputs)
+        self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights, **extra)
         self.stats.add_unit_counts(units, n)
 
     def take_batch(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
@@ -250,6 +254,9 @@ class RegionTracker:
         ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now.
         ``inputs``: the batch's input tensor, to pick the pass on it among several (see :meth:`take`)."""
         y_true = torch.as_tensor(y_true).reshape(-1)
+        recordable = getattr(self.stats, "_check_recordable", None)
+        if recordable is not None:  # before take() trims the passes: a refused batch leaves the recording as it was
+            recordable()
         self.take(y_true.shape[0], inputs)
         if y_pred is None:
             y_pred = self._predictions()
@@ -322,7 +329,9 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
     n_classes : int, optional
         Number of classes; default: the model's output width on the first batch (2 for a single logit).
     layers, granularities, **stats_kwargs
-        Passed to :class:`~relu_regions.regions.RegionStats` when ``stats`` is not given.
+        Passed to :class:`~relu_regions.regions.RegionStats` when ``stats`` is not given (``stats_kwargs``:
+        ``keep_inputs``, which passes every batch's inputs on, and ``purity_threshold``; ``keep_contributions``
+        is set by ``contributions``).
     stats : RegionStats, optional
         Accumulate into these stats instead of new ones.
     get_inputs, get_labels, label_key
@@ -335,7 +344,7 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
         Also pass the exact contributions ``A ⊙ x`` and effective weights ``A`` of every output (the region's affine
         map from :func:`relu_regions.affine_map`) to the stats, which then keep them (``keep_contributions``).
     max_batches : int, optional
-        Stop after this many batches.
+        Stop after this many batches (a positive int; None: the whole loader).
     progress : bool, optional
         Show a tqdm progress bar; default: when the loader has more than 20 batches.
 
@@ -345,6 +354,19 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
     """
     from .affine import affine_map
 
+    if max_batches is not None and not is_int_at_least(max_batches, 1):
+        raise ValueError(f"max_batches must be None (the whole loader) or a positive int, got {max_batches!r}")
+    unknown = sorted(set(stats_kwargs) - {"keep_inputs", "purity_threshold", "keep_contributions"})
+    if unknown:
+        raise TypeError(f"evaluate got unexpected keyword argument(s) {unknown}; the RegionStats options it passes on "
+                        "are keep_inputs and purity_threshold")
+    if stats is not None and stats_kwargs:  # they only configure new stats: with stats= they would be ignored
+        raise ValueError(f"evaluate: {sorted(stats_kwargs)} only configure new RegionStats and would be ignored with "
+                         "stats=; set them on the stats you pass")
+    if "keep_contributions" in stats_kwargs:  # RegionStats gets keep_contributions=contributions
+        if bool(stats_kwargs.pop("keep_contributions")) != bool(contributions):
+            raise ValueError("keep_contributions is set by contributions=: pass contributions=True to compute the "
+                             "contributions and keep them (or neither)")
     get_inputs = get_inputs or default_inputs
     get_labels = get_labels or (lambda b: default_labels(b, label_key))
     if device is None:
@@ -390,7 +412,8 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
                 stats = tracker.stats = RegionStats(n_classes, layers=layers, granularities=granularities,
                                                     keep_contributions=contributions, **stats_kwargs)
             # the recording outlives the block; computing keys outside it avoids the function mode's overhead
-            tracker.update(y, y_pred, contributions=contrib, weights=weights)
+            tracker.update(y, y_pred, inputs=x if getattr(stats, "keep_inputs", False) else None,
+                           contributions=contrib, weights=weights)
     if stats is None:
         raise ValueError("the data loader yielded no batches (or only empty ones)")
     return stats

@@ -466,3 +466,100 @@ def _same_state(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     return a == b
+
+
+def test_merge_refuses_inputs_or_contributions_kept_on_one_side_only():
+    """Before: a.merge(b), where only b's batches carried inputs (contributions), divided b's sums by both sides'
+    counts: mean_inputs 3.0 ((5 + 7) / 4) where the inputs known give 6.0; update() refused the same mix."""
+    k, yt = torch.tensor([7, 7, 7, 7]), torch.tensor([0, 1, 0, 0])
+    x = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
+    for flag, arg in (("keep_inputs", "inputs"), ("keep_contributions", "contributions")):
+        a = RegionStats(2, **{flag: True}).update(k[:2], yt[:2], yt[:2])
+        b = RegionStats(2, **{flag: True}).update(k[2:], yt[2:], yt[2:], **{arg: x[2:]})
+        before = a.state_dict()
+        with pytest.raises(ValueError, match=rf"\['{arg}'\] of granularity 'full' were given with the batches of one"):
+            a.merge(b)
+        assert _same_state(before, a.state_dict())  # refused before anything was merged
+        with pytest.raises(ValueError, match=arg):
+            b.merge(a)  # (the other way round too)
+    # given on both sides: the hand mean of all four inputs
+    a = RegionStats(2, keep_inputs=True).update(k[:2], yt[:2], yt[:2], inputs=x[:2])
+    a.merge(RegionStats(2, keep_inputs=True).update(k[2:], yt[2:], yt[2:], inputs=x[2:]))
+    assert a.mean_inputs().tolist() == [[(1 + 3 + 5 + 7) / 4]]
+
+
+def test_merge_refuses_a_table_on_one_side_and_coverage_divides_by_the_tables_samples():
+    """Before: a granularity whose table only one side held merged silently, and coverage() divided its table's
+    covered samples by every sample of both sides (0.5 where each class lies in one region: 1.0)."""
+    yt = torch.tensor([0, 0, 1, 1])
+    full, g = torch.tensor([1, 1, 2, 2]), torch.tensor([5, 5, 6, 6])
+    a = RegionStats(2, granularities={"g": "layer"}).update({"full": full, "g": g}, yt, yt)
+    b = RegionStats(2, granularities={"g": "layer"}).update(full, yt, yt)  # only the default keys (a first batch)
+    before = a.state_dict()
+    with pytest.raises(ValueError, match=r"granularities \['full', 'g'\], the other \['full'\]"):
+        a.merge(b)
+    assert _same_state(before, a.state_dict())
+    # a state such a merge left (8 samples, g's table holding 4): coverage reads g's own table
+    st = a.state_dict()
+    st["n_samples"], st["n_correct"] = 8, 8
+    st["tables"]["full"] = RegionStats(2).update(torch.cat([full, full]), torch.cat([yt, yt]),
+                                                 torch.cat([yt, yt])).state_dict()["tables"]["full"]
+    old = RegionStats.from_state_dict(st)
+    # by hand: class 0 lies in region 5, class 1 in region 6, each its class's largest region
+    assert old.coverage(1, "g") == 1.0 and old.coverage(1, "full") == 1.0
+    assert old.summary()["overview"]["top1_coverage"].tolist() == [1.0, 1.0]
+
+
+def test_ad_hoc_granularity_keys_are_never_filled_from_a_recording(setup):
+    """Before: update({"full": ..., "maps": affine_map_keys(...)}) registered "maps" as all layers (None), and a
+    later update_from_recording filled it with full-pattern keys: its map count mixed two kinds of keys."""
+    from relu_regions.regions import EXTERNAL
+
+    model, x, y = setup
+    x, y = x[:40], y[:40]
+    amap = rr.affine_map(model, x)
+    maps = affine_map_keys(amap.A, amap.d)
+    s = RegionStats(3)
+    with rr.record(model) as rec:
+        out = model(x)
+    s.update({"full": rec.region_ids(), "maps": maps}, y, out.argmax(1))
+    assert s.granularities["maps"] is EXTERNAL
+    before = s.state_dict()
+    with rr.record(model) as rec:
+        model(x)
+        with pytest.raises(ValueError, match=r"granularities \['maps'\] hold keys passed to update\(\)"):
+            s.update_from_recording(rec, y, out.argmax(1))
+    assert _same_state(before, s.state_dict())
+    # independent count: distinct rounded (A, d) rows
+    flat = torch.cat([amap.A.reshape(40, -1), amap.d.reshape(40, -1)], 1).double()
+    assert s.n_regions("maps") == len({tuple(r) for r in torch.round(flat * 1e6).long().tolist()})
+    # the marker survives state dicts (also torch.load(weights_only=True)), pickling and copying
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    for r in (RegionStats.from_state_dict(torch.load(buf, weights_only=True)), pickle.loads(pickle.dumps(s))):
+        assert r.granularities["maps"] is EXTERNAL and r.n_regions("maps") == s.n_regions("maps")
+        with pytest.raises(ValueError, match="maps"):
+            r.batch_patterns(rec)
+        r.merge(RegionStats(3).update({"full": rec.region_ids(), "maps": maps}, y, out.argmax(1)))
+        assert r.n_samples == 80 and r.n_regions("maps") == s.n_regions("maps")
+    # a declared all-layers granularity is still filled from recordings
+    d = RegionStats(3, granularities={"all": None})
+    d.update_from_recording(rec, y, out.argmax(1))
+    assert d.n_regions("all") == d.n_regions()
+
+
+def test_metric_count_options_must_be_positive_ints():
+    """Before: coverage(1.5) acted as coverage(2), coverage(0) gave 0.0, to_markdown(max_regions=-1) dropped the
+    smallest region and RegionStats(True) made a one-class object."""
+    s = RegionStats(3).update(torch.tensor([1, 2, 3, 4, 4]), torch.tensor([0, 0, 0, 1, 1]),
+                              torch.tensor([0, 0, 0, 1, 1]))
+    assert s.coverage(1) == pytest.approx(3 / 5) and s.coverage(2) == pytest.approx(4 / 5)  # by hand
+    for bad in (1.5, 0, -1, True, "2"):
+        with pytest.raises(ValueError, match=f"top must be a positive int.*got {bad!r}"):
+            s.coverage(bad)
+        with pytest.raises(ValueError, match="max_regions must be a positive int"):
+            s.to_markdown(max_regions=bad)
+    assert RegionStats(3).coverage(2) != RegionStats(3).coverage(2)  # nan: no samples (a valid top)
+    with pytest.raises(ValueError, match="n_classes"):
+        RegionStats(True)

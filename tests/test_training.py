@@ -388,3 +388,61 @@ def test_parsimony_penalty_checks_its_options():
             parsimony_penalty(model, x, **kw)
     with pytest.raises(ValueError, match="non-empty"):
         parsimony_penalty(model, x[:0])
+
+
+def test_evaluate_keep_inputs_keeps_every_batchs_inputs():
+    """Before: evaluate(..., keep_inputs=True) never passed the batches' inputs on: mean_inputs() raised and the
+    binary cluster table had no x_ columns; keep_contributions=True failed with 'got multiple values'."""
+    import pandas as pd
+
+    model, (x, y) = _model(k=2), _data(n=40, k=2)
+    before = _snapshot(model)
+    stats = evaluate(model, _loader(x, y, bs=16), keep_inputs=True, progress=False)
+    _same(before, _snapshot(model))
+    # independent: samples grouped by their hand-computed pattern, mean input per group (pandas)
+    pre = _hand_preacts(model, x)
+    pat = ["".join("1" if v else "0" for v in torch.cat([p[i] > 0 for p in pre]).tolist()) for i in range(len(x))]
+    df = pd.DataFrame(x.double().numpy()).assign(pattern=pat)
+    hand = sorted((len(g), *(round(v, 5) for v in g.drop(columns="pattern").mean())) for _, g in df.groupby("pattern"))
+    ours = sorted((int(n), *(round(v, 5) for v in m.tolist())) for n, m in zip(stats.sizes(), stats.mean_inputs()))
+    assert ours == hand
+    assert [c for c in stats.summary()["clusters"].columns if c.startswith("x_")] == ["x_0", "x_1", "x_2", "x_3"]
+    # the other RegionStats options: keep_contributions goes with contributions=, unknown ones are named at once
+    both = evaluate(model, _loader(x, y), contributions=True, keep_contributions=True, keep_inputs=True)
+    assert both.keep_contributions and torch.equal(both.mean_inputs(), stats.mean_inputs())
+    with pytest.raises(ValueError, match="keep_contributions is set by contributions="):
+        evaluate(model, _loader(x, y), keep_contributions=True)
+    with pytest.raises(TypeError, match=r"\['keep_input'\]"):
+        evaluate(model, _loader(x, y), keep_input=True)
+    with pytest.raises(ValueError, match=r"\['keep_inputs'\] only configure new RegionStats"):
+        evaluate(model, _loader(x, y), stats=RegionStats(2), keep_inputs=True)
+    _same(before, _snapshot(model))
+
+
+def test_track_refuses_stats_whose_granularity_holds_keys_given_by_hand():
+    """Before: a granularity first given to update() by name (affine-map keys, say) was filled with full-pattern keys
+    by the tracker's later batches. Refused now, before the recording or the stats change."""
+    model, (x, y) = _model(), _data(n=10)
+    stats = RegionStats(3).update({"full": torch.arange(10), "maps": torch.zeros(10, dtype=torch.long)}, y, y)
+    before = stats.state_dict()
+    with torch.no_grad(), track(model, stats) as tracker:
+        model(x + 1)
+        model(x)
+        with pytest.raises(ValueError, match=r"granularities \['maps'\] hold keys passed to update\(\)"):
+            tracker.update(y)
+        assert len(tracker.rec.passes) == 2 and tracker.n_updates == 0
+    assert stats.n_samples == 10 and stats.state_dict().keys() == before.keys()
+    assert stats.n_regions("maps") == 1 and stats.n_regions() == 10
+
+
+def test_evaluate_max_batches_must_be_none_or_a_positive_int():
+    """Before: max_batches=1.5 ran 2 batches, and 0 / -1 said 'the data loader yielded no batches' of a loader with
+    four."""
+    model, (x, y) = _model(), _data(n=40)
+    before = _snapshot(model)
+    for bad in (1.5, 0, -1, True):
+        with pytest.raises(ValueError, match=f"max_batches must be None .* or a positive int, got {bad!r}"):
+            evaluate(model, _loader(x, y, bs=10), max_batches=bad)
+        _same(before, _snapshot(model))
+    assert evaluate(model, _loader(x, y, bs=10), max_batches=2).n_samples == 20  # two batches of ten
+    assert evaluate(model, _loader(x, y, bs=10), max_batches=None).n_samples == 40
