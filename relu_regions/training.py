@@ -540,7 +540,8 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
         x = x[:max_samples]
     b, shape = x.shape[0], x.shape[1:]
     n_in = int(x[0].numel())
-    with preserved(model, eval_mode=True):
+    # (the user's backward hooks stay on: the penalty is a training loss, and its backward is the user's)
+    with preserved(model, eval_mode=True, backward_hooks=True):
         with torch.no_grad():
             _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
         names = set(select_layers([p.name for p in patterns], layers))
@@ -550,7 +551,7 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
 
         def observe(p, t):
             if p.name in names and p.kind != "maxpool":
-                seen.append((p, t))
+                seen.append((p, t.clone()))  # (in the graph) before an in-place op of the model changes it
 
         with torch.enable_grad():
             run_frozen(model, z, patterns, strict=strict, logits_at=logits_at, observe=observe)

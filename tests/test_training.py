@@ -446,3 +446,50 @@ def test_evaluate_max_batches_must_be_none_or_a_positive_int():
         _same(before, _snapshot(model))
     assert evaluate(model, _loader(x, y, bs=10), max_batches=2).n_samples == 20  # two batches of ten
     assert evaluate(model, _loader(x, y, bs=10), max_batches=None).n_samples == 40
+
+
+def test_parsimony_penalty_reads_unit_inputs_before_inplace_updates_and_keeps_backward_hooks():
+    """Before: an in-place residual update after a ReLU read its input (h += block(relu(h))) changed the values the
+    penalty's distances were read from (min_distance off); and the user's backward hooks must still see the
+    penalty's backward (a training loss), while the library's own analyses switch them off."""
+    torch.manual_seed(6)
+    stem, blocks = nn.Linear(5, 6).double(), nn.ModuleList([nn.Linear(6, 6) for _ in range(2)]).double()
+    head = nn.Linear(6, 2).double()
+
+    def run(x, log=None):
+        h = stem(x)
+        for blk in blocks:
+            if log is not None:
+                log.append(h.clone())
+            h += blk(torch.relu(h))
+        return head(h)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.blocks, self.head = stem, blocks, head
+
+        def forward(self, x):
+            return run(x)
+
+    model = Net()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    want = torch.full((4,), float("inf"), dtype=torch.float64)
+    for k in range(2):  # exact distances of each layer's units: |z| / ||dz/dx||, torch.func on the model's own code
+        def pre(v, k=k):
+            log = []
+            run(v[None], log)
+            return log[k][0]
+
+        for i in range(4):
+            jac = torch.func.jacrev(pre)(x[i])
+            want[i] = min(want[i], (pre(x[i]).abs() / jac.norm(dim=1)).min())
+    fired = []
+    handle = model.blocks[0].register_full_backward_hook(lambda *a: fired.append(1))
+    try:
+        parts = parsimony_penalty(model, x, gamma=0.5, max_samples=None, return_parts=True)
+        torch.testing.assert_close(parts["min_distance"], want.detach())
+        parts["total"].backward()
+    finally:
+        handle.remove()
+    assert fired and parts["hinge"] > 0
