@@ -8,8 +8,10 @@ stderr and exit status 2; nothing is written unless the whole report was produce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
 import pickle
 import sys
@@ -320,6 +322,7 @@ class LoadedModel:
     model: nn.Module
     description: str
     reference: Any = None  # for exported programs: the original module, to check the rewrite
+    input_shape: tuple | None = None  # for exported programs: the input's shape, None for dynamic dimensions
 
 
 def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
@@ -366,25 +369,34 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
             raise CLIError(f"--class {class_spec} built a {type(model).__name__}, not a torch.nn.Module")
         _fit_state_dict(model, sd, p, class_spec)
         return LoadedModel(model.eval(), f"{class_spec} with weights from {p}")
-    # no class: an exported program, or explain what is needed
-    if zipfile.is_zipfile(p):
-        try:
-            ep = torch.export.load(p)
-        except Exception as e:  # not an exported program: diagnose below
-            ep_err = e
-        else:
-            model = _exported_to_module(ep, p)
-            return LoadedModel(model, f"torch.export program {p}", ep.module())
-        if _is_torchscript(p):
-            raise CLIError(_TORCHSCRIPT.format(path=p))
+    # no class: an exported program, or explain what is needed. The file's kind is read from its zip listing
+    # before anything is loaded: torch.export.load logs a traceback of ~20 lines on stderr for any other file
+    if _is_torchscript(p):
+        raise CLIError(_TORCHSCRIPT.format(path=p))
+    if zipfile.is_zipfile(p) and not _is_exported(p) and _is_pickle_archive(p):  # a torch.save file
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CLIError(_REFUSE_PICKLE.format(path=p, err=" ".join(str(e).split())[:160])) from e
         if isinstance(obj, dict):
             raise CLIError(f"--model {p} holds a state_dict: also pass --class package.module:ClassName to build "
-                           "the architecture") from ep_err
+                           "the architecture")
         raise CLIError(f"--model {p}: not a torch.export program nor a state_dict ({type(obj).__name__})")
+    if zipfile.is_zipfile(p):  # an exported program (or another layout of one: let torch.export judge)
+        with _torch_export_log_caught() as logged:
+            try:
+                with open(p, "rb") as f:  # (a path not ending in .pt2 would log a warning)
+                    ep = torch.export.load(f)
+            except Exception as e:
+                if not _is_exported(p):
+                    raise CLIError(f"--model {p}: a zip archive that is neither a torch.export program nor a "
+                                   "state_dict saved with torch.save") from e
+                msg = _logged_error(logged) or " ".join(str(e).split())[:300]
+                raise CLIError(f"--model {p} looks like a torch.export program but could not be loaded ({msg}); "
+                               "export it again with this version of torch, or pass a state_dict and --class "
+                               "module:Class") from e
+        model = _exported_to_module(ep, p)
+        return LoadedModel(model, f"torch.export program {p}", ep.module(), _exported_input_shape(ep))
     raise CLIError(f"--model {p}: not a PyTorch file (expected a torch.export .pt2 program, or a state_dict saved "
                    "with torch.save plus --class)")
 
@@ -405,12 +417,85 @@ def _is_exported(p: Path) -> bool:
     return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
 
 
+@contextlib.contextmanager
+def _torch_export_log_caught():
+    """Catch what torch.export logs during a load (a warning and a traceback per failure, on top of the exception)
+    instead of printing it; yields the list of log records. The loggers' handlers are put back afterwards."""
+    caught: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = caught.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.export.pt2_archive._package")]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [catcher], False
+    try:
+        yield caught
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+
+
+def _logged_error(records: list[logging.LogRecord]) -> str:
+    """The last exception torch.export logged (its own exception only says to read the log)."""
+    for r in reversed(records):
+        if r.exc_info and r.exc_info[1] is not None:
+            return " ".join(str(r.exc_info[1]).split())[:300]
+    return ""
+
+
+def _exported_input_shape(ep: Any) -> tuple | None:
+    """The shape of the exported program's one user input, an entry ``None`` where it is dynamic; None when the
+    program has several inputs or no recorded shape."""
+    try:
+        names = list(ep.graph_signature.user_inputs)
+        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        if len(names) != 1 or names[0] not in nodes:
+            return None
+        val = nodes[names[0]].meta.get("val")
+        if val is None or not hasattr(val, "shape"):
+            return None
+        return tuple(d if isinstance(d, int) else None for d in val.shape)
+    except Exception:  # an unexpected program layout: the probe falls back to the guard's message
+        return None
+
+
+def _is_pickle_archive(p: Path) -> bool:
+    """Whether ``p`` is a ``torch.save`` zip archive (it holds a ``data.pkl`` record)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
 def _is_torchscript(p: Path) -> bool:
     try:
         with zipfile.ZipFile(p) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
     except zipfile.BadZipFile:
         return False
+
+
+def _check_exported_sample_shape(want: tuple | None, got: tuple) -> None:
+    """Refuse data whose per-sample shape differs from an exported program's fixed one, saying so (before, any
+    guard failure was put down to the batch dimension)."""
+    if want is None:
+        return
+    per = want[1:]
+    if len(per) == len(got) and all(w is None or w == g for w, g in zip(per, got)):
+        return
+    shape = "(" + ", ".join("?" if w is None else str(w) for w in per) + ("," if len(per) == 1 else "") + ")"
+    got_n = int(np.prod(got)) if got else 1
+    msg = (f"the data's samples have shape {got} ({got_n} values) but the exported program takes samples of "
+           f"shape {shape}")
+    if all(w is not None for w in per):
+        need = int(np.prod(per)) if per else 1
+        msg += f" ({need} values)"
+        if need == got_n:
+            raise CLIError(f"{msg}; reshape them with --input-shape {','.join(map(str, per))}")
+        raise CLIError(f"{msg}: the data does not fit this model (--input-shape only reshapes samples into the "
+                       f"same number of values, {got_n} here)")
+    raise CLIError(f"{msg}; reshape them with --input-shape")
 
 
 def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
@@ -421,6 +506,7 @@ def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
 
     model = loaded.model
     x = data.X[:2]
+    _check_exported_sample_shape(loaded.input_shape, tuple(data.X.shape[1:]))
     try:
         with preserved(model, eval_mode=True), torch.no_grad():
             out = model(x)
@@ -429,8 +515,13 @@ def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
         raise CLIError(f"the data (samples of shape {tuple(data.X.shape[1:])}) does not fit the model: {msg}. "
                        "Use --input-shape to reshape flat rows, e.g. --input-shape 1,28,28") from e
     except AssertionError as e:  # guards of an exported program (fixed shapes)
+        msg = " ".join(str(e).split())[:300]
+        if loaded.input_shape is not None and loaded.input_shape[0] is None:  # (the batch is dynamic already)
+            raise CLIError(f"the data (samples of shape {tuple(data.X.shape[1:])}) violates the exported "
+                           f"program's shape guard ({msg}); use --input-shape to reshape the samples, or export "
+                           "the program with the shapes of your data") from e
         raise CLIError(f"the data (samples of shape {tuple(data.X.shape[1:])}) violates the exported program's "
-                       f"shape guard ({e}); export with a dynamic batch dimension, e.g. "
+                       f"shape guard ({msg}); export with a dynamic batch dimension, e.g. "
                        "dynamic_shapes=({0: torch.export.Dim('batch')},)") from e
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -655,7 +746,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"methods": methods} if methods else {}
     if args.quick:
         kwargs.update(n_seeds=2, ig_steps=8, n_steps=5, infidelity_samples=2)
-    result = compare.compare(model, X, target=target, progress=not args.no_progress, **kwargs)
+    # (the sampling peers and the infidelity estimate draw from --seed; the table labels what is not exact)
+    result = compare.compare(model, X, target=target, progress=not args.no_progress, seed=args.seed, **kwargs)
     table = result.to_markdown() if hasattr(result, "to_markdown") else str(result)
     print(table)
     if args.out:
@@ -707,7 +799,8 @@ def _common(p: argparse.ArgumentParser, report: bool = True) -> None:
                             "previous report (default: ./%(default)s)")
         g.add_argument("--explain", type=_positive_int, default=None, metavar="N",
                        help="samples for the exact Re3 contributions (default: all analysed samples)")
-    g.add_argument("--seed", type=int, default=0, help="seed for training and sample subsets (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for training, sample subsets and the sampling "
+                   "attribution methods (default: 0)")
     g.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (a few seconds)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -744,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's 8x8 digits and write a report",
                           description="Train relu_regions.models.SmallCNN on scikit-learn's 8x8 digits (bundled, "
-                                      "no download), analyse the held-out 20%% and write a self-contained report "
+                                      "no download), analyse the held-out 20% and write a self-contained report "
                                       "(about a minute on a laptop CPU).", formatter_class=fmt)
     _common(demo)
     demo.set_defaults(func=cmd_demo)

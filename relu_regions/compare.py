@@ -24,7 +24,13 @@ faithfulness
     ``curve_output="logit"``) is tracked and its area under the curve over the fraction [0, 1] reported
     (trapezoid rule; deletion: lower is better, insertion: higher is better). Captum's ``infidelity`` with Gaussian
     perturbations of std ``noise_std`` (perturbations scaled for methods that multiply by inputs, as Captum's
-    ``infidelity_perturb_func_decorator`` does).
+    ``infidelity_perturb_func_decorator`` does): a Monte-Carlo *estimate* over ``infidelity_samples`` random
+    perturbations per sample, which changes with ``seed``.
+
+Not exact: the times (wall-clock measurements) and the infidelity (an estimate); the rows of the sampling methods
+(GradientShap, KernelShap, Lime) describe one seeded draw of their attributions. :meth:`Comparison.to_markdown`
+labels these columns (:data:`ESTIMATE_LABELS`). Every random draw is seeded from ``Settings.seed``, and the caller's
+random generators (torch's CPU and initialised CUDA ones, numpy's and Python's global ones) are left as they were.
 
 LRP: Captum's LRP has no rule for ``nn.Flatten`` (it raises); the harness runs LRP on a deep copy of the model in
 which every ``nn.Flatten`` gets Captum's ``EpsilonRule`` (Captum's ``IdentityRule`` needs equal input and output
@@ -36,8 +42,10 @@ when not installed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import random
 import sys
 import time
 import types
@@ -63,6 +71,10 @@ DETERMINISTIC = {"Re3", "Saliency", "InputXGradient", "IntegratedGradients", "De
 MULTIPLIES_BY_INPUTS = {"Re3": True, "Saliency": False, "InputXGradient": True, "IntegratedGradients": True,
                         "DeepLift": True, "LRP": True, "GradientShap": True, "KernelShap": True, "Lime": True}
 CURVE_OUTPUTS = ("probability", "logit")
+STOCHASTIC = {"GradientShap", "KernelShap", "Lime"}
+#: Header labels of the columns that are not exact functions of the data (used by :meth:`Comparison.to_markdown`).
+ESTIMATE_LABELS = {"time_per_sample_s": "time_per_sample_s (measured)", "time_vs_re3": "time_vs_re3 (measured)",
+                   "infidelity": "infidelity (MC estimate)"}
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Settings:
     noise_std: float = 0.01
     infidelity_samples: int = 10
     perturbations_per_eval: int = 50
+    seed: int = 0  # run r of a method is seeded with seed + r; the infidelity perturbations with seed
 
 
 _COUNTS = ("ig_steps", "shap_samples", "lime_samples", "gradshap_samples", "n_seeds", "n_steps", "ndcg_k",
@@ -100,6 +113,8 @@ def _check_settings(s: Settings, n_features: int) -> None:
     if s.top_k is not None and not (is_int_at_least(s.top_k, 1) and s.top_k < n_features):
         raise ValueError(f"top_k must be None or an int from 1 to {n_features - 1} (fewer than the {n_features} "
                          f"input features, or the top and bottom sets coincide), got {s.top_k!r}")
+    if not (is_int_at_least(s.seed, -2 ** 63) and s.seed + s.n_seeds < 2 ** 63):  # (torch's range of seeds)
+        raise ValueError(f"seed must be an int from -2**63 to 2**63 - 1 - n_seeds, got {s.seed!r}")
     if s.curve_output not in CURVE_OUTPUTS:
         raise ValueError(f"curve_output must be one of {CURVE_OUTPUTS}, got {s.curve_output!r}")
     v = s.noise_std
@@ -285,6 +300,30 @@ def stability(runs: Sequence[Tensor]) -> tuple[float, float, int]:
     return (float(np.mean(rhos)) if rhos else float("nan")), cv, changes
 
 
+def _seed_all(seed: int) -> None:
+    """Seed every generator the harness and Captum draw from: torch's CPU one (and the CUDA ones once CUDA is
+    initialised), numpy's (Captum's GradientShap draws its interpolation points there) and Python's."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # (torch.manual_seed would queue a seed for an uninitialised CUDA, applied at the caller's first CUDA use)
+        torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed % 2 ** 32)  # (numpy takes seeds in [0, 2**32))
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _callers_rng_kept():
+    """Restore the generators :func:`_seed_all` seeds on exit, also after an exception."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def _infidelity(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, mult: bool, s: Settings) -> float:
     from captum.metrics import infidelity, infidelity_perturb_func_decorator
 
@@ -292,7 +331,7 @@ def _infidelity(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, mult:
     def perturb(inputs):
         return inputs - s.noise_std * torch.randn_like(inputs)
 
-    torch.manual_seed(0)
+    _seed_all(s.seed)
     with torch.no_grad():
         v = infidelity(model, perturb, x, attr, target=target, n_perturb_samples=s.infidelity_samples)
     return float(v.mean())
@@ -325,17 +364,37 @@ class Comparison:
     settings: Settings = field(default_factory=Settings)
 
     def to_markdown(self, columns: Sequence[str] | None = None, digits: int = 3) -> str:
-        """The table as GitHub Markdown (no extra dependency), plus a line per skipped method."""
+        """The table as GitHub Markdown (no extra dependency), a note on the columns that are not exact (their
+        headers say "measured" / "MC estimate", see :data:`ESTIMATE_LABELS`) and a line per skipped method."""
         df = self.table if columns is None else self.table[list(columns)]
-        return to_markdown(df, digits) + "".join(f"\n\n*{k} skipped: {v}*" for k, v in self.skipped.items())
+        note = self.estimate_note(list(df.columns))
+        return (to_markdown(df.rename(columns=ESTIMATE_LABELS), digits) + (f"\n\n*{note}*" if note else "")
+                + "".join(f"\n\n*{k} skipped: {v}*" for k, v in self.skipped.items()))
+
+    def estimate_note(self, columns: Sequence[str] | None = None) -> str:
+        """One sentence saying which of ``columns`` (default all) and rows are measurements or estimates."""
+        cols = list(self.table.columns if columns is None else columns)
+        s = self.settings
+        parts = []
+        if "time_per_sample_s" in cols or "time_vs_re3" in cols:
+            parts.append("times are wall-clock measurements of this run")
+        if "infidelity" in cols:
+            parts.append(f"infidelity is Captum's Monte-Carlo estimate over {s.infidelity_samples} random Gaussian"
+                         f" perturbation(s) (std {s.noise_std}) per sample, seed {s.seed}: another seed gives"
+                         " another value")
+        methods = [m for m in self.table.get("method", []) if m in STOCHASTIC]
+        if methods:
+            parts.append(f"the rows of {', '.join(methods)} (sampling methods) describe one seeded draw of their"
+                         " attributions")
+        return ("Not exact: " + "; ".join(parts) + ".") if parts else ""
 
     def to_csv(self, path: str) -> None:
         """Save the table as CSV."""
         self.table.to_csv(path, index=False)
 
-    def plot(self, path: str | None = None):
+    def plot(self, path: str | None = None, ax: Any = None):
         """See :func:`plot_comparison`."""
-        return plot_comparison(self, path)
+        return plot_comparison(self, path, ax=ax)
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
@@ -415,15 +474,25 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
         from tqdm.auto import tqdm
 
         it = tqdm(names, desc="compare", unit="method")
+    # every draw is seeded (Settings.seed); the caller's generators are put back afterwards (before, the global torch
+    # generator was left reseeded, and GradientShap drew from numpy's unseeded global generator)
+    with _callers_rng_kept():
+        rows, curves, attrs, skipped = _run_methods(model, ref, x, tgt, s, mask, k, it)
+    return Comparison(pd.DataFrame(rows), pd.DataFrame(curves), attrs, skipped, s)
+
+
+def _run_methods(model: nn.Module, ref: nn.Module, x: Tensor, tgt: Tensor, s: Settings, mask: Tensor | None,
+                 k: int, it: Any) -> tuple[list, list, dict, dict]:
+    """The rows, curves, attributions and skipped methods of :func:`compare` (which keeps the caller's RNG)."""
     rows, curves, attrs, skipped = [], [], {}, {}
     ref_imp = None
     t_re3 = None
     for name in it:
         try:
-            torch.manual_seed(0)
+            _seed_all(s.seed)
             with preserved(model):
                 _peer(name, model, x[:1], tgt[:1], s, mask)  # warm-up (lazy imports, allocator), not timed
-                torch.manual_seed(0)
+                _seed_all(s.seed)
                 t0 = time.perf_counter()
                 a = _peer(name, model, x, tgt, s, mask)
                 dt = (time.perf_counter() - t0) / x.shape[0]
@@ -445,12 +514,12 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
         runs = [a]
         if name not in DETERMINISTIC:
             with preserved(model):
-                for seed in range(1, s.n_seeds):
-                    torch.manual_seed(seed)
+                for r in range(1, s.n_seeds):
+                    _seed_all(s.seed + r)
                     runs.append(_peer(name, model, x, tgt, s, mask).detach().to(x.dtype))
         else:  # deterministic: one more run checks it (cheap for all but huge models)
             with preserved(model):
-                torch.manual_seed(1)
+                _seed_all(s.seed + 1)
                 runs.append(_peer(name, model, x, tgt, s, mask).detach().to(x.dtype))
         rho, cv, top1 = stability(runs)
         tt, pp, d_top, d_bot = top_bottom_test(ref, x, a, tgt, k)
@@ -471,18 +540,33 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
             "stab_spearman": rho, "stab_cv": cv, "top1_changes": top1, "n_runs": len(runs),
             "deletion_auc": auc(fr, dele), "insertion_auc": auc(fr, ins), "infidelity": infid,
         })
-    return Comparison(pd.DataFrame(rows), pd.DataFrame(curves), attrs, skipped, s)
+    return rows, curves, attrs, skipped
 
 
-def plot_comparison(result: Comparison, path: str | None = None):
+def plot_comparison(result: Comparison, path: str | None = None, ax: Any = None):
     """Three panels: time relative to Re3 (log scale), agreement with Re3, and the deletion / insertion curves.
 
-    Returns the matplotlib figure (saved to ``path`` when given).
-    """
-    import matplotlib.pyplot as plt
+    Parameters
+    ----------
+    result : Comparison
+    path : str, optional
+        Also save the figure there.
+    ax : sequence of three matplotlib Axes, optional
+        Draw on these (of one figure); default a new pyplot figure.
 
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     t = result.table
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    else:
+        if len(ax) != 3:
+            raise ValueError(f"ax must be three Axes (time, agreement, curves), got {len(ax)}")
+        fig = ax[0].figure
     ax[0].barh(t["method"], t["time_vs_re3"])
     ax[0].set_xscale("log")
     ax[0].set_xlabel("time per sample / Re3's (log)")
@@ -517,5 +601,6 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["ALL_METHODS", "Comparison", "Settings", "auc", "compare", "deletion_insertion", "global_importance",
-           "ndcg", "plot_comparison", "stability", "superpixel_mask", "to_markdown", "top_bottom_test"]
+__all__ = ["ALL_METHODS", "ESTIMATE_LABELS", "Comparison", "Settings", "auc", "compare", "deletion_insertion",
+           "global_importance", "ndcg", "plot_comparison", "stability", "superpixel_mask", "to_markdown",
+           "top_bottom_test"]

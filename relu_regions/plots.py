@@ -28,9 +28,20 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_top(top: Any) -> None:
+    # (top=-1 drew all regions but the last one, top=0 an empty plot, top=2.5 a TypeError deep in numpy)
+    if not _is_int(top) or top < 1:
+        raise ValueError(f"top must be a positive int (how many to show), got {top!r}")
+
+
 def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
                  class_names: Sequence[str] | None = None, ax=None):
     """Stacked bars of the ``top`` largest regions' sizes, coloured by true class (Re3 Fig. 2a)."""
+    _check_top(top)
     hist = _np(stats.class_histograms(granularity))
     if class_names is not None and len(class_names) != hist.shape[1]:
         raise ValueError(f"class_names has {len(class_names)} names for {hist.shape[1]} classes")
@@ -51,6 +62,7 @@ def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
 def importance_heatmap(stats: RegionStats, cls: int = 0, top: int = 20,
                        feature_names: Sequence[str] | None = None, ax=None):
     """Heatmap of the mean contribution ``A_r[cls] ⊙ x`` per region (rows) and feature (Re3 Fig. 2b)."""
+    _check_top(top)
     contrib = _np(stats.mean_contributions())
     if isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or not 0 <= cls < contrib.shape[1]:
         # (a class past the last was shown as the last one, under the asked class's title)
@@ -101,9 +113,18 @@ def validity(distances: Tensor | dict[str, Tensor], ax=None):
 
 def cluster_importance(stats: RegionStats, feature_names: Sequence[str] | None = None, top: int = 4,
                        output: int = -1, ax=None):
-    """Bars of the mean effective weights (feature importance) of the ``top`` largest clusters."""
+    """Bars of the mean effective weights (feature importance) of the ``top`` largest clusters.
+
+    ``output`` indexes the model's outputs as Python does (default -1: the last one).
+    """
+    _check_top(top)
+    w = _np(stats.mean_weights())
+    n_out = w.shape[1]
+    if not _is_int(output) or not -n_out <= output < n_out:
+        # (an index past the last output was a bare IndexError from numpy, after an empty figure was made)
+        raise ValueError(f"output must be an output index in [-{n_out}, {n_out}) (-1: the last), got {output!r}")
     fig, ax = _axes(ax, (8, 4))
-    w = _np(stats.mean_weights())[:, output]
+    w = w[:, output]
     sizes = _np(stats.sizes())
     order = np.argsort(-sizes, kind="stable")[:top]
     n_f = w.shape[1]
@@ -132,7 +153,18 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
 
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must be one sample with a batch dimension, got shape {tuple(x.shape)}")
-    c = int(affine_map(model, x, logits_at=logits_at).output[0].argmax()) if target is None else int(target)
+    _check_top(top)
+    out = affine_map(model, x, logits_at=logits_at).output[0]
+    if isinstance(target, Tensor) and target.numel() == 1 and not (target.is_floating_point() or target.is_complex()
+                                                                   or target.dtype == torch.bool):
+        target = int(target.item())
+    if target is None:
+        c = int(out.argmax())
+    elif _is_int(target) and 0 <= target < out.numel():
+        c = int(target)
+    else:  # (before, any value only named the last node "class <target>", the flows being the same)
+        raise ValueError(f"target must be a class index in [0, {out.numel()}) or None (the predicted class), "
+                         f"got {target!r}")
     maps = preactivation_maps(model, x, layers=0, logits_at=logits_at)
     lm = next(iter(maps.values()))
     jac = lm.jacobian[0]  # (*unit_shape, *input_shape)

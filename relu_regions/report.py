@@ -46,6 +46,9 @@ OPTIONAL_SECTIONS = ("regionstats", "re3", "compare", "validity", "sankey")
 #: File written into every report directory; :meth:`Report.write` only replaces directories that carry it.
 REPORT_MARKER = ".relu_regions_report"
 
+# a region is confused when the share of its majority true class is below this (Re3; RegionStats' default)
+_CONFUSED_PURITY = 0.7
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Report containers
@@ -309,25 +312,24 @@ _RENDER = {"dpi": 110}  # build_report(quick=True) lowers it for smoke tests
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_RENDER["dpi"], bbox_inches="tight")
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # a pyplot figure: take it off pyplot's list
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return buf.getvalue()
 
 
-def _plt():
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` drawn by Agg directly, without pyplot: the caller's backend (an interactive one, say) and
+    pyplot's figure list stay as they were (before, the report switched the process to Agg for good)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
-            matplotlib.use("Agg")
-        except Exception:  # a GUI backend is already active: keep it, figures are still saved to PNG
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = MplFigure(figsize=kwargs.pop("figsize", None))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _as_figure(obj: Any, name: str, caption: str) -> Figure | None:
@@ -388,13 +390,18 @@ def predict_and_record(model: nn.Module, X: Tensor, batch_size: int = 512, progr
                        logits_at: str | None = None) -> tuple[Tensor, list]:
     """Logits of ``model`` on ``X`` (eval mode, no grad) and the recorded per-layer patterns of all samples.
 
+    The patterns carry the exact number of units on a breakpoint per sample (``LayerPattern.n_boundary``).
+
     Returns
     -------
     logits : Tensor ``(N, K)``
     patterns : list of LayerPattern over all N samples, in execution order
     """
     outs = []
-    with preserved(model, eval_mode=True), torch.no_grad(), record(model, logits_at=logits_at) as rec:
+    # count_boundary: the region table's 'boundary samples' needs the real counts (without it the recorder fills in
+    # zeros); it costs one more pass over each unit input, small next to the rest of the report
+    with preserved(model, eval_mode=True), torch.no_grad(), \
+            record(model, logits_at=logits_at, count_boundary=True) as rec:
         n = X.shape[0]
         for sl in _bar(list(_batches(n, batch_size)), "recording", progress):
             out = model(X[sl])
@@ -434,7 +441,9 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
     Columns: regions (distinct activation patterns), samples per region, singletons (share of samples alone in
     their region), top-1 coverage (share of samples lying in the largest region of their true class, regions
     assigned to their majority true class), purity (sample-weighted majority-label share), confusion regions
-    (regions whose samples get more than one predicted class, or any misclassification) and boundary samples.
+    (regions whose purity, the share of their majority true class, is below 0.7: Re3's definition, the one of
+    :meth:`relu_regions.RegionStats.confused`) and boundary samples (samples with a unit exactly on a breakpoint;
+    needs patterns recorded with ``count_boundary=True``).
 
     Returns
     -------
@@ -456,16 +465,15 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
         r = int(counts.numel())
         hist = torch.zeros(r, n_classes, dtype=torch.long)
         hist.index_put_((inv.cpu(), y_true.cpu()), torch.ones(n, dtype=torch.long), accumulate=True)
-        phist = torch.zeros(r, n_classes, dtype=torch.long)
-        phist.index_put_((inv.cpu(), y_pred.cpu()), torch.ones(n, dtype=torch.long), accumulate=True)
         majority = hist.argmax(1)
-        wrong = torch.zeros(r, dtype=torch.long).index_add_(0, inv.cpu(), (y_true != y_pred).long().cpu())
-        confused = ((phist > 0).sum(1) > 1) | (wrong > 0)
+        # Re3's confused region, as RegionStats.confused computes it (one definition in one report; before, any
+        # misclassification or a second predicted class counted here)
+        size = hist.sum(1)
+        confused = hist.amax(1).double() / size.clamp(min=1).double() < _CONFUSED_PURITY
         # top-1 coverage: for each class, its largest region among those with that majority class (equal sizes:
         # more samples of the class first), as RegionStats.coverage (the region with most samples of the class
         # was taken before: another number than the overview's for the same data)
         covered = 0
-        size = hist.sum(1)
         for c in range(n_classes):
             mine = (majority == c).nonzero().flatten()
             if mine.numel():
@@ -532,11 +540,10 @@ def _image_like(X: Tensor) -> bool:
 
 
 def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str, signed: bool = True) -> Figure:
-    plt = _plt()
     k = maps.shape[0]
     cols = min(5, k)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= k:
@@ -552,9 +559,8 @@ def _heatmap_figure(maps: Tensor, titles: Sequence[str], name: str, caption: str
 
 def _bars_figure(values: Tensor, class_names: Sequence[str], feature_names: Sequence[str], name: str,
                  caption: str) -> Figure:
-    plt = _plt()
     k, d = values.shape
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * d + 2), 3.5))
+    fig, ax = _subplots(figsize=(max(6, 0.5 * d + 2), 3.5))
     width = 0.8 / k
     xs = np.arange(d)
     for c in range(k):
@@ -569,8 +575,7 @@ def _bars_figure(values: Tensor, class_names: Sequence[str], feature_names: Sequ
 
 
 def _region_size_figure(inverse: dict[str, Tensor], name: str) -> Figure:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = _subplots(figsize=(6.5, 3.5))
     for gname, inv in inverse.items():
         if gname.startswith("layer "):
             continue
@@ -649,6 +654,10 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
     y = y.long()
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels")
+    if y.numel() and int(y.min()) < 0:
+        # (a label -1 indexed the last class in the region table and counted as an error in the accuracy)
+        raise ValueError(f"y must hold class indices 0..K-1 (K: the model's outputs); found {int(y.min())} at "
+                         f"sample {int(y.argmin())}: drop or relabel such samples first")
     gen = torch.Generator().manual_seed(seed)
     wanted = set(OPTIONAL_SECTIONS if include is None else include)
     unknown = wanted - set(OPTIONAL_SECTIONS)
@@ -661,7 +670,7 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
     k = logits.shape[1]
     y_pred = logits.argmax(1).cpu()
     if int(y.max()) >= k:
-        raise ValueError(f"labels go up to {int(y.max())} but the model has only {k} outputs")
+        raise ValueError(f"y: labels go up to {int(y.max())} but the model has only {k} outputs")
     if class_names is not None and len(class_names) != k:
         raise ValueError(f"class_names has {len(class_names)} names for the model's {k} outputs")
     if feature_names is not None and X.dim() == 2 and len(feature_names) != X.shape[1]:
@@ -693,7 +702,9 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
         results["regions"] = {r["granularity"]: r["regions"] for r in rows}
         sec = Section("Activation regions", text=[
             "Each sample's activation region is identified exactly by its bit-packed activation pattern (no hashing)."
-            " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'boundary samples'"
+            " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'confusion regions'"
+            f" are regions whose purity (share of their majority true class) is below {_CONFUSED_PURITY}, Re3's"
+            " definition, the one RegionStats uses. 'boundary samples'"
             " lie exactly on a breakpoint of some unit (pre-activation exactly 0, or tied maxima in a max-pool window"
             " with a nonzero maximum — common on flat image backgrounds, where a convolution with a positive bias"
             " gives equal values); there the map of the region selected by the"
@@ -789,14 +800,18 @@ def _regionstats_section_parts(model, patterns, groups, y_true, y_pred, k, X, na
     notes: list[str] = []
     try:
         plots = _optional("plots")
-        figs.append(_as_figure(plots.region_sizes(st, class_names=names), "regionstats_sizes",
+        # (the plots draw on the report's own Agg axes: pyplot would use, or switch, the caller's backend)
+        figs.append(_as_figure(plots.region_sizes(st, class_names=names, ax=_subplots(figsize=(7, 4))[1]),
+                               "regionstats_sizes",
                                "Largest regions (full network), stacked by true class (Re3 Fig. 2a)."))
         if "head only" in keys:
-            figs.append(_as_figure(plots.region_sizes(st, "head only", class_names=names), "regionstats_sizes_head",
+            figs.append(_as_figure(plots.region_sizes(st, "head only", class_names=names,
+                                                      ax=_subplots(figsize=(7, 4))[1]), "regionstats_sizes_head",
                                    "Largest regions of the MLP head alone, stacked by true class."))
         if tabular:
             for c in range(min(k, 3)):
-                figs.append(_as_figure(plots.importance_heatmap(st, cls=c, feature_names=feature_names),
+                figs.append(_as_figure(plots.importance_heatmap(st, cls=c, feature_names=feature_names,
+                                                                ax=_subplots(figsize=(8, 5))[1]),
                                        f"region_importance_class{c}",
                                        f"Mean contribution to class {names[c]} per region (Re3 Fig. 2b)."))
     except ImportError as e:
@@ -853,24 +868,27 @@ def _compare_section(model, X, target, seed, results, quick=False, progress=Fals
         opts = {"n_seeds": 2}
     if X.dim() == 4 and X[0].numel() > 256:
         opts["superpixel"] = 4  # KernelShap on superpixels for large images, as usual
-    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's generator left as it was
-        torch.manual_seed(seed)
-        result = compare(model, X, target=target, methods=methods, progress=progress, **opts)
+    # (compare seeds every draw from `seed` and leaves the caller's generators as they were)
+    result = compare(model, X, target=target, methods=methods, progress=progress, seed=seed, **opts)
     table = result.table
     cols = [c for c in _COMPARE_COLUMNS if c in table.columns]
     results["compare"] = table[cols].to_dict("records")
+    labels = _optional("compare", "ESTIMATE_LABELS")
     sec = Section("", text=[
         f"Re3 (exact) against Captum methods on {X.shape[0]} samples, explaining the predicted class "
-        "(relu_regions.compare). Times are wall-clock per sample measured in this run (estimates of cost, not"
-        " exact); ndcg@k / spearman: agreement of global feature rankings with Re3; t_top_vs_bottom: paired t of"
-        " |Δ logit| when removing each method's top-k vs bottom-k features; stab_spearman / top1_changes: run-to-run"
-        " stability over seeds; deletion (lower better) / insertion (higher better) AUCs of the target probability;"
-        " infidelity: Captum's metric."], tables=[("attribution comparison", table[cols])])
+        "(relu_regions.compare). ndcg@k / spearman: agreement of global feature rankings with Re3; t_top_vs_bottom:"
+        " paired t of |Δ logit| when removing each method's top-k vs bottom-k features; stab_spearman / top1_changes:"
+        " run-to-run stability over seeds; deletion (lower better) / insertion (higher better) AUCs of the target"
+        " probability; infidelity: Captum's metric.",
+        # (the footer says every number is exact unless labelled an estimate)
+        result.estimate_note(cols)],
+        tables=[("attribution comparison (columns marked 'measured' / 'MC estimate' are not exact)",
+                 table[cols].rename(columns=labels))])
     for name, why in result.skipped.items():
         sec.text.append(f"{name} skipped: {why}")
     try:
-        fig = _as_figure(result.plot(), "attribution_comparison", "Time relative to Re3, agreement with Re3, and"
-                                                                  " deletion/insertion curves.")
+        fig = _as_figure(result.plot(ax=_subplots(1, 3, figsize=(15, 4))[1]), "attribution_comparison",
+                         "Time relative to Re3, agreement with Re3, and deletion/insertion curves.")
         if fig is not None:
             sec.figures.append(fig)
     except Exception as e:  # the plot is optional
@@ -915,7 +933,8 @@ def _validity_section(model, X, target, seed, results, logits_at=None, kinds=Non
         tables=[("boundary distances (l2) and validity radii", rows)])
     try:
         plots = _optional("plots")
-        fig = _as_figure(plots.validity(dists), "validity", "Validity curve (left) and distance violins (right).")
+        fig = _as_figure(plots.validity(dists, ax=_subplots(1, 2, figsize=(10, 4))[1]), "validity",
+                         "Validity curve (left) and distance violins (right).")
     except ImportError:
         fig = _validity_fallback(geometry, dists)
     if fig is not None:
@@ -924,8 +943,7 @@ def _validity_section(model, X, target, seed, results, logits_at=None, kinds=Non
 
 
 def _validity_fallback(geometry, dists) -> Figure:
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(10, 4))
     for name, d in dists.items():
         e, v = geometry.validity_curve(d)
         a1.plot(e.numpy(), v.numpy(), label=name)
@@ -948,7 +966,6 @@ def _plotly_inline(fig) -> str:
 
 def _sankey_static(flows: dict[str, Any], title: str) -> Figure:
     """A static rendering of the pathway flows (input features → units → class) with matplotlib."""
-    plt = _plt()
     from matplotlib.patches import PathPatch
     from matplotlib.path import Path as MPath
 
@@ -962,7 +979,7 @@ def _sankey_static(flows: dict[str, Any], title: str) -> Figure:
     for c in range(ncol):
         idx = np.flatnonzero(col == c)
         ys[idx] = np.linspace(0, 1, len(idx) + 2)[1:-1][::-1]
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = _subplots(figsize=(9, 5))
     vmax = max(flows["value"]) if flows["value"] else 1.0
     for s_, t_, v in zip(flows["source"], flows["target"], flows["value"]):
         x0, x1 = col[s_] / max(ncol - 1, 1), col[t_] / max(ncol - 1, 1)

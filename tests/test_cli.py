@@ -247,6 +247,8 @@ def test_compare_command(capsys, tmp_path):
     assert code == 0, err
     table = out.read_text()
     assert "| Re3 |" in table and "| InputXGradient |" in table and "| IntegratedGradients |" in table
+    # the Monte-Carlo infidelity and the timings are labelled as such (before: plain headers, as if exact)
+    assert "| infidelity (MC estimate) |" in table and "Not exact: times are wall-clock" in table
     code, _, err = run(["compare", "--quick", "--methods", "nonsense"], capsys)
     assert_one_line_error(code, err, "unknown method")
 
@@ -274,3 +276,61 @@ def test_numeric_headers_counts_and_compare_out(tabular_files, capsys):
     code, _, err = run(["compare", "--quick", "--out", str(folder)], capsys)
     assert_one_line_error(code, err, "is a directory")
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".cmpdir")) == []
+
+
+def test_state_dict_or_torchscript_without_class_is_one_line(tabular_files, capsys):
+    """Before: torch.export.load was tried on every zip file first and logged its warning and traceback (~20 lines
+    on stderr) before the one-line error; an exported program saved under another suffix than .pt2 logged a
+    warning too."""
+    import logging
+
+    tmp, model, X, y, sd, npz, _ = tabular_files
+    ts = tmp / "ts.pt"
+    torch.jit.save(torch.jit.script(model), ts)
+    ep = torch.export.export(model.eval(), (X[:3],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    other = tmp / "program.pt"
+    torch.export.save(ep, other)
+    # torch's handler writes to the stderr of import time, which capsys does not see: listen beside it
+    records: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = records.append
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.export.pt2_archive._package")]
+    loggers[0].addHandler(listener)
+    setup = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    try:
+        for path, needle in ((sd, "holds a state_dict"), (ts, "TorchScript")):
+            code = cli.main(["analyze", "--model", str(path), "--data", str(npz), "--out", str(tmp / "never")])
+            assert_one_line_error(code, capsys.readouterr().err, needle)
+        loaded = cli.load_model(other)
+        assert [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers] == setup  # put back
+    finally:
+        loggers[0].removeHandler(listener)
+    assert [r.getMessage()[:80] for r in records] == []
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(X), model(X))
+
+
+def test_exported_program_names_a_sample_shape_mismatch(tmp_path, capsys):
+    """Before: any shape-guard failure of a .pt2 was put down to the batch dimension ("export with a dynamic batch
+    dimension") although the program had one; the samples' shape was the problem."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()  # takes (N, 1, 4, 4)
+    ep = torch.export.export(net, (torch.rand(3, 1, 4, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path / "net.pt2"
+    torch.export.save(ep, path)
+    for features, needles in ((16, ["shape (16,) (16 values)", "takes samples of shape (1, 4, 4) (16 values)",
+                                    "--input-shape 1,4,4"]),
+                              (9, ["shape (9,) (9 values)", "(16 values)", "does not fit this model"])):
+        np.savez(tmp_path / "d.npz", X=np.random.rand(5, features).astype(np.float32), y=np.zeros(5, np.int64))
+        code, _, err = run(["analyze", "--model", str(path), "--data", str(tmp_path / "d.npz"), "--out",
+                            str(tmp_path / "never")], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert "dynamic batch" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_demo_help_shows_a_plain_percent_sign(capsys):
+    """Before: ``demo --help`` printed "the held-out 20%%" (argparse %-formats help strings, not descriptions)."""
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "analyse the held-out 20% and write" in out and "%%" not in out

@@ -176,3 +176,77 @@ def test_curve_and_test_functions_refuse_invalid_arguments(tabular):
     with torch.no_grad():
         assert dele[0] == pytest.approx(m(x)[:, 0].mean().item())
         assert ins[0] == pytest.approx(m(torch.zeros_like(x))[:, 0].mean().item())
+
+
+def test_compare_keeps_the_callers_random_generators(tabular, monkeypatch):
+    """Before: compare() reseeded torch's global generator (torch.manual_seed(0), (1), ...) and left it so; and
+    GradientShap drew its interpolation points from numpy's global generator, unseeded: two calls differed."""
+    import random
+
+    import relu_regions.compare as cmp
+
+    m, x = tabular
+    opts = {"progress": False, "n_seeds": 2, "n_steps": 2, "infidelity_samples": 1, "gradshap_samples": 3}
+    torch.manual_seed(1234)
+    np.random.seed(5)
+    random.seed(7)
+    # the caller's next draws, taken on copies of the states
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    want = torch.rand(3), np.random.rand(3), random.random()
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+    first = compare(m, x, methods=["GradientShap"], **opts)
+    assert torch.equal(torch.rand(3), want[0]) and np.array_equal(np.random.rand(3), want[1])
+    assert random.random() == want[2]
+    # the results are still seeded: a second call (other caller states) gives the same attributions
+    second = compare(m, x, methods=["GradientShap"], **opts)
+    assert torch.equal(first.attributions["GradientShap"], second.attributions["GradientShap"])
+    # also after an exception in the middle of the work
+    real = cmp._peer
+
+    def failing(name, *args):
+        real(name, *args)  # draws from the generators, then fails
+        raise ValueError("simulated failure")
+
+    monkeypatch.setattr(cmp, "_peer", failing)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    with pytest.raises(ValueError, match="simulated failure"):
+        compare(m, x, methods=["GradientShap"], **opts)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+
+
+def test_infidelity_is_a_seeded_estimate_and_labelled_so(tabular):
+    """Before: to_markdown (and the CLI's table) showed Captum's Monte-Carlo infidelity and the wall-clock times
+    under plain headers, as if exact."""
+    from captum.metrics import infidelity, infidelity_perturb_func_decorator
+
+    m, x = tabular
+    target = torch.arange(len(x)) % 3
+    values = {}
+    for seed in (3, 4):
+        res = compare(m, x, target=target, methods=[], progress=False, n_steps=2, infidelity_samples=2, seed=seed)
+        values[seed] = float(res.table.set_index("method").loc["Re3", "infidelity"])
+    # independent route: Captum's infidelity of A[t] ⊙ x (torch.func) with the same seeded perturbations
+    attr = torch.stack([torch.func.jacrev(m)(x[i])[target[i]] for i in range(len(x))]).detach() * x
+
+    @infidelity_perturb_func_decorator(multiply_by_inputs=True)
+    def perturb(inputs):
+        return inputs - 0.01 * torch.randn_like(inputs)
+
+    with torch.random.fork_rng(devices=[]):
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                direct = float(infidelity(m, perturb, x, attr, target=target, n_perturb_samples=2).mean())
+            assert values[seed] == pytest.approx(direct, rel=1e-3, abs=1e-12)
+    assert values[3] != values[4]  # an estimate: another seed, another value
+    md = res.to_markdown()
+    header = md.splitlines()[0]
+    assert "| infidelity (MC estimate) |" in header and "| time_per_sample_s (measured) |" in header
+    assert "Not exact: times are wall-clock measurements of this run; infidelity is Captum's Monte-Carlo estimate " \
+           "over 2 random Gaussian perturbation(s) (std 0.01) per sample, seed 4" in md
+    assert list(res.table.columns[:2]) == ["method", "time_per_sample_s"]  # the data keeps its column names
+    with pytest.raises(ValueError, match="seed must be an int from -2\\*\\*63"):
+        compare(m, x, methods=[], progress=False, seed=1.5)

@@ -69,3 +69,38 @@ def test_sankey_mlp_and_cnn(fitted):
     assert any(n.startswith("channel") for n in fl["nodes"])
     with pytest.raises(ValueError, match="one sample"):
         plots.pathway_flows(model, x[:2])
+
+
+def test_int_options_are_checked(fitted):
+    """Before: ``region_sizes(top=-1)`` drew every region but the last, ``top=0`` an empty plot, and
+    ``cluster_importance(output=k)`` past the last output failed with numpy's bare IndexError after making a figure;
+    ``pathway_flows(target=k)`` named any k as the class."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    model, x, s = fitted
+    plt.close("all")
+    for top in (0, -1, 2.5, True, "3"):
+        for draw in (plots.region_sizes, plots.importance_heatmap, plots.cluster_importance):
+            with pytest.raises(ValueError, match="top must be a positive int"):
+                draw(s, top=top)
+        with pytest.raises(ValueError, match="top must be a positive int"):
+            plots.pathway_flows(model, x[:1], top=top)
+    for output in (2, -3, 1.0, None):
+        with pytest.raises(ValueError, match=r"output must be an output index in \[-2, 2\)"):
+            plots.cluster_importance(s, output=output)
+    for target in (2, -1, 0.0):
+        with pytest.raises(ValueError, match=r"target must be a class index in \[0, 2\) or None"):
+            plots.pathway_flows(model, x[:1], target=target)
+    assert not plt.get_fignums()  # refused before a figure was made
+    # valid values still draw, numpy ints included; the bars of output -1 are the largest region's mean weights of
+    # the last output, recomputed from the affine maps
+    amap = rr.affine_map(model, x)
+    ids, counts = torch.unique(amap.region_ids, return_counts=True)
+    assert (counts == counts.max()).sum() == 1
+    biggest = amap.region_ids == ids[counts.argmax()]
+    fig = plots.cluster_importance(s, top=np.int64(1), output=-1)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, amap.A[biggest, -1].mean(0).detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert plots.pathway_flows(model, x[:1], target=torch.tensor(1))["nodes"][-1] == "class 1"
+    plt.close("all")

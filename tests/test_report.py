@@ -302,3 +302,102 @@ def test_sankey_reads_logits_at():
         if names[a].startswith("x") and names[b].startswith("unit"):
             u, f = int(names[b].split()[1]), int(names[a][1:])
             assert z[u] > 0 and v == pytest.approx(float((w[u, f] * X[i, f]).abs()), rel=1e-5)
+
+
+def test_boundary_samples_are_counted():
+    """Before: the 'boundary samples' column was always 0: the patterns were recorded without count_boundary=True,
+    so the table summed the recorder's placeholder zeros."""
+    torch.manual_seed(0)
+    # ReLU: with a zero bias, the zero input puts every pre-activation exactly at the breakpoint
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        net[0].bias.zero_()
+    X = torch.cat([torch.zeros(3, 2), torch.randn(5, 2)])
+    with torch.no_grad():
+        want = int((net[0](X) == 0).any(1).sum())  # by hand: pre-activations exactly 0
+    assert want == 3
+    r = rep.build_report(net, X, torch.zeros(8, dtype=torch.long), include=[])
+    rows = {row["granularity"]: row for row in r.section("Activation regions").tables[0][1]}
+    assert rows["full network"]["boundary samples"] == want
+    # max pool: tied maxima in a 2x2 window count when the maximum is nonzero (a flat nonzero patch), not at 0
+    pool = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)).eval()
+    Xp = torch.rand(6, 1, 4, 4)
+    Xp[0] = 0.5  # every window tied at 0.5
+    Xp[1, :, :2, :2] = 0.0  # one window tied at 0: not a boundary
+    Xp[2, :, 2:, 2:] = 0.25  # one tied window
+    w = torch.nn.functional.unfold(Xp, 2, stride=2)  # (N, 4, windows), independent of the recorder
+    mx = w.max(1, keepdim=True).values
+    tied = (((w == mx).sum(1) > 1) & (mx[:, 0] != 0)).any(1)
+    assert tied.tolist() == [True, False, True, False, False, False]
+    r = rep.build_report(pool, Xp, torch.zeros(6, dtype=torch.long), include=[])
+    rows = {row["granularity"]: row for row in r.section("Activation regions").tables[0][1]}
+    assert rows["full network"]["boundary samples"] == int(tied.sum())
+
+
+def test_confusion_regions_use_the_re3_purity_definition(mlp_report):
+    """Before: 'confusion regions' counted regions with any misclassification or more than one predicted class,
+    while RegionStats (and the same report's RegionStats section) count regions whose purity is below 0.7."""
+    import pandas as pd
+
+    from relu_regions.units import LayerPattern
+
+    # region 0: 7 of 10 in class 0 (purity 0.7, two predicted classes); region 1: 2 of 3 (0.67); region 2: pure,
+    # one sample misclassified
+    inv = torch.tensor([0] * 10 + [1] * 3 + [2] * 5)
+    y = torch.tensor([0] * 7 + [1] * 3 + [0, 0, 1] + [1] * 5)
+    pred = y.clone()
+    pred[-1] = 0
+    state = torch.nn.functional.one_hot(inv, 3).bool()
+    pattern = LayerPattern("relu", "relu", state, 2, torch.zeros(len(inv), dtype=torch.long), {})
+    rows, _ = rep.region_table([pattern], y, pred)
+    table = pd.crosstab(inv.numpy(), y.numpy())
+    purity = table.max(axis=1) / table.sum(axis=1)
+    assert rows[0]["confusion regions"] == int((purity < 0.7).sum()) == 1
+    *_, report = mlp_report
+    assert "purity (share of their majority true class) is below 0.7" in " ".join(
+        report.section("Activation regions").text)
+
+
+def test_negative_labels_are_refused():
+    """Before: a label -1 was accepted (only the largest label was checked): it indexed the last class in the region
+    table, counted as an error in the accuracy, and the RegionStats section silently became 'not available'."""
+    X, y = _tabular(n=20)
+    y = y.clone()
+    y[4] = -1
+    with pytest.raises(ValueError, match=r"y must hold class indices 0\.\.K-1 .*found -1 at sample 4"):
+        rep.build_report(mlp(5, [6], 3), X, y, include=[])
+
+
+def test_report_keeps_the_callers_matplotlib_backend():
+    """Before: build_report switched the process's matplotlib backend to Agg for good (an interactive session lost
+    its interactive figures)."""
+    import matplotlib.pyplot as plt
+
+    X, y = _tabular(n=24, d=3, k=2)
+    before = plt.get_fignums()
+    matplotlib.use("svg")  # a backend the caller chose (not Agg; needs no display)
+    try:  # (the RegionStats section draws with relu_regions.plots)
+        r = rep.build_report(mlp(3, [4], 2), X, y, quick=True, include=["regionstats"])
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use("Agg")
+    assert plt.get_fignums() == before  # no pyplot figure left behind either
+    pngs = [f.png for s in r.sections for f in s.figures]
+    assert len(pngs) >= 3 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_comparison_labels_what_is_not_exact(mlp_report):
+    """Before: the comparison presented Captum's Monte-Carlo infidelity as if exact (header 'infidelity', text
+    "Captum's metric") under a footer saying every number is exact unless labelled an estimate."""
+    pytest.importorskip("captum")
+    *_, report = mlp_report
+    sec = report.section("Attribution comparison")
+    assert sec.available, sec.reason
+    table = sec.tables[0][1]
+    assert {"infidelity (MC estimate)", "time_per_sample_s (measured)", "time_vs_re3 (measured)"} <= set(table.columns)
+    assert "infidelity" not in table.columns
+    text = " ".join(sec.text)
+    assert "infidelity is Captum's Monte-Carlo estimate over 2 random Gaussian perturbation(s)" in text
+    assert "times are wall-clock measurements" in text
+    assert "infidelity (MC estimate)" in report.to_markdown() and "infidelity (MC estimate)" in report.to_html()
+    # (that the value does change with the seed is checked against Captum itself in test_compare.py)
