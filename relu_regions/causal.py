@@ -286,6 +286,13 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
         Module paths whose outputs are hidden units to report (``"output"`` is always reported).
     n_samples : int or None
         Monte-Carlo samples drawn without replacement from ``data`` (``None``: all of it, exact expectation).
+    seed : int
+        Seed of that draw (a private generator: the global random state is left alone); the same samples are used
+        for every ``α``.
+    batch_size : int
+        Samples per forward pass of the model.
+    progress : bool
+        Show a progress bar over ``alphas`` (tqdm).
     """
     unit = _unit_index(unit)
     if n_samples is not None and not is_int_at_least(n_samples, 1):
@@ -378,6 +385,14 @@ def cluster_units(profiles: Tensor | np.ndarray, method: str = "affinity", n_clu
         scikit-learn, default the median similarity) or k-means with ``n_clusters`` on the rank-standardised
         profiles (so both see the same, monotone-invariant information); at most as many clusters as live units
         (dead units, whose profile is constant, get the label -1).
+    n_clusters : int, optional
+        Number of clusters for ``method="kmeans"`` (required there; capped at the number of live units); unused by
+        ``"affinity"``.
+    preference : float, optional
+        Affinity propagation's preference of every unit to be an exemplar (lower: fewer clusters); default the
+        median similarity. Unused by ``"kmeans"``.
+    random_state : int
+        Seed of scikit-learn's affinity propagation or k-means.
     """
     from sklearn.cluster import AffinityPropagation, KMeans
 
@@ -473,11 +488,19 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
 
     Parameters
     ----------
+    model : nn.Module
+        Run in eval mode without gradients; its training flag is restored afterwards.
+    data : Tensor
+        ``(N, ...)`` model inputs the outputs and the metric are computed on.
+    site : str
+        ``"input"`` or the module path whose output holds the units (see :func:`intervene`).
     groups : mapping name -> unit indices, or UnitClusters (each cluster, dead units included as ``-1``)
     target : Tensor, optional
         Labels for ``"accuracy"`` or reference outputs for ``"mse"`` (e.g. the input images for an
         autoencoder's reconstruction error).
     metric : "accuracy", "mse" or callable(output, target) -> float
+    batch_size : int
+        Samples per forward pass of the model.
 
     Returns
     -------

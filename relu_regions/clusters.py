@@ -552,10 +552,17 @@ class DeepKMeans:
 
         Parameters
         ----------
+        x : Tensor
+            ``(N, *input_shape)`` inputs of ``feature_model``.
+        cluster : int, sequence or None
+            Cluster to explain: one for every sample, or one index per sample; default each sample's assigned one.
+        beta : float, optional
+            Stiffness of the min-take-most pooling over competitors; default ``1 / E[f_c]`` over ``x``.
         reference : Tensor, optional
             ``(*input_shape)`` or ``(N, *input_shape)`` reference input ``r``; default zeros.
-        beta : float, optional
-            Default ``1 / E[f_c]`` over ``x``.
+        chunk_size : int, optional
+            Samples per chunk of the exact affine map of ``feature_model`` (``affine_map``'s ``chunk_size``); bounds
+            memory. Default depends on the sizes.
         """
         from .affine import affine_map
 
@@ -634,6 +641,12 @@ def insertion_curve(predict: Callable[[Tensor], Tensor], x: Tensor, relevance: T
         ``(N,)`` the cluster each sample is explained for.
     fill : Tensor
         ``(M, D)`` data the non-inserted features are taken from.
+    n_fill : int
+        Rows of ``fill`` drawn (with replacement) per sample; the curve averages membership over them.
+    seed : int
+        Seed of the draw of those rows (a private generator: the global random state is left alone).
+    chunk : int
+        Most composites passed to ``predict`` in one call; bounds memory.
     """
     x, relevance, fill = _tensor(x), _tensor(relevance), _tensor(fill)
     if x.dim() != 2 or len(x) == 0:
@@ -790,6 +803,15 @@ def group_regions(model: nn.Module, feature_model: nn.Module, x: Tensor, n_group
         The network whose regions are grouped (``layers`` selects which piecewise-linear calls define them).
     feature_model : nn.Module
         Piecewise-linear map from the input to the representation the groups live in.
+    x : Tensor
+        ``(N, *input_shape)`` inputs of both ``model`` and ``feature_model``; the regions grouped are those they visit.
+    n_groups : int
+        Number of groups (>= 2, and at most the number of distinct regions ``x`` visits).
+    layers : str, sequence of str, slice, int or None
+        The recorded piecewise-linear calls whose joint pattern defines a region (as in ``Recording.region_ids``);
+        default all of them.
+    random_state : int
+        Seed of scikit-learn's k-means on the region summaries.
     """
     from sklearn.cluster import KMeans
 

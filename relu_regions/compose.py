@@ -11,7 +11,9 @@ part ``M`` with shape ``(D, B, *T.shape[1:])`` — one slice per input feature. 
   recorded argmax;
 - data movement (view, reshape, flatten, permute, indexing, cat, ...): the same movement of ``M``, derived by
   running the operation on an index tensor;
-- sums, differences, scaling by constants: the same on ``M``.
+- sums, differences, scaling by constants: the same on ``M``;
+- in-place writes (``torch.relu_(h[:, :3])``, ``h[:, :3].mul_(2)``): the new ``M`` also goes to every tensor of the
+  walk that shares the written memory (the tensor a view views, its other views), as the values do.
 
 Any other operation on an input-dependent tensor raises :class:`~relu_regions.UnsupportedModuleError` naming the
 module and the operation (a whitelist: nothing unknown passes silently). Cost ~ D forward passes.
@@ -65,6 +67,8 @@ _POOL = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2
 _CONV = {F.conv1d: 7, F.conv2d: 7, F.conv_transpose1d: 8, F.conv_transpose2d: 8}  # -> number of arguments
 _CAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _REDUCE = {T.sum, torch.sum, T.mean, torch.mean}
+# the rules below that read the linear part of the first argument (the input) only
+_OF_INPUT = {*_IDENTITY, F.linear, *_CONV, F.batch_norm, *_POOL, F.pad, *_NEG, *_REDUCE}
 
 
 class _ComposeSession(_Session):
@@ -78,11 +82,82 @@ class _ComposeSession(_Session):
         for t, m in getattr(self, "pending_inputs", []):
             self.set_m(t, m)
 
+    def own(self, t: Tensor) -> Tensor | None:
+        """The linear part kept for ``t`` itself (none derived from the tensor it views)."""
+        e = self.maps.get(id(t))
+        return e[1] if e is not None and e[0]() is t else None
+
     def m_of(self, t: Any) -> Tensor | None:
         if not isinstance(t, Tensor):
             return None
         e = self.maps.get(id(t))
-        return e[1] if e is not None and e[0]() is t else None
+        if e is not None and e[0]() is t:
+            return e[1]
+        b = t._base  # a view taken before the tensor it views became input-dependent: it reads that tensor's memory
+        if b is None:
+            return None
+        e = self.maps.get(id(b))
+        if e is None or e[0]() is not b or b.dtype != t.dtype:
+            return None
+        m = self._gather(b, e[1], t)
+        self.set_m(t, m)
+        return m
+
+    def _positions(self, t: Tensor) -> Tensor:
+        """The memory position (in elements of its storage) of every element of ``t``, flattened."""
+        n = t.untyped_storage().nbytes() // t.element_size()
+        idx = torch.arange(n, device=t.device)
+        return idx.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1)
+
+    def _gather(self, src: Tensor, m_src: Tensor, dst: Tensor) -> Tensor:
+        """The linear part of ``dst`` read from that of ``src``, which covers ``dst``'s memory."""
+        n = src.untyped_storage().nbytes() // src.element_size()
+        lut = torch.full((n,), -1, dtype=torch.long, device=src.device)
+        lut[self._positions(src)] = torch.arange(src.numel(), device=src.device)
+        j = lut[self._positions(dst)]
+        if bool((j < 0).any()):  # memory of the view outside its base's elements (as_strided into padding)
+            raise UnsupportedModuleError(
+                f"{self.describe(self.where())} reads a view of an input-dependent tensor that reaches outside that "
+                "tensor's elements, which the graph walker (method='compose') has no rule for; use method='reverse' "
+                "or 'forward', which need no per-operation rules")
+        flat = torch.broadcast_to(m_src, (self.d, *src.shape)).reshape(self.d, -1)
+        return flat[:, j].reshape(self.d, *dst.shape)
+
+    def written(self, t: Tensor) -> None:
+        """``t`` was written in place (its linear part is set): every other tensor of the walk that shares its memory
+        (the tensor it views, other views of that) holds the new values too, so their linear parts change there."""
+        if t.numel() == 0:
+            return
+        base = t._base
+        if base is not None and self.own(base) is None:
+            # a constant tensor written through a view: it is input-dependent from now on, where the view is
+            self.set_m(base, torch.zeros(self.d, *base.shape, dtype=t.dtype, device=t.device))
+        ptr = t.untyped_storage().data_ptr()
+        m_t = torch.broadcast_to(self.m_of(t), (self.d, *t.shape)).reshape(self.d, -1)
+        lut = None
+        for ref, m in list(self.maps.values()):
+            u = ref()
+            if u is None or u is t or u.numel() == 0 or u.untyped_storage().data_ptr() != ptr:
+                continue
+            if u.dtype != t.dtype:  # the same memory read as another dtype: no linear relation between the two
+                raise UnsupportedModuleError(
+                    f"{self.describe(self.where())} writes in place into a tensor whose memory is also read as "
+                    f"{u.dtype} (a .view(dtype)), which the graph walker (method='compose') has no rule for; use "
+                    "method='reverse' or 'forward', which need no per-operation rules")
+            if lut is None:
+                n = t.untyped_storage().nbytes() // t.element_size()
+                lut = torch.full((n,), -1, dtype=torch.long, device=t.device)
+                lut[self._positions(t)] = torch.arange(t.numel(), device=t.device)
+            j = lut[self._positions(u)]
+            hit = j >= 0
+            if not bool(hit.any()):
+                continue
+            if bool(hit.all()) and torch.equal(j, torch.arange(len(j), device=j.device)):
+                mu = m_t[:, :len(j)]  # the same elements in the same order (h.flatten(1) written in place)
+            else:
+                mu = torch.broadcast_to(m, (self.d, *u.shape)).reshape(self.d, -1).clone()
+                mu[:, hit] = m_t[:, j[hit]].to(mu.dtype)
+            self.set_m(u, mu.reshape(self.d, *u.shape))
 
     def alias(self, t: Tensor, copy: Tensor) -> None:
         m = self.m_of(t)
@@ -115,7 +190,10 @@ class _ComposeMode(_Mode):
                     out = self._unit(rule, func, args, kwargs, *parsed)
                     pattern = s.current[-1]
                     m_out = _unfold(rule.frozen_linear(_fold(m_in), pattern, func, args, kwargs), s.d)
-                    s.set_m(out[0] if isinstance(out, tuple) else out, m_out)
+                    res = out[0] if isinstance(out, tuple) else out
+                    s.set_m(res, m_out)
+                    if res is parsed[0]:  # an inplace unit (torch.relu_(h[:, :3])): the tensor it views changed too
+                        s.written(res)
                     return out
         self._check(func, args, kwargs)
         if func is T.__setitem__:  # returns None: the write would pass as a shape query, M left as it was
@@ -133,7 +211,12 @@ class _ComposeMode(_Mode):
                 f"{s.describe(s.where())} calls '{_op_name(func)}', which the graph walker (method='compose') has no "
                 "rule for; use method='reverse' or 'forward', which need no per-operation rules")
         for o, m in zip(outs, maps):
+            # written in place (h[:, :3].mul_(2), out=): the tensor it views and other views of its memory changed too
+            # (not a conversion that returned its input: h.float() on a float tensor keeps its linear part)
+            inplace = any(o is t for a in (*args, *kwargs.values()) for t in _tensors(a)) and m is not s.own(o)
             s.set_m(o, m)
+            if inplace:
+                s.written(o)
         return out
 
 
@@ -157,11 +240,22 @@ def _linear_rule(s: _ComposeSession, func, args, kwargs, out) -> list[Tensor] | 
 
     if func in _MOVE:
         return _by_index(func, args, kwargs, args[0], m0, d) if m0 is not None else None
+    if func in _OF_INPUT:
+        # linear in their input only: an input-dependent weight, bias, statistic (or keyword input) has no rule here
+        if func in (T.to, T.type_as):  # the other tensor gives only the dtype and device
+            if m0 is None:
+                return []  # a constant cast like an input-dependent tensor (pe.type_as(h)): still a constant
+        elif m0 is None or any(s.m_of(t) is not None for a in (*args[1:], *kwargs.values()) for t in _tensors(a)):
+            raise UnsupportedModuleError(
+                f"{s.describe(s.where())} calls '{_op_name(func)}' with an input-dependent argument other than its "
+                "input (a weight, bias or statistic computed from the model's input, or the input passed by keyword), "
+                "which the graph walker (method='compose') has no rule for; use method='reverse' or 'forward', which "
+                "need no per-operation rules")
     if func in _IDENTITY:
         if func in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout):
             if bool(args[2] if len(args) > 2 else kwargs.get("training", True)):
                 return None
-        return [m0.to(o.dtype)]
+        return [m0.to(dtype=o.dtype, device=o.device)]
     if func is F.linear:
         return [F.linear(m0, args[1] if len(args) > 1 else kwargs["weight"])]
     if func in _CONV:
@@ -233,6 +327,13 @@ def compose_maps(model: nn.Module, patterns: Sequence[LayerPattern], x: Tensor, 
     ----------
     model, patterns, x
         The model, its recorded patterns at ``x`` (from ``run_recorded``) and the inputs ``(B, *input_shape)``.
+    strict : bool
+        Refuse (:class:`~relu_regions.UnsupportedModuleError`) an output that the walk does not see depend on the
+        input; ``False`` takes such an output as a constant (zero linear part). Pass the ``strict`` the patterns
+        were recorded with. Operations that are not piecewise linear, or have no rule here, are refused either way.
+    logits_at : str, optional
+        Module path whose output is mapped instead of the model's (the forward stops there, as in
+        :func:`~relu_regions.affine_map`); record ``patterns`` with the same ``logits_at``.
     observe : callable, optional
         Called as ``observe(pattern, value_at_0, linear_part)`` at every piecewise-linear call, where
         ``linear_part`` has shape ``(D, B, *unit_in_shape)``: the maps from the input to that layer's

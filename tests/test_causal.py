@@ -331,3 +331,21 @@ def test_ace_and_clustering_inputs_are_checked_first():
     for scores in (np.arange(20.0), np.ones((5, 3)), np.ones(4)):  # before: accepted, or numpy's IndexError
         with pytest.raises(ValueError, match="one score per clustered unit"):
             causal.cluster_importance(clusters, scores)
+
+
+def _undocumented(func) -> list[str]:
+    """Parameters of ``func``'s signature missing from its numpy docstring's Parameters section."""
+    import inspect
+
+    doc = inspect.cleandoc(func.__doc__)
+    section = doc.split("Parameters\n----------\n")[1].split("\n\n")[0]
+    documented = {n.strip() for line in section.splitlines() if line and not line[0].isspace()
+                  for n in line.split(" : ")[0].split(",")}
+    return [p for p in inspect.signature(func).parameters if p not in documented]
+
+
+def test_docstrings_document_every_parameter():
+    """Before: the numpy docstrings left parameters out: ace (seed, batch_size, progress), cluster_units
+    (n_clusters, preference, random_state), lesion_table (model, data, site, batch_size)."""
+    for func in (causal.ace, causal.cluster_units, causal.lesion_table, causal.intervene):
+        assert _undocumented(func) == [], func.__qualname__

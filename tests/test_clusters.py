@@ -230,3 +230,21 @@ def test_deep_kmeans_warns_where_relevance_cannot_be_conserved():
         r = dk.neon(x, beta=0.5)
     err = r.conservation_error()
     assert float(err[~flat].max()) < 1e-12 and torch.allclose(err[flat], r.score[flat].abs())
+
+
+def _undocumented(func) -> list[str]:
+    """Parameters of ``func``'s signature missing from its numpy docstring's Parameters section."""
+    import inspect
+
+    doc = inspect.cleandoc(func.__doc__)
+    section = doc.split("Parameters\n----------\n")[1].split("\n\n")[0]
+    documented = {n.strip() for line in section.splitlines() if line and not line[0].isspace()
+                  for n in line.split(" : ")[0].split(",")}
+    return [p for p in inspect.signature(func).parameters if p not in documented and p != "self"]
+
+
+def test_docstrings_document_every_parameter():
+    """Before: the numpy docstrings left parameters out: DeepKMeans.neon (x, cluster, chunk_size), group_regions
+    (x, n_groups, layers, random_state), insertion_curve (n_fill, seed, chunk)."""
+    for func in (C.DeepKMeans.neon, C.group_regions, C.insertion_curve, C.neon):
+        assert _undocumented(func) == [], func.__qualname__

@@ -2076,3 +2076,101 @@ def test_products_with_a_constant_operand_are_linear():
 
     with pytest.raises(rr.UnsupportedModuleError, match="'kron' of two input-dependent"):
         rr.affine_map(Square(), x)
+
+
+def test_compose_follows_inplace_writes_through_views():
+    """Before: ``method="compose"`` updated only the written view's linear part, not the tensor it views (nor a
+    view taken before the write), so ``torch.relu_(h[:, :3])`` / ``h[:, :3].mul_(2)`` gave a wrong ``A`` silently
+    (check=False) or "not piecewise linear ... please report the model". Now every route matches torch.func."""
+
+    class Net(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.l1, self.l2, self.how = nn.Linear(4, 6), nn.Linear(6, 3), how
+
+        def forward(self, x):
+            h = self.l1(x)
+            if self.how == "relu_ on a view":
+                torch.relu_(h[:, :3])
+            elif self.how == "mul_ on a view":
+                h[:, :3].mul_(2.0)
+            elif self.how == "view taken before the write":
+                v = h[:, 3:]
+                h.mul_(-2.0)
+                h = torch.cat([v, torch.relu(v)], 1)
+            elif self.how == "constant written through a view":
+                buf = torch.ones(x.shape[0], 6, dtype=x.dtype)
+                buf[:, 1:4].add_(h[:, :3])
+                h = buf
+            elif self.how == "view of a transposed view":
+                h.t()[1:4].mul_(-3.0)
+            return self.l2(torch.relu(h))
+
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for how in ("relu_ on a view", "mul_ on a view", "view taken before the write", "constant written through a view",
+                "view of a transposed view"):
+        torch.manual_seed(0)
+        model = Net(how).double().eval()
+        jac = torch.stack([torch.func.jacrev(lambda v, m=model: copy.deepcopy(m)(v[None])[0])(xi) for xi in x])
+        out = model(x.clone())
+        amap = rr.affine_map(model, x, method="compose")
+        assert torch.allclose(amap.A, jac, atol=1e-12), how
+        assert torch.allclose(amap.output, out, atol=1e-12), how
+
+
+def test_compose_constant_cast_like_input_and_input_dependent_weight():
+    """Before: ``method="compose"`` assumed the first argument of a cast / linear layer is the input-dependent one:
+    ``pe.type_as(h)`` / ``pe.to(h)`` (``h`` only gives the dtype) and ``F.linear`` / ``F.conv1d`` with a weight
+    computed from the input raised a raw AttributeError ('NoneType' object has no attribute 'to'). Now the cast is
+    a constant (A matches torch.func), and the weight is refused with a clear error that names the way out."""
+
+    class Cast(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.l1, self.l2, self.how = nn.Linear(4, 6), nn.Linear(6, 2), how
+            self.register_buffer("pe", torch.randn(6, dtype=torch.float64))
+
+        def forward(self, x):
+            h = self.l1(x)
+            return self.l2(torch.relu(h + (self.pe.type_as(h) if self.how == "type_as" else self.pe.to(h))))
+
+    class Weight(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.l1, self.how = nn.Linear(4, 4), how
+            self.register_buffer("c", torch.randn(3, 4, dtype=torch.float64))
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            if self.how == "linear":
+                return F.linear(self.c, h).t()  # (B, 3): row b is c @ h[b]
+            return F.conv1d(self.c[:1, None], h[:, None, :3])[0]  # (B, 2): h[b, :3] slid over c[0]
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for how in ("type_as", "to"):
+        torch.manual_seed(0)
+        model = Cast(how).double().eval()
+        jac = torch.stack([torch.func.jacrev(lambda v, m=model: m(v[None])[0])(xi) for xi in x])
+        assert torch.allclose(rr.affine_map(model, x, method="compose").A, jac, atol=1e-12), how
+    for how, op in (("linear", "linear"), ("conv", "conv1d")):
+        torch.manual_seed(0)
+        model = Weight(how).double().eval()
+        with pytest.raises(rr.UnsupportedModuleError,
+                           match=rf"calls '{op}' with an input-dependent argument other than its input.*"
+                                 r"use method='reverse' or 'forward'"):
+            rr.affine_map(model, x, method="compose")
+        jac = torch.stack([torch.func.jacrev(lambda v, m=model: m(v[None])[0])(xi) for xi in x])
+        assert torch.allclose(rr.affine_map(model, x, method="reverse").A, jac, atol=1e-12), how
+
+
+def test_compose_maps_documents_its_parameters():
+    """Before: the numpy docstring of ``compose_maps`` left out ``strict`` and ``logits_at``."""
+    import inspect
+
+    from relu_regions.compose import compose_maps
+
+    doc = inspect.cleandoc(compose_maps.__doc__)
+    section = doc.split("Parameters\n----------\n")[1].split("\n\n")[0]
+    documented = {n.strip() for line in section.splitlines() if line and not line[0].isspace()
+                  for n in line.split(" : ")[0].split(",")}
+    assert set(inspect.signature(compose_maps).parameters) <= documented
