@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import zoo
+from zoo import InplaceResidualStream, zoo
 
 import relu_regions as rr
 from relu_regions.keys import count_true, pack_bits, region_keys
@@ -1653,25 +1653,8 @@ def test_reverse_preactivation_maps_read_the_unit_input_before_an_inplace_update
     pre-activation maps of the updated tensor: boundary_distance(route="reverse" / "auto") returned 0 for every
     sample (exact: 0.01-0.05)."""
     torch.manual_seed(6)
-    stem, blocks, head = nn.Linear(30, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(2)]), nn.Linear(8, 3)
-
-    def run(x, log=None):
-        h = stem(x)
-        for blk in blocks:
-            if log is not None:
-                log.append(h.clone())
-            h += blk(torch.relu(h))
-        return head(h)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.blocks, self.head = stem, blocks, head
-
-        def forward(self, x):
-            return run(x)
-
-    model = Net().double().eval()
+    model = InplaceResidualStream(30, 8, 3).double().eval()
+    run = model.forward
     x = torch.randn(4, 30, dtype=torch.float64)
     want = []
     for k in range(2):

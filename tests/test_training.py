@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from zoo import zoo
+from zoo import InplaceResidualStream, zoo
 
 from relu_regions.models import mlp
 from relu_regions.regions import RegionStats
@@ -453,26 +453,8 @@ def test_parsimony_penalty_reads_unit_inputs_before_inplace_updates_and_keeps_ba
     penalty's distances were read from (min_distance off); and the user's backward hooks must still see the
     penalty's backward (a training loss), while the library's own analyses switch them off."""
     torch.manual_seed(6)
-    stem, blocks = nn.Linear(5, 6).double(), nn.ModuleList([nn.Linear(6, 6) for _ in range(2)]).double()
-    head = nn.Linear(6, 2).double()
-
-    def run(x, log=None):
-        h = stem(x)
-        for blk in blocks:
-            if log is not None:
-                log.append(h.clone())
-            h += blk(torch.relu(h))
-        return head(h)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.blocks, self.head = stem, blocks, head
-
-        def forward(self, x):
-            return run(x)
-
-    model = Net()
+    model = InplaceResidualStream(5, 6, 2).double()
+    run = model.forward
     x = torch.randn(4, 5, dtype=torch.float64)
     want = torch.full((4,), float("inf"), dtype=torch.float64)
     for k in range(2):  # exact distances of each layer's units: |z| / ||dz/dx||, torch.func on the model's own code

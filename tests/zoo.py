@@ -72,6 +72,24 @@ class InplaceMLP(nn.Module):
         return self.l3(self.r2(self.l2(self.r1(self.l1(x)))))
 
 
+class InplaceResidualStream(nn.Module):
+    """A residual stream updated in place after its ReLU read it (``h += block(relu(h))``); ``forward(x, log)``
+    appends each ReLU's input (a clone) to ``log`` when given, for independent Jacobians with torch.func."""
+
+    def __init__(self, d_in: int, width: int, n_out: int):
+        super().__init__()
+        self.stem, self.head = nn.Linear(d_in, width), nn.Linear(width, n_out)
+        self.blocks = nn.ModuleList([nn.Linear(width, width) for _ in range(2)])
+
+    def forward(self, x, log=None):
+        h = self.stem(x)
+        for blk in self.blocks:
+            if log is not None:
+                log.append(h.clone())
+            h += blk(torch.relu(h))
+        return self.head(h)
+
+
 class ReusedModules(nn.Module):
     """One ReLU module and one Linear layer called twice in a forward."""
 
