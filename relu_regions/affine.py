@@ -27,9 +27,9 @@ independent check (:meth:`AffineMap.residual`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -95,7 +95,7 @@ class AffineMap:
     _keys: Tensor | None = field(default=None, repr=False)
     _sizes: list[int] = field(default_factory=list, repr=False)
     _n_boundary: Tensor | None = field(default=None, repr=False)
-    _recount: object = field(default=None, repr=False, compare=False)  # () -> (B,) counts, for n_boundary
+    _recount: _Recount | None = field(default=None, repr=False, compare=False)  # the counts, for n_boundary
 
     @property
     def n_boundary(self) -> Tensor:
@@ -105,6 +105,15 @@ class AffineMap:
                 raise RuntimeError("this AffineMap carries no boundary counts and no model to count them with")
             self._n_boundary = self._recount().to(self.A.device)
         return self._n_boundary
+
+    def __getstate__(self) -> dict:
+        # pickled (or deep-copied) with its counts, not with the model they come from (the copy's model would be
+        # another object); none to take along when the model changed since the map
+        state = dict(self.__dict__)
+        if state["_n_boundary"] is None and self._recount is not None and not self._recount.changed():
+            state["_n_boundary"] = self.n_boundary
+        state["_recount"] = None
+        return state
 
     @property
     def packed(self) -> Tensor:
@@ -395,37 +404,43 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     cat = {i: join(i) for i in (0, 1, 2)}
     amap = AffineMap(A=cat[0], d=cat[1], output=cat[2], x=x, target=sel_all, patterns=[p[3] for p in parts],
                      _sizes=[len(p[0]) for p in parts], method=route, layer_names=parts[0][4],
-                     _recount=functools.partial(_recount, model, _fingerprint(model), x, chunk_size=size,
-                                                strict=strict, logits_at=logits_at))
+                     _recount=_Recount(model, x, chunk_size=size, strict=strict, logits_at=logits_at))
     if check:
         _check(amap)
     return amap
 
 
+class _Recount:
+    """``n_boundary``'s counts on first access: one more recorded pass through the model, refused when the model
+    changed since the map (which tensors it holds and their version counters: an optimizer step, load_state_dict and
+    in-place writes bump them; new weights are other tensors). No tensor work at map time (a checksum of the weights
+    cost ~6% of an example-CNN map)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, **kw: Any) -> None:
+        self.model, self.x, self.kw = model, x, kw
+        self.fingerprint = _fingerprint(model)
+
+    def changed(self) -> bool:
+        return _fingerprint(self.model) != self.fingerprint
+
+    def __call__(self) -> Tensor:
+        if self.changed():
+            raise RuntimeError("n_boundary: the model changed (its parameters or buffers were written or replaced) "
+                               "after this AffineMap was computed, and the counts come from one more pass through "
+                               "the model; read n_boundary before changing the model, or compute a new map")
+        return boundary_units(self.model, self.x, **self.kw)
+
+
 def _fingerprint(model: nn.Module) -> tuple:
-    """The model's tensors by name, shape and dtype, and a checksum of their bits (two integer moments: an optimizer
-    step or new weights change them; a pickled copy of the map's model keeps them)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    sums = []
-    for _, t in named:
-        flat = t.detach().reshape(-1)
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1)
-        if flat.is_floating_point() and flat.element_size() in (2, 4, 8):
-            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        flat = flat.to(torch.int64)
-        sums.append(torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, device=flat.device)).sum()])
-                    if len(flat) else flat.new_zeros(2))
-    checksum = torch.stack(sums).cpu().tolist() if sums else []
-    return tuple((n, tuple(t.shape), t.dtype) for n, t in named), checksum
+    return tuple((n, id(t), t.data_ptr(), _version(t)) for n, t in named)
 
 
-def _recount(model: nn.Module, fingerprint: tuple, x: Tensor, **kw) -> Tensor:
-    if _fingerprint(model) != fingerprint:
-        raise RuntimeError("n_boundary: the model changed (its parameters or buffers were written or replaced) "
-                           "after this AffineMap was computed, and the counts come from one more pass through the "
-                           "model; read n_boundary before changing the model, or compute a new map")
-    return boundary_units(model, x, **kw)
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
 
 
 def check_batch(x: Tensor, name: str = "x") -> None:

@@ -350,9 +350,10 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
         raise CLIError(f"--model {p}: no such file")
     if class_spec is not None:
         cls = _import_class(class_spec)
-        if _is_torchscript(p):  # (before torch.load, which would print its own warning about it on the terminal)
+        names = _zip_names(p)
+        if _is_torchscript(names):  # (before torch.load, which would print its own warning about it on the terminal)
             raise CLIError(_TORCHSCRIPT.format(path=p))
-        if _is_exported(p):
+        if _is_exported(names):
             raise CLIError(f"--model {p} is a torch.export program: it carries its own architecture; leave out "
                            f"--class {class_spec}")
         try:
@@ -371,9 +372,10 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
         return LoadedModel(model.eval(), f"{class_spec} with weights from {p}")
     # no class: an exported program, or explain what is needed. The file's kind is read from its zip listing
     # before anything is loaded: torch.export.load logs a traceback of ~20 lines on stderr for any other file
-    if _is_torchscript(p):
+    names = _zip_names(p)
+    if _is_torchscript(names):
         raise CLIError(_TORCHSCRIPT.format(path=p))
-    if zipfile.is_zipfile(p) and not _is_exported(p) and _is_pickle_archive(p):  # a torch.save file
+    if not _is_exported(names) and _is_pickle_archive(names):  # a torch.save file
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -382,13 +384,13 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
             raise CLIError(f"--model {p} holds a state_dict: also pass --class package.module:ClassName to build "
                            "the architecture")
         raise CLIError(f"--model {p}: not a torch.export program nor a state_dict ({type(obj).__name__})")
-    if zipfile.is_zipfile(p):  # an exported program (or another layout of one: let torch.export judge)
+    if names is not None:  # an exported program (or another layout of one: let torch.export judge)
         with _torch_export_log_caught() as logged:
             try:
                 with open(p, "rb") as f:  # (a path not ending in .pt2 would log a warning)
                     ep = torch.export.load(f)
             except Exception as e:
-                if not _is_exported(p):
+                if not _is_exported(names):
                     raise CLIError(f"--model {p}: a zip archive that is neither a torch.export program nor a "
                                    "state_dict saved with torch.save") from e
                 msg = _logged_error(logged) or " ".join(str(e).split())[:300]
@@ -406,15 +408,20 @@ _TORCHSCRIPT = ("--model {path} is TorchScript: its forward runs inside the Torc
                 "dimension) or save its state_dict and pass --class module:Class.")
 
 
-def _is_exported(p: Path) -> bool:
-    """Whether ``p`` is a ``torch.export.save`` archive (it has an ``archive_format`` record and a
-    ``models/`` folder; a ``torch.save`` file has ``data.pkl``)."""
+def _zip_names(p: Path) -> list[str] | None:
+    """The names in the zip archive ``p`` (``torch.save``, ``torch.export.save`` and TorchScript files all are
+    zips), None when it is not one."""
     try:
         with zipfile.ZipFile(p) as z:
-            names = z.namelist()
+            return z.namelist()
     except zipfile.BadZipFile:
-        return False
-    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+        return None
+
+
+def _is_exported(names: list[str] | None) -> bool:
+    """Whether a zip listing is a ``torch.export.save`` archive's (an ``archive_format`` record and a ``models/``
+    folder; a ``torch.save`` file has ``data.pkl``)."""
+    return bool(names) and any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
 
 
 @contextlib.contextmanager
@@ -459,21 +466,14 @@ def _exported_input_shape(ep: Any) -> tuple | None:
         return None
 
 
-def _is_pickle_archive(p: Path) -> bool:
-    """Whether ``p`` is a ``torch.save`` zip archive (it holds a ``data.pkl`` record)."""
-    try:
-        with zipfile.ZipFile(p) as z:
-            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
+def _is_pickle_archive(names: list[str] | None) -> bool:
+    """Whether a zip listing is a ``torch.save`` archive's (it holds a ``data.pkl`` record)."""
+    return bool(names) and any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
 
 
-def _is_torchscript(p: Path) -> bool:
-    try:
-        with zipfile.ZipFile(p) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
+def _is_torchscript(names: list[str] | None) -> bool:
+    """Whether a zip listing is a TorchScript archive's."""
+    return bool(names) and any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
 def _check_exported_sample_shape(want: tuple | None, got: tuple) -> None:

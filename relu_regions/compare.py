@@ -42,7 +42,6 @@ when not installed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
@@ -60,7 +59,7 @@ import torch.nn as nn
 from scipy import stats
 
 from .errors import is_int_at_least
-from .state import preserved
+from .state import preserved, random_state_kept
 
 Tensor = torch.Tensor
 
@@ -311,19 +310,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-@contextlib.contextmanager
-def _callers_rng_kept():
-    """Restore the generators :func:`_seed_all` seeds on exit, also after an exception."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    py, npy = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-
-
 def _infidelity(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor, mult: bool, s: Settings) -> float:
     from captum.metrics import infidelity, infidelity_perturb_func_decorator
 
@@ -476,7 +462,7 @@ def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Seque
         it = tqdm(names, desc="compare", unit="method")
     # every draw is seeded (Settings.seed); the caller's generators are put back afterwards (before, the global torch
     # generator was left reseeded, and GradientShap drew from numpy's unseeded global generator)
-    with _callers_rng_kept():
+    with random_state_kept():
         rows, curves, attrs, skipped = _run_methods(model, ref, x, tgt, s, mask, k, it)
     return Comparison(pd.DataFrame(rows), pd.DataFrame(curves), attrs, skipped, s)
 

@@ -109,12 +109,17 @@ class _ComposeSession(_Session):
         idx = torch.arange(n, device=t.device)
         return idx.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1)
 
+    def _element_of(self, t: Tensor) -> Tensor:
+        """For every memory position of ``t``'s storage, the flat index of the element of ``t`` stored there (-1
+        where none is)."""
+        n = t.untyped_storage().nbytes() // t.element_size()
+        lut = torch.full((n,), -1, dtype=torch.long, device=t.device)
+        lut[self._positions(t)] = torch.arange(t.numel(), device=t.device)
+        return lut
+
     def _gather(self, src: Tensor, m_src: Tensor, dst: Tensor) -> Tensor:
         """The linear part of ``dst`` read from that of ``src``, which covers ``dst``'s memory."""
-        n = src.untyped_storage().nbytes() // src.element_size()
-        lut = torch.full((n,), -1, dtype=torch.long, device=src.device)
-        lut[self._positions(src)] = torch.arange(src.numel(), device=src.device)
-        j = lut[self._positions(dst)]
+        j = self._element_of(src)[self._positions(dst)]
         if bool((j < 0).any()):  # memory of the view outside its base's elements (as_strided into padding)
             raise UnsupportedModuleError(
                 f"{self.describe(self.where())} reads a view of an input-dependent tensor that reaches outside that "
@@ -145,9 +150,7 @@ class _ComposeSession(_Session):
                     f"{u.dtype} (a .view(dtype)), which the graph walker (method='compose') has no rule for; use "
                     "method='reverse' or 'forward', which need no per-operation rules")
             if lut is None:
-                n = t.untyped_storage().nbytes() // t.element_size()
-                lut = torch.full((n,), -1, dtype=torch.long, device=t.device)
-                lut[self._positions(t)] = torch.arange(t.numel(), device=t.device)
+                lut = self._element_of(t)
             j = lut[self._positions(u)]
             hit = j >= 0
             if not bool(hit.any()):

@@ -226,13 +226,11 @@ def ours(hook: Callable) -> Callable:
     return hook
 
 
+@ours
 def inert_hook(*args: Any) -> None:
     """What a copy of the model made inside a recording (``copy.deepcopy``, pickling) gets for the recording's own
     module hooks: nothing (the copy is not recorded, and pickles)."""
     return None
-
-
-inert_hook._relu_regions_hook = True  # type: ignore[attr-defined]
 
 
 class SessionHook:

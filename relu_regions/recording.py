@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedModuleError,
     not_piecewise_linear,
 )
-from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, SessionHook, attach, draws, foreign_hook, ours
+from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, SessionHook, attach, draws, foreign_hook
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import (
@@ -935,8 +935,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
                          f"known paths: {', '.join(n for n in mods if n)[:400]}")
     handles: list = []
 
-    @ours
-    def stop(module, inputs, output):
+    def stop(module, inputs, output):  # (registered as a SessionHook, which marks it as ours)
         if s.suspended:
             return
         s.check_output(output, logits_at)
@@ -947,13 +946,11 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if s.depth == s.open_depth + 1 and s.current is not None:  # recording in the user's own forward: stop
             s.end_pass()
 
-    @ours
-    def root_pre(module, inputs):
+    def root_pre(module, inputs):  # (registered as a SessionHook, which marks it as ours)
         if not s.suspended:
             s.enter_root(inputs)
 
-    @ours
-    def root_post(module, inputs, output):
+    def root_post(module, inputs, output):  # (registered as a SessionHook, which marks it as ours)
         if not s.suspended:
             # (always_call: also when the forward raised, with output None; its error is the one to report, and
             # torch would only warn about one raised here)

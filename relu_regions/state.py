@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -92,3 +95,18 @@ def preserved(model: nn.Module, eval_mode: bool = False, backward_hooks: bool = 
                     del m.__dict__["forward"]
                 else:
                     m.__dict__["forward"] = f
+
+
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Leave the global random generators as they were before the block, also after an exception: torch's CPU one
+    and those of the CUDA devices once CUDA is initialised, Python's ``random`` and NumPy's (what the package's own
+    draws, a data set's augmentation or Captum's sampling methods draw from)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)

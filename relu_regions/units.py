@@ -451,29 +451,25 @@ class MaxPoolRule(UnitRule):
             return zero
         if params["adaptive"]:
             return _adaptive_ties(x.detach(), out.detach(), params["dims"])
-        ks, st, pad, dil, ceil = params["geometry"]
+        ks, st, pad, dil, _ = params["geometry"]
         m = out.detach()
-        partial = ceil and any((n - k) % s for n, k, s in zip(x.shape[-2:] if params["dims"] == 2
-                                                                else (1, x.shape[-1]), ks, st))
-        if tuple(st) == tuple(ks) and not any(pad) and all(d == 1 for d in dil) and not partial:
+        xx = x.detach()
+        if params["dims"] == 1:  # a 1d pool: a 2d pool over a height-1 plane
+            xx, m = xx.unsqueeze(-2), m.unsqueeze(-2)
+        # ceil_mode's partial windows at the far ends: how far the last window reaches past the (padded) input
+        extra = [max(0, (o - 1) * s_ + d * (k - 1) + 1 - (n + 2 * p))
+                 for o, s_, d, k, n, p in zip(m.shape[-2:], st, dil, ks, xx.shape[-2:], pad)]
+        if tuple(st) == tuple(ks) and not any(pad) and all(d == 1 for d in dil) and not any(extra):
             # disjoint windows: the runner-up of every window from strided slices; a tie is a runner-up equal to
             # the maximum (3x cheaper than knocking the winner out and pooling again)
-            xx = x.detach()
-            top, second = _top_two(xx.unsqueeze(-2) if params["dims"] == 1 else xx, ks)
+            top, second = _top_two(xx, ks)
             if second is None:  # 1x1 windows
                 return zero
             ties = (second == top) & (top != 0)
             return _count(ties.reshape(x.shape[0], -1))
-        xx = x.detach()
-        if params["dims"] == 1:
-            xx = xx.unsqueeze(-2)
         batch_shape = xx.shape[:-2]
         xx = xx.reshape(-1, 1, *xx.shape[-2:])
-        # ceil_mode's partial windows at the far ends: padded with -inf, as the pool's own padding (unfold pads
-        # with 0, max-pool with -inf)
-        outs = (1, m.shape[-1]) if params["dims"] == 1 else tuple(m.shape[-2:])
-        extra = [max(0, (o - 1) * s_ + d * (k - 1) + 1 - (n + 2 * p))
-                 for o, s_, d, k, n, p in zip(outs, st, dil, ks, xx.shape[-2:], pad)]
+        # padding and partial windows: -inf, as the pool's own padding (unfold pads with 0, max-pool with -inf)
         if any(pad) or any(extra):
             xx = F.pad(xx, (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0]), value=float("-inf"))
         cols = F.unfold(xx, ks, dilation=dil, stride=st)  # (N, k, L)

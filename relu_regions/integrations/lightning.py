@@ -100,10 +100,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -120,7 +118,7 @@ from ..geometry import boundary_distance
 from ..hook_recording import ForwardPatch
 from ..keys import UnitCounts
 from ..recording import LayerSelection
-from ..state import preserved
+from ..state import preserved, random_state_kept
 from ..training import _same_tensor, default_inputs, default_labels, track
 
 Tensor = torch.Tensor
@@ -476,7 +474,7 @@ class RegionMonitor(Callback):
         collate = getattr(loaders, "collate_fn", None) or default_collate
         try:
             # outside the loader: a randomly augmenting data set must not draw from the run's generators here
-            with _rng_kept():
+            with random_state_kept():
                 items = [ds[i] for i in range(min(self.probe_size, len(ds)))]
                 return self.get_inputs(collate(items)).detach().cpu().clone()
         except Exception:  # an exotic dataset: fall back to the first batches seen (see _end_epoch)
@@ -800,27 +798,6 @@ def _spy(module: nn.Module) -> tuple[ForwardPatch, list[Tensor]]:
             depth[0] -= 1
 
     return ForwardPatch.on(module, body), fed
-
-
-@contextmanager
-def _rng_kept() -> Iterator[None]:
-    """Leave the global random generators (torch's CPU one and the current CUDA device's, ``random``'s, NumPy's)
-    as they were before the block."""
-    state = random.getstate()
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is optional
-        np = None
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(state)
-        if np is not None:
-            np.random.set_state(np_state)
 
 
 def _fitting(trainer: Any) -> bool:
