@@ -303,10 +303,18 @@ def _chunks(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-def _default_chunk(method: str, n_inputs: int, n_outputs: int) -> int:
-    budget = 1 << 24  # elements of the largest per-chunk Jacobian block
+def _widest(patterns: list[LayerPattern]) -> int:
+    """Per-sample elements of the widest unit input among ``patterns`` (a CNN's first feature map, typically)."""
+    return max((int(torch.Size(p.in_shape).numel()) for p in patterns), default=1)
+
+
+def _default_chunk(method: str, n_inputs: int, n_outputs: int, widest: int = 64) -> int:
+    """Samples per chunk. Forward mode and composition carry one tangent (one row of a Jacobian) per input feature
+    through every layer: a chunk's widest activation holds chunk * n_inputs * ``widest`` elements, kept below 2**26
+    (256 MiB in float32; the 3x64x64 CNN of a 16-channel first conv needs ~3 GiB per sample and gets 1)."""
     if method in ("forward", "compose"):
-        return max(1, min(512, budget // max(1, n_inputs * 64)))
+        return max(1, min(512, (1 << 26) // max(1, n_inputs * max(64, widest))))
+    budget = 1 << 24  # elements of the largest per-chunk Jacobian block
     return max(1, min(256, budget // max(1, n_inputs * n_outputs)))
 
 
@@ -335,7 +343,9 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
         returns a tuple or list is explained through its first element (``(logits, aux)``); name the module that
         produces another element to explain that one.
     chunk_size : int, optional
-        Samples per chunk; bounds memory. Default depends on the method and sizes.
+        Samples per chunk; bounds memory. Default: reverse mode keeps a chunk's Jacobian block below 2**24
+        elements; forward mode and composition carry a tangent per input feature through every layer and keep the
+        chunk's widest activation below 2**26 elements (down to one sample per chunk).
     strict : bool
         Raise :class:`~relu_regions.UnsupportedModuleError` on operations that are not piecewise linear.
     check : bool
@@ -369,7 +379,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
                 n_outputs = out.shape[1]
                 sel_all = resolve_target(target, b, n_outputs, x.device)
                 route = choose_method(method, 1 if sel_all is not None else n_outputs, n_inputs)
-                size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
+                size = chunk_size or _default_chunk(route, n_inputs, n_outputs, _widest(patterns))
                 if stop - start > size:  # first pass recorded more than one chunk: keep only its first chunk
                     stop = start + size
                     xs, out = x[start:stop], out[:size]
@@ -389,7 +399,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
                 # which an operation without a forward-AD rule refuses; the other mode is exact there: this chunk
                 # again, in that mode's chunks
                 route = other
-                size = chunk_size or _default_chunk(route, n_inputs, n_outputs)
+                size = chunk_size or _default_chunk(route, n_inputs, n_outputs, _widest(patterns))
                 if bar is not None:
                     bar.set_description(f"affine_map ({route})")
                 continue
@@ -498,7 +508,11 @@ def _check(amap: AffineMap) -> None:
     # relative: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3 / 5e-4 per operation
     tol = 1e-8 if amap.A.dtype == torch.float64 else max(1e-3, 4 * torch.finfo(amap.A.dtype).eps)
     err = amap.residual()
-    bound = tol * (1 + amap.output.abs().amax(1))
+    # relative to the terms A·x + d adds up, not only to its sum: inputs with a large offset that the model removes
+    # (standardisation around 1e4) cancel ~|A|·|x| in every output, and rounding scales with that
+    a = amap.A.reshape(amap.A.shape[0], amap.A.shape[1], -1)
+    terms = torch.einsum("bkd,bd->bk", a.abs(), amap.x.reshape(a.shape[0], -1).abs().to(a.dtype)) + amap.d.abs()
+    bound = tol * (1 + torch.maximum(amap.output.abs(), terms).amax(1))
     bad = err > bound
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -549,7 +563,7 @@ _PREACTIVATION_METHODS = ("auto", "forward", "reverse")
 
 def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, reduce: float | None = None,
                        method: str = "auto", logits_at: str | None = None, strict: bool = True,
-                       unit_chunk: int = 256) -> dict[str, LayerMap]:
+                       unit_chunk: int = 256, chunk_size: int | None = None) -> dict[str, LayerMap]:
     """Affine maps from the input to the pre-activations of selected piecewise-linear calls.
 
     Parameters
@@ -565,6 +579,9 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
         ``"auto"`` picks per layer: forward mode when input features <= units of the layer, else reverse.
     unit_chunk : int
         Units per batched backward pass in reverse mode.
+    chunk_size : int, optional
+        Samples per chunk; bounds memory. Default: as forward mode in :func:`affine_map` (a chunk's widest
+        activation of the tangents below 2**26 elements).
 
     Returns
     -------
@@ -575,77 +592,109 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
     if reduce is not None and (isinstance(reduce, bool) or not isinstance(reduce, (int, float)) or not reduce > 0):
         raise ValueError(f"reduce must be None or a norm order > 0 (2, 1, float('inf')), got {reduce!r}")
     check_batch(x)
+    check_chunk_size(chunk_size)
+    if not is_int_at_least(unit_chunk, 1):
+        raise ValueError(f"unit_chunk must be a positive int, got {unit_chunk!r}")
     x = x.detach()
+    parts: list[dict[str, LayerMap]] = []
+    with preserved(model, eval_mode=True):
+        start, size = 0, chunk_size
+        while start < x.shape[0] or not parts:
+            # the first chunk's patterns give the default size (a chunk of at most 256 recorded first, as
+            # affine_map does)
+            xs = x[start:start + (size or 256)]
+            with torch.no_grad():
+                _, patterns = run_recorded(model, xs, strict=strict, logits_at=logits_at)
+            if size is None:
+                size = _default_chunk("forward", int(x[0].numel()), 1, _widest(patterns))
+                if xs.shape[0] > size:
+                    xs = xs[:size]
+                    patterns = [p.batch(slice(0, size)) for p in patterns]
+            parts.append(_preactivation_chunk(model, xs, patterns, layers, reduce, method, logits_at, strict,
+                                              unit_chunk))
+            start += xs.shape[0]
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ts: list) -> Tensor | None:
+        return None if ts[0] is None else torch.cat(ts)
+
+    return {name: LayerMap(name, m.kind, cat([p[name].value for p in parts]), cat([p[name].offset for p in parts]),
+                           cat([p[name].jacobian for p in parts]), cat([p[name].norm for p in parts]), m.method)
+            for name, m in parts[0].items()}
+
+
+def _preactivation_chunk(model: nn.Module, x: Tensor, patterns: list[LayerPattern], layers: LayerSelection,
+                         reduce: float | None, method: str, logits_at: str | None, strict: bool,
+                         unit_chunk: int) -> dict[str, LayerMap]:
+    """:func:`preactivation_maps` of one chunk of samples, whose patterns are recorded."""
     b = x.shape[0]
     n_inputs = int(x[0].numel())
-    with preserved(model, eval_mode=True):
-        with torch.no_grad():
-            _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
-        names = select_layers([p.name for p in patterns], layers)
-        chosen = {}
-        for p in patterns:
-            if p.name in names:
-                n_units = int(torch.Size(p.in_shape).numel())
-                m = method if method != "auto" else ("forward" if n_inputs <= n_units else "reverse")
-                chosen[p.name] = m
-        offsets: dict[str, Tensor] = {}
-        with torch.no_grad():
-            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
-                       observe=lambda p, t: offsets.__setitem__(p.name, t.detach().clone()))
-        result: dict[str, LayerMap] = {}
-        fw = [n for n, m in chosen.items() if m == "forward"]
-        if fw:
-            tangent, n = _basis(x)
+    names = select_layers([p.name for p in patterns], layers)
+    chosen = {}
+    for p in patterns:
+        if p.name in names:
+            n_units = int(torch.Size(p.in_shape).numel())
+            m = method if method != "auto" else ("forward" if n_inputs <= n_units else "reverse")
+            chosen[p.name] = m
+    offsets: dict[str, Tensor] = {}
+    with torch.no_grad():
+        run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
+                   observe=lambda p, t: offsets.__setitem__(p.name, t.detach().clone()))
+    result: dict[str, LayerMap] = {}
+    fw = [n for n, m in chosen.items() if m == "forward"]
+    if fw:
+        tangent, n = _basis(x)
 
-            def grab(p, t):
-                if p.name in fw:
-                    primal, tan = fwAD.unpack_dual(t)
-                    val = primal.reshape(n, b, *p.in_shape)[0].clone()
-                    if tan is None:
-                        tan = torch.zeros_like(primal)
-                    g = tan.reshape(n, b, -1)  # (D, B, units)
-                    jac = norm = None
-                    if reduce is None:
-                        jac = g.permute(1, 2, 0).reshape(b, *p.in_shape, *x.shape[1:]).clone()
-                    else:
-                        norm = _norm(g, reduce, 0).reshape(b, *p.in_shape)
-                    result[p.name] = LayerMap(p.name, p.kind, val, offsets[p.name], jac, norm, "forward")
+        def grab(p, t):
+            if p.name in fw:
+                primal, tan = fwAD.unpack_dual(t)
+                val = primal.reshape(n, b, *p.in_shape)[0].clone()
+                if tan is None:
+                    tan = torch.zeros_like(primal)
+                g = tan.reshape(n, b, -1)  # (D, B, units)
+                jac = norm = None
+                if reduce is None:
+                    jac = g.permute(1, 2, 0).reshape(b, *p.in_shape, *x.shape[1:]).clone()
+                else:
+                    norm = _norm(g, reduce, 0).reshape(b, *p.in_shape)
+                result[p.name] = LayerMap(p.name, p.kind, val, offsets[p.name], jac, norm, "forward")
 
-            try:
-                with forward_mode("method='forward'", "use method='reverse'"), torch.no_grad(), fwAD.dual_level():
-                    primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
-                    run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
-                               logits_at=logits_at, observe=grab)
-            except ForwardADMissingError:
-                if method != "auto":
-                    raise
-                for name in fw:  # reverse mode is exact there too
-                    chosen[name] = "reverse"
-                    result.pop(name, None)
-        rv = [n for n, m in chosen.items() if m == "reverse"]
-        if rv:
-            captured: dict[str, Tensor] = {}
-            z = x.clone().requires_grad_(True)
-            with torch.enable_grad():
-                # clones (in the graph): the model may change a unit's input in place after the unit read it
-                # (h += block(relu(h))), and these are read after the whole forward
-                run_frozen(model, z, patterns, strict=strict, logits_at=logits_at,
-                           observe=lambda p, t: captured.__setitem__(p.name, t.clone()) if p.name in rv else None)
-                for name in rv:
-                    pre = captured[name].reshape(b, -1)
-                    units = pre.shape[1]
-                    rows = []
-                    for sl in _chunks(units, unit_chunk):
-                        k = sl.stop - sl.start
-                        eye = torch.zeros(k, b, units, dtype=pre.dtype, device=pre.device)
-                        eye[torch.arange(k), :, torch.arange(sl.start, sl.stop)] = 1
-                        (g,) = torch.autograd.grad(pre, z, eye, is_grads_batched=True, retain_graph=True)
-                        g = g.reshape(k, b, -1)
-                        rows.append(g.permute(1, 0, 2) if reduce is None else _norm(g, reduce, 2).T)
-                    p = next(q for q in patterns if q.name == name)
-                    full = torch.cat(rows, 1)
-                    jac = full.reshape(b, *p.in_shape, *x.shape[1:]) if reduce is None else None
-                    norm = full.reshape(b, *p.in_shape) if reduce is not None else None
-                    result[name] = LayerMap(name, p.kind, pre.detach().reshape(b, *p.in_shape),
-                                            offsets[name], jac, norm, "reverse")
+        try:
+            with forward_mode("method='forward'", "use method='reverse'"), torch.no_grad(), fwAD.dual_level():
+                primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+                run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
+                           logits_at=logits_at, observe=grab)
+        except ForwardADMissingError:
+            if method != "auto":
+                raise
+            for name in fw:  # reverse mode is exact there too
+                chosen[name] = "reverse"
+                result.pop(name, None)
+    rv = [n for n, m in chosen.items() if m == "reverse"]
+    if rv:
+        captured: dict[str, Tensor] = {}
+        z = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            # clones (in the graph): the model may change a unit's input in place after the unit read it
+            # (h += block(relu(h))), and these are read after the whole forward
+            run_frozen(model, z, patterns, strict=strict, logits_at=logits_at,
+                       observe=lambda p, t: captured.__setitem__(p.name, t.clone()) if p.name in rv else None)
+            for name in rv:
+                pre = captured[name].reshape(b, -1)
+                units = pre.shape[1]
+                rows = []
+                for sl in _chunks(units, unit_chunk):
+                    k = sl.stop - sl.start
+                    eye = torch.zeros(k, b, units, dtype=pre.dtype, device=pre.device)
+                    eye[torch.arange(k), :, torch.arange(sl.start, sl.stop)] = 1
+                    (g,) = torch.autograd.grad(pre, z, eye, is_grads_batched=True, retain_graph=True)
+                    g = g.reshape(k, b, -1)
+                    rows.append(g.permute(1, 0, 2) if reduce is None else _norm(g, reduce, 2).T)
+                p = next(q for q in patterns if q.name == name)
+                full = torch.cat(rows, 1)
+                jac = full.reshape(b, *p.in_shape, *x.shape[1:]) if reduce is None else None
+                norm = full.reshape(b, *p.in_shape) if reduce is not None else None
+                result[name] = LayerMap(name, p.kind, pre.detach().reshape(b, *p.in_shape),
+                                        offsets[name], jac, norm, "reverse")
     return {n: result[n] for n in names}

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import BATCH_STATISTICS, not_piecewise_linear
+from .errors import BATCH_STATISTICS, UnsupportedModuleError, not_piecewise_linear
 from .units import LayerPattern, MaxPoolRule
 
 Tensor = torch.Tensor
@@ -462,8 +462,12 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
                 # the function the module calls, as the function mode sees it (the name is part of the params)
                 fn = {(1, True): F.max_pool1d, (2, True): F.max_pool2d, (1, False): F.max_pool1d_with_indices,
                       (2, False): F.max_pool2d_with_indices}[dims, asked]
-                _, params = _POOL.parse(fn, (x, module.kernel_size, module.stride, module.padding, module.dilation),
-                                        {"ceil_mode": module.ceil_mode, "return_indices": not asked})
+                try:
+                    _, params = _POOL.parse(fn, (x, module.kernel_size, module.stride, module.padding,
+                                                 module.dilation),
+                                            {"ceil_mode": module.ceil_mode, "return_indices": not asked})
+                except UnsupportedModuleError as e:
+                    raise UnsupportedModuleError(f"module '{path}' ({type(module).__name__}): {e}") from None
                 params["count_boundary"] = False
                 params["in_shape"] = tuple(x.shape[1:])
                 found = known[key] = (params, int(torch.Size(x.shape[-dims:]).numel()))

@@ -622,7 +622,10 @@ class _Mode(TorchFunctionMode):
             rules = _RULES.get(func)
             if rules is not None and s.is_tainted(args[0]):
                 for rule in rules:
-                    parsed = rule.parse(func, args, kwargs)
+                    try:
+                        parsed = rule.parse(func, args, kwargs)
+                    except UnsupportedModuleError as e:  # (the rule knows the call, not where it is)
+                        raise UnsupportedModuleError(f"{s.describe(s.where())}: {e}") from None
                     if parsed is not None:
                         return self._unit(rule, func, args, kwargs, *parsed)
             if s.strict:

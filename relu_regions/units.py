@@ -394,6 +394,26 @@ class ClampRule(UnitRule):
         return m * (_expand_state(pattern.state, m) == 1).to(m.dtype)
 
 
+def _check_windows(plane: tuple[int, ...], dims: int, ks, st, pad, dil, ceil_mode: bool) -> None:
+    """Raise :class:`UnsupportedModuleError` when a pooling window lies entirely in the padding: torch returns -inf
+    there and an argmax outside the plane, which no region describes. Only a dilated window can (torch limits the
+    padding to half the kernel), so undilated pools cost no loop here."""
+    if all(d == 1 for d in dil) or not any(pad):
+        return
+    for n, k, s_, p, d in zip(plane, ks[-dims:], st[-dims:], pad[-dims:], dil[-dims:]):
+        span = d * (k - 1) + 1
+        n_out = (n + 2 * p - span + (s_ - 1 if ceil_mode else 0)) // s_ + 1
+        if ceil_mode and (n_out - 1) * s_ >= n + p:  # torch drops a last window that starts in the right padding
+            n_out -= 1
+        for o in range(max(0, n_out)):
+            if not any(0 <= o * s_ - p + j * d < n for j in range(k)):
+                raise UnsupportedModuleError(
+                    f"max pool with kernel {tuple(ks[-dims:])}, stride {tuple(st[-dims:])}, padding "
+                    f"{tuple(pad[-dims:])}, dilation {tuple(dil[-dims:])} on a plane of {plane}: output {o} of a "
+                    "dimension pools only padding (torch returns -inf and an argmax outside the input); use less "
+                    "padding or dilation")
+
+
 class MaxPoolRule(UnitRule):
     """Max pooling (1d/2d, also adaptive): the flat argmax inside each window is the unit's state."""
 
@@ -419,6 +439,7 @@ class MaxPoolRule(UnitRule):
             params["geometry"] = (ks, st, pair(_arg(args, kwargs, 3, "padding", 0), 0, lead=0),
                                   pair(_arg(args, kwargs, 4, "dilation", 1), 1),
                                   bool(_arg(args, kwargs, 5, "ceil_mode", False)))
+            _check_windows(tuple(args[0].shape[-params["dims"]:]), params["dims"], *params["geometry"])
         return args[0], params
 
     @staticmethod

@@ -2157,3 +2157,110 @@ def test_compose_maps_documents_its_parameters():
     documented = {n.strip() for line in section.splitlines() if line and not line[0].isspace()
                   for n in line.split(" : ")[0].split(",")}
     assert set(inspect.signature(compose_maps).parameters) <= documented
+
+
+def test_check_bound_follows_cancelling_terms():
+    """Before: the float32 check's bound was 1e-3·(1 + |f(x)|), so a plain ReLU MLP behind a standardisation of inputs
+    around 1e4 (A·x and d each ~1e4·|A|, cancelling) failed with "not piecewise linear ... please report" although its
+    map is right to ~1e-7. The bound now scales with the terms |A|·|x| + |d| summed; a wrong d is still caught."""
+    from relu_regions.affine import _check
+
+    class Standardize(nn.Module):
+        def forward(self, x):
+            return x - 1e4
+
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(16, 256), nn.Linear(256, 3)
+    nn.init.kaiming_normal_(lin1.weight)
+    nn.init.kaiming_normal_(lin2.weight)
+    net = nn.Sequential(Standardize(), lin1, nn.ReLU(), lin2).eval()
+    x = 1e4 + torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    amap = rr.affine_map(net, x)  # raised before
+    # independent: the masked product of the float32 pattern, in float64
+    with torch.no_grad():
+        mask = (lin1(x - 1e4) > 0).double()
+    w1, w2 = lin1.weight.double(), lin2.weight.double()
+    a_ref = torch.einsum("ki,bi,ij->bkj", w2, mask, w1)
+    d_ref = torch.einsum("ki,bi,i->bk", w2, mask, lin1.bias.double() - 1e4 * w1.sum(1)) + lin2.bias.double()
+    assert torch.allclose(amap.A.double(), a_ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(amap.d.double(), d_ref, rtol=1e-5, atol=1e-2)
+    wrong = copy.copy(amap)
+    wrong.d = amap.d + 0.05 * amap.d.abs().amax()  # far beyond float32 rounding of these terms
+    with pytest.raises(RuntimeError, match="affine map check failed"):
+        _check(wrong)
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_preactivation_maps_in_sample_chunks(method):
+    """Before: preactivation_maps had no chunking (64 images of 3x32x32 through a 16-channel conv allocated ~13 GB
+    per activation in forward mode). Chunks of samples give the same maps as autograd per sample."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4),
+                      nn.ReLU()).double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    maps = rr.preactivation_maps(m, x, method=method, chunk_size=2)
+    norms = rr.preactivation_maps(m, x, method=method, chunk_size=2, reduce=1.0)
+    for name, sub in (("1", m[:1]), ("5", m[:5])):
+        jac = torch.stack([torch.func.jacrev(lambda v, sub=sub: sub(v[None])[0])(xi) for xi in x])  # (before "1")
+        if name == "5":  # the frozen masks of "1" per sample (the pool's argmax follows the masked map exactly)
+            jac = torch.stack([torch.func.jacrev(
+                lambda v, i=i: m[4](m[3](m[2](m[0](v[None]) * (m[0](x[i:i + 1]) > 0))))[0])(xi)
+                for i, xi in enumerate(x)])
+        assert torch.allclose(maps[name].jacobian, jac, atol=1e-12), name
+        assert torch.allclose(norms[name].norm, jac.reshape(*maps[name].value.shape, -1).abs().sum(-1))
+        with torch.no_grad():
+            assert torch.allclose(maps[name].value, sub(x))
+    with pytest.raises(ValueError, match="chunk_size"):
+        rr.preactivation_maps(m, x, chunk_size=0)
+
+
+def test_forward_default_chunk_follows_the_activation_sizes():
+    """Before: forward mode's default chunk ignored the model's activations (2**24 // (D * 64) samples: 341 for
+    3x16x16 inputs, whose 16-channel first conv then held 341 * 768 * 4096 floats, 4.3 GB; on 3x64x64 inputs
+    ~63 GB). Now a chunk's widest activation stays below 2**26 elements, and the map is still autograd's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 256, 3)).eval()
+    x = torch.randn(25, 3, 16, 16)
+    amap = rr.affine_map(m, x, method="forward")
+    assert max(amap._sizes) * 768 * 4096 <= 1 << 26 and sum(amap._sizes) == 25
+    for i in (0, 24):
+        mask = (m[0](x[i:i + 1]) > 0).float()
+        jac = torch.func.jacrev(lambda v, mask=mask: m[3](m[2](m[0](v[None]) * mask))[0])(x[i])
+        assert torch.allclose(amap.A[i], jac, atol=1e-5)
+
+
+def test_pool_window_entirely_in_padding_is_refused():
+    """Before: a dilated max pool with a window that covers only padding (torch returns -inf and an argmax outside
+    the plane) was recorded silently by record(), and affine_map / boundary_distance failed with torch's raw
+    "index 4 is out of bounds". Now both recording routes refuse it naming the module; whether a window is all
+    padding is checked against torch itself on a sweep of pool settings."""
+    import random
+
+    from relu_regions.units import _check_windows
+
+    m = nn.Sequential(nn.Conv2d(1, 1, 1), nn.MaxPool2d(2, stride=1, padding=1, dilation=2), nn.Flatten()).eval()
+    x = torch.randn(2, 1, 1, 3)
+    with pytest.raises(rr.UnsupportedModuleError, match=r"module '1' \(MaxPool2d\).*pools only padding"):
+        with rr.record(m):
+            m(x)
+    class Functional(nn.Module):
+        def forward(self, v):
+            return F.max_pool2d(v, 2, 1, 1, 2).flatten(1)
+
+    for method in ("reverse", "compose"):
+        with pytest.raises(rr.UnsupportedModuleError, match=r"\(Functional\).*pools only padding"):
+            rr.affine_map(Functional(), x, method=method)
+    rng = random.Random(0)
+    for _ in range(3000):
+        n, k, s, d = rng.randint(1, 9), rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 3)
+        p, ceil = rng.randint(0, k // 2), rng.random() < 0.5
+        try:
+            out = F.max_pool2d(torch.randn(1, 1, 1, n), (1, k), (1, s), (0, p), (1, d), ceil_mode=ceil)
+        except RuntimeError:  # torch refuses the setting itself
+            continue
+        refused = False
+        try:
+            _check_windows((1, n), 2, (1, k), (1, s), (0, p), (1, d), ceil)
+        except rr.UnsupportedModuleError:
+            refused = True
+        assert refused == bool(torch.isinf(out).any()), (n, k, s, p, d, ceil)
