@@ -349,9 +349,9 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
     strict : bool
         Raise :class:`~relu_regions.UnsupportedModuleError` on operations that are not piecewise linear.
     check : bool
-        Verify ``|A·x + d − f(x)| <= 1e-3·(1 + |f(x)|)`` (float32; 1e-8 for float64, 4·eps for bfloat16 /
-        float16) and raise if it fails,
-        which catches nonlinear operations that slipped past ``strict``.
+        Verify ``|A·x + d − f(x)| <= 1e-3·(1 + max(|f(x)|, |A|·|x| + |d|))`` per sample (the largest output;
+        float32; 1e-8 for float64, 4·eps for bfloat16 / float16: rounding scales with the terms the sum cancels)
+        and raise if it fails, which catches nonlinear operations that slipped past ``strict``.
     progress : bool
         Show a progress bar over chunks (tqdm).
 
