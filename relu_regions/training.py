@@ -38,6 +38,7 @@ samples (fewer, larger regions around the data); use it in a ``training_step``::
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import is_int_at_least
+from .errors import check_finite, is_int_at_least
 from .hook_recording import ForwardPatch
 from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -137,8 +138,10 @@ class RegionTracker:
                 return inner(*args, **kwargs)
             self._depth += 1
             try:
-                if self._depth == 1 and args and isinstance(args[0], Tensor):
-                    self.last_input = args[0].detach()
+                if self._depth == 1:  # (not the previous pass's: a dict input or output would leave it stale)
+                    self.last_input = self.last_output = None
+                    if args and isinstance(args[0], Tensor):
+                        self.last_input = args[0].detach()
                 out = inner(*args, **kwargs)
             finally:
                 self._depth -= 1
@@ -174,37 +177,56 @@ class RegionTracker:
     def take(self, n: int, inputs: Tensor | None = None) -> None:
         """Keep one recorded pass when the passes since the last update are several: the last one whose input is
         ``inputs`` (the batch's own tensor, when given and found), else the last one if the passes hold more than
-        ``n`` samples (a step that ran the model twice); raise if no pass matches ``n``."""
+        ``n`` samples (a step that ran the model twice); all of them when they hold ``n`` samples together (a batch
+        run in chunks); raise if no pass matches ``n``."""
+        keep = self._plan(n, inputs)
         passes = self.rec.passes
-        if inputs is not None and len(passes) > 1 and len(self._pass_io) == len(passes):
-            # the step's pass on the batch, not another pass of the step (an augmented copy) or of a callback
-            found = [i for i, (x, _) in enumerate(self._pass_io) if x is not None and _same_tensor(x, inputs)]
-            if found:
-                i = found[-1]
-                self.last_input, self.last_output = self._pass_io[i]
-                passes[:] = [passes[i]]
-                self._pass_io[:] = [self._pass_io[i]]
-        if self._last_pass_only(n):
-            del self.rec.passes[:-1]
+        if keep is None or len(passes) == 1:
+            return
+        if len(self._pass_io) == len(passes):
+            self.last_input, self.last_output = self._pass_io[keep]
+            self._pass_io[:] = [self._pass_io[keep]]
+        passes[:] = [passes[keep]]
 
-    def _last_pass_only(self, n: int) -> bool:
-        """Whether :meth:`take` keeps only the last pass for ``n`` labels; raises as it does, changes nothing."""
+    def _plan(self, n: int, inputs: Tensor | None = None) -> int | None:
+        """The index of the one pass :meth:`take` keeps for ``n`` labels (None: all of them); raises as it does,
+        changes nothing (a rejected batch leaves the recording as it was)."""
         passes = self.rec.passes
         if not passes:
             raise RuntimeError("the model did not run since the last update: nothing was recorded (if your step calls "
                                "a submodule directly, track/monitor that submodule)")
+        if inputs is not None and len(passes) > 1 and len(self._pass_io) == len(passes):
+            # the step's pass on the batch, not another pass of the step (an augmented copy) or of a callback
+            found = [i for i, (x, _) in enumerate(self._pass_io) if x is not None and _same_tensor(x, inputs)]
+            if found:
+                if _pass_size(passes[found[-1]]) != n:
+                    raise ValueError(f"the pass on `inputs` recorded {_pass_size(passes[found[-1]])} samples, but "
+                                     f"the labels hold {n}: pass the labels of the batch `inputs` holds")
+                return found[-1]
         if len(self.rec) == n:
-            return False
-        last = passes[-1][0].state.shape[0] if passes[-1] else passes[-1].batch
-        if last == n:
-            return True
+            return None
+        if _pass_size(passes[-1]) == n:
+            return len(passes) - 1
         raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "
                          f"{n}; the model ran on inputs that do not match the labels")
 
-    def _predictions(self) -> Tensor:
-        if self.last_output is None:
+    def _predictions(self, keep: int | None = None) -> Tensor:
+        """Predicted classes of the pass(es) :meth:`take` keeps (``keep`` from :meth:`_plan`)."""
+        passes = self.rec.passes
+        in_sync = len(self._pass_io) == len(passes)
+        if keep is None and len(passes) > 1:
+            # the labels cover several passes (a batch run in chunks, or batches before one update): each one's output
+            outs = [out for _, out in self._pass_io] if in_sync else []
+            if len(outs) != len(passes) or any(out is None for out in outs):
+                raise ValueError(
+                    f"the model ran {len(passes)} times since the last update (on {[_pass_size(p) for p in passes]} "
+                    f"samples) and the labels cover all of them, but the outputs of those passes were not all "
+                    "captured: pass y_pred= (the predictions of every sample), or call update() after each pass")
+            return torch.cat([predictions(out) for out in outs])
+        out = self._pass_io[keep][1] if keep is not None and in_sync else self.last_output
+        if out is None:
             raise RuntimeError("no model output was captured; pass y_pred=")
-        return predictions(self.last_output)
+        return predictions(out)
 
     def update(self, y_true: Tensor, y_pred: Tensor | None = None, *, inputs: Tensor | None = None,
                contributions: Tensor | None = None, weights: Tensor | None = None) -> None:
@@ -213,12 +235,14 @@ class RegionTracker:
         Parameters
         ----------
         y_true : Tensor
-            ``(B,)`` labels of the batch.
+            ``(B,)`` (or ``(B, 1)``) class indices of the batch.
         y_pred : Tensor, optional
-            ``(B,)`` predicted classes; default: argmax of the captured output.
+            ``(B,)`` predicted classes; default: argmax of the captured output (of every pass, when the labels
+            cover several passes: a batch run in chunks).
         inputs : Tensor, optional
-            ``(B, *input_shape)`` batch inputs, passed on to ``RegionStats.update`` (summed per region when the
-            stats keep inputs: mean input / average instance).
+            ``(B, *input_shape)`` batch inputs: the pass on this tensor is the batch's when the model ran several
+            times (see :meth:`take`); passed on to ``RegionStats.update`` (summed per region when the stats keep
+            inputs: mean input / average instance).
         contributions, weights : Tensor, optional
             Passed on to ``RegionStats.update`` (``(B, K, *input)`` contributions ``A ⊙ x`` and effective weights
             ``A``; summed per region when the stats keep contributions).
@@ -226,25 +250,26 @@ class RegionTracker:
         The batch is checked before the recording is cleared: a rejected batch (``ValueError`` / ``TypeError``)
         leaves the stats, the recording and :attr:`n_updates` as they were.
         """
-        y_true = torch.as_tensor(y_true).reshape(-1)
-        self._last_pass_only(y_true.shape[0])
-        if y_pred is None:
-            y_pred = self._predictions()
+        y_true = _class_indices(y_true, "y_true")
+        # the pass on `inputs` when given (the batch's, not an augmented copy's): its predictions, its regions
+        keep = self._plan(y_true.shape[0], inputs)
+        y_pred = self._predictions(keep) if y_pred is None else _class_indices(y_pred, "y_pred")
         check = getattr(self.stats, "_check_batch", None)  # (RegionStats; other stats objects check in update)
         if check is not None:
             check(y_true.shape[0], y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
-        keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred)
+        keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred, inputs)
         extra = {} if inputs is None else {"inputs": inputs}  # (other stats objects may take no inputs)
         self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights, **extra)
         self.stats.add_unit_counts(units, n)
 
-    def take_batch(self, y_true: Tensor, y_pred: Tensor | None = None) -> tuple:
+    def take_batch(self, y_true: Tensor, y_pred: Tensor | None = None, inputs: Tensor | None = None) -> tuple:
         """The batch recorded since the last update, left on its device, then clear the recording.
 
         Returns ``(keys, unit_counts, y_true, y_pred, n)`` as :meth:`RegionStats.recording_batch` gives them, for
         callers that add batches later in one :meth:`RegionStats.update` (no host synchronisation per batch).
+        ``inputs``: as in :meth:`take_patterns`.
         """
-        batch, y_true, y_pred, n = self.take_patterns(y_true, y_pred)
+        batch, y_true, y_pred, n = self.take_patterns(y_true, y_pred, inputs)
         keys, units = self.stats.batch_keys(batch)
         return keys, units, y_true, y_pred, n
 
@@ -253,18 +278,33 @@ class RegionTracker:
         :class:`~relu_regions.regions.BatchPatterns`) gives the keys and unit counts later through
         ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now.
         ``inputs``: the batch's input tensor, to pick the pass on it among several (see :meth:`take`)."""
-        y_true = torch.as_tensor(y_true).reshape(-1)
+        y_true = _class_indices(y_true, "y_true")
         recordable = getattr(self.stats, "_check_recordable", None)
         if recordable is not None:  # before take() trims the passes: a refused batch leaves the recording as it was
             recordable()
+        keep = self._plan(y_true.shape[0], inputs)
+        y_pred = self._predictions(keep) if y_pred is None else _class_indices(y_pred, "y_pred")
         self.take(y_true.shape[0], inputs)
-        if y_pred is None:
-            y_pred = self._predictions()
         batch = self.stats.batch_patterns(self.rec)
         self.rec.clear()
         self._pass_io.clear()
         self.n_updates += 1
         return batch, y_true, y_pred, batch.n
+
+
+def _pass_size(p: Any) -> int:
+    """Samples of one recorded pass."""
+    return p[0].state.shape[0] if p else p.batch
+
+
+def _class_indices(y: Any, name: str) -> Tensor:
+    """``y`` as a ``(B,)`` vector; refuses more than one value per sample (one-hot labels would be read as B·C
+    labels, and the error would blame the model's inputs)."""
+    y = torch.as_tensor(y)
+    if y.dim() > 1 and math.prod(y.shape[1:]) != 1:
+        raise ValueError(f"{name} must hold one class index per sample, shape (B,) or (B, 1); got shape "
+                         f"{tuple(y.shape)} (one-hot labels or per-class scores? pass {name}.argmax(1))")
+    return y.reshape(-1)
 
 
 def _same_tensor(a: Tensor, b: Any) -> bool:
@@ -325,15 +365,16 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
         A piecewise-linear classifier; it runs in eval mode under ``torch.no_grad`` and its flags, hooks and
         requires_grad are restored afterwards.
     dataloader : iterable
-        Batches as ``(x, y, ...)`` tuples or dicts (see :func:`default_inputs`, :func:`default_labels`).
+        Batches as ``(x, y, ...)`` tuples or dicts (see :func:`default_inputs`, :func:`default_labels`); labels
+        are class indices, ``(B,)`` or ``(B, 1)``; inputs must be finite (``ValueError`` otherwise).
     n_classes : int, optional
         Number of classes; default: the model's output width on the first batch (2 for a single logit).
     layers, granularities, **stats_kwargs
         Passed to :class:`~relu_regions.regions.RegionStats` when ``stats`` is not given (``stats_kwargs``:
         ``keep_inputs``, which passes every batch's inputs on, and ``purity_threshold``; ``keep_contributions``
-        is set by ``contributions``).
+        is set by ``contributions``); refused with ``stats`` (set them on those stats).
     stats : RegionStats, optional
-        Accumulate into these stats instead of new ones.
+        Accumulate into these stats instead of new ones (``n_classes``, if given, must be theirs).
     get_inputs, get_labels, label_key
         How to find inputs and labels in a batch.
     device : optional
@@ -344,7 +385,8 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
         Also pass the exact contributions ``A ⊙ x`` and effective weights ``A`` of every output (the region's affine
         map from :func:`relu_regions.affine_map`) to the stats, which then keep them (``keep_contributions``).
     max_batches : int, optional
-        Stop after this many batches (a positive int; None: the whole loader).
+        Stop after this many batches (a positive int; None: the whole loader); batch ``max_batches + 1`` is not
+        fetched (an iterator passed in goes on from there).
     progress : bool, optional
         Show a tqdm progress bar; default: when the loader has more than 20 batches.
 
@@ -360,9 +402,15 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
     if unknown:
         raise TypeError(f"evaluate got unexpected keyword argument(s) {unknown}; the RegionStats options it passes on "
                         "are keep_inputs and purity_threshold")
-    if stats is not None and stats_kwargs:  # they only configure new stats: with stats= they would be ignored
-        raise ValueError(f"evaluate: {sorted(stats_kwargs)} only configure new RegionStats and would be ignored with "
-                         "stats=; set them on the stats you pass")
+    if stats is not None:  # these only configure new stats: with stats= they would be ignored
+        ignored = sorted(stats_kwargs) + [name for name, v in (("layers", layers), ("granularities", granularities))
+                                          if v is not None]
+        if ignored:
+            raise ValueError(f"evaluate: {ignored} only configure new RegionStats and would be ignored with "
+                             "stats=; set them on the stats you pass")
+        if n_classes is not None and n_classes != getattr(stats, "n_classes", n_classes):
+            raise ValueError(f"evaluate: n_classes={n_classes!r} disagrees with the stats you pass "
+                             f"(n_classes={stats.n_classes}); leave it out with stats=")
     if "keep_contributions" in stats_kwargs:  # RegionStats gets keep_contributions=contributions
         if bool(stats_kwargs.pop("keep_contributions")) != bool(contributions):
             raise ValueError("keep_contributions is set by contributions=: pass contributions=True to compute the "
@@ -377,19 +425,21 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
         total = min(len(dataloader), max_batches or len(dataloader))
     except TypeError:
         pass
-    it: Any = dataloader
+    # (islice stops before fetching batch max_batches + 1: an iterator passed in keeps it, and a loader does no
+    # work for a batch that is dropped)
+    it: Any = dataloader if max_batches is None else itertools.islice(dataloader, max_batches)
     if progress if progress is not None else (total or 0) > 20:
         from tqdm.auto import tqdm
 
-        it = tqdm(dataloader, total=total, desc="regions", unit="batch")
+        it = tqdm(it, total=total, desc="regions", unit="batch")
     with preserved(model, eval_mode=True), torch.no_grad():
         for i, batch in enumerate(it):
-            if max_batches is not None and i >= max_batches:
-                break
             x = get_inputs(batch).to(device)
-            y = torch.as_tensor(get_labels(batch)).reshape(-1).to(device)
+            y = _class_indices(get_labels(batch), "labels").to(device)
             if x.shape[0] == 0 and y.numel() == 0:  # an empty batch adds nothing (and the model may refuse it)
                 continue
+            if isinstance(x, Tensor):  # (a NaN sample would be counted in the region of an all-inactive pattern)
+                check_finite(x, f"the input of batch {i}", "no activation region contains such an input")
             contrib = y_pred = weights = None
             if contributions:  # outside the recording block: affine_map runs its own recorded passes
                 with torch.enable_grad():
@@ -503,13 +553,13 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
         The network (not a LightningModule wrapper with a loss). It runs in eval mode for this computation
         (BatchNorm running statistics, no dropout); its flags are restored afterwards.
     x : Tensor
-        ``(B, *input_shape)`` training inputs.
+        ``(B, *input_shape)`` training inputs, finite (``ValueError`` otherwise).
     gamma : float
         Margin in input units (L2).
     l1 : float
         Weight of the L1 activity term (0 disables it).
     k : int, optional
-        Use only the k closest hyperplanes per sample (as in MMR training).
+        Use only the k closest hyperplanes per sample, over all selected layers together (as in MMR training).
     layers : selection, optional
         Which piecewise-linear calls count (default all; max-pools never contribute, see
         :func:`boundary_distances`).
@@ -535,9 +585,12 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
             raise ValueError(f"{name} must be None or a positive int, got {v!r}")
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point() or len(x) == 0:
         raise ValueError("x must be a non-empty batched floating-point tensor (B, ...)")
+    name = "x" if max_samples is None or max_samples >= len(x) else f"x[:{max_samples}]"  # (the samples used)
     x = x.detach()
     if max_samples is not None:
         x = x[:max_samples]
+    # (a NaN sample gave a NaN loss, and after backward NaN in every gradient)
+    check_finite(x, name, "no activation region contains such an input")
     b, shape = x.shape[0], x.shape[1:]
     n_in = int(x[0].numel())
     # (the user's backward hooks stay on: the penalty is a training loss, and its backward is the user's)
@@ -558,6 +611,7 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
     hinge = x.new_zeros(())
     act = x.new_zeros(())
     dmin = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
+    terms: list[Tensor] = []  # (with k: every layer's hinge terms, for the k largest per sample over all of them)
     for p, t in seen:
         t = t.reshape(n_in + 2, b, -1)
         val, jac = t[0], t[2:] - t[1]
@@ -566,12 +620,16 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
         gaps = _gaps(p.kind, val, (p.params.get("lo"), p.params.get("hi")) if p.kind == "clamp" else None)
         dist = gaps / norm.clamp_min(1e-12)
         h = torch.where(live, torch.relu(1 - dist / gamma), torch.zeros_like(dist))
-        if k is not None:
-            h = h.topk(min(k, h.shape[1]), dim=1).values
-        hinge = hinge + h.sum(1).mean()
+        if k is None:
+            hinge = hinge + h.sum(1).mean()
+        else:
+            terms.append(h.to(hinge.dtype))
         dmin = torch.minimum(dmin, torch.where(live, dist, torch.full_like(dist, math.inf)).amin(1).detach())
         if l1 and p.kind in _RELU_KINDS:
             act = act + torch.relu(val).sum(1).mean()
+    if terms:
+        every = torch.cat(terms, 1)
+        hinge = hinge + every.topk(min(k, every.shape[1]), dim=1).values.sum(1).mean()
     total = hinge + l1 * act
     if return_parts:
         return {"total": total, "hinge": hinge, "l1": act, "min_distance": dmin}

@@ -335,6 +335,11 @@ def test_labels_from_dict_batches_user_function_and_clear_errors():
                     ({"module": 3}, "module must be None or a str")]:
         with pytest.raises(TypeError, match=re.escape(msg)):
             RegionMonitor(**kw)
+    # one-hot labels (before: flattened to B·C labels, "the model ran on inputs that do not match the labels")
+    with pytest.raises(ValueError, match=r"RegionMonitor: labels must hold one class index per sample.*\(16, 3\)"):
+        trainer([RegionMonitor(3, get_labels=lambda b: torch.nn.functional.one_hot(b["label"], 3),
+                               probe_size=0)]).test(model, dict_loader)
+    assert _hooks(model) == hooks
     failing = Lit()
     failing.fail = True
     hooks = _hooks(failing)

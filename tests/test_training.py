@@ -475,3 +475,196 @@ def test_parsimony_penalty_reads_unit_inputs_before_inplace_updates_and_keeps_ba
     finally:
         handle.remove()
     assert fired and parts["hinge"] > 0
+
+
+def _hand_forward(model: nn.Sequential, x):
+    """Hidden patterns (samples, all units) and logits of an MLP, by hand from its weights."""
+    h, pats = x, []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            h = h @ m.weight.T + m.bias
+        elif isinstance(m, nn.ReLU):
+            pats.append(h > 0)
+            h = torch.relu(h)
+    return torch.cat(pats, 1), h
+
+
+def _hand_regions(pats, y_true, y_pred):
+    """region pattern -> (true class counts, predicted class counts), by dict counting."""
+    out = {}
+    for p, t, q in zip(pats.tolist(), y_true.tolist(), y_pred.tolist()):
+        true, pred = out.setdefault(tuple(p), ([0, 0, 0], [0, 0, 0]))
+        true[t] += 1
+        pred[q] += 1
+    return sorted(out.values())
+
+
+def _lib_regions(stats):
+    return sorted(zip(stats.class_histograms().tolist(), stats.class_histograms(which="pred").tolist()))
+
+
+def test_parsimony_penalty_k_keeps_the_k_largest_terms_per_sample_over_all_layers():
+    """Before: k=... kept the k largest hinge terms of each layer separately (L·k terms per sample for L layers),
+    not the k closest hyperplanes of the sample as documented."""
+    model, (x, _) = _model(dtype=torch.float64), _data(n=10, dtype=torch.float64)
+    gamma, k = 2.0, 3
+    # independent: every unit's distance from hand pre-activations and torch.func Jacobians, top-k per sample
+    pre_fn = lambda v: torch.cat(_hand_preacts(model, v[None]), 1)[0]  # noqa: E731
+    pre = torch.cat(_hand_preacts(model, x), 1)
+    jac = torch.func.vmap(torch.func.jacrev(pre_fn))(x)
+    terms = torch.relu(1 - pre.abs() / jac.norm(dim=2) / gamma)
+    ref = terms.topk(k, dim=1).values.sum(1).mean()
+    per_layer = terms[:, :6].topk(k, 1).values.sum(1).mean() + terms[:, 6:].topk(k, 1).values.sum(1).mean()
+    assert not torch.isclose(ref, per_layer)  # (the old value, per layer, differs here)
+    got = parsimony_penalty(model, x, gamma=gamma, k=k, max_samples=None)
+    torch.testing.assert_close(got, ref)
+    params = list(model.parameters())[:4]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b)
+    # k above the number of units: every term
+    torch.testing.assert_close(parsimony_penalty(model, x, gamma=gamma, k=50, max_samples=None), terms.sum(1).mean())
+
+
+def test_track_update_takes_the_regions_and_predictions_of_the_pass_on_inputs():
+    """Before: update(y, inputs=xb) after model(xb) and model(xb + 0.5) counted the augmented copy's regions and
+    predictions (the last pass), and with keep_inputs summed the batch's inputs into the copy's regions."""
+    import pandas as pd
+
+    model, (x, y) = _model(), _data(n=32)
+    stats = RegionStats(3, keep_inputs=True)
+    before = _snapshot(model)
+    with torch.no_grad(), track(model, stats) as tracker:
+        for xb, yb in _loader(x, y, bs=8):
+            model(xb)  # the batch's pass
+            model(xb + 0.5)  # e.g. a consistency term on an augmented copy
+            tracker.update(yb, inputs=xb)
+    _same(before, _snapshot(model))
+    with torch.no_grad():
+        pats, logits = _hand_forward(model, x)
+        pats_aug, logits_aug = _hand_forward(model, x + 0.5)
+    want = _hand_regions(pats, y, logits.argmax(1))
+    assert want != _hand_regions(pats_aug, y, logits_aug.argmax(1))  # (the copy's stats differ)
+    assert _lib_regions(stats) == want
+    # mean input per region (pandas groupby on the hand patterns)
+    df = pd.DataFrame(x.double().numpy()).assign(p=["".join(map(str, r)) for r in pats.int().tolist()])
+    hand = sorted((len(g), *(round(v, 5) for v in g.drop(columns="p").mean())) for _, g in df.groupby("p"))
+    ours = sorted((int(n), *(round(v, 5) for v in m.tolist())) for n, m in zip(stats.sizes(), stats.mean_inputs()))
+    assert ours == hand
+
+
+class _DictOut(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def test_labels_of_the_wrong_shape_and_a_batch_run_in_chunks():
+    """Before: one-hot (B, C) labels were read as B·C labels ("the model ran on inputs that do not match the
+    labels"), and a batch run in two chunks (or two batches before one update) failed with "y_pred has 4 entries for
+    8 keys" although no y_pred was passed: only the last pass's output was taken as predictions."""
+    model, (x, y) = _model(), _data(n=16)
+    one_hot = torch.nn.functional.one_hot(y, 3)
+    with pytest.raises(ValueError, match=r"labels must hold one class index per sample.*got shape \(16, 3\)"):
+        evaluate(model, [(x, one_hot)])
+    with torch.no_grad():
+        pats, logits = _hand_forward(model, x)
+    want = _hand_regions(pats, y, logits.argmax(1))
+    stats = RegionStats(3)
+    with torch.no_grad(), track(model, stats) as tracker:
+        model(x[:8])
+        with pytest.raises(ValueError, match=r"y_true must hold one class index per sample.*\(8, 3\)"):
+            tracker.update(one_hot[:8])
+        with pytest.raises(ValueError, match=r"y_pred must hold one class index"):
+            tracker.update(y[:8], y_pred=one_hot[:8])
+        assert len(tracker.rec) == 8 and stats.n_samples == 0
+        tracker.update(y[:8, None])  # (B, 1) labels are fine
+        torch.cat([model(c) for c in x[8:].split(4)])  # a batch run in two chunks
+        tracker.update(y[8:])
+    assert _lib_regions(stats) == want
+    stats = RegionStats(3)
+    with torch.no_grad(), track(model, stats) as tracker:
+        model(x[:8])
+        model(x[8:])  # two batches before one update
+        tracker.update(y)
+    assert _lib_regions(stats) == want
+    # outputs that are not tensors: say so, and how to go on
+    wrapped = _DictOut(model)
+    stats = RegionStats(3)
+    with torch.no_grad(), track(wrapped, stats) as tracker:
+        outs = [wrapped(c)["logits"] for c in x.split(8)]
+        with pytest.raises(ValueError, match=r"the model ran 2 times since the last update .* pass y_pred="):
+            tracker.update(y)
+        tracker.update(y, y_pred=torch.cat(outs).argmax(1))
+    assert _lib_regions(stats) == want
+
+
+def test_evaluate_max_batches_fetches_no_extra_batch():
+    """Before: evaluate(max_batches=n) fetched batch n + 1 and dropped it: two calls on one iterator skipped a batch
+    between them."""
+    model, (x, y) = _model(), _data(n=48)
+    fetched = []
+
+    def stream():
+        for i in range(6):
+            fetched.append(i)
+            yield x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+
+    it = stream()
+    evaluate(model, it, max_batches=2, progress=False)
+    second = evaluate(model, it, max_batches=2, progress=True)
+    assert fetched == [0, 1, 2, 3]
+    with torch.no_grad():
+        pats, logits = _hand_forward(model, x[16:32])
+    assert _lib_regions(second) == _hand_regions(pats, y[16:32], logits.argmax(1))
+
+
+def test_evaluate_refuses_options_that_stats_would_ignore():
+    """Before: evaluate(stats=st, layers=/granularities=/n_classes=) ignored them silently: the user asked for one
+    layer's regions and got every layer's."""
+    model, (x, y) = _model(), _data(n=20)
+    before = _snapshot(model)
+    for kw, msg in (({"layers": "1"}, r"\['layers'\] only configure new RegionStats"),
+                    ({"granularities": {"first": "1"}}, r"\['granularities'\] only configure new RegionStats"),
+                    ({"n_classes": 7}, r"n_classes=7 disagrees with the stats you pass \(n_classes=3\)")):
+        stats = RegionStats(3)
+        with pytest.raises(ValueError, match=msg):
+            evaluate(model, [(x, y)], stats=stats, **kw)
+        assert stats.n_samples == 0
+    _same(before, _snapshot(model))
+    stats = evaluate(model, [(x, y)], stats=RegionStats(3), n_classes=3)  # the stats' own n_classes: fine
+    with torch.no_grad():
+        pats, logits = _hand_forward(model, x)
+    assert _lib_regions(stats) == _hand_regions(pats, y, logits.argmax(1))
+    # without stats=, layers= is used: the first layer's regions (hand patterns of its 6 units)
+    first = evaluate(model, [(x, y)], layers="1")
+    assert first.n_regions() == len({tuple(p) for p in pats[:, :6].tolist()}) < len({tuple(p) for p in pats.tolist()})
+
+
+def test_parsimony_penalty_and_evaluate_refuse_non_finite_inputs():
+    """Before: a NaN input gave a NaN penalty (and NaN in every gradient after backward), and evaluate counted the NaN
+    sample in the region of an all-inactive pattern."""
+    model, (x, y) = _model(dtype=torch.float64), _data(n=8, dtype=torch.float64)
+    bad = x.clone()
+    bad[5, 1] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"^x holds 1 non-finite value\(s\) \(nan or inf\)"):
+        parsimony_penalty(model, bad, max_samples=None)
+    with pytest.raises(ValueError, match=r"^x\[:6\] holds 1 non-finite value"):
+        parsimony_penalty(model, bad, max_samples=6)
+    _same(before, _snapshot(model))
+    # samples beyond max_samples are not used: no error, the value of the first ones (hand reference)
+    torch.testing.assert_close(parsimony_penalty(model, bad, gamma=0.5, max_samples=4),
+                               _reference_penalty(model, x[:4], 0.5, 0.0))
+    inf = x.clone()
+    inf[6, 0] = float("inf")
+    stats = RegionStats(3)
+    with pytest.raises(ValueError, match=r"the input of batch 1 holds 1 non-finite value"):
+        evaluate(model, [(x[:4], y[:4]), (inf[4:], y[4:])], stats=stats)
+    inf[5, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"the input of batch 1 holds 2 non-finite value"):
+        evaluate(model, [(x[:4], y[:4]), (inf[4:], y[4:])])
+    _same(before, _snapshot(model))
+    assert stats.n_samples == 4  # the first batch only

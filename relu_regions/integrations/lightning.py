@@ -119,7 +119,7 @@ from ..hook_recording import ForwardPatch
 from ..keys import UnitCounts
 from ..recording import LayerSelection
 from ..state import preserved, random_state_kept
-from ..training import _same_tensor, default_inputs, default_labels, track
+from ..training import _class_indices, _same_tensor, default_inputs, default_labels, track
 
 Tensor = torch.Tensor
 
@@ -292,9 +292,12 @@ class RegionMonitor(Callback):
                              f"{type(pl_module).__name__}") from e
 
     def _labels(self, batch: Any) -> Tensor:
-        if self.get_labels is not None:
-            return torch.as_tensor(self.get_labels(batch)).reshape(-1)
-        return torch.as_tensor(default_labels(batch, self.label_key)).reshape(-1)
+        # (B,) or (B, 1) class indices; one-hot labels are refused as such (flattened, the error blamed the inputs)
+        y = self.get_labels(batch) if self.get_labels is not None else default_labels(batch, self.label_key)
+        try:
+            return _class_indices(y, "labels")
+        except ValueError as e:
+            raise ValueError(f"RegionMonitor: {e}; or pass get_labels= returning them") from None
 
     def _new_stats(self, n_classes: int) -> Any:
         from ..regions import RegionStats
