@@ -19,6 +19,7 @@ user's code changes inside the block stays changed.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import is_int_at_least, is_integer_tensor
+from .errors import check_finite, is_int_at_least, is_integer_tensor
 from .state import preserved
 
 Tensor = torch.Tensor
@@ -52,13 +53,32 @@ __all__ = [
 ]
 
 
-def _module(model: nn.Module, site: str) -> nn.Module:
+def _module(model: nn.Module, site: str, what: str = "site") -> nn.Module:
+    """The module at ``site``; ``what`` names the argument in the error (``"site"``, or a list of observed
+    layers, which cannot be ``"input"``)."""
     try:
         return model.get_submodule(site)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        raise ValueError(f"site {site!r} is not a module path of the model; choose 'input' or one of "
-                         f"{names[:20]}{' ...' if len(names) > 20 else ''}") from None
+        some = f"{names[:20]}{' ...' if len(names) > 20 else ''}"
+        if what == "site":
+            raise ValueError(f"site {site!r} is not a module path of the model; choose 'input' or one of "
+                             f"{some}") from None
+        hint = (" ('input' is a site to intervene on, not a layer to observe: the input is the data you pass)"
+                if site == "input" else "")
+        raise ValueError(f"{what} holds {site!r}, which is not a module path of the model{hint}; observe module "
+                         f"paths such as {some}") from None
+
+
+def _output_tensor(out: Any, what: str) -> Tensor:
+    """A model's output tensor; a tuple or list output (``(logits, aux)``) is read through its first element, as
+    :func:`~relu_regions.affine_map` reads it."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{what} returned {type(out).__name__}; expected a tensor, or a tuple / list whose first "
+                        "element is one")
+    return out
 
 
 def _units(units: Units) -> Tensor:
@@ -80,7 +100,9 @@ def _units(units: Units) -> Tensor:
     return t
 
 
-def _set(t: Tensor, units: Tensor, value: Any, site: str) -> Tensor:
+def _set(t: Tensor, units: Tensor, value: Any, site: str, what: str = "value") -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"site {site!r} holds {type(t).__name__}, not a tensor")
     flat = t.reshape(t.shape[0], -1)
     n = flat.shape[1]
     if units.dtype == torch.bool:
@@ -91,7 +113,18 @@ def _set(t: Tensor, units: Tensor, value: Any, site: str) -> Tensor:
     elif int(units.max()) >= n:
         raise ValueError(f"unit index {int(units.max())} out of range for site {site!r} with {n} units")
     flat = flat.clone()
-    v = torch.as_tensor(value, dtype=flat.dtype, device=flat.device)
+    # (a Python float stays float64 here: 1.7 is reported as 1.7, not as its float32 rounding)
+    given = (value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))).to(flat.device)
+    v = given.to(flat.dtype)
+    if not (flat.is_floating_point() or flat.is_complex()):
+        # the cast would truncate 1.7 to 1 (or wrap 300 into uint8) and set another value than the one reported
+        exact = v.to(given.dtype) == given
+        if not bool(exact.all()):
+            bad, became = (given[~exact].reshape(-1)[0].item(), v[~exact].reshape(-1)[0].item()) if given.dim() \
+                else (given.item(), v.item())
+            raise ValueError(f"{what} {bad!r} cannot be set at site {site!r}, which holds {flat.dtype} values (it "
+                             f"would become {became!r}); give values of that dtype (integral, in its range) at an "
+                             "integer site")
     k = units.numel()
     if v.dim() == 1 and v.numel() not in (1, k):
         raise ValueError(f"value holds {v.numel()} values for {k} unit(s) at site {site!r}: give a scalar, one value "
@@ -114,34 +147,84 @@ def intervene(model: nn.Module, site: str, units: Units, value: float | Tensor) 
     ----------
     model : nn.Module
     site : str
-        ``"input"`` for the model's (first positional) input, or a module path whose output holds the units
-        (e.g. ``"decoder.3"`` for the ReLU of a hidden layer).
+        ``"input"`` for the model's first input (positional, or by the keyword of ``forward``'s first
+        parameter), or a module path whose output holds the units (e.g. ``"decoder.3"`` for the ReLU of a hidden
+        layer). A module that runs more than once per forward of the model (one ``nn.ReLU`` reused) is refused
+        (a ``ValueError`` at its second call), as :func:`collect` refuses it.
     units : int, sequence of int or Tensor
         Flat indices (0 .. n_units - 1) into the per-sample tensor at the site, or a bool mask over its n_units.
     value : float or Tensor
         The value set: a scalar, ``(units,)`` one value per unit, or ``(N, 1)`` / ``(N, units)`` per sample of
-        the batch the model is called with.
+        the batch the model is called with. At an integer site (token ids as input) only values of its dtype are
+        taken: 1.7 is refused, not truncated.
     """
-    u = _units(units)
-    # no `preserved` here: the user's code runs inside the block and keeps what it changes; only our hook goes
-    if site == "input":
-        def pre(module, args):
-            return (_set(args[0], u, value, site), *args[1:])
+    with _intervention(model, site, units, value, "value") as m:
+        yield m
 
-        handle = model.register_forward_pre_hook(pre)
-    else:
-        mod = _module(model, site)
 
-        def post(module, args, output):
-            if not isinstance(output, Tensor):
-                raise TypeError(f"site {site!r} returns {type(output).__name__}, not a tensor")
-            return _set(output, u, value, site)
-
-        handle = mod.register_forward_hook(post)
+def _first_parameter(model: nn.Module) -> str | None:
+    """Name of the first parameter of ``model.forward`` that can be passed by keyword (None if there is none)."""
     try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    for p in params:
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            return p.name
+        if p.kind is not inspect.Parameter.POSITIONAL_ONLY:
+            return None
+    return None
+
+
+@contextmanager
+def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: str) -> Iterator[nn.Module]:
+    """:func:`intervene`, with ``what`` naming the value in errors (``"alphas"`` for :func:`ace`)."""
+    u = _units(units)
+    # no `preserved` here: the user's code runs inside the block and keeps what it changes; only our hooks go
+    handles = []
+    try:
+        if site == "input":
+            first = _first_parameter(model)
+
+            def pre(module, args, kwargs):
+                if args:
+                    return (_set(args[0], u, value, site, what), *args[1:]), kwargs
+                if first is not None and first in kwargs:  # model(x=...): the same first input, by keyword
+                    return args, {**kwargs, first: _set(kwargs[first], u, value, site, what)}
+                raise TypeError(f"site='input' sets the model's first input (positional, or the keyword "
+                                f"{first!r}); the model was called with neither (keywords {sorted(kwargs)})")
+
+            handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            mod = _module(model, site)
+            # a module that runs twice per forward (one nn.ReLU reused) would be set at every call: refused, as
+            # collect() refuses to observe it; calls outside a forward of the model (the user calling the
+            # submodule directly) are each intervened on
+            state = {"in_forward": False, "calls": 0}
+
+            def enter(module, args):
+                state["in_forward"], state["calls"] = True, 0
+
+            def leave(module, args, output):
+                state["in_forward"] = False
+
+            def post(module, args, output):
+                if state["in_forward"]:
+                    state["calls"] += 1
+                    if state["calls"] > 1:
+                        raise ValueError(
+                            f"module {site!r} ran more than once in one forward of the model (one module used at "
+                            "several places): do() would set its units at every call; intervene on a module that "
+                            "runs once per forward")
+                return _set(output, u, value, site, what)
+
+            handles.append(mod.register_forward_hook(post))
+            handles.append(model.register_forward_pre_hook(enter))
+            handles.append(model.register_forward_hook(leave, always_call=True))
         yield model
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -172,24 +255,30 @@ def collect(model: nn.Module, x: Tensor, layers: str | Sequence[str] = (), batch
 
     Each layer's output is copied when its module returns (a later in-place operation, ``nn.ReLU(inplace=True)`` or
     ``out += identity``, does not change it). A module that runs more than once per forward (one ``nn.ReLU``
-    reused at several places) is refused: its calls cannot be told apart.
+    reused at several places) is refused: its calls cannot be told apart. A model that returns a tuple or list
+    (``(logits, aux)``) reports its first element as ``"output"``, as :func:`~relu_regions.affine_map` explains it.
     """
     layers = _layer_names(layers)
     if not isinstance(x, Tensor) or x.dim() == 0 or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch of model inputs, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    mods = {name: _module(model, name) for name in layers}
+    mods = {name: _module(model, name, "layers") for name in layers}
     batches = _batches(len(x), batch_size)
     store: dict[str, list[Tensor]] = {name: [] for name in layers}
     store["output"] = []
     with preserved(model, eval_mode=True), torch.no_grad():
         handles = []
         try:
+            def keep(name: str, out: Any) -> None:
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"module {name!r} returns {type(out).__name__}, not a tensor; observe a module "
+                                    "that returns one")
+                store[name].append(out.detach().reshape(out.shape[0], -1).clone())
+
             for name, m in mods.items():
-                handles.append(m.register_forward_hook(
-                    lambda mod, a, out, name=name: store[name].append(out.detach().reshape(out.shape[0], -1).clone())))
+                handles.append(m.register_forward_hook(lambda mod, a, out, name=name: keep(name, out)))
             for i, sl in enumerate(batches):
-                out = model(x[sl])
+                out = _output_tensor(model(x[sl]), "the model")
                 store["output"].append(out.detach().reshape(out.shape[0], -1))
                 for name in layers:
                     if len(store[name]) != i + 1:
@@ -281,7 +370,8 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
     site, unit
         What is intervened on (see :func:`intervene`).
     alphas : sequence of float
-        The intervention grid; the baseline is the mean of ``E[y | do(α)]`` over it.
+        The intervention grid (finite values; integral ones at an integer site); the baseline is the mean of
+        ``E[y | do(α)]`` over it.
     observe : sequence of str
         Module paths whose outputs are hidden units to report (``"output"`` is always reported).
     n_samples : int or None
@@ -298,9 +388,13 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
     if n_samples is not None and not is_int_at_least(n_samples, 1):
         raise ValueError(f"n_samples must be None or a positive int, got {n_samples!r}")
     observe = _layer_names(observe)
+    for name in observe:
+        _module(model, name, "observe")
     alphas = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
     if alphas.numel() < 2:
         raise ValueError("alphas needs at least two values (the baseline is their mean)")
+    # one nan or inf would make the baseline, and so every effect, NaN
+    check_finite(alphas, "alphas", "the baseline is the mean over the grid; give finite intervention values")
     xs = _draw(data, n_samples, seed)
     sums: dict[str, list[Tensor]] = {}
     it = alphas.tolist()
@@ -309,7 +403,7 @@ def ace(model: nn.Module, data: Tensor, site: str, unit: int, alphas: Sequence[f
 
         it = tqdm(it, desc=f"ACE do({site}[{unit}])")
     for a in it:
-        with intervene(model, site, unit, a):
+        with _intervention(model, site, unit, a, "alphas value"):
             res = collect(model, xs, observe, batch_size)
         for k, v in res.items():
             sums.setdefault(k, []).append(v.double().mean(0))
@@ -327,6 +421,7 @@ def ace_profiles(model: nn.Module, data: Tensor, site: str, units: Sequence[int]
 
 def activation_profiles(model: nn.Module, data: Tensor, layer: str, batch_size: int = 1024) -> Tensor:
     """``(n_units, N)``: each hidden unit's activations over the data."""
+    _module(model, layer, "layer")
     return collect(model, data, [layer], batch_size)[layer].T.double()
 
 
@@ -451,6 +546,14 @@ def cluster_intersection(a: UnitClusters, b: UnitClusters):
     return pd.crosstab(pd.Series(a.labels, name=a.method), pd.Series(b.labels, name=b.method))
 
 
+def _decisions(output: Tensor) -> Tensor:
+    """``(N,)`` predicted classes: the argmax over each sample's outputs or, for a single output (a binary
+    classifier's logit, as ``BCEWithLogitsLoss`` trains it), ``output > 0`` (an argmax over one column would be
+    class 0 for every sample)."""
+    flat = output.reshape(len(output), -1)
+    return (flat[:, 0] > 0).long() if flat.shape[1] == 1 else flat.argmax(1)
+
+
 def _metric(metric: str | Callable, output: Tensor, target: Tensor | None) -> float:
     if callable(metric):
         return float(metric(output, target))
@@ -461,13 +564,27 @@ def _metric(metric: str | Callable, output: Tensor, target: Tensor | None) -> fl
     target = torch.as_tensor(target).to(output.device)
     n = len(output)
     if metric == "accuracy":
+        if not is_integer_tensor(target):  # float labels would never equal a class index: accuracy 0, silently
+            raise TypeError(f"metric 'accuracy' needs target to hold class indices (an integer tensor), got dtype "
+                            f"{target.dtype}: pass integer labels (.long()), or use metric='mse' or a callable")
         if target.numel() != n:  # (N, 1) labels against (N,) predictions broadcast to (N, N)
             raise ValueError(f"metric 'accuracy' needs one label per sample ({n}); target has shape "
                              f"{tuple(target.shape)}")
-        return float((output.reshape(n, -1).argmax(1) == target.reshape(-1)).double().mean())
-    if target.numel() != output.numel():
-        raise ValueError(f"metric 'mse' needs a target of the output's shape {tuple(output.shape)}; got "
-                         f"{tuple(target.shape)}")
+        k = output[0].numel() if n else 0
+        classes = 2 if k == 1 else k  # one output: a binary logit, classes 0 / 1
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= classes:
+            how = "a single output is read as a binary logit (class 1 where it is > 0)" if k == 1 else \
+                f"the model has {k} outputs"
+            raise ValueError(f"metric 'accuracy' needs target to hold class indices in [0, {classes}) ({how}); got "
+                             f"{lo}..{hi}")
+        return float((_decisions(output) == target.reshape(-1)).double().mean())
+    # one target per sample, of the output's per-sample size: (N, 1, 28, 28) images for an (N, 784) reconstruction
+    # are fine, a transposed (K, N) target (same element count) is not
+    if target.dim() == 0 or target.shape[0] != n or target.numel() != output.numel():
+        raise ValueError(f"metric 'mse' needs target to hold one reference output per sample: shape (N={n}, ...) "
+                         f"with {output[0].numel() if n else 0} values per sample, like the output "
+                         f"{tuple(output.shape)}; got {tuple(target.shape)}")
     return float(((output - target.reshape(output.shape).to(output)) ** 2).double().mean())
 
 
@@ -475,6 +592,10 @@ def _group_units(groups: Mapping[Any, Units] | UnitClusters) -> dict[Any, tuple[
     """name -> (units, how many units they select), checked before anything runs."""
     if isinstance(groups, UnitClusters):
         groups = {f"cluster {c}": u for c, u in groups.groups().items()}
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"groups must be a mapping name -> unit indices (e.g. {{'a': [0, 1], 'b': [2]}}) or "
+                        f"UnitClusters, got {type(groups).__name__}; for a list of groups pass "
+                        "dict(enumerate(groups))")
     out = {}
     for name, units in groups.items():
         u = _units(units)
@@ -496,9 +617,12 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
         ``"input"`` or the module path whose output holds the units (see :func:`intervene`).
     groups : mapping name -> unit indices, or UnitClusters (each cluster, dead units included as ``-1``)
     target : Tensor, optional
-        Labels for ``"accuracy"`` or reference outputs for ``"mse"`` (e.g. the input images for an
-        autoencoder's reconstruction error).
+        ``(N,)`` integer class labels for ``"accuracy"``, or ``(N, ...)`` reference outputs for ``"mse"`` of the
+        output's per-sample size (e.g. the input images for an autoencoder's reconstruction error).
     metric : "accuracy", "mse" or callable(output, target) -> float
+        ``"accuracy"`` compares the predicted class, the argmax over each sample's outputs, with the labels; a
+        model with a single output (a binary classifier's logit) predicts class 1 where that output is > 0.
+        A callable gets the output in the model's own shape (the first element of a tuple output).
     batch_size : int
         Samples per forward pass of the model.
 
@@ -506,7 +630,8 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
     -------
     pandas.DataFrame
         One row for the intact model and one per group: units, metric, change vs intact, mean |Δoutput|,
-        share of changed argmax predictions (with ``metric="accuracy"``).
+        share of changed predicted classes, ``changed_argmax`` (with ``metric="accuracy"``; the sign of a single
+        logit, as for the accuracy).
     """
     import pandas as pd
 
@@ -521,7 +646,7 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
         m = _metric(metric, out.reshape(len(data), *_out_shape(model, data)), target)
         rows.append({"lesion": str(name), "units": n_units, "metric": m, "change": m - base,
                      "mean_abs_output_change": float((out - intact).abs().double().mean()),
-                     "changed_argmax": float((out.argmax(1) != intact.argmax(1)).double().mean())})
+                     "changed_argmax": float((_decisions(out) != _decisions(intact)).double().mean())})
     df = pd.DataFrame(rows)
     if metric != "accuracy":  # argmax changes only mean something for classifiers
         df = df.drop(columns="changed_argmax")
@@ -530,7 +655,7 @@ def lesion_table(model: nn.Module, data: Tensor, site: str, groups: Mapping[Any,
 
 def _out_shape(model: nn.Module, data: Tensor) -> tuple[int, ...]:
     with preserved(model, eval_mode=True), torch.no_grad():
-        return tuple(model(data[:1]).shape[1:])
+        return tuple(_output_tensor(model(data[:1]), "the model").shape[1:])
 
 
 def lesion_grid(model: nn.Module, x: Tensor, site: str, groups: Mapping[Any, Sequence[int]] | UnitClusters,

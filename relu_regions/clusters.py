@@ -190,7 +190,9 @@ class _KMeansNet(nn.Module):
         w, b = NeuralizedKMeans(centroids).weights()
         keep = ~torch.eye(k, dtype=torch.bool)
         self.k = k
-        self.linear = nn.Linear(d, k * (k - 1)).to(centroids.dtype)
+        # skip_init: nn.Linear's random initialisation would draw from (and so change) the caller's global torch RNG,
+        # only to be overwritten below
+        self.linear = nn.utils.skip_init(nn.Linear, d, k * (k - 1), dtype=centroids.dtype)
         with torch.no_grad():
             self.linear.weight.copy_(w[keep])  # (K(K-1), D), rows ordered by c then k
             self.linear.bias.copy_(b[keep])
@@ -255,13 +257,25 @@ def _safe_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
-def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, cluster: Any = None,
+def _warn_ties(tied: Tensor, where: str, what: str = "relevance") -> None:
+    """Warn about the samples (``tied``, ``(N,)`` bool) whose competitor share met an exact tie (``h = 0``)."""
+    if bool(tied.any()):
+        warnings.warn(
+            f"{where}: {int(tied.sum())} of {len(tied)} samples lie exactly on the bisector of the explained cluster "
+            "and a competitor (an exact tie, h = 0, while that competitor's share R_k is not 0): the midpoint rule "
+            f"has no root there, so that share stays unassigned and {what} no longer sums to the score (see "
+            "NeonResult.conservation_error())", UserWarning, stacklevel=3)
+
+
+def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans | DeepKMeans, x: Tensor, cluster: Any = None,
          beta: float | None = None) -> NeonResult:
     """NEON relevance of each input feature for membership in ``cluster``.
 
     Parameters
     ----------
-    model : NeuralizedKMeans or NeuralizedKernelKMeans
+    model : NeuralizedKMeans, NeuralizedKernelKMeans or DeepKMeans
+        A neuralized model (:func:`neuralize_kmeans`, :meth:`NeuralizedKernelKMeans.from_model`); a
+        :class:`DeepKMeans` is explained by its own :meth:`DeepKMeans.neon` (zero reference).
     x : Tensor
         ``(N, D)`` samples.
     cluster : int, sequence or None
@@ -272,10 +286,31 @@ def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, cluster: A
     Returns
     -------
     NeonResult
-        The explained score is the hard ``f_c(x)`` (its sign is membership); ``Σ_i R_i = f_c``.
+        The explained score is the hard ``f_c(x)`` (its sign is membership); ``Σ_i R_i = f_c``, except for a
+        sample lying exactly on the bisector of ``c`` and a competitor ``k`` (``h_ck = 0``; for a cluster it is
+        not assigned to): the midpoint rule has no root there, ``R_k`` stays unassigned and a ``UserWarning``
+        says so (as :meth:`DeepKMeans.neon` does where a competitor does not depend on the input).
     """
     if isinstance(model, NeuralizedKernelKMeans):
         return model.neon(x, cluster, beta)
+    if isinstance(model, DeepKMeans):
+        return model.neon(x, cluster, beta)
+    if not isinstance(model, NeuralizedKMeans):
+        if isinstance(model, KernelKMeans):
+            hint = "NeuralizedKernelKMeans.from_model(model)"
+        elif hasattr(model, "cluster_centers_"):
+            hint = "neuralize_kmeans(model)"
+        else:
+            hint = "neuralize_kmeans(fitted_kmeans) or NeuralizedKernelKMeans.from_model(kernel_kmeans)"
+        raise TypeError(f"neon explains a NeuralizedKMeans, NeuralizedKernelKMeans or DeepKMeans, got "
+                        f"{type(model).__name__}: pass {hint}")
+    res, tied = _linear_neon(model, x, cluster, beta)
+    _warn_ties(tied, "neon")
+    return res
+
+
+def _linear_neon(model: NeuralizedKMeans, x: Any, cluster: Any, beta: float | None) -> tuple[NeonResult, Tensor]:
+    """NEON for a neuralized k-means, and the ``(N,)`` samples whose share of a competitor met an exact tie."""
     x = _tensor(x)
     _check_2d(x, model.n_features)
     beta = default_beta(model, x) if beta is None else _beta(beta)
@@ -289,12 +324,13 @@ def neon(model: NeuralizedKMeans | NeuralizedKernelKMeans, x: Tensor, cluster: A
     _, p = _softmin_pool(hc, beta, mask)
     rk = p * f[:, None]  # min-take-most: (N, K), zero at c
     coef = _safe_div(rk, hc)  # R_k / h_k
+    tied = ((hc == 0) & mask & (rk != 0)).any(1)  # _safe_div dropped their R_k
     mu = model.centroids.to(x.dtype).to(x.device)
     # midpoint rule: Σ_k coef_k (x − (μ_c+μ_k)/2) ⊙ 2(μ_c − μ_k) = Σ_k coef_k (2x⊙(μ_c−μ_k) − μ_c² + μ_k²)
     mc = mu[c]  # (N, D)
     s = coef.sum(1, keepdim=True)
     rel = s * (2 * x * mc - mc * mc) + coef @ (mu * mu) - 2 * x * (coef @ mu)
-    return NeonResult(rel, f, c, rk)
+    return NeonResult(rel, f, c, rk), tied
 
 
 # --- kernel k-means --------------------------------------------------------------------------------------------
@@ -316,12 +352,26 @@ class KernelKMeans:
     ----------
     n_clusters : int
     gamma : float, optional
-        Kernel width; default ``1 / median(‖x − x'‖²)`` over the training data.
+        Kernel width, a positive finite number; default ``1 / median(‖x − x'‖²)`` over the pairs of training
+        rows, over the pairs of distinct rows where duplicates make that median 0 (Boolean or categorical data).
     max_iter : int
+        Most iterations of the assignment rule. When they run out before a fixed point, a
+        ``sklearn.exceptions.ConvergenceWarning`` (a ``UserWarning``) says so.
     max_support : int, optional
-        Keep at most this many support vectors per cluster (a random subset, fixed by ``random_state``); the
-        model is then defined by these supports and ``labels_`` are its own predictions.
+        Keep at most this many (>= 1) support vectors per cluster (a random subset, fixed by ``random_state``);
+        the model is then defined by these supports.
     random_state : int
+
+    Attributes
+    ----------
+    support_ : list of Tensor
+        ``(|C_k|, D)`` support vectors of each cluster: the members of the last iteration's clusters.
+    labels_ : Tensor
+        ``(N,)`` the fitted model's own predictions on the training data. At a fixed point (without
+        ``max_support``) they are the clusters ``support_`` was taken from; when ``max_iter`` runs out first (the
+        warning) or supports are subsampled, they can differ from them.
+    gamma_ : float
+        The kernel width used.
     """
 
     def __init__(self, n_clusters: int, gamma: float | None = None, max_iter: int = 100,
@@ -330,6 +380,13 @@ class KernelKMeans:
             raise ValueError(f"n_clusters must be an int >= 2, got {n_clusters!r}")
         if not is_int_at_least(max_iter, 1):
             raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if max_support is not None and not is_int_at_least(max_support, 1):
+            # (0 left every cluster empty: NaN similarities; -1 dropped one support vector per cluster)
+            raise ValueError(f"max_support must be None or a positive int, got {max_support!r}")
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, np.floating))
+                                  or not 0 < float(gamma) < math.inf):
+            # (a negative gamma is the kernel exp(+|γ| d²), which no longer decays with distance)
+            raise ValueError(f"gamma must be None (the median heuristic) or a positive finite number, got {gamma!r}")
         self.n_clusters = n_clusters
         self.gamma = gamma
         self.max_iter = max_iter
@@ -337,12 +394,24 @@ class KernelKMeans:
         self.random_state = random_state
 
     def fit(self, X: Any) -> KernelKMeans:
+        """Fit on ``X`` ``(N, D)`` (finite values); returns ``self``."""
         from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
 
-        x = _tensor(X, torch.float64)
+        x = _tensor(X, torch.float64).cpu()
+        if x.dim() != 2:
+            raise ValueError(f"X must have shape (N, D); got {tuple(x.shape)}")
+        check_finite(x, "X")
         if self.gamma is None:
             d = torch.pdist(x) ** 2
-            self.gamma_ = 1.0 / float(d.median())
+            med = float(d.median()) if len(d) else 0.0
+            if not med > 0:  # more than half of the pairs are duplicate rows: the median of the distinct ones
+                d = d[d > 0]
+                if len(d) == 0:
+                    raise ValueError("X has no two distinct rows: there is nothing to cluster (and no distance "
+                                     "for the median heuristic of gamma)")
+                med = float(d.median())
+            self.gamma_ = 1.0 / med
         else:
             self.gamma_ = float(self.gamma)
         labels = torch.as_tensor(KMeans(self.n_clusters, n_init=10, random_state=self.random_state).fit_predict(
@@ -354,7 +423,12 @@ class KernelKMeans:
             new = self.predict(x)
             if torch.equal(new, labels):
                 break
-            labels = new
+            moved, labels = int((new != labels).sum()), new
+        else:
+            warnings.warn(f"KernelKMeans.fit reached max_iter={self.max_iter} before a fixed point: {moved} sample(s) "
+                          "changed cluster in the last iteration, so labels_ (the model's predictions) differ from "
+                          "the clusters the supports were taken from; raise max_iter", ConvergenceWarning,
+                          stacklevel=2)
         gen = torch.Generator().manual_seed(self.random_state)
         if self.max_support is not None:
             self.support_ = [s[torch.randperm(len(s), generator=gen)[: self.max_support]] for s in self.support_]
@@ -366,11 +440,13 @@ class KernelKMeans:
         if not hasattr(self, "support_"):
             raise RuntimeError("KernelKMeans is not fitted: call fit(X) first")
         x = _tensor(X, torch.float64)
+        _check_2d(x, self.support_[0].shape[1], "X")  # (a NaN row was assigned cluster 0 silently)
         g = self.gamma_
         cols = [(torch.logsumexp(-g * _sqdist(x, s), 1) - np.log(len(s))) / g for s in self.support_]
         return torch.stack(cols, 1)
 
     def predict(self, X: Any) -> Tensor:
+        """``(N,)`` the cluster of largest mean kernel similarity for each row of ``X`` ``(N, D)``."""
         return self.log_similarity(X).argmax(1)
 
     def fit_predict(self, X: Any) -> Tensor:
@@ -445,7 +521,9 @@ class NeuralizedKernelKMeans:
 
     def neon(self, x: Tensor, cluster: Any = None, beta: float | None = None) -> NeonResult:
         """NEON: min-take-most over competitors, max-take-most over own supports (γ), min-take-most over the
-        competitor's supports (γ), then the midpoint rule ``m_ij = (u_i + u_j)/2``. Exactly conservative."""
+        competitor's supports (γ), then the midpoint rule ``m_ij = (u_i + u_j)/2``. Exactly conservative, except
+        for a sample equidistant to a support vector of ``c`` and one of a competitor (``h_ij = 0``): their share
+        stays unassigned and a ``UserWarning`` says so."""
         x = _tensor(x)
         _check_2d(x, self.n_features)
         beta = default_beta(self, x) if beta is None else _beta(beta)
@@ -461,6 +539,7 @@ class NeuralizedKernelKMeans:
         a = self._affine(x)
         sup = [s.to(x.dtype).to(x.device) for s in self.support]
         rel = torch.zeros_like(x)
+        tied = torch.zeros(n, dtype=torch.bool, device=x.device)
         g = self.gamma
         for cc in range(k):
             rows = (c == cc).nonzero().flatten()
@@ -476,10 +555,12 @@ class NeuralizedKernelKMeans:
                 pj = torch.softmax(-g * h, 2)  # min-take-most over competitor supports j
                 rij = rk[rows, j][:, None, None] * pi[:, :, None] * pj
                 coef = _safe_div(rij, h)
+                tied[rows] |= ((h == 0) & (rij != 0)).flatten(1).any(1)  # shares _safe_div dropped
                 ri, qj = coef.sum(2), coef.sum(1)  # (n, I), (n, J)
                 ui, uj = sup[cc], sup[j]
                 # Σ_ij coef_ij (x − (u_i+u_j)/2) ⊙ 2(u_i − u_j)
                 rel[rows] += 2 * xr * (ri @ ui - qj @ uj) - ri @ (ui * ui) + qj @ (uj * uj)
+        _warn_ties(tied, "NeuralizedKernelKMeans.neon")
         return NeonResult(rel, f, c, rk)
 
 
@@ -573,9 +654,18 @@ class DeepKMeans:
         off = amap.d.to(dt).cpu()
         z = amap.output.to(dt).cpu()
         xf = x.reshape(n, -1).to(dt).cpu()
-        ref = torch.zeros_like(xf) if reference is None else _tensor(reference, dt).cpu().reshape(-1, xf.shape[1])
-        ref = ref.expand_as(xf)
-        hidden = neon(self.kmeans, z, cluster, beta)
+        if reference is None:
+            ref = torch.zeros_like(xf)
+        else:
+            ref = _tensor(reference, dt).cpu()
+            d = xf.shape[1]
+            # one reference (of d values), or one per sample: a reshape alone would pair wrong shapes up silently
+            if not (ref.numel() == d or (ref.dim() > 0 and ref.shape[0] == n and ref.numel() == n * d)):
+                raise ValueError(f"reference must have the input shape {tuple(x.shape[1:])} (one reference) or "
+                                 f"{tuple(x.shape)} (one per sample); got {tuple(ref.shape)}")
+            ref = ref.reshape(-1, d).expand_as(xf)
+        hidden, tied = _linear_neon(self.kmeans, z, cluster, beta)
+        _warn_ties(tied, "DeepKMeans.neon", "hidden_relevance")
         c, rk = hidden.cluster, hidden.competitor_relevance
         w, b = self.kmeans.weights(dt)
         wc, bc = w[c], b[c]  # (N, K, F), (N, K)

@@ -349,3 +349,174 @@ def test_docstrings_document_every_parameter():
     (n_clusters, preference, random_state), lesion_table (model, data, site, batch_size)."""
     for func in (causal.ace, causal.cluster_units, causal.lesion_table, causal.intervene):
         assert _undocumented(func) == [], func.__qualname__
+
+
+def test_lesion_table_single_logit_accuracy_is_the_sign_of_the_logit():
+    """Before: for a one-logit binary classifier ((N, 1) output) the accuracy took the argmax over one column,
+    always class 0: the "accuracy" was the share of label 0 (0.3 here for a true 0.9) and changed_argmax was 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    with torch.no_grad():
+        logit = net(x)[:, 0]
+        h = net[1](net[0](x)).clone()
+        h[:, [4, 5, 6, 7]] = 0
+        lesioned = net[2](h)[:, 0]  # independent route: the lesion by hand
+    y = (logit > 0).long()
+    y[:3] = 1 - y[:3]
+    table = causal.lesion_table(net, x, "1", {"g": [4, 5, 6, 7]}, target=y)
+    assert table.metric[0] == pytest.approx(27 / 30)
+    assert table.metric[1] == pytest.approx(float(((lesioned > 0).long() == y).double().mean()))
+    assert table.changed_argmax[1] == pytest.approx(float(((lesioned > 0) != (logit > 0)).double().mean()))
+    assert table.changed_argmax[1] > 0
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\) \(a single output is read as a binary logit"):
+        causal.lesion_table(net, x, "1", {"g": [0]}, target=y + 1)
+
+
+def test_lesion_table_refuses_labels_it_cannot_compare():
+    """Before: float labels (0.3 off, or probabilities), labels >= the number of outputs and negative labels gave an
+    accuracy of 0.0 silently."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(30, 5)
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    snap = _snapshot(net)
+    for bad in (pred.float() + 0.3, torch.rand(30), pred.bool()):
+        with pytest.raises(TypeError, match="needs target to hold class indices \\(an integer tensor\\)"):
+            causal.lesion_table(net, x, "1", {"g": [0, 1]}, target=bad)
+    for bad, got in ((pred + 3, "3..5"), (pred - 3, "-3..-1")):
+        with pytest.raises(ValueError, match=rf"class indices in \[0, 3\) \(the model has 3 outputs\); got {got}"):
+            causal.lesion_table(net, x, "1", {"g": [0, 1]}, target=bad)
+    _assert_same(net, snap)
+    assert causal.lesion_table(net, x, "1", {"g": [0, 1]}, target=pred.numpy()).metric[0] == 1.0
+
+
+def test_lesion_table_mse_target_is_one_reference_per_sample():
+    """Before: only the element count was compared, so a transposed (K, N) target was reshaped into (N, K) and gave
+    a wrong MSE (0.081 for a true 0.01)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x) + 0.1
+    with pytest.raises(ValueError, match=r"shape \(N=30, \.\.\.\) with 4 values per sample.*got \(4, 30\)"):
+        causal.lesion_table(net, x, "1", {"g": [0]}, target=ref.T, metric="mse")
+    # an autoencoder-style target of another per-sample shape (2 x 2 images for 4 outputs) still works
+    table = causal.lesion_table(net, x, "1", {"g": [0]}, target=ref.reshape(30, 1, 2, 2), metric="mse")
+    assert table.metric[0] == pytest.approx(0.01, abs=1e-12)
+
+
+class _Reuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.act, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.l2(self.act(self.l1(x)))))  # `act` runs twice
+
+
+def test_intervention_refuses_a_module_that_runs_twice_per_forward():
+    """Before: intervene / ace / lesion / lesion_table on a reused nn.ReLU set the unit at both calls, so the ACE
+    was that of a double intervention (-0.396 on output 1 where do() at either call gives -0.073 or -0.361)."""
+    torch.manual_seed(0)
+    model = _Reuse()
+    x = torch.randn(20, 4)
+    snap = _snapshot(model)
+    msg = "module 'act' ran more than once in one forward"
+    with pytest.raises(ValueError, match=msg):
+        causal.ace(model, x, "act", 0, [0.0, 2.0])
+    with pytest.raises(ValueError, match=msg):
+        causal.lesion_table(model, x, "act", {"g": [0]}, target=torch.zeros(20, dtype=torch.long))
+    with pytest.raises(ValueError, match=msg):
+        with causal.intervene(model, "act", [0], 1.0) as m:
+            m(x)
+    _assert_same(model, snap)
+    # the module called on its own (outside a forward of the model) is intervened on at each call
+    with causal.intervene(model, "act", [0], 5.0):
+        out = model.act(-torch.ones(3, 4))
+        again = model.act(-torch.ones(3, 4))
+    assert torch.equal(out, again) and (out[:, 0] == 5.0).all() and (out[:, 1:] == 0).all()
+    _assert_same(model, snap)
+    model(x)  # the model runs again after the refusal
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.o = nn.Embedding(5, 3), nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.o(self.e(x).flatten(1))
+
+
+def test_ace_at_an_integer_site_refuses_values_it_would_truncate():
+    """Before: do(x_0 = 1.7) on token ids was do(x_0 = 1) (the cast truncated it) while ACEResult.alphas said 1.7;
+    NaN / inf alphas made every effect NaN (the baseline is the mean over the grid)."""
+    torch.manual_seed(0)
+    model = _Tokens()
+    x = torch.randint(0, 5, (12, 3))
+    with pytest.raises(ValueError, match=r"alphas value 1\.7 cannot be set at site 'input', which holds "
+                                         r"torch\.int64 values \(it would become 1\)"):
+        causal.ace(model, x, "input", 0, [1.0, 1.7], n_samples=None)
+    with pytest.raises(ValueError, match="value 300 cannot be set at site 'input'"):
+        with causal.intervene(model, "input", [0], 300) as m:
+            m(x.to(torch.uint8))
+    res = causal.ace(model, x, "input", 0, [1.0, 3.0], n_samples=None)  # integral values are taken
+
+    def by_hand(a):
+        xa = x.clone()
+        xa[:, 0] = a
+        with torch.no_grad():
+            return model(xa).double().mean(0)
+
+    torch.testing.assert_close(res.expectation["output"], torch.stack([by_hand(1), by_hand(3)]))
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alphas holds 1 non-finite value"):
+            causal.ace(net, torch.randn(10, 5), "input", 0, [0.0, 1.0, bad])
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.lin(x))
+        return self.out(h), h  # (logits, aux)
+
+
+def test_tuple_output_models_are_read_through_their_first_element():
+    """Before: collect / ace / lesion_table / activation_profiles on a model returning (logits, aux) failed with
+    "'tuple' object has no attribute 'detach'"."""
+    torch.manual_seed(0)
+    model = _Pair().double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits, hidden = model.out(model.act(model.lin(x))), model.act(model.lin(x))
+    torch.testing.assert_close(causal.collect(model, x, ["act"])["output"], logits)
+    torch.testing.assert_close(causal.activation_profiles(model, x, "act"), hidden.T)
+    res = causal.ace(model, x, "act", 0, [0.0, 1.0], n_samples=None)
+    w = model.out.weight[:, 0].detach()
+    torch.testing.assert_close(res.effect["output"], torch.stack([-w / 2, w / 2]))  # linear after the site
+    y = logits.argmax(1)
+    assert causal.lesion_table(model, x, "act", {"g": [0]}, target=y).metric[0] == 1.0
+
+
+def test_misleading_errors_name_the_argument():
+    """Before: observe=["input"] said "site 'input' is not a module path ... choose 'input'"; a list of groups gave
+    "'list' object has no attribute 'items'"; site="input" on model(input=x) gave "tuple index out of range"."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    x = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="observe holds 'input', which is not a module path.*not a layer to observe"):
+        causal.ace(net, x, "1", 0, [0.0, 1.0], observe=["input"])
+    with pytest.raises(TypeError, match=r"groups must be a mapping .* got list; .* dict\(enumerate\(groups\)\)"):
+        causal.lesion_table(net, x, "1", [[0, 1], [2]], target=torch.zeros(8, dtype=torch.long))
+    with causal.intervene(net, "input", [0], 2.0):
+        by_keyword = net(input=x)
+    xi = x.clone()
+    xi[:, 0] = 2.0
+    torch.testing.assert_close(by_keyword, net[2](net[1](net[0](xi))))
+    assert len(net._forward_pre_hooks) == 0

@@ -248,3 +248,123 @@ def test_docstrings_document_every_parameter():
     (x, n_groups, layers, random_state), insertion_curve (n_fill, seed, chunk)."""
     for func in (C.DeepKMeans.neon, C.group_regions, C.insertion_curve, C.neon):
         assert _undocumented(func) == [], func.__qualname__
+
+
+def _three_blobs() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.concatenate([rng.normal(m, 0.6, (8, 3)) for m in ([0, 0, 0], [3, 0, 1], [0, 3, 0])])
+
+
+def test_kernel_kmeans_checks_parameters_and_inputs():
+    """Before: max_support=0 fitted empty supports (NaN similarities, every label 0), -1 dropped a support vector
+    per cluster, gamma=-1 fitted the growing kernel exp(+d²), gamma=0 said "a cluster became empty"; predict
+    assigned a NaN row to cluster 0 and met a wrong feature count with torch's broadcasting error."""
+    for kw in ({"max_support": 0}, {"max_support": -1}, {"max_support": 2.5}):
+        with pytest.raises(ValueError, match="max_support must be None or a positive int"):
+            C.KernelKMeans(3, **kw)
+    for gamma in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="gamma must be None .* or a positive finite number"):
+            C.KernelKMeans(3, gamma=gamma)
+    x = _three_blobs()
+    kk = C.KernelKMeans(3, random_state=0).fit(x)
+    with pytest.raises(ValueError, match="X holds 3 non-finite value"):
+        kk.predict(np.r_[x[:2], [[np.nan] * 3]])
+    with pytest.raises(ValueError, match=r"X must have shape \(N, 3\); got \(24, 2\)"):
+        kk.log_similarity(x[:, :2])
+    with pytest.raises(ValueError, match="X holds 3 non-finite value"):
+        C.KernelKMeans(3).fit(np.r_[x, [[np.nan] * 3]])
+    # the model's rule, computed independently from its supports: the largest mean Gaussian similarity
+    sims = np.stack([np.exp(-kk.gamma_ * ((x[:, None] - s.numpy()[None]) ** 2).sum(-1)).mean(1)
+                     for s in kk.support_], 1)
+    np.testing.assert_array_equal(kk.predict(x).numpy(), sims.argmax(1))
+
+
+def test_kernel_kmeans_default_gamma_on_duplicate_rows():
+    """Before: with more than half of the pairs duplicate rows (Boolean data) the median squared distance is 0 and
+    the default gamma raised a bare ZeroDivisionError. Now the median over the distinct pairs is used."""
+    from scipy.spatial.distance import pdist
+
+    x = np.r_[np.tile([0.0, 1, 0, 1], (22, 1)), np.tile([1.0, 0, 1, 1], (4, 1)), np.tile([1.0, 1, 1, 0], (4, 1))]
+    d = pdist(x, "sqeuclidean")
+    assert np.median(d) == 0
+    kk = C.KernelKMeans(3).fit(x)
+    assert kk.gamma_ == pytest.approx(1 / np.median(d[d > 0]))
+    assert sorted(np.bincount(kk.labels_.numpy()).tolist()) == [4, 4, 22]
+    with pytest.raises(ValueError, match="X has no two distinct rows"):
+        C.KernelKMeans(2).fit(np.ones((10, 3)))
+
+
+def test_kernel_kmeans_warns_when_max_iter_runs_out():
+    """Before: fit returned silently when max_iter ran out before a fixed point, its labels_ (the model's
+    predictions) differing from the clusters the supports were taken from."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    y = np.random.default_rng(3).normal(size=(60, 2))
+    with pytest.warns(ConvergenceWarning, match="reached max_iter=1 before a fixed point"):
+        kk = C.KernelKMeans(4, max_iter=1, random_state=0).fit(y)
+    members = np.concatenate([np.full(len(s), k) for k, s in enumerate(kk.support_)])
+    assert sorted(np.bincount(members).tolist()) != sorted(np.bincount(kk.labels_.numpy()).tolist())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = C.KernelKMeans(4, random_state=0).fit(y)
+    # at the fixed point the supports are exactly the clusters of labels_
+    for k, s in enumerate(done.support_):
+        np.testing.assert_array_equal(s.numpy(), y[done.labels_.numpy() == k])
+
+
+def test_module_leaves_the_global_rng_alone():
+    """Before: NeuralizedKMeans.module() built an nn.Linear whose default initialisation drew from the global torch
+    RNG (then overwritten), changing the caller's random stream."""
+    nk = C.neuralize_kmeans(np.array([[0.0, 0, 1], [2, 0, 0], [0, 2, 0]]))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    net = nk.module()
+    assert torch.equal(torch.rand(3), expected)
+    x = torch.tensor([[0.5, 0.2, 0.1], [1.9, 0.3, 0.0]], dtype=torch.float64)
+    d2 = ((x[:, None] - nk.centroids[None]) ** 2).sum(-1)  # hard scores from distances, by hand
+    fc = torch.stack([torch.stack([min(d2[n, k] - d2[n, c] for k in range(3) if k != c) for c in range(3)])
+                      for n in range(2)])
+    torch.testing.assert_close(net(x), fc)
+
+
+def test_neon_warns_where_an_exact_tie_drops_a_share():
+    """Before: explaining cluster 1 for x = (0.5, 0.5), on the bisector of centroids 1 and 2 (h_12 = 0), dropped
+    R_2 = f_1 / (1 + e²) silently, although the docstring said sum R = f_c. Same for the kernel model."""
+    nk = C.neuralize_kmeans(torch.tensor([[0.0, 0], [2, 0], [0, 2]], dtype=torch.float64))
+    x = torch.tensor([[0.5, 0.5], [0.5, 0.2]], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="neon: 1 of 2 samples lie exactly on the bisector"):
+        r = C.neon(nk, x, cluster=1, beta=1.0)
+    # by hand: h_10 = 0.5 − 2.5 = −2, h_12 = 0, f_1 = −2; soft-min weight of competitor 2 is 1 / (1 + e²)
+    assert r.score[0].item() == pytest.approx(-2.0)
+    assert r.conservation_error()[0].item() == pytest.approx(2 / (1 + np.e ** 2), rel=1e-12)
+    assert r.conservation_error()[1].item() < 1e-12
+    # kernel: x = (1, 0) is equidistant to the support (0, 0) of cluster 0 and (2, 0) of cluster 1
+    net = C.NeuralizedKernelKMeans([torch.tensor([[0.0, 0], [10, 0]]), torch.tensor([[2.0, 0]]),
+                                    torch.tensor([[0.0, 50]])], 1.0)
+    with pytest.warns(UserWarning, match="NeuralizedKernelKMeans.neon: 1 of 1 samples lie exactly on the bisector"):
+        rk = net.neon(torch.tensor([[1.0, 0]], dtype=torch.float64), cluster=0, beta=1.0)
+    assert rk.conservation_error().item() > 1e-3
+
+
+def test_neon_and_deep_neon_errors_name_the_argument(wine, wine_km):
+    """Before: neon(DeepKMeans) and neon(sklearn KMeans) failed with "object has no attribute 'n_features'";
+    DeepKMeans.neon's reference of a wrong shape gave torch's expand / reshape errors."""
+    with pytest.raises(TypeError, match=r"got KMeans: pass neuralize_kmeans\(model\)"):
+        C.neon(wine_km, torch.as_tensor(wine[:3]))
+    kk = C.KernelKMeans(2, max_support=10).fit(wine[:30])
+    with pytest.raises(TypeError, match=r"NeuralizedKernelKMeans.from_model\(model\)"):
+        C.neon(kk, torch.as_tensor(wine[:3]))
+    torch.manual_seed(0)
+    net = mlp(6, [10], 3).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    dk = C.DeepKMeans.fit(net, x, 3)
+    r = C.neon(dk, x[:5], beta=1.0)  # a DeepKMeans is explained by its own neon
+    z = net(x[:5]).detach().numpy()
+    fc = _fc_from_distances(dk.kmeans.centroids.numpy(), z, r.cluster.numpy())
+    np.testing.assert_allclose(r.relevance.sum(1).numpy(), fc, rtol=1e-9, atol=1e-9)
+    for ref in (torch.zeros(2, 6), torch.zeros(5)):
+        with pytest.raises(ValueError, match=r"reference must have the input shape \(6,\).* or \(4, 6\)"):
+            dk.neon(x[:4], beta=1.0, reference=ref)
