@@ -245,6 +245,13 @@ _UNRECORDED_PL = {
     "fmax": "Write it as b + F.relu(a - b) (one recorded unit).",
     "minimum": "Write it as a - F.relu(a - b) (one recorded unit).",
     "fmin": "Write it as a - F.relu(a - b) (one recorded unit).",
+    "hardsigmoid": "Write it as F.relu6(h + 3) / 6 (one recorded unit).",
+    "softshrink": "Write it as F.relu(h - lambd) - F.relu(-h - lambd) (two recorded units).",
+    "rrelu": "In eval mode it is F.leaky_relu(h, (lower + upper) / 2) (one recorded unit); in training its slopes "
+             "are random.",
+    "threshold": "With value == threshold it is F.relu(h - threshold) + threshold (one recorded unit); other values "
+                 "make it discontinuous, which no recorded unit describes.",
+    "hardshrink": "It is discontinuous at ±lambd, which no recorded unit describes.",
     **{n: _ORDER for n in ("max", "min", "amax", "amin", "sort", "topk", "kthvalue", "median", "nanmedian",
                            "cummax", "cummin", "msort", "aminmax")}}
 _BILINEAR = _build_bilinear()
@@ -823,11 +830,11 @@ class _Mode(TorchFunctionMode):
             if bad:
                 path = s.where()
                 hint = ""
-                rewrite = _UNRECORDED_PL.get(_op_name(func).rstrip("_"))
+                rewrite = _UNRECORDED_PL.get(_op_name(func).strip("_"))
                 if nonlinear and rewrite is not None:
                     raise UnsupportedModuleError(
-                        f"{s.describe(path)} calls '{_op_name(func)}' on input-dependent data: piecewise linear, but a "
-                        "selection relu-regions does not record as units (its states would be missing from every "
+                        f"{s.describe(path)} calls '{_op_name(func)}' on input-dependent data: piecewise linear, but "
+                        "not an operation relu-regions records as units (its states would be missing from every "
                         f"pattern, map and distance). {rewrite}")
                 if nonlinear and "max_pool" in _op_name(func):
                     hint = (" Write it as F.max_pool1d / F.max_pool2d or nn.MaxPool1d / nn.MaxPool2d, whose states "

@@ -1824,7 +1824,12 @@ def test_a_clamp_with_min_above_max_is_refused():
 
 @pytest.mark.parametrize("op, rewrite", [(torch.abs, "F.relu(h) + F.relu(-h)"),
                                          (lambda h: torch.maximum(h, 2 * h), "b + F.relu(a - b)"),
-                                         (lambda h: h.topk(2, 1).values, "strict=False")])
+                                         (lambda h: h.topk(2, 1).values, "strict=False"),
+                                         (nn.Hardsigmoid(), "F.relu6(h + 3) / 6"),
+                                         (nn.Softshrink(0.3), "F.relu(h - lambd) - F.relu(-h - lambd)"),
+                                         (nn.RReLU().eval(), "F.leaky_relu(h, (lower + upper) / 2)"),
+                                         (nn.Threshold(0.2, 0.2), "F.relu(h - threshold) + threshold"),
+                                         (nn.Hardshrink(), "discontinuous")])
 def test_piecewise_linear_selections_without_units_are_refused_as_such(op, rewrite):
     """Before: abs / maximum / topk were refused as "not piecewise linear in the input" (false), with a hint about
     softmax heads; the message now says what they are and how to write them with recorded units."""
@@ -1832,7 +1837,17 @@ def test_piecewise_linear_selections_without_units_are_refused_as_such(op, rewri
     with pytest.raises(rr.UnsupportedModuleError, match=re.escape(rewrite)) as e:
         with rr.record(model):
             model(torch.randn(2, 3))
-    assert "piecewise linear, but a selection" in str(e.value) and "logits_at" not in str(e.value)
+    assert "piecewise linear, but not an operation" in str(e.value) and "logits_at" not in str(e.value)
+
+
+def test_the_rewrites_of_unrecorded_activations_are_the_activations():
+    """The rewrites the refusals above suggest compute the same function (checked on a grid through the kinks)."""
+    h = torch.linspace(-5, 5, 2001, dtype=torch.float64)
+    lambd, lower, upper = 0.3, 1 / 8, 1 / 3
+    assert torch.equal(F.hardsigmoid(h), F.relu6(h + 3) / 6)
+    assert torch.allclose(F.softshrink(h, lambd), F.relu(h - lambd) - F.relu(-h - lambd))
+    assert torch.allclose(F.rrelu(h, lower, upper, training=False), F.leaky_relu(h, (lower + upper) / 2))
+    assert torch.allclose(F.threshold(h, 0.2, 0.2), F.relu(h - 0.2) + 0.2)
 
 
 class _Lambda(nn.Module):
