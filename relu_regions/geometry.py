@@ -255,7 +255,7 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
             jac = lm.jacobian.reshape(b, *p.in_shape, d_in)
             jac = jac.movedim(-1, 1).reshape(b * d_in, *p.in_shape)  # rows = (sample, input feature)
             g = margins(_rep_pattern(p, d_in), jac, const=False).reshape(b, d_in, -1)
-            per[name] = _layer_min(m, torch.linalg.vector_norm(g, ord=q, dim=1))
+            per[name] = _layer_min(m, _qnorm(g, q, 1))
     return per, [p.name for p in patterns]
 
 
@@ -437,9 +437,29 @@ def _pair(v) -> tuple:
 
 
 def _qnorm(t: Tensor, q: float, dim: int) -> Tensor:
-    """``||t||_q`` along ``dim`` (written out: much faster than ``vector_norm`` for outer reductions on CPU)."""
+    """``||t||_q`` along ``dim`` (written out: much faster than ``vector_norm`` for outer reductions on CPU).
+
+    The 2-norm is scaled where it has to be: squares of ordinary float32 numbers under- or overflow (entries
+    below ~1e-19 or above ~1e19; ``vector_norm`` does not scale either), which made distances 0 or inf for inputs
+    in tiny or huge units. Where any row's sum of squares lost precision (nonzero but below ``D·tiny/eps``, so its
+    relative error may exceed ``eps``) or overflowed, or every row came out 0, all norms are recomputed with each
+    row divided by its largest entry (the plain sum costs a third of that, and rows of exact zeros, such as a
+    max-pool element compared with itself, are common). Not caught: a row whose squares *all* underflow (entries
+    below ~1e-23 in float32, ~1e-162 in float64) in a tensor whose other rows are all ordinary counts as 0 (its
+    margin is taken as one that never binds).
+    """
     if q == 2:
-        return t.square().sum(dim).sqrt()
+        s = t.square().sum(dim)
+        n = t.shape[dim] if t.dim() else 1
+        if n == 0 or s.numel() == 0:
+            return s.sqrt()
+        fi = torch.finfo(t.dtype)
+        lost = ((s > 0) & (s < fi.tiny * n / fi.eps)) | torch.isinf(s)
+        if bool(lost.any()) or not bool((s > 0).any()):
+            top = t.abs().amax(dim, keepdim=True)
+            top = torch.where(top > 0, top, torch.ones_like(top))
+            return (t / top).square().sum(dim).sqrt() * top.squeeze(dim)
+        return s.sqrt()
     if q == 1:
         return t.abs().sum(dim)
     return t.abs().amax(dim)
@@ -791,7 +811,7 @@ def _re3_chunk(model, x, q, logits_at, strict, wanted):
             raise ValueError(f"method='re3': no Linear/Conv module ran before layer '{p.name}'")
         mod = last[-1]
         w = mod.weight.detach().to(t.dtype).reshape(mod.weight.shape[0], -1)
-        wn = torch.linalg.vector_norm(w, ord=q, dim=1)
+        wn = _qnorm(w, q, 1)
         if isinstance(mod, nn.Linear):
             nrm = wn.expand(t.shape[0], *t.shape[1:])
         else:
@@ -1068,12 +1088,12 @@ def decision_distance(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: s
     a = amap.A.reshape(amap.A.shape[0], amap.A.shape[1], -1)
     f = amap.output
     if f.shape[1] == 1:
-        n = torch.linalg.vector_norm(a[:, 0], ord=q, dim=1)
+        n = _qnorm(a[:, 0], q, 1)
         return torch.where(n > 0, f[:, 0].abs() / n, torch.full_like(n, math.inf))
     c = f.argmax(1)
     ar = torch.arange(f.shape[0], device=f.device)
     gap = f[ar, c][:, None] - f
-    n = torch.linalg.vector_norm(a[ar, c][:, None] - a, ord=q, dim=2)
+    n = _qnorm(a[ar, c][:, None] - a, q, 2)
     d = torch.where(n > 0, gap / n, torch.full_like(gap, math.inf))
     d[ar, c] = math.inf
     return d.min(1).values
@@ -1315,6 +1335,10 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
     a model that cannot be deep-copied, has an instance-level ``forward`` function (a wrapper, which the copy would
     keep calling on the original modules) or fails as a float64 copy (a forward that casts to a fixed dtype) is
     refused with an error that says to pass ``float64=False``, which walks in the model's own dtype.
+
+    Consecutive regions always differ: a region meets the segment in one interval (regions are convex), so where
+    rounding ends a region short of its real end (by ~1e-7 in float32) and the step past it finds the same region
+    again, that region is extended, not listed twice. Breakpoints are as exact as the walk's dtype allows.
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
@@ -1360,20 +1384,32 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
                                f"({type(e).__name__}: {e}) although the model itself runs in {dtype}; its forward "
                                "probably casts to a fixed dtype. Pass float64=False to walk in the model's own "
                                "dtype") from e
-        eta0 = 1e-9 if float64 else 1e-5
+        tol = _walk_resolution(net, x0, x1)
+        # the first step past a breakpoint: well above the rounding of t (else the step may not move the point)
+        eta0 = max(1e-9 if float64 else 1e-5, min(4 * tol, 1e-2))
         if fwd <= 0:  # starting on a boundary: take the region just after it
-            pats, fwd, bwd, t = _step_past(probe, 0.0, eta0, float64)
+            pats, fwd, bwd, t = _step_past(probe, 0.0, eta0, float64, tol)
         complete = True
         while True:
-            packs.append(pack_patterns(pats) if pats else torch.zeros(1, 1, dtype=torch.int64))
-            keys.append(pattern_keys(pats) if pats else torch.zeros(1, dtype=torch.int64))
+            packed = pack_patterns(pats) if pats else torch.zeros(1, 1, dtype=torch.int64)
             end = t + fwd
+            if packs and packed.shape == packs[-1].shape and torch.equal(packed, packs[-1]):
+                # the step past the last breakpoint found the same region again: rounding ended it short of its
+                # real end (a region meets a segment in one interval, so it is the same stretch): extend it
+                if not end > bps[-1]:
+                    raise RuntimeError(f"line_walk: the region ending at t={bps[-1]:.9g} could not be resolved "
+                                       f"({'float64' if float64 else 'the model dtype'}: breakpoints closer than "
+                                       "its rounding)" + ("; use float64=True (the default)" if not float64 else ""))
+                bps.pop()
+            else:
+                packs.append(packed)
+                keys.append(pattern_keys(pats) if pats else torch.zeros(1, dtype=torch.int64))
             if end >= 1.0 or len(packs) >= max_regions:
                 complete = end >= 1.0
                 bps.append(1.0)
                 break
             bps.append(end)
-            pats, fwd, bwd, t = _step_past(probe, end, eta0, float64)
+            pats, fwd, bwd, t = _step_past(probe, end, eta0, float64, tol)
     if not complete:
         import warnings
 
@@ -1414,12 +1450,28 @@ def _runs(model: nn.Module, x: Tensor) -> bool:
     return True
 
 
-def _step_past(probe, tb: float, eta: float, float64: bool):
-    """Record the region just after breakpoint ``tb``: the largest tried ``η`` whose region reaches back to tb."""
+def _walk_resolution(net: nn.Module, x0: Tensor, x1: Tensor) -> float:
+    """How far apart (in ``t``) two computed ends of one region may lie from rounding alone, in the coarsest
+    floating dtype of the walk (the inputs', the model's parameters and buffers).
+
+    A point ``x0 + t v`` is rounded to ``eps·|x|``, i.e. ``eps·|x|/|v|`` in ``t``, and every margin and rate is
+    rounded to a few ``eps`` of its terms: in float32 the end of a region computed from two points inside it differs
+    by ~1e-7, far above a float64-sized tolerance (the next region then seemed not to reach back to the breakpoint).
+    """
+    dts = {x0.dtype} | {t.dtype for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()}
+    eps = max(torch.finfo(d).eps for d in dts)
+    span = float((x1 - x0).abs().max())
+    size = float(torch.maximum(x0.abs().max(), x1.abs().max()))
+    return 4 * eps * max(1.0, size / span if span > 0 else 1.0)
+
+
+def _step_past(probe, tb: float, eta: float, float64: bool, tol: float = 0.0):
+    """Record the region just after breakpoint ``tb``: the largest tried ``η`` whose region reaches back to tb
+    (within ``tol``, the walk's rounding in ``t``: :func:`_walk_resolution`)."""
     for _ in range(40):
         t = tb + eta
         pats, fwd, bwd = probe(t)
-        if t - bwd <= tb + 1e-12 * max(1.0, abs(tb)) + eta * 1e-6 and fwd > 0:
+        if t - bwd <= tb + max(1e-12, tol) * max(1.0, abs(tb)) + eta * 1e-6 and fwd > 0:
             return pats, fwd, bwd, t
         eta /= 2
     # no region found that starts at tb and leads on: in the model's own precision the breakpoints are closer than
@@ -1566,7 +1618,7 @@ def _halfspace_box_distance(s: Tensor, a: Tensor, x: Tensor, lo: Tensor, hi: Ten
         pk, sk = pre.gather(1, k[:, None])[:, 0], suf.gather(1, k[:, None])[:, 0]
         lam = (s - pk) / torch.where(sk > 0, sk, torch.ones_like(sk))
         if p == 2:
-            d = torch.linalg.vector_norm(torch.minimum(lam[:, None] * absa, cap), dim=1)
+            d = _qnorm(torch.minimum(lam[:, None] * absa, cap), 2, 1)
         else:
             d = lam
     d = torch.where(total < s, inf, d)  # the box never reaches the hyperplane
@@ -1635,10 +1687,14 @@ def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, 
     dist, unres, lay, unit = [], [], [], []
     for i in range(x.shape[0]):
         g, m = ineq.grad[i], ineq.margin[i]
-        nz = g.abs().amax(1) > 0 if g.shape[1] else torch.zeros(g.shape[0], dtype=torch.bool)
-        db = _halfspace_box_distance(m, g, xf[i], lo, hi, p)
+        top = g.abs().amax(1) if g.shape[1] else torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        nz = top > 0
+        # each half-space divided by its gradient's largest entry (the same set): products of gradients in tiny or
+        # huge input units neither under- nor overflow
+        top = torch.where(nz, top, torch.ones_like(top))
+        db = _halfspace_box_distance(m / top, g / top[:, None], xf[i], lo, hi, p)
         db = torch.where(nz, db, torch.full_like(db, math.inf))
-        nrm = torch.linalg.vector_norm(g, ord=q, dim=1)
+        nrm = _qnorm(g, q, 1)
         du = torch.where(nz, m.clamp(min=0) / torch.where(nz, nrm, torch.ones_like(nrm)), torch.full_like(db, math.inf))
         if db.numel():
             v, j = db.min(0)
@@ -1653,7 +1709,8 @@ def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, 
             lay.append(torch.tensor(-1))
             unit.append(torch.tensor(0))
     d, u = torch.stack(dist), torch.stack(unres)
-    close = (d <= u * (1 + 1e-9)) | (torch.isinf(d) & torch.isinf(u))
+    # the two distances come from different formulas: they agree up to a few roundings of their dtype
+    close = (d <= u * (1 + max(1e-9, 16 * torch.finfo(d.dtype).eps))) | (torch.isinf(d) & torch.isinf(u))
     return BoxDistances(d, u, close, torch.stack(lay), torch.stack(unit), ineq.layer_names)
 
 
@@ -1680,8 +1737,13 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
     Maximise ``r`` subject to ``m_j(x) + g_j·u >= r ||g_j||_q`` for every margin (center ``x + u``) and, with a
     box, ``lo_i + r <= x_i + u_i <= hi_i - r``. Solved with scipy's HiGHS (``linprog(method="highs")``) in
     float64, one LP per sample with ``D + 1`` variables and one row per margin: **slow** (seconds per sample for
-    image-sized inputs) — meant for small models and a few samples. Exact up to the LP solver's tolerances
-    (about 1e-9 relative).
+    image-sized inputs) — meant for small models and a few samples.
+
+    HiGHS's tolerances are absolute (about 1e-7), so the LP is posed scale-free: every row divided by
+    ``||g_j||_q`` (its right side is then ``x``'s distance to the hyperplane) and lengths measured in units of
+    ``x``'s distance to its nearest face. The returned radius is the exact distance from the returned center to
+    the nearest hyperplane or box face (recomputed after the solve, so the ball lies inside the region up to
+    float64 rounding of the inequalities), and within about 1e-7 relative of the largest radius.
     """
     import numpy as np
     from scipy.optimize import linprog
@@ -1695,29 +1757,48 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
     n = xf.shape[1]
     radius = np.full(b, np.inf)
     center = np.full((b, n), np.nan)
+    if lohi is not None:
+        lo, hi = (t.to(torch.float64).cpu().numpy() for t in lohi)
     for i in range(b):
         g = ineq.grad[i].to(torch.float64).cpu().numpy()
         m = ineq.margin[i].to(torch.float64).cpu().numpy()
+        top = np.abs(g).max(axis=1) if n else np.zeros(len(g))
+        keep = (top > 0) & np.isfinite(m)  # a zero gradient never binds; an infinite margin is no inequality
+        g, m, top = g[keep] / top[keep, None], m[keep] / top[keep], top[keep]  # (no squares of huge / tiny entries)
         nrm = np.linalg.norm(g, ord=q, axis=1)
-        keep = nrm > 0
-        g, m, nrm = g[keep], m[keep], nrm[keep]
-        # variables (u, r); rows: -g·u + ||g|| r <= m
-        a_ub = [np.hstack([-g, nrm[:, None]])]
-        b_ub = [m]
-        if lohi is not None:
-            lo, hi = (t.to(torch.float64).cpu().numpy() for t in lohi)
-            eye = np.eye(n)
-            a_ub += [np.hstack([-eye, np.ones((n, 1))]), np.hstack([eye, np.ones((n, 1))])]
-            b_ub += [xf[i] - lo, hi - xf[i]]
-        cost = np.zeros(n + 1)
-        cost[-1] = -1.0
-        res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
-                      bounds=[(None, None)] * n + [(0, None)], method="highs")
+        g, dist = g / nrm[:, None], np.maximum(m / nrm, 0.0)  # unit rows; x's l_p distance to each hyperplane
+        walls = np.concatenate([xf[i] - lo, hi - xf[i]]) if lohi is not None else np.zeros(0)
+        faces = np.concatenate([dist, walls])
+        if not faces.size:  # nothing bounds the region
+            continue
+        pos = faces[faces > 0]
+        scale = float(faces.min()) if faces.min() > 0 else (float(pos.min()) if pos.size else 1.0)
+        for _ in range(2):  # a second solve where the unit was far off the radius (x on a face)
+            # variables (u, r) in units of scale; rows: -g·u + r <= dist, and the box faces
+            a_ub = [np.hstack([-g, np.ones((len(g), 1))])]
+            b_ub = [dist / scale]
+            if lohi is not None:
+                eye = np.eye(n)
+                a_ub += [np.hstack([-eye, np.ones((n, 1))]), np.hstack([eye, np.ones((n, 1))])]
+                b_ub += [walls / scale]
+            cost = np.zeros(n + 1)
+            cost[-1] = -1.0
+            res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
+                          bounds=[(None, None)] * n + [(0, None)], method="highs")
+            if res.status != 0 or not 0 < res.x[-1] < 1e-2:
+                break
+            scale *= float(res.x[-1])
         if res.status == 3:  # unbounded: arbitrarily large balls fit
             continue
         if res.status != 0:
             raise RuntimeError(f"inscribed_ball: HiGHS failed for sample {i}: {res.message}")
-        radius[i] = res.x[-1]
-        center[i] = xf[i] + res.x[:n]
+        u = res.x[:n]
+        # the radius that the returned center really has (HiGHS may overshoot by its tolerance): its distance to
+        # the nearest hyperplane and box face
+        room = dist / scale + g @ u
+        if lohi is not None:
+            room = np.concatenate([room, walls[:n] / scale + u, walls[n:] / scale - u])
+        radius[i] = max(0.0, float(room.min())) * scale
+        center[i] = xf[i] + u * scale
     return InscribedBall(torch.as_tensor(radius, dtype=x.dtype, device=x.device),
                          torch.as_tensor(center, dtype=x.dtype, device=x.device).reshape(x.shape))

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -1275,3 +1276,120 @@ def test_boundary_distance_docstrings_list_every_parameter():
 
     for fn in (G.boundary_distance, G.boundary_distance_in_box):
         assert set(inspect.signature(fn).parameters) <= _documented(fn), fn.__name__
+
+
+# --- s18: float32 line walks, norms in tiny / huge units, scale-free inscribed balls ----------------------------
+
+
+def _relu_masks(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Every ReLU's active mask of a plain Sequential, from its own forward (no library code)."""
+    h, bits = x, []
+    with torch.no_grad():
+        for m in net:
+            h = m(h)
+            if isinstance(m, nn.ReLU):
+                bits.append(h > 0)
+    return torch.cat(bits, 1)
+
+
+def test_line_walk_in_float32_lists_each_region_once():
+    """Before: line_walk(float64=False) listed the same region twice in a row, split by a spurious breakpoint ~1e-7
+    after the real one (45 regions, 8 of them repeats, where the float32 model crosses 37): float64-sized
+    tolerances on float32 steps. Checked against a dense scan of the float32 model's own forward."""
+    net = he_init(mlp(8, [32, 32], 3), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+    walk = G.line_walk(net, x0, x1, float64=False)
+    ts = torch.linspace(0, 1, 200001, dtype=torch.float64)
+    pat = _relu_masks(net, (x0.double() + ts[:, None] * (x1 - x0).double()).float())
+    change = (pat[1:] != pat[:-1]).any(1)
+    assert walk.n_regions == int(change.sum()) + 1 == 37
+    assert not (walk.region_ids[1:] == walk.region_ids[:-1]).any()
+    assert (walk.breakpoints.diff() > 0).all()
+    # every breakpoint within a grid step (5e-6) and float32 rounding of the scan's
+    torch.testing.assert_close(walk.breakpoints[1:-1], ts[1:][change], rtol=0, atol=7e-6)
+
+
+def _units_net(s: float) -> tuple[nn.Sequential, torch.Tensor]:
+    """A float32 Linear-ReLU-Linear net for inputs measured in units of ``s`` (its first layer undoes them)."""
+    net = _one_hidden(dtype=torch.float32)
+    with torch.no_grad():
+        net[0].weight /= s
+    return net, torch.randn(5, 4, generator=torch.Generator().manual_seed(0)) * s
+
+
+@pytest.mark.parametrize("s", [1e-20, 1e23])
+def test_distances_in_tiny_and_huge_input_units(s):
+    """Before: l2 norms were sqrt(sum(g**2)) (torch.linalg.vector_norm as well), and in float32 the squares of
+    ordinary gradient entries (~1e20, ~1e-23) over- or underflow: boundary_distance, decision_distance and
+    certified_radius came out 0 or inf (or 5x off), boundary_distance_in_box too. The truth by hand, in float64."""
+    net, x = _units_net(s)
+    z, mask, a = _by_hand(copy.deepcopy(net).double(), x.double())
+    w1 = net[0].weight.detach().double()
+    region = (z.abs() / torch.linalg.vector_norm(w1, dim=1)).min(1).values  # one hidden layer: exact
+    out = z.clamp(min=0) @ net[2].weight.detach().double().T + net[2].bias.detach().double()
+    c, ar = out.argmax(1), torch.arange(5)
+    gap = out[ar, c][:, None] - out
+    dd = torch.where(gap > 0, gap / torch.linalg.vector_norm(a[ar, c][:, None] - a, dim=2),
+                     torch.full_like(gap, INF)).min(1).values
+    assert torch.isfinite(region).all() and (region > 0).all()
+
+    def close(got, want):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+    for route in ("structured", "forward", "reverse"):
+        close(G.boundary_distance(net, x, route=route).distance, region)
+    close(G.boundary_distance(net, x, method="re3").distance, region)
+    close(G.decision_distance(net, x), dd)
+    close(G.certified_radius(net, x), torch.minimum(region, dd))
+    box = G.boundary_distance_in_box(net, x, (-1e3 * s, 1e3 * s))  # a box far away: it never binds
+    close(box.distance, region)
+    close(box.unrestricted, region)
+
+
+def test_box_distance_knows_its_nearest_point_in_float32():
+    """Before: nearest_in_box compared the in-box and the ordinary distance with a float64-sized tolerance
+    (1e-9): in float32 the two formulas differ by a rounding, and ~30% of inputs were reported as having their
+    nearest boundary point outside a box that is far from every boundary point."""
+    net = he_init(mlp(4, [16, 16], 3), seed=0).eval()
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    for p in (2, INF):
+        box = G.boundary_distance_in_box(net, x, (-1e3, 1e3), p=p)
+        assert box.nearest_in_box.all()
+        torch.testing.assert_close(box.distance, box.unrestricted, rtol=1e-6, atol=0)
+
+
+def test_inscribed_ball_is_scale_free_and_stays_in_the_region():
+    """Before: the LP was posed in raw units and HiGHS's tolerances are absolute (~1e-7): at inputs of size
+    1e-7 the radius was off by up to 68% and the ball stuck out of the region. A bias-free net is positively
+    homogeneous (the region of s·x is s times that of x), and the ball is checked against the region's
+    hyperplanes written out by hand."""
+    net = he_init(mlp(6, [24, 24], 3), seed=0).double().eval()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.bias.zero_()
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def room(center, xi, lo, hi):
+        """Smallest distance from ``center`` to xi's region's hyperplanes (masked products) and the box."""
+        a, h, rows, signs = torch.eye(6, dtype=torch.float64), xi, [], []
+        for lin in lins[:-1]:
+            a, z = lin.weight.detach() @ a, lin.weight.detach() @ h
+            rows.append(a)
+            signs.append(z > 0)
+            a, h = a * (z > 0)[:, None], torch.relu(z)
+        rows, signs = torch.cat(rows), torch.cat(signs)
+        nrm = rows.norm(dim=1)
+        zc = torch.where(signs, rows @ center, -(rows @ center))[nrm > 0] / nrm[nrm > 0]
+        return min(zc.min().item(), (center - lo).min().item(), (hi - center).min().item())
+
+    ref = G.inscribed_ball(net, x, box=(-3.0, 3.0)).radius
+    for s in (1e-7, 1.0, 1e6):
+        ball = G.inscribed_ball(net, x * s, box=(-3.0 * s, 3.0 * s))
+        torch.testing.assert_close(ball.radius / s, ref, rtol=1e-7, atol=0)
+        for i in range(4):
+            r = ball.radius[i].item()
+            assert room(ball.center[i], x[i] * s, -3.0 * s, 3.0 * s) >= r * (1 - 1e-9)
+    assert "1e-9" not in G.inscribed_ball.__doc__
