@@ -50,7 +50,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .affine import _basis, affine_map, check_chunk_size, preactivation_maps
+from .affine import _basis, _qnorm, affine_map, check_chunk_size, preactivation_maps
 from .affine import check_batch as _check_x
 from .errors import ForwardADMissingError, ReluRegionsError, forward_mode, is_int_at_least
 from .hook_recording import PlanCache
@@ -436,35 +436,6 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _qnorm(t: Tensor, q: float, dim: int) -> Tensor:
-    """``||t||_q`` along ``dim`` (written out: much faster than ``vector_norm`` for outer reductions on CPU).
-
-    The 2-norm is scaled where it has to be: squares of ordinary float32 numbers under- or overflow (entries
-    below ~1e-19 or above ~1e19; ``vector_norm`` does not scale either), which made distances 0 or inf for inputs
-    in tiny or huge units. Where any row's sum of squares lost precision (nonzero but below ``D·tiny/eps``, so its
-    relative error may exceed ``eps``) or overflowed, or every row came out 0, all norms are recomputed with each
-    row divided by its largest entry (the plain sum costs a third of that, and rows of exact zeros, such as a
-    max-pool element compared with itself, are common). Not caught: a row whose squares *all* underflow (entries
-    below ~1e-23 in float32, ~1e-162 in float64) in a tensor whose other rows are all ordinary counts as 0 (its
-    margin is taken as one that never binds).
-    """
-    if q == 2:
-        s = t.square().sum(dim)
-        n = t.shape[dim] if t.dim() else 1
-        if n == 0 or s.numel() == 0:
-            return s.sqrt()
-        fi = torch.finfo(t.dtype)
-        lost = ((s > 0) & (s < fi.tiny * n / fi.eps)) | torch.isinf(s)
-        if bool(lost.any()) or not bool((s > 0).any()):
-            top = t.abs().amax(dim, keepdim=True)
-            top = torch.where(top > 0, top, torch.ones_like(top))
-            return (t / top).square().sum(dim).sqrt() * top.squeeze(dim)
-        return s.sqrt()
-    if q == 1:
-        return t.abs().sum(dim)
-    return t.abs().amax(dim)
-
-
 def _pool_pair_norms(t: Tensor, win: Tensor, q: float) -> tuple[Tensor, Tensor]:
     """For shared tangents ``t`` (D, C, HW): ``||t[a] - t[o]||_q`` for all window pairs (C, k, k, L), and
     ``||t[e]||_q`` for all window elements (C, k, L)."""
@@ -802,14 +773,25 @@ def _re3_chunk(model, x, q, logits_at, strict, wanted):
     per: dict[str, tuple[Tensor, Tensor]] = {}
 
     def hook(mod, inp, out):
-        last.append(mod)
+        last.append((mod, out.shape if isinstance(out, Tensor) else None))
 
     def grab(p, t):
         if (p.kind not in _RELU_LIKE and p.kind != "clamp") or p.name not in wanted:
             return  # Re3 defines distances for ReLU units only
         if not last:
             raise ValueError(f"method='re3': no Linear/Conv module ran before layer '{p.name}'")
-        mod = last[-1]
+        mod, shape = last[-1]
+        # the unit's channels (features) must be that module's outputs: a pool between them keeps them (conv ->
+        # max-pool -> relu), a concatenation of feature maps (a DenseNet) does not
+        axis = -1 if isinstance(mod, nn.Linear) else 1
+        if shape is None or len(shape) != t.dim() or shape[axis] != t.shape[axis]:
+            name = next((n for n, m in model.named_modules() if m is mod), type(mod).__name__)
+            shape = tuple(shape) if shape is not None else None
+            raise ValueError(
+                f"method='re3': the input of layer '{p.name}' (shape {tuple(t.shape)}) does not have the channels of "
+                f"the Linear / Conv that ran last ('{name}', output shape {shape})"
+                ", so the Re3 estimate has no weight row for its units (e.g. a torch.cat of feature maps); use "
+                "method='exact', or layers= without this layer")
         w = mod.weight.detach().to(t.dtype).reshape(mod.weight.shape[0], -1)
         wn = _qnorm(w, q, 1)
         if isinstance(mod, nn.Linear):

@@ -2279,3 +2279,23 @@ def test_pool_window_entirely_in_padding_is_refused():
         except rr.UnsupportedModuleError:
             refused = True
         assert refused == bool(torch.isinf(out).any()), (n, k, s, p, d, ceil)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e22])
+@pytest.mark.parametrize("reduce", [2.0, 3.0])
+def test_preactivation_norms_in_tiny_and_huge_input_units(scale, reduce):
+    """Before: preactivation_maps(reduce=q) took torch.linalg.vector_norm of float32 gradients, whose squares under-
+    or overflow for inputs in tiny or huge units (weights 1/scale): norms 0 or inf. Now they are the float64 norms."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU())
+    with torch.no_grad():
+        m[0].weight /= scale
+    x = torch.randn(4, 6) * scale
+    got = rr.preactivation_maps(m, x, reduce=reduce)
+    m64 = copy.deepcopy(m).double()
+    mask = (m64[:1](x.double()) > 0).double()  # (the hand-written map of the region, in float64)
+    jac = torch.einsum("kj,bj,bji->bki", m64[2].weight, mask, m64[0].weight.expand(4, 5, 6))
+    want = torch.linalg.vector_norm(jac, ord=reduce, dim=2)
+    assert torch.allclose(got["3"].norm.double(), want, rtol=1e-5)
+    want0 = torch.linalg.vector_norm(m64[0].weight.double(), ord=reduce, dim=1).expand(4, 5)
+    assert torch.allclose(got["1"].norm.double(), want0, rtol=1e-5)

@@ -1393,3 +1393,33 @@ def test_inscribed_ball_is_scale_free_and_stays_in_the_region():
             r = ball.radius[i].item()
             assert room(ball.center[i], x[i] * s, -3.0 * s, 3.0 * s) >= r * (1 - 1e-9)
     assert "1e-9" not in G.inscribed_ball.__doc__
+
+
+def test_re3_distance_refuses_units_fed_by_a_concatenation():
+    """Before: method='re3' took the last Linear / Conv that ran as a unit's producer; for a DenseNet's ReLU on
+    torch.cat(features) that is the previous layer's conv (4 rows for 12 channels): a raw torch expand error (and
+    silently another layer's kernel when the widths agreed). Now a clear error naming the layer; a conv -> max-pool ->
+    relu order keeps the conv's kernel, checked against the hand formula |z| / ||w||."""
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.conv1 = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(5 * 16, 2)
+
+        def forward(self, x):
+            a = self.conv0(x)
+            b = self.conv1(a)
+            return self.fc(self.relu(torch.cat([a, b], 1)).flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"re3.*layer 'relu'.*channels.*'conv1'.*method='exact'"):
+        rr.boundary_distance(Dense(), x, method="re3")
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float64)
+    got = rr.boundary_distance(m, x, method="re3", layers="2").distance
+    with torch.no_grad():
+        z = m[1](m[0](x))
+    want = (z.abs() / m[0].weight.flatten(1).norm(dim=1)[None, :, None, None]).flatten(1).amin(1)
+    assert torch.allclose(got, want)
