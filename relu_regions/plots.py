@@ -140,16 +140,79 @@ def cluster_importance(stats: RegionStats, feature_names: Sequence[str] | None =
     return fig
 
 
+def _first_unit_output(model, x: Tensor, logits_at: str | None) -> tuple[Tensor, Tensor]:
+    """The first piecewise-linear call of ``model`` at the one sample ``x``: the output ``a`` of each of its units
+    (``unit_shape``) and the Jacobian ``∂a/∂x`` (``(*unit_shape, n_inputs)``), exact in the region.
+
+    The output is read from the pre-activations ``z`` and the recorded state, per kind: ReLU ``max(z, 0)``,
+    leaky ReLU / PReLU ``z`` or ``slope·z``, clamp (ReLU6, Hardtanh, clamp) ``z`` between its bounds or the bound
+    it is saturated at, max-pool the window's maximum.
+    """
+    from .affine import preactivation_maps
+    from .recording import run_recorded
+    from .state import preserved
+
+    with preserved(model, eval_mode=True), torch.no_grad():
+        _, patterns = run_recorded(model, x, logits_at=logits_at)
+    if not patterns:
+        raise ValueError("pathway_flows needs a piecewise-linear unit (ReLU, clamp, max-pool, ...) in the model; "
+                         "this one is affine, its pathway is the affine map itself (relu_regions.affine_map)")
+    p = patterns[0]
+    lm = next(iter(preactivation_maps(model, x, layers=0, logits_at=logits_at).values()))  # the same call as p
+    n_in = int(x[0].numel())
+    z = lm.value[0]  # (*in_shape)
+    jac = lm.jacobian[0].reshape(*z.shape, n_in)
+    state = p.state[0]
+    if p.kind == "maxpool":  # the window's maximum: the input at the recorded argmax (as the frozen call gathers)
+        d = p.params["dims"]
+        idx = state.flatten(-d)  # (..., windows)
+        a = z.flatten(-d).gather(-1, idx).reshape(state.shape)
+        j = jac.flatten(-d - 1, -2).gather(-2, idx.unsqueeze(-1).expand(*idx.shape, n_in))
+        return a, j.reshape(*state.shape, n_in)
+    if p.kind == "relu":
+        slope = state.to(z.dtype)
+        const = torch.zeros_like(z)
+    elif p.kind == "leaky_relu":
+        slope = torch.where(state, torch.ones_like(z), torch.full_like(z, p.params["slope"]))
+        const = torch.zeros_like(z)
+    elif p.kind == "prelu":
+        owner = p.name.split("#")[0]
+        mod = dict(model.named_modules()).get(owner)
+        if not isinstance(mod, torch.nn.PReLU):  # F.prelu(x, w) in a forward: its weight is not recorded
+            raise NotImplementedError(
+                f"pathway_flows reads a PReLU's slopes from its nn.PReLU module; the first piecewise-linear call "
+                f"'{p.name}' is a functional prelu, whose weight it cannot find: use nn.PReLU there")
+        w = mod.weight.detach().to(z.dtype)
+        w = w.reshape(-1, *([1] * (z.dim() - 1))) if w.numel() > 1 else w.reshape(())
+        slope = torch.where(state, torch.ones_like(z), w.expand_as(z))
+        const = torch.zeros_like(z)
+    elif p.kind == "clamp":
+        lo, hi = p.params["lo"], p.params["hi"]
+        slope = (state == 1).to(z.dtype)  # saturated units are constant in the region
+        const = torch.zeros_like(z)
+        if lo is not None:
+            const = torch.where(state == 0, torch.full_like(z, lo), const)
+        if hi is not None:
+            const = torch.where(state == 2, torch.full_like(z, hi), const)
+    else:  # pragma: no cover - a new unit kind must say what its activation is
+        raise NotImplementedError(f"pathway_flows does not know the activation of a '{p.kind}' unit ('{p.name}')")
+    return slope * z + const, slope.unsqueeze(-1) * jac
+
+
 def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None,
                   top: int = 8, *, logits_at: str | None = None) -> dict[str, Any]:
-    """Flows of one sample's decision pathway: input feature → active unit of the first recorded layer → class.
+    """Flows of one sample's decision pathway: input feature → unit of the first recorded layer → class.
 
-    Input→unit links are ``|∂z_u/∂x_i · x_i|`` (exact in the region); unit→class links are the unit's activation
-    (a size, not a signed contribution). Convolutional layers are aggregated per channel. Returns nodes and links
-    (used by :func:`sankey`). ``logits_at`` names the module whose output are the logits (a model ending in
-    softmax), as in :func:`relu_regions.affine_map`; the predicted class is read there when ``target`` is None.
+    ``a_u`` is the unit's output (its activation) as the model computes it: ``max(z, 0)`` for a ReLU,
+    ``min(max(z, lo), hi)`` for ReLU6 / Hardtanh / clamp, ``z`` or ``slope·z`` for a leaky ReLU / PReLU, the window's
+    maximum for a max-pool. Input→unit links are ``|∂a_u/∂x_i · x_i|`` (exact in the region: zero for a saturated
+    clamp unit, which is constant there); unit→class links are the size ``|a_u|`` (a size, not a signed
+    contribution). Convolutional layers are aggregated per channel (sums over positions); the ``top`` units with
+    the largest ``|a_u|`` are kept, units whose output is 0 never. Returns nodes and links (used by :func:`sankey`).
+    ``logits_at`` names the module whose output are the logits (a model ending in softmax), as in
+    :func:`relu_regions.affine_map`; the predicted class is read there when ``target`` is None.
     """
-    from .affine import affine_map, preactivation_maps
+    from .affine import affine_map
 
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must be one sample with a batch dimension, got shape {tuple(x.shape)}")
@@ -165,21 +228,18 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
     else:  # (before, any value only named the last node "class <target>", the flows being the same)
         raise ValueError(f"target must be a class index in [0, {out.numel()}) or None (the predicted class), "
                          f"got {target!r}")
-    maps = preactivation_maps(model, x, layers=0, logits_at=logits_at)
-    lm = next(iter(maps.values()))
-    jac = lm.jacobian[0]  # (*unit_shape, *input_shape)
-    unit_shape = lm.value.shape[1:]
+    # (before: every kind was read as a ReLU, clamp(z, min=0): a ReLU6 unit saturated at 6 counted as z)
+    act, jac = _first_unit_output(model, x, logits_at)
+    unit_shape = act.shape
     n_in = int(x[0].numel())
-    jac = jac.reshape(*unit_shape, n_in)
     contrib_in = (jac * x.reshape(-1)).abs()  # (*units, inputs)
-    active = lm.value[0] > 0
+    size = act.abs()
     if len(unit_shape) > 1:  # conv: aggregate per channel
-        contrib_in = (contrib_in * active.unsqueeze(-1)).reshape(unit_shape[0], -1, n_in).sum(1)
-        unit_val = (lm.value[0].clamp(min=0)).reshape(unit_shape[0], -1).sum(1)
+        contrib_in = contrib_in.reshape(unit_shape[0], -1, n_in).sum(1)
+        unit_val = size.reshape(unit_shape[0], -1).sum(1)
         unit_names = [f"channel {k}" for k in range(unit_shape[0])]
     else:
-        contrib_in = contrib_in * active.unsqueeze(-1)
-        unit_val = lm.value[0].clamp(min=0)
+        unit_val = size
         unit_names = [f"unit {k}" for k in range(unit_shape[0])]
     keep_units = torch.argsort(unit_val, descending=True)[:top]
     keep_units = keep_units[unit_val[keep_units] > 0]

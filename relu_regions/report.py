@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from .recording import record
 from .state import preserved
+from .training import _check_class_scores
 
 Tensor = torch.Tensor
 
@@ -407,6 +408,8 @@ def predict_and_record(model: nn.Module, X: Tensor, batch_size: int = 512, progr
             out = model(X[sl])
             if isinstance(out, (tuple, list)):
                 out = out[0]
+            # (before: a dense (N, 2, H, W) output was read as 2·H·W classes, accuracy 0, without an error)
+            _check_class_scores(out)
             outs.append(out.reshape(out.shape[0], -1))
         patterns = rec.patterns() if rec.passes and rec.layer_names else []
     return torch.cat(outs), patterns
@@ -418,15 +421,31 @@ def _unique_rows(packed: Tensor) -> tuple[Tensor, Tensor]:
     return inv, counts
 
 
-def granularities(layer_names: Sequence[str]) -> dict[str, list[str]]:
+def granularities(layer_names: Sequence[str],
+                  unit_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[str]]:
     """Default granularities: the whole network, every single layer, and the MLP head when the model has one.
 
-    A head is recognised by layer names under a ``head.`` / ``classifier.`` / ``fc`` submodule (e.g. LeNet's
-    ``head``), or, for a plain ``nn.Sequential``, the layers after the last max pool.
+    Parameters
+    ----------
+    layer_names : sequence of str
+        Recorded layer names, in execution order.
+    unit_shapes : mapping of str to shape, optional
+        Each layer's unit shape (``LayerPattern.unit_shape``; :func:`build_report` passes them). Without it, a head
+        is found by name only.
+
+    A head is recognised by layer names under a ``head.`` / ``classifier.`` / ``fc`` / ``mlp`` submodule (e.g.
+    LeNet's ``head``), or, when ``unit_shapes`` is given and no name matches (a plain ``nn.Sequential``: layers
+    ``"1"``, ``"4"``, ...), as the trailing layers whose units form a vector (one-dimensional unit shape) after a
+    layer with spatial units (a convolution's ReLU, a max pool): the MLP on a CNN's flattened features.
     """
     names = list(layer_names)
     out: dict[str, list[str]] = {"full network": names}
     head = [n for n in names if n.split(".")[0] in ("head", "classifier", "fc", "mlp")]
+    if not head and unit_shapes is not None:
+        # (before: only the name prefixes were tried, so a plain nn.Sequential CNN never got its head)
+        spatial = [i for i, n in enumerate(names) if len(tuple(unit_shapes.get(n, ()))) > 1]
+        if spatial:
+            head = names[spatial[-1] + 1:]
     if head and len(head) < len(names):
         out["head only"] = head
     for n in names:
@@ -454,7 +473,7 @@ def region_table(patterns: list, y_true: Tensor, y_pred: Tensor,
     from .units import boundary_counts
 
     by_name = {p.name: p for p in patterns}
-    groups = groups or granularities(list(by_name))
+    groups = groups or granularities(list(by_name), {p.name: p.unit_shape for p in patterns})
     n = int(y_true.shape[0])
     n_classes = int(max(int(y_true.max()), int(y_pred.max())) + 1)
     rows, inverse = [], {}
@@ -697,7 +716,7 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
 
     # -- regions ---------------------------------------------------------------------------------------------
     if patterns:
-        groups = granularities([p.name for p in patterns])
+        groups = granularities([p.name for p in patterns], {p.name: p.unit_shape for p in patterns})
         rows, inverse = region_table(patterns, y.cpu(), y_pred, groups)
         results["regions"] = {r["granularity"]: r["regions"] for r in rows}
         sec = Section("Activation regions", text=[
@@ -912,11 +931,12 @@ def _validity_section(model, X, target, seed, results, logits_at=None, kinds=Non
                      " typical for a constant image background): their exact distance is 0, since an arbitrarily"
                      " small perturbation switches the argmax. 'unit inequalities only' ignores the max-pool"
                      " argmax comparisons (distance to the nearest ReLU/clamp hyperplane).")
+    re3_error = None
     try:
         dists["Re3 paper (per-layer)"] = geometry.boundary_distance(model, X, p=2, method="re3",
                                                                    logits_at=logits_at).distance
     except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
-        results["re3_distance_error"] = _reason(e)
+        re3_error = results["re3_distance_error"] = _reason(e)
     for name, d in dists.items():
         eps = geometry.validity_epsilons(d)
         fin = d[torch.isfinite(d)]
@@ -925,10 +945,15 @@ def _validity_section(model, X, target, seed, results, logits_at=None, kinds=Non
                      "median": float(fin.double().quantile(0.5)) if fin.numel() else float("nan"),
                      "min": float(fin.min()) if fin.numel() else float("nan"), **eps})
     results["validity"] = rows
+    if re3_error is not None:  # (before: the text announced the estimate whose row was missing, not why)
+        re3 = (". The Re3 paper's per-layer estimate is not available for this model "
+               f"(boundary_distance(method='re3') failed: {re3_error})")
+    else:
+        re3 = ", and the Re3 paper's per-layer estimate for comparison"
     sec = Section("", text=[
         f"Exact l2 distance from each of {X.shape[0]} samples to the boundary of its activation region "
-        "(relu_regions.geometry.boundary_distance: min over the region's inequalities of margin / gradient norm),"
-        " and the Re3 paper's per-layer estimate for comparison. The validity curve is the share of explanations"
+        "(relu_regions.geometry.boundary_distance: min over the region's inequalities of margin / gradient norm)"
+        f"{re3}. The validity curve is the share of explanations"
         " that stay exact under every perturbation of norm ε; ε90/ε75/ε50 are exact order statistics.", *notes],
         tables=[("boundary distances (l2) and validity radii", rows)])
     try:
@@ -1011,9 +1036,11 @@ def _sankey_section(model, X, y_pred, i, names, results, feature_names=None, log
     results["sankey_sample"] = i
     title = f"sample {i}: predicted {names[target] if target < len(names) else target}"
     sec = Section("", text=[
-        f"Decision pathway of {title}: the input features feeding the most active units of the first"
-        " piecewise-linear layer, and those units feeding the predicted class (relu_regions.plots.pathway_flows;"
-        " input→unit flows are exact |∂z/∂x · x| in the sample's region; unit→class flows are activations)."])
+        f"Decision pathway of {title}: the input features feeding the units of the first piecewise-linear layer"
+        " with the largest outputs, and those units feeding the predicted class (relu_regions.plots.pathway_flows;"
+        " input→unit flows are exact |∂a/∂x · x| in the sample's region, a being a unit's output as its kind"
+        " computes it (ReLU, ReLU6/Hardtanh/clamp with their bounds, leaky ReLU/PReLU slopes, max-pool maxima);"
+        " unit→class flows are the sizes |a| of those outputs, summed per channel for convolutions)."])
     try:
         import plotly  # noqa: F401
 

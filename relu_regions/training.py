@@ -105,8 +105,26 @@ def _describe(batch: Any) -> str:
     return type(batch).__name__
 
 
+def _check_class_scores(out: Tensor, what: str = "the model's output") -> None:
+    """Refuse an output that is not one vector of class scores per sample: ``(B, K)``, or with extra dims of size 1
+    (``(B, K, 1, 1)``, ``(B, 1, K)``). A dense prediction ``(B, C, H, W)`` flattened would be read as C·H·W classes
+    (accuracy 0 and regions of meaningless labels, without an error)."""
+    if out.dim() > 2 and sum(d != 1 for d in out.shape[1:]) > 1:
+        shape = ", ".join(map(str, out.shape[1:]))
+        raise ValueError(
+            f"{what} has shape (B, {shape}): more than one dimension of size > 1 per sample (a dense prediction such "
+            "as a segmentation map?), which cannot be read as class scores; region statistics need a (B, K) output "
+            "of K class logits. Pass logits_at= naming the module whose output holds the logits, or, if every entry "
+            "is a class, flatten the output in a wrapper module (forward returns model(x).flatten(1))")
+
+
 def predictions(logits: Tensor) -> Tensor:
-    """Predicted class per sample: argmax over outputs, or ``logit > 0`` for a single output."""
+    """Predicted class per sample: argmax over outputs, or ``logit > 0`` for a single output.
+
+    ``logits`` is ``(B, K)`` (extra dimensions of size 1 are fine); an output with more than one dimension of size
+    > 1 per sample (a dense prediction) raises ``ValueError``.
+    """
+    _check_class_scores(logits)
     logits = logits.detach()
     flat = logits.reshape(logits.shape[0], math.prod(logits.shape[1:]))  # (not -1: an empty batch has none to infer)
     if flat.shape[1] == 1:
@@ -450,6 +468,9 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
             # hooks only around the user's forward, one batch at a time
             with track(model, stats, logits_at=logits_at, strict=strict) as tracker:
                 model(x)
+            if tracker.last_output is not None:  # (before: a (B, 2, H, W) output was read as 2·H·W classes)
+                _check_class_scores(tracker.last_output, "the model's output" if logits_at is None
+                                    else f"the output of logits_at='{logits_at}'")
             if stats is None:
                 from .regions import RegionStats
 

@@ -104,3 +104,72 @@ def test_int_options_are_checked(fitted):
     np.testing.assert_allclose(heights, amap.A[biggest, -1].mean(0).detach().numpy(), rtol=1e-5, atol=1e-7)
     assert plots.pathway_flows(model, x[:1], target=torch.tensor(1))["nodes"][-1] == "class 1"
     plt.close("all")
+
+
+def _flows_by_unit(flows):
+    """{unit node: (unit→class value, {input node: input→unit value})} of pathway_flows' links."""
+    nodes, last = flows["nodes"], len(flows["nodes"]) - 1
+    out = {}
+    for s, t, v in zip(flows["source"], flows["target"], flows["value"]):
+        if t == last:
+            out.setdefault(nodes[s], [0.0, {}])[0] = v
+    for s, t, v in zip(flows["source"], flows["target"], flows["value"]):
+        if t != last:
+            out[nodes[t]][1][nodes[s]] = v
+    return out
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardtanh", "leaky", "prelu", "pool_first"])
+def test_pathway_flows_use_the_units_own_activation(act):
+    """Before: every first-layer kind was read as a ReLU (``clamp(z, min=0)``, active iff z > 0): a ReLU6 channel
+    saturated at 6 counted its pre-activation z, a Hardtanh unit at its lower bound counted 0, a max-pool first layer
+    counted the ReLU of its inputs. Checked against the activation read with a forward hook and its Jacobian by
+    autograd through the first layers."""
+    import torch.nn as nn
+
+    torch.manual_seed(1)
+    unit = {"relu6": nn.ReLU6(), "hardtanh": nn.Hardtanh(-1.0, 2.0), "leaky": nn.LeakyReLU(0.2),
+            "prelu": nn.PReLU(3, init=0.3), "pool_first": nn.MaxPool2d(2)}[act]
+    head = [nn.ReLU()] if act == "pool_first" else []
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), unit, *head, nn.Flatten(),
+                          nn.Linear(3 * (16 if act == "pool_first" else 64), 4)).eval()
+    x = 10 * torch.randn(1, 2, 8, 8)
+    seen = {}
+    h = unit.register_forward_hook(lambda m, i, o: seen.__setitem__("a", o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    a = seen["a"][0]  # (C, H', W')
+    if act in ("relu6", "hardtanh"):  # the cases the old reading got wrong: saturated units
+        assert bool((a == unit.max_val).any()) and (act == "relu6" or bool((a == -1).any()))
+    jac = torch.autograd.functional.jacobian(lambda t: model[:2](t), x)[0].reshape(*a.shape, -1)
+    flows = plots.pathway_flows(model, x, top=3)
+    got = _flows_by_unit(flows)
+    expected = a.abs().flatten(1).sum(1)
+    assert list(got) == [f"channel {int(k)}" for k in expected.argsort(descending=True)[:3]]
+    link = (jac * x.reshape(-1)).abs().flatten(1, 2).sum(1)  # (C, inputs): |∂a/∂x_i · x_i| summed over positions
+    for name, (v, ins) in got.items():
+        k = int(name.split()[1])
+        assert v == pytest.approx(float(expected[k]), rel=1e-5)
+        for feat, w in ins.items():
+            assert w == pytest.approx(float(link[k, int(feat[1:])]), rel=1e-4, abs=1e-6)
+    assert model.training is False and all(not m._forward_hooks for m in model.modules())
+
+
+def test_pathway_flows_refuse_what_they_cannot_read():
+    """Before: an affine model died in ``next(iter({}))`` (StopIteration); a functional prelu was read as a ReLU."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class FunctionalPReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.w, self.out = nn.Linear(3, 4), nn.Parameter(torch.full((1,), 0.25)), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(F.prelu(self.lin(x), self.w))
+
+    with pytest.raises(NotImplementedError, match="functional prelu.*use nn.PReLU"):
+        plots.pathway_flows(FunctionalPReLU(), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="needs a piecewise-linear unit"):
+        plots.pathway_flows(nn.Linear(3, 2), torch.randn(1, 3))

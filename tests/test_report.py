@@ -401,3 +401,98 @@ def test_comparison_labels_what_is_not_exact(mlp_report):
     assert "times are wall-clock measurements" in text
     assert "infidelity (MC estimate)" in report.to_markdown() and "infidelity (MC estimate)" in report.to_html()
     # (that the value does change with the seed is checked against Captum itself in test_compare.py)
+
+
+def test_validity_text_says_why_the_re3_estimate_is_missing(monkeypatch):
+    """Before: when boundary_distance(method="re3") failed (a DenseNet's concatenated inputs), its row was dropped
+    but the text still announced "the Re3 paper's per-layer estimate for comparison", and the reason stayed in
+    results["re3_distance_error"], shown nowhere."""
+    from relu_regions import geometry
+
+    X, y = _tabular(n=16)
+    model = mlp(5, [6], 3)
+    ok = rep.build_report(model, X, y, include=["validity"], validity_samples=8)
+    sec = ok.section("Validity and boundary distances")
+    assert "per-layer estimate for comparison" in sec.text[0]
+    assert [r["distance"] for r in ok.results["validity"]] == ["exact", "Re3 paper (per-layer)"]
+    real = geometry.boundary_distance
+
+    def no_re3(*args, **kwargs):
+        if kwargs.get("method") == "re3":
+            raise RuntimeError("the producing Conv of 'l2.relu1' is ambiguous (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(geometry, "boundary_distance", no_re3)
+    r = rep.build_report(model, X, y, include=["validity"], validity_samples=8)
+    sec = r.section("Validity and boundary distances")
+    assert [row["distance"] for row in r.results["validity"]] == ["exact"]
+    assert "for comparison" not in sec.text[0]
+    assert "estimate is not available for this model" in sec.text[0]
+    assert "RuntimeError: the producing Conv of 'l2.relu1' is ambiguous (test)" in sec.text[0]
+    assert "ambiguous (test)" in r.to_markdown() and "ambiguous (test)" in r.to_html()
+
+
+def test_dense_outputs_are_refused_not_read_as_classes():
+    """Before: a segmentation output (B, 2, 4, 4) was flattened into 32 "classes" (accuracy 0, region tables of
+    meaningless labels) without an error; (B, K, 1, 1) logits of a fully convolutional classifier stay fine."""
+    torch.manual_seed(0)
+    X = torch.randn(12, 1, 4, 4)
+    seg = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1))
+    with pytest.raises(ValueError, match=r"model's output has shape \(B, 2, 4, 4\).*need a \(B, K\) output"):
+        rep.build_report(seg, X, torch.zeros(12, dtype=torch.long), include=[])
+    fcn = nn.Sequential(*seg, nn.AdaptiveAvgPool2d(1))  # (B, 2, 1, 1)
+    y = torch.arange(12) % 2
+    r = rep.build_report(fcn, X, y, include=[])
+    with torch.no_grad():
+        pred = fcn(X)[:, :, 0, 0].argmax(1)
+    assert r.results["n_classes"] == 2
+    assert r.results["accuracy"] == pytest.approx(float((pred == y).double().mean()))
+
+
+def test_plain_sequential_cnn_has_a_head_only_granularity():
+    """Before: the docstring promised a 'head only' granularity for a plain nn.Sequential CNN, but only name
+    prefixes (head., classifier., ...) were tried: layers named '1', '4', '8' never had one. Now the trailing layers
+    with vector units after the last spatial one; counted here from forward hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    X = torch.randn(40, 1, 14, 14)
+    r = rep.build_report(model, X, torch.arange(40) % 3, include=[])
+    assert r.results["layers"] == ["1", "2", "4", "5", "8"]
+    seen = []
+    h = model[8].register_forward_hook(lambda m, i, o: seen.append(o > 0))
+    with torch.no_grad():
+        model(X)
+    h.remove()
+    assert r.results["regions"]["head only"] == torch.unique(seen[0], dim=0).shape[0]
+    # a convolution after the last max pool is not part of the head; an MLP has no separate head; names alone
+    # (no shapes) cannot tell
+    shapes = {"1": (4, 12, 12), "2": (4, 6, 6), "4": (4, 4, 4), "7": (6,), "9": (5,)}
+    assert rep.granularities(list(shapes), shapes)["head only"] == ["7", "9"]
+    assert "head only" not in rep.granularities(["1", "3"], {"1": (6,), "3": (5,)})
+    assert "head only" not in rep.granularities(list(shapes))
+
+
+def test_sankey_section_uses_the_units_own_activation():
+    """Before: the Sankey section read a ReLU6 first layer as a ReLU: a unit saturated at 6 flowed its
+    pre-activation into the class. The unit→class flows are the activations read with a forward hook."""
+    pytest.importorskip("relu_regions.plots")
+    torch.manual_seed(0)
+    X, y = _tabular(n=16)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU6(), nn.Linear(6, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(20)  # saturates units of every sample
+    r = rep.build_report(net, X, y, quick=True, include=["sankey"])
+    sec = r.section("One sample's path through the regions (Sankey)")
+    assert sec.available, sec.reason
+    i = r.results["sankey_sample"]
+    seen = {}
+    h = net[1].register_forward_hook(lambda m, inp, o: seen.__setitem__("a", o.detach()[0]))
+    with torch.no_grad():
+        net(X[i:i + 1])
+    h.remove()
+    assert bool((seen["a"] == 6).any())  # a saturated unit: the case that was wrong
+    rows = [row for row in sec.tables[0][1] if row["to"].startswith("class")]
+    assert rows
+    for row in rows:
+        assert row["flow"] == pytest.approx(round(float(seen["a"][int(row["from"].split()[1])]), 4), abs=1e-4)

@@ -668,3 +668,33 @@ def test_parsimony_penalty_and_evaluate_refuse_non_finite_inputs():
         evaluate(model, [(x[:4], y[:4]), (inf[4:], y[4:])])
     _same(before, _snapshot(model))
     assert stats.n_samples == 4  # the first batch only
+
+
+def test_dense_outputs_are_refused_not_read_as_classes():
+    """Before: a segmentation output (B, 2, 4, 4) was flattened into 32 "classes" (n_classes=32, accuracy 0)
+    without an error, in evaluate and in track's predictions; (B, K, 1, 1) and (B, 1, K) logits stay fine."""
+    from relu_regions.training import predictions
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 1, 4, 4)
+    y = torch.arange(12) % 2
+    seg = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1))
+    before = _snapshot(seg)
+    with pytest.raises(ValueError, match=r"model's output has shape \(B, 2, 4, 4\).*need a \(B, K\) output"):
+        evaluate(seg, _loader(x, y), progress=False)
+    _same(before, _snapshot(seg))
+    with pytest.raises(ValueError, match=r"logits_at='2' has shape \(B, 2, 4, 4\)"):
+        evaluate(nn.Sequential(*seg, nn.Flatten()), _loader(x, y), logits_at="2", progress=False)
+    with pytest.raises(ValueError, match=r"flatten the output in a wrapper"):
+        predictions(torch.zeros(3, 2, 4, 4))
+    stats = RegionStats(2)
+    with torch.no_grad(), track(seg, stats) as tracker:
+        seg(x)
+        with pytest.raises(ValueError, match=r"\(B, 2, 4, 4\)"):
+            tracker.update(y)
+    fcn = nn.Sequential(*seg, nn.AdaptiveAvgPool2d(1))  # (B, 2, 1, 1): a fully convolutional classifier
+    st = evaluate(fcn, _loader(x, y), progress=False)
+    with torch.no_grad():
+        pred = fcn(x)[:, :, 0, 0].argmax(1)
+    assert st.n_classes == 2 and st.accuracy == pytest.approx(float((pred == y).double().mean()))
+    assert predictions(torch.tensor([[[0.0, 2.0, 1.0]]])).tolist() == [1]  # (B, 1, K)
