@@ -840,7 +840,11 @@ def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "
         Conv; not through a BatchNorm or other affine step, whose scaling it ignores). Not exact for the border
         units of a padded Conv, whose window overlaps the padding: with zero padding their gradient is the
         cropped kernel, of smaller norm, so re3 underestimates their distance. Deeper layers: an overestimate
-        or an underestimate is possible.
+        or an underestimate is possible. ``w_j`` comes from the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+        module that ran last before the unit (the paper's chain of layers): with parallel branches of equal width
+        (two towers added), or linear steps of other kinds (``F.linear``, ``ConvTranspose``, ``Conv3d``) before
+        the unit, those are another layer's rows; a unit whose channels differ from that module's outputs (a
+        ``torch.cat`` of feature maps) is refused.
     layers : selection, optional
         Only the inequalities of these piecewise-linear calls (a name, list of names, int or slice as in
         :meth:`~relu_regions.Recording.patterns`). Default: all — the distance to the region's boundary.
@@ -1725,7 +1729,10 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
     ``||g_j||_q`` (its right side is then ``x``'s distance to the hyperplane) and lengths measured in units of
     ``x``'s distance to its nearest face. The returned radius is the exact distance from the returned center to
     the nearest hyperplane or box face (recomputed after the solve, so the ball lies inside the region up to
-    float64 rounding of the inequalities), and within about 1e-7 relative of the largest radius.
+    float64 rounding of the inequalities), and within about 1e-7 relative of the largest radius — relative to
+    the ball's size and its center's distance from ``x`` together: in a region thinner than ~1e-7 times its
+    extent (a wedge whose faces pass through ``x``), the ball found may have radius 0 (an estimate from below,
+    never a ball outside the region).
     """
     import numpy as np
     from scipy.optimize import linprog
@@ -1755,7 +1762,7 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
             continue
         pos = faces[faces > 0]
         scale = float(faces.min()) if faces.min() > 0 else (float(pos.min()) if pos.size else 1.0)
-        for _ in range(2):  # a second solve where the unit was far off the radius (x on a face)
+        for _ in range(3):  # solved again where the unit was far above the radius (x on a face)
             # variables (u, r) in units of scale; rows: -g·u + r <= dist, and the box faces
             a_ub = [np.hstack([-g, np.ones((len(g), 1))])]
             b_ub = [dist / scale]
@@ -1767,6 +1774,7 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
             cost[-1] = -1.0
             res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
                           bounds=[(None, None)] * n + [(0, None)], method="highs")
+            solved = scale  # (the units of res.x: the loop may change scale after the last solve)
             if res.status != 0 or not 0 < res.x[-1] < 1e-2:
                 break
             scale *= float(res.x[-1])
@@ -1777,10 +1785,10 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
         u = res.x[:n]
         # the radius that the returned center really has (HiGHS may overshoot by its tolerance): its distance to
         # the nearest hyperplane and box face
-        room = dist / scale + g @ u
+        room = dist / solved + g @ u
         if lohi is not None:
-            room = np.concatenate([room, walls[:n] / scale + u, walls[n:] / scale - u])
-        radius[i] = max(0.0, float(room.min())) * scale
-        center[i] = xf[i] + u * scale
+            room = np.concatenate([room, walls[:n] / solved + u, walls[n:] / solved - u])
+        radius[i] = max(0.0, float(room.min())) * solved
+        center[i] = xf[i] + u * solved
     return InscribedBall(torch.as_tensor(radius, dtype=x.dtype, device=x.device),
                          torch.as_tensor(center, dtype=x.dtype, device=x.device).reshape(x.shape))
