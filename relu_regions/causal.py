@@ -216,7 +216,18 @@ def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: s
                             f"module {site!r} ran more than once in one forward of the model (one module used at "
                             "several places): do() would set its units at every call; intervene on a module that "
                             "runs once per forward")
-                return _set(output, u, value, site, what)
+                new = _set(output, u, value, site, what)
+                if args and output is args[0] and isinstance(output, Tensor):
+                    # an in-place module (nn.ReLU(inplace=True)): the forward may go on with the tensor it wrote
+                    # (self.act(h); return self.fc(h)), not with the returned one: the value goes into that tensor
+                    if output.requires_grad and torch.is_grad_enabled():
+                        raise ValueError(
+                            f"site {site!r} is an in-place module on a tensor that requires grad: do() must write "
+                            "into it, which autograd refuses; intervene under torch.no_grad(), or make the module "
+                            "not in-place")
+                    output.copy_(new.reshape(output.shape))
+                    return output
+                return new
 
             handles.append(mod.register_forward_hook(post))
             handles.append(model.register_forward_pre_hook(enter))

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import check_finite, is_int_at_least
+from .errors import check_finite, is_int_at_least, is_integer_tensor
 from .hook_recording import ForwardPatch
 from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
 from .state import preserved
@@ -223,8 +223,9 @@ class RegionTracker:
                 return found[-1]
         if len(self.rec) == n:
             return None
-        if _pass_size(passes[-1]) == n:
-            return len(passes) - 1
+        sized = [i for i, p in enumerate(passes) if _pass_size(p) == n]
+        if sized:  # the last pass of the batch's size (a new tensor fed to the model, then a pass on a part of it)
+            return sized[-1]
         raise ValueError(f"{len(self.rec)} samples were recorded since the last update, but the labels hold "
                          f"{n}; the model ran on inputs that do not match the labels")
 
@@ -322,6 +323,9 @@ def _class_indices(y: Any, name: str) -> Tensor:
     if y.dim() > 1 and math.prod(y.shape[1:]) != 1:
         raise ValueError(f"{name} must hold one class index per sample, shape (B,) or (B, 1); got shape "
                          f"{tuple(y.shape)} (one-hot labels or per-class scores? pass {name}.argmax(1))")
+    if not is_integer_tensor(y):  # (refused here, at the batch, not when the stats add the batches up)
+        raise TypeError(f"{name} must hold class indices (an integer tensor), got dtype {y.dtype} (float 0./1. "
+                        f"targets of a BCE loss? pass {name}.long())")
     return y.reshape(-1)
 
 
@@ -426,6 +430,10 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
         if ignored:
             raise ValueError(f"evaluate: {ignored} only configure new RegionStats and would be ignored with "
                              "stats=; set them on the stats you pass")
+        kept = bool(getattr(stats, "keep_contributions", contributions))
+        if bool(contributions) != kept:
+            raise ValueError(f"evaluate: contributions={contributions!r} disagrees with the stats you pass "
+                             f"(keep_contributions={kept}): pass contributions={kept}")
         if n_classes is not None and n_classes != getattr(stats, "n_classes", n_classes):
             raise ValueError(f"evaluate: n_classes={n_classes!r} disagrees with the stats you pass "
                              f"(n_classes={stats.n_classes}); leave it out with stats=")
@@ -471,6 +479,9 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
             if tracker.last_output is not None:  # (before: a (B, 2, H, W) output was read as 2·H·W classes)
                 _check_class_scores(tracker.last_output, "the model's output" if logits_at is None
                                     else f"the output of logits_at='{logits_at}'")
+            elif y_pred is None:
+                raise ValueError("evaluate: no model output was captured (a dict or other non-tensor output): pass "
+                                 "logits_at= (the module whose output holds the logits)")
             if stats is None:
                 from .regions import RegionStats
 

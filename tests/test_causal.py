@@ -520,3 +520,32 @@ def test_misleading_errors_name_the_argument():
     xi[:, 0] = 2.0
     torch.testing.assert_close(by_keyword, net[2](net[1](net[0](xi))))
     assert len(net._forward_pre_hooks) == 0
+
+
+def test_intervention_at_an_inplace_site_reaches_the_tensor_the_forward_reads():
+    """Before: at an nn.ReLU(inplace=True) whose return value the forward does not use (self.act(h); fc(h)), do()
+    set the units in a copy: every intervention, lesion and ACE had no effect (0 change, ACE 0). Checked against
+    the forward with the units set by hand."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act, self.fc = nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)
+
+        def forward(self, v):
+            h = self.lin(v)
+            self.act(h)
+            return self.fc(h)
+
+    torch.manual_seed(0)
+    m, x = Net().eval(), torch.randn(6, 4)
+    with torch.no_grad():
+        h = torch.relu(m.lin(x))
+        h[:, [0, 2]] = 1.5
+        want = m.fc(h)
+        with causal.intervene(m, "act", [0, 2], 1.5):
+            got = m(x)
+    assert torch.allclose(got, want)
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="in-place module on a tensor that requires grad"):
+        with causal.intervene(m, "act", [0], 1.0):
+            m(xg)

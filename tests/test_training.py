@@ -698,3 +698,43 @@ def test_dense_outputs_are_refused_not_read_as_classes():
         pred = fcn(x)[:, :, 0, 0].argmax(1)
     assert st.n_classes == 2 and st.accuracy == pytest.approx(float((pred == y).double().mean()))
     assert predictions(torch.tensor([[[0.0, 2.0, 1.0]]])).tolist() == [1]  # (B, 1, K)
+
+
+def test_the_last_pass_of_the_batch_size_labels_dtype_dict_outputs_and_contributions_with_stats():
+    """Before: (1) a step that fed the model a new tensor and then ran it on a part of it (8 then 3 samples) was
+    refused ("11 samples were recorded"), though the docs take the last pass of the batch's size; (2) float 0./1.
+    labels failed only when the stats added the batches up, naming `y_true`; (3) evaluate on a dict output with
+    n_classes= or stats= said "pass y_pred=", which it has not; (4) evaluate(stats=..., contributions=...) computed
+    maps it dropped, or kept none the stats asked for, silently."""
+    torch.manual_seed(0)
+    net = mlp(4, [6], 3).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    stats = RegionStats(3)
+    with track(net, stats) as tr:
+        fed = x * 1.0  # a new tensor: not the batch's own
+        net(fed)
+        net(fed[:3])
+        tr.update(y, inputs=x)
+    with torch.no_grad():
+        hidden = (net[0](x) > 0)
+    want = len({tuple(h.tolist()) for h in hidden})  # the 8-sample pass's regions, counted by hand
+    assert stats.n_samples == 8 and stats.n_regions() == want
+    assert stats.n_correct == int((net(x).argmax(1) == y).sum())
+    with pytest.raises(TypeError, match=r"labels must hold class indices.*float32.*\.long\(\)"):
+        evaluate(net, [(x, y.float())])
+
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, v):
+            return {"logits": self.net(v)}
+
+    for kw in ({"n_classes": 3}, {"stats": RegionStats(3)}):
+        with pytest.raises(ValueError, match="no model output was captured.*logits_at="):
+            evaluate(DictOut(), [(x, y)], **kw)
+    for kw in ({"stats": RegionStats(3), "contributions": True},
+               {"stats": RegionStats(3, keep_contributions=True)}):
+        with pytest.raises(ValueError, match="disagrees with the stats you pass"):
+            evaluate(net, [(x, y)], **kw)

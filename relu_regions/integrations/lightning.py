@@ -296,8 +296,8 @@ class RegionMonitor(Callback):
         y = self.get_labels(batch) if self.get_labels is not None else default_labels(batch, self.label_key)
         try:
             return _class_indices(y, "labels")
-        except ValueError as e:
-            raise ValueError(f"RegionMonitor: {e}; or pass get_labels= returning them") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"RegionMonitor: {e}; or pass get_labels= returning them") from None
 
     def _new_stats(self, n_classes: int) -> Any:
         from ..regions import RegionStats
