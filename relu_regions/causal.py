@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .errors import check_finite, is_int_at_least, is_integer_tensor
 from .state import preserved
+from .training import _decisions
 
 Tensor = torch.Tensor
 Units = int | Sequence[int] | Tensor
@@ -555,14 +556,6 @@ def cluster_intersection(a: UnitClusters, b: UnitClusters):
     if len(a.labels) != len(b.labels):
         raise ValueError(f"clusterings cover {len(a.labels)} and {len(b.labels)} units")
     return pd.crosstab(pd.Series(a.labels, name=a.method), pd.Series(b.labels, name=b.method))
-
-
-def _decisions(output: Tensor) -> Tensor:
-    """``(N,)`` predicted classes: the argmax over each sample's outputs or, for a single output (a binary
-    classifier's logit, as ``BCEWithLogitsLoss`` trains it), ``output > 0`` (an argmax over one column would be
-    class 0 for every sample)."""
-    flat = output.reshape(len(output), -1)
-    return (flat[:, 0] > 0).long() if flat.shape[1] == 1 else flat.argmax(1)
 
 
 def _metric(metric: str | Callable, output: Tensor, target: Tensor | None) -> float:

@@ -71,10 +71,15 @@ def _check_2d(x: Tensor, n_features: int, name: str = "x") -> None:
     check_finite(x, name)
 
 
+def _positive_finite(v: Any) -> bool:
+    """Whether ``v`` is a real number (not a bool) in (0, inf)."""
+    return not isinstance(v, bool) and isinstance(v, (numbers.Real, np.floating)) and 0 < float(v) < math.inf
+
+
 def _beta(beta: Any) -> float:
     """A stiffness given by the user: a positive finite number (``β → 0`` and ``β → ∞`` are limits the soft-min's
     formula does not reach: NaN)."""
-    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, np.floating)) or not 0 < float(beta) < math.inf:
+    if not _positive_finite(beta):
         raise ValueError(f"beta must be a positive finite number (None: 1 / E[f_c] over x), got {beta!r}")
     return float(beta)
 
@@ -383,8 +388,7 @@ class KernelKMeans:
         if max_support is not None and not is_int_at_least(max_support, 1):
             # (0 left every cluster empty: NaN similarities; -1 dropped one support vector per cluster)
             raise ValueError(f"max_support must be None or a positive int, got {max_support!r}")
-        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, np.floating))
-                                  or not 0 < float(gamma) < math.inf):
+        if gamma is not None and not _positive_finite(gamma):
             # (a negative gamma is the kernel exp(+|γ| d²), which no longer decays with distance)
             raise ValueError(f"gamma must be None (the median heuristic) or a positive finite number, got {gamma!r}")
         self.n_clusters = n_clusters

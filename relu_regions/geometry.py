@@ -1753,7 +1753,7 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
         m = ineq.margin[i].to(torch.float64).cpu().numpy()
         top = np.abs(g).max(axis=1) if n else np.zeros(len(g))
         keep = (top > 0) & np.isfinite(m)  # a zero gradient never binds; an infinite margin is no inequality
-        g, m, top = g[keep] / top[keep, None], m[keep] / top[keep], top[keep]  # (no squares of huge / tiny entries)
+        g, m = g[keep] / top[keep, None], m[keep] / top[keep]  # (no squares of huge / tiny entries)
         nrm = np.linalg.norm(g, ord=q, axis=1)
         g, dist = g / nrm[:, None], np.maximum(m / nrm, 0.0)  # unit rows; x's l_p distance to each hyperplane
         walls = np.concatenate([xf[i] - lo, hi - xf[i]]) if lohi is not None else np.zeros(0)
@@ -1762,18 +1762,15 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
             continue
         pos = faces[faces > 0]
         scale = float(faces.min()) if faces.min() > 0 else (float(pos.min()) if pos.size else 1.0)
+        # variables (u, r) in units of scale; rows: -g·u + r <= dist, and the box faces -u + r <= x - lo,
+        # u + r <= hi - x (right sides: faces / scale)
+        rows = np.vstack([-g] + ([-np.eye(n), np.eye(n)] if lohi is not None else []))
+        a_ub = np.hstack([rows, np.ones((len(rows), 1))])
+        cost = np.zeros(n + 1)
+        cost[-1] = -1.0
         for _ in range(3):  # solved again where the unit was far above the radius (x on a face)
-            # variables (u, r) in units of scale; rows: -g·u + r <= dist, and the box faces
-            a_ub = [np.hstack([-g, np.ones((len(g), 1))])]
-            b_ub = [dist / scale]
-            if lohi is not None:
-                eye = np.eye(n)
-                a_ub += [np.hstack([-eye, np.ones((n, 1))]), np.hstack([eye, np.ones((n, 1))])]
-                b_ub += [walls / scale]
-            cost = np.zeros(n + 1)
-            cost[-1] = -1.0
-            res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
-                          bounds=[(None, None)] * n + [(0, None)], method="highs")
+            res = linprog(cost, A_ub=a_ub, b_ub=faces / scale, bounds=[(None, None)] * n + [(0, None)],
+                          method="highs")
             solved = scale  # (the units of res.x: the loop may change scale after the last solve)
             if res.status != 0 or not 0 < res.x[-1] < 1e-2:
                 break
@@ -1785,9 +1782,7 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
         u = res.x[:n]
         # the radius that the returned center really has (HiGHS may overshoot by its tolerance): its distance to
         # the nearest hyperplane and box face
-        room = dist / solved + g @ u
-        if lohi is not None:
-            room = np.concatenate([room, walls[:n] / solved + u, walls[n:] / solved - u])
+        room = faces / solved - rows @ u
         radius[i] = max(0.0, float(room.min())) * solved
         center[i] = xf[i] + u * solved
     return InscribedBall(torch.as_tensor(radius, dtype=x.dtype, device=x.device),

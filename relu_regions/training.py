@@ -125,9 +125,13 @@ def predictions(logits: Tensor) -> Tensor:
     > 1 per sample (a dense prediction) raises ``ValueError``.
     """
     _check_class_scores(logits)
-    logits = logits.detach()
-    flat = logits.reshape(logits.shape[0], math.prod(logits.shape[1:]))  # (not -1: an empty batch has none to infer)
-    if flat.shape[1] == 1:
+    return _decisions(logits.detach())
+
+
+def _decisions(output: Tensor) -> Tensor:
+    """:func:`predictions` of any output shape, read per sample flat (no check of the shape)."""
+    flat = output.reshape(output.shape[0], math.prod(output.shape[1:]))  # (not -1: an empty batch has none to infer)
+    if flat.shape[1] == 1:  # a binary classifier's logit (as BCEWithLogitsLoss trains it): an argmax would be 0
         return (flat[:, 0] > 0).long()
     return flat.argmax(1)
 
@@ -197,7 +201,10 @@ class RegionTracker:
         ``inputs`` (the batch's own tensor, when given and found), else the last one if the passes hold more than
         ``n`` samples (a step that ran the model twice); all of them when they hold ``n`` samples together (a batch
         run in chunks); raise if no pass matches ``n``."""
-        keep = self._plan(n, inputs)
+        self._keep(self._plan(n, inputs))
+
+    def _keep(self, keep: int | None) -> None:
+        """Trim the passes to the one :meth:`_plan` chose (``None``: all of them)."""
         passes = self.rec.passes
         if keep is None or len(passes) == 1:
             return
@@ -269,14 +276,15 @@ class RegionTracker:
         The batch is checked before the recording is cleared: a rejected batch (``ValueError`` / ``TypeError``)
         leaves the stats, the recording and :attr:`n_updates` as they were.
         """
-        y_true = _class_indices(y_true, "y_true")
-        # the pass on `inputs` when given (the batch's, not an augmented copy's): its predictions, its regions
-        keep = self._plan(y_true.shape[0], inputs)
-        y_pred = self._predictions(keep) if y_pred is None else _class_indices(y_pred, "y_pred")
         check = getattr(self.stats, "_check_batch", None)  # (RegionStats; other stats objects check in update)
-        if check is not None:
-            check(y_true.shape[0], y_true, y_pred, inputs=inputs, contributions=contributions, weights=weights)
-        keys, units, y_true, y_pred, n = self.take_batch(y_true, y_pred, inputs)
+
+        def checked(yt: Tensor, yp: Tensor) -> None:
+            if check is not None:
+                check(yt.shape[0], yt, yp, inputs=inputs, contributions=contributions, weights=weights)
+
+        # the pass on `inputs` when given (the batch's, not an augmented copy's): its predictions, its regions
+        batch, y_true, y_pred, n = self._take_patterns(y_true, y_pred, inputs, checked)
+        keys, units = self.stats.batch_keys(batch)
         extra = {} if inputs is None else {"inputs": inputs}  # (other stats objects may take no inputs)
         self.stats.update(keys, y_true, y_pred, contributions=contributions, weights=weights, **extra)
         self.stats.add_unit_counts(units, n)
@@ -297,13 +305,20 @@ class RegionTracker:
         :class:`~relu_regions.regions.BatchPatterns`) gives the keys and unit counts later through
         ``stats.batch_keys(patterns)``. The checks (samples against labels) and the predictions happen now.
         ``inputs``: the batch's input tensor, to pick the pass on it among several (see :meth:`take`)."""
+        return self._take_patterns(y_true, y_pred, inputs)
+
+    def _take_patterns(self, y_true: Tensor, y_pred: Tensor | None, inputs: Tensor | None,
+                       check: Callable[[Tensor, Tensor], None] | None = None) -> tuple:
+        """:meth:`take_patterns`; ``check(y_true, y_pred)`` runs after the predictions, before anything changes."""
         y_true = _class_indices(y_true, "y_true")
         recordable = getattr(self.stats, "_check_recordable", None)
-        if recordable is not None:  # before take() trims the passes: a refused batch leaves the recording as it was
+        if recordable is not None:  # before the passes are trimmed: a refused batch leaves the recording as it was
             recordable()
         keep = self._plan(y_true.shape[0], inputs)
         y_pred = self._predictions(keep) if y_pred is None else _class_indices(y_pred, "y_pred")
-        self.take(y_true.shape[0], inputs)
+        if check is not None:
+            check(y_true, y_pred)
+        self._keep(keep)
         batch = self.stats.batch_patterns(self.rec)
         self.rec.clear()
         self._pass_io.clear()
