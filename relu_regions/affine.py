@@ -44,7 +44,7 @@ from .errors import (
     is_integer_tensor,
 )
 from .keys import pack_patterns, pattern_keys
-from .recording import _RESHAPES, LayerSelection, run_frozen, run_recorded, select_layers
+from .recording import _RESHAPES, LayerSelection, library_call, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern, boundary_counts
 
@@ -318,6 +318,7 @@ def _default_chunk(method: str, n_inputs: int, n_outputs: int, widest: int = 64)
     return max(1, min(256, budget // max(1, n_inputs * n_outputs)))
 
 
+@library_call
 def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: str = "auto", *,
                logits_at: str | None = None, chunk_size: int | None = None, strict: bool = True,
                check: bool = True, progress: bool = False) -> AffineMap:
@@ -480,6 +481,7 @@ def _one_chunk(model, x, out, patterns, sel, route, logits_at, strict):
     return a.detach(), d.detach(), out.detach(), patterns, [p.name for p in patterns]
 
 
+@library_call
 def boundary_units(model: nn.Module, x: Tensor, *, chunk_size: int = 256, strict: bool = True,
                    logits_at: str | None = None) -> Tensor:
     """``(B,)`` number of units of each input exactly on a breakpoint (pre-activation 0, max-pool ties with a
@@ -591,6 +593,7 @@ def _qnorm(t: Tensor, q: float, dim: int) -> Tensor:
 _PREACTIVATION_METHODS = ("auto", "forward", "reverse")
 
 
+@library_call
 def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, reduce: float | None = None,
                        method: str = "auto", logits_at: str | None = None, strict: bool = True,
                        unit_chunk: int = 256, chunk_size: int | None = None) -> dict[str, LayerMap]:

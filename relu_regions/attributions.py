@@ -14,7 +14,9 @@ Definitions (all exact within the region of ``x``; ``t`` is the target class):
     With ``p = softmax(f(x))`` and its Jacobian ``J = diag(p) − p pᵀ``, ``c[b, i] = (J[t, :] · A[b, :, i]) ·
     (x[b, i] − x0[b, i]) = p_t (A[t, i] − Σ_k p_k A[k, i]) (x[b, i] − x0[b, i])``: the gradient of ``p_t`` times the
     input (Re3's probability-level contributions). This is a first-order split of ``p_t`` — softmax is not affine —
-    so these do *not* add up to ``p_t``; the logit level is the exact one.
+    so these do *not* add up to ``p_t``; the logit level is the exact one. A model with a single output is read as
+    a binary classifier's logit (as ``BCEWithLogitsLoss`` trains it): ``p = σ(f(x))``, the probability of the
+    positive class, and ``c[b, i] = p (1 − p) A[b, 0, i] (x[b, i] − x0[b, i])`` (target 0, the only output).
 neuron contributions
     For each piecewise-linear call (ReLU, LeakyReLU, PReLU, max-pool, clamp) with input ``z`` (its
     pre-activation), ``c_z = z ⊙ ∂f_t/∂z`` through the frozen network. For ReLU-like units and max-pools this
@@ -34,7 +36,7 @@ import torch.nn as nn
 
 from .affine import AffineMap, TargetType, affine_map, check_batch, resolve_target
 from .errors import check_finite
-from .recording import LayerSelection, run_frozen, run_recorded, select_layers
+from .recording import LayerSelection, library_call, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
 
@@ -99,6 +101,7 @@ def _default_target(model: nn.Module, x: Tensor, target: TargetType, logits_at: 
         return out.reshape(x.shape[0], -1).argmax(1)
 
 
+@library_call
 def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | None = None, *,
                 closed: bool = False) -> Tensor:
     """``(B,)`` bool: ``other[b]`` lies in the activation region of ``x[b]``.
@@ -194,6 +197,7 @@ def from_map(amap: AffineMap, baseline: Tensor | None = None) -> tuple[Tensor, T
     return a * (amap.x.to(a.dtype) - base), at_base
 
 
+@library_call
 def contributions(model: nn.Module, x: Tensor, target: TargetType = None, level: str = "logit", *,
                   baseline: Tensor | float | None = None, method: str = "auto",
                   logits_at: str | None = None) -> Contributions:
@@ -233,17 +237,22 @@ def contributions(model: nn.Module, x: Tensor, target: TargetType = None, level:
         return Contributions(values, offset, amap.output[:, 0], amap.target, level, same)
     amap = affine_map(model, x, target=None, method=method, logits_at=logits_at)
     t = resolve_target(tgt, x.shape[0], amap.A.shape[1], x.device)
-    p = torch.softmax(amap.output, 1)  # (B, K)
     a = amap.A.reshape(amap.A.shape[0], amap.A.shape[1], -1)  # (B, K, D)
-    pt = p.gather(1, t[:, None])  # (B, 1)
     a_t = a[torch.arange(a.shape[0], device=a.device), t]  # (B, D)
-    grad_p = pt * (a_t - torch.einsum("bk,bkd->bd", p, a))  # row t of (diag(p) − p pᵀ)·A
+    if a.shape[1] == 1:  # a binary logit: a softmax over one column is 1 everywhere, with zero gradient
+        pt = torch.sigmoid(amap.output)  # (B, 1)
+        grad_p = pt * (1 - pt) * a_t
+    else:
+        p = torch.softmax(amap.output, 1)  # (B, K)
+        pt = p.gather(1, t[:, None])  # (B, 1)
+        grad_p = pt * (a_t - torch.einsum("bk,bkd->bd", p, a))  # row t of (diag(p) − p pᵀ)·A
     delta = (x - base) if base is not None else x
     values = (grad_p * delta.reshape(delta.shape[0], -1).to(a.dtype)).reshape(x.shape)
     out = pt[:, 0]
     return Contributions(values, out - values.reshape(values.shape[0], -1).sum(1), out, t, level, same)
 
 
+@library_call
 def neuron_contributions(model: nn.Module, x: Tensor, target: TargetType = None, layers: LayerSelection = None, *,
                          logits_at: str | None = None) -> dict[str, Tensor]:
     """Re3 neuron contributions ``z ⊙ ∂f_t/∂z`` of every unit of the selected piecewise-linear calls.

@@ -228,10 +228,24 @@ def _import_class(spec: str) -> type:
     return obj
 
 
+# where checkpoints keep the model's weights: Lightning's, and PyTorch's tutorial "general checkpoint"
+_WEIGHT_KEYS = ("state_dict", "model_state_dict")
+
+
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # a Lightning checkpoint
+    if isinstance(obj, dict):
+        for key in _WEIGHT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, dict) and obj:
+            bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+            tables = [str(k) for k, v in obj.items() if isinstance(v, dict)]
+            hint = (f"; its entries {tables[:5]} hold dicts: save the model's state_dict() alone, or under "
+                    f"'model_state_dict'" if tables else "")
+            raise CLIError(f"--model {path}: expected a state_dict (a dict of tensors); got a dict whose entries "
+                           f"{bad[:5]} are not tensors{hint}")
         raise CLIError(f"--model {path}: expected a state_dict (a dict of tensors); got {type(obj).__name__}")
     return obj
 

@@ -59,6 +59,7 @@ import torch.nn as nn
 from scipy import stats
 
 from .errors import is_int_at_least
+from .recording import library_call
 from .state import preserved, random_state_kept
 
 Tensor = torch.Tensor
@@ -145,6 +146,31 @@ def _lrp_model(model: nn.Module, epsilon: float = 1e-9) -> nn.Module:
     return m
 
 
+def _check_deeplift(m: nn.Module, x: Tensor) -> None:
+    """Raise ``NotImplementedError`` unless every piecewise-linear unit call of ``m`` (a copy) on ``x`` is a module
+    whose type Captum's DeepLift overrides: it leaves ``F.relu`` / ``torch.relu`` / ``F.max_pool2d`` calls and
+    modules it does not list (``nn.ReLU6``, ``nn.Hardtanh``, ``nn.PReLU``) to autograd, and then silently returns
+    gradient × input for them instead of DeepLift's multipliers."""
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    from .recording import record
+
+    seen: list[str] = []
+    handles = [mod.register_forward_hook(lambda *a, _n=n: seen.append(_n))
+               for n, mod in m.named_modules() if type(mod) in SUPPORTED_NON_LINEAR]
+    try:
+        with torch.no_grad(), record(m) as rec:
+            m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    units = [p.name for p in rec.patterns()]
+    if len(seen) < len(units):
+        raise NotImplementedError(
+            f"would be gradient × input: Captum's DeepLift overrides {len(seen)} of the model's {len(units)} unit "
+            "calls (only nn.ReLU / LeakyReLU / MaxPool modules; not F.relu, ReLU6, Hardtanh, PReLU)")
+
+
 def _peer(name: str, model: nn.Module, x: Tensor, target: Tensor, s: Settings, mask: Tensor | None) -> Tensor:
     """One attribution call of a peer method (on a deep copy of the model)."""
     import captum.attr as ca
@@ -166,6 +192,7 @@ def _peer(name: str, model: nn.Module, x: Tensor, target: Tensor, s: Settings, m
     elif name == "IntegratedGradients":
         out = ca.IntegratedGradients(m).attribute(xr, target=target, n_steps=s.ig_steps)
     elif name == "DeepLift":
+        _check_deeplift(m, x[:1])
         out = ca.DeepLift(m).attribute(xr, target=target)
     elif name == "GradientShap":
         bl = torch.cat([torch.zeros_like(x[:1]), x.mean(0, keepdim=True)])
@@ -210,7 +237,9 @@ def _forward_target(model: nn.Module, x: Tensor, target: Tensor, output: str = "
     with torch.no_grad():
         out = model(x).reshape(x.shape[0], -1)
         if output == "probability":
-            out = torch.softmax(out, 1)
+            # one output is a binary classifier's logit: its probability is the sigmoid (a softmax over one
+            # column is 1 for every input)
+            out = torch.sigmoid(out) if out.shape[1] == 1 else torch.softmax(out, 1)
         return out.gather(1, target[:, None])[:, 0]
 
 
@@ -248,7 +277,8 @@ def deletion_insertion(model: nn.Module, x: Tensor, attr: Tensor, target: Tensor
                                                                                      np.ndarray]:
     """Mean deletion and insertion curves over samples at fractions ``0, 1/n, ..., 1`` of the features.
 
-    ``output`` is ``"probability"`` (softmax of the output) or ``"logit"``.
+    ``output`` is ``"probability"`` (softmax of the output; the sigmoid of a single output, a binary logit) or
+    ``"logit"``.
 
     Returns (fractions, deletion, insertion), each ``(n_steps + 1,)``.
     """
@@ -401,6 +431,7 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([head, sep, *rows])
 
 
+@library_call
 def compare(model: nn.Module, inputs: Tensor, target: Any = None, methods: Sequence[str] | None = None, *,
             settings: Settings | None = None, progress: bool = True, **options: Any) -> Comparison:
     """Run Re3 and peer attribution methods on the same inputs; time them and measure agreement and faithfulness.

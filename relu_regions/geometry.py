@@ -55,7 +55,7 @@ from .affine import check_batch as _check_x
 from .errors import ForwardADMissingError, ReluRegionsError, forward_mode, is_int_at_least
 from .hook_recording import PlanCache
 from .keys import pack_patterns, pattern_keys
-from .recording import LayerSelection, StopReplay, run_frozen, run_recorded, select_layers
+from .recording import LayerSelection, StopReplay, library_call, run_frozen, run_recorded, select_layers
 from .state import preserved
 from .units import LayerPattern
 
@@ -818,6 +818,7 @@ def _re3_chunk(model, x, q, logits_at, strict, wanted):
 _KINDS = ("relu", "leaky_relu", "prelu", "clamp", "maxpool")
 
 
+@library_call
 def boundary_distance(model: nn.Module, x: Tensor, p: float = 2, method: str = "exact", *,
                       layers: LayerSelection = None, kinds: Sequence[str] | None = None,
                       logits_at: str | None = None, strict: bool = True, chunk_size: int | None = None,
@@ -1060,6 +1061,7 @@ def _check_kinds(kinds) -> tuple | None:
 # --- decision boundary and certified radius ---------------------------------------------------------------------
 
 
+@library_call
 def decision_distance(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: str | None = None,
                       strict: bool = True) -> Tensor:
     """``(B,)`` distance to the decision boundary *of the region's affine map*.
@@ -1085,6 +1087,7 @@ def decision_distance(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: s
     return d.min(1).values
 
 
+@library_call
 def certified_radius(model: nn.Module, x: Tensor, p: float = 2, *, logits_at: str | None = None,
                      strict: bool = True, chunk_size: int | None = None, route: str = "auto",
                      progress: bool = False) -> Tensor:
@@ -1254,6 +1257,7 @@ class WhatIf:
     output: Tensor
 
 
+@library_call
 def what_if(model: nn.Module, x: Tensor, delta: Tensor, *, logits_at: str | None = None,
             strict: bool = True) -> WhatIf:
     """Exact prediction after a change ``δ``, certified from the region's affine inequalities.
@@ -1309,6 +1313,7 @@ class LineWalk:
         return i
 
 
+@library_call
 def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None = None, strict: bool = True,
               max_regions: int = 100_000, float64: bool = True) -> LineWalk:
     """Exact sequence of regions along the segment from ``x0`` to ``x1`` (one sample each, shape
@@ -1477,9 +1482,10 @@ class RegionInequalities:
     Attributes
     ----------
     margin : Tensor
-        ``(B, M)`` margins at ``x``: margins that exist for no sample (padding in a max-pool window) removed; a
-        margin that exists for some samples only (a clamp unit's bounds depend on its state) is ``+inf`` for the
-        others (never violated).
+        ``(B, M)`` margins at ``x``, every layer's in the order of
+        :func:`margins` (the numbering of :attr:`BoundaryDistances.unit`); one a sample does not
+        have (a max-pool window position in the padding, a clamp unit's bound in its saturated state) is ``+inf``
+        (never violated).
     grad : Tensor
         ``(B, M, D)`` their input gradients (flattened input); zero where the margin is ``+inf``.
     layer : Tensor
@@ -1493,6 +1499,7 @@ class RegionInequalities:
     layer_names: list
 
 
+@library_call
 def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection = None,
                         kinds: Sequence[str] | None = None, logits_at: str | None = None,
                         strict: bool = True) -> RegionInequalities:
@@ -1533,10 +1540,10 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
         z = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
         return RegionInequalities(z, z.unsqueeze(2).expand(b, 0, n), torch.zeros(0, dtype=torch.int64), names)
     m, g, layer = torch.cat(ms, 1), torch.cat(gs, 1), torch.cat(lay)
-    # a column no sample has (max-pool padding) goes; one that only some samples have (a clamp's upper bound is a
-    # constraint of its linear units, not of its saturated ones) stays, +inf with a zero gradient where it is missing
-    exists = torch.isfinite(m).any(0)
-    return RegionInequalities(m[:, exists], g[:, exists], layer[exists], names)
+    # every column stays, +inf with a zero gradient where a sample lacks it (max-pool padding; a clamp's upper bound
+    # is a constraint of its linear units, not of its saturated ones): a sample's numbering is the same in any batch
+    # (dropping the columns no sample of the batch had renumbered the rest) and the same as boundary_distance's
+    return RegionInequalities(m, g, layer, names)
 
 
 def _as_box(box, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1638,6 +1645,7 @@ class BoxDistances:
     layer_names: list
 
 
+@library_call
 def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, layers: LayerSelection = None,
                              kinds: Sequence[str] | None = None, logits_at: str | None = None,
                              strict: bool = True) -> BoxDistances:
@@ -1716,6 +1724,7 @@ class InscribedBall:
     center: Tensor
 
 
+@library_call
 def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layers: LayerSelection = None,
                    logits_at: str | None = None, strict: bool = True) -> InscribedBall:
     """Radius and center of the largest ``l_p`` ball inside ``x``'s region (and the box, if given), by LP.

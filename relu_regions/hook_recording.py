@@ -37,6 +37,7 @@ import copy
 import functools
 import inspect
 import operator
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -298,6 +299,24 @@ def _nodes(args) -> list:
     return out
 
 
+class StrongHandle:
+    """A hook handle that removes its hook also when it is collected in a reference cycle (a generator that holds an
+    open recording, abandoned): torch's ``RemovableHandle`` reaches the hook dicts through weak references, which
+    the garbage collector clears before the generator's ``finally`` runs, so its ``remove()`` did nothing and the
+    recording's hooks stayed on the model."""
+
+    __slots__ = ("id", "dicts")
+
+    def __init__(self, handle: Any) -> None:
+        refs = (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))
+        self.id = handle.id
+        self.dicts = [d for d in (r() for r in refs) if d is not None]
+
+    def remove(self) -> None:
+        for d in self.dicts:
+            d.pop(self.id, None)
+
+
 class ForwardPatch:
     """A module's ``forward``, set on the instance for one recording; ``remove()`` takes it off, like a hook handle.
 
@@ -413,7 +432,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
 
         def body(module, inner, args, kwargs):
             out = inner(*args, **kwargs)
-            if s.current is None or s.suspended:
+            if s.current is None or s.suspended or _ident() != s.thread:  # (another thread's call: not ours)
                 return out
             x = args[0]
             shape = x.shape
@@ -432,7 +451,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
         known = _known(modules[path])
 
         def body(module, inner, args, kwargs):
-            if s.current is None or s.suspended:
+            if s.current is None or s.suspended or _ident() != s.thread:
                 return inner(*args, **kwargs)
             asked = not module.return_indices
             bottom = inner
@@ -479,7 +498,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
     def norm_hook(path: str) -> Callable:
         @ours
         def hook(module, inputs):
-            if s.current is None or s.suspended or not s.strict:
+            if s.current is None or s.suspended or not s.strict or _ident() != s.thread:
                 return
             if module.training or (module.running_mean is None and module.running_var is None):
                 raise not_piecewise_linear(s.describe(path), BATCH_STATISTICS)
@@ -493,7 +512,7 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
             # forward hook can change anything
             handles.append(ForwardPatch.on(modules[path], relu_body(path) if kind == "relu" else pool_body(path)))
         for path in plan.batch_norms:
-            handles.append(modules[path].register_forward_pre_hook(norm_hook(path)))
+            handles.append(StrongHandle(modules[path].register_forward_pre_hook(norm_hook(path))))
     except BaseException:
         for h in reversed(handles):
             h.remove()
@@ -502,5 +521,6 @@ def attach(plan: HookPlan, modules: dict[str, nn.Module], session) -> list:
 
 
 _POOL = MaxPoolRule()
+_ident = threading.get_ident
 # what nn.MaxPool1d / nn.MaxPool2d.forward call with return_indices=True (the hook route takes exactly these types)
 _WITH_INDICES = {nn.MaxPool1d: F.max_pool1d_with_indices, nn.MaxPool2d: F.max_pool2d_with_indices}

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .regions import DEFAULT, RegionStats
+from .recording import library_call
+from .regions import DEFAULT, RegionStats, largest_first
 
 Tensor = torch.Tensor
 
@@ -46,7 +47,7 @@ def region_sizes(stats: RegionStats, granularity: str = DEFAULT, top: int = 30,
     if class_names is not None and len(class_names) != hist.shape[1]:
         raise ValueError(f"class_names has {len(class_names)} names for {hist.shape[1]} classes")
     fig, ax = _axes(ax)
-    order = np.argsort(-hist.sum(1), kind="stable")[:top]
+    order = largest_first(stats.sizes(granularity), stats.region_keys(granularity))[:top]
     bottom = np.zeros(len(order))
     for c in range(hist.shape[1]):
         label = class_names[c] if class_names is not None else f"class {c}"
@@ -69,7 +70,7 @@ def importance_heatmap(stats: RegionStats, cls: int = 0, top: int = 20,
         raise ValueError(f"cls must be a class index in [0, {contrib.shape[1]}), got {cls!r}")
     fig, ax = _axes(ax, (8, 5))
     mc = contrib[:, cls]
-    order = np.argsort(-_np(stats.sizes()), kind="stable")[:top]
+    order = largest_first(stats.sizes(), stats.region_keys())[:top]
     m = mc[order]
     lim = float(np.abs(m).max()) or 1.0
     im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -126,7 +127,7 @@ def cluster_importance(stats: RegionStats, feature_names: Sequence[str] | None =
     fig, ax = _axes(ax, (8, 4))
     w = w[:, output]
     sizes = _np(stats.sizes())
-    order = np.argsort(-sizes, kind="stable")[:top]
+    order = largest_first(stats.sizes(), stats.region_keys())[:top]
     n_f = w.shape[1]
     width = 0.8 / max(1, len(order))
     for j, r in enumerate(order):
@@ -199,6 +200,7 @@ def _first_unit_output(model, x: Tensor, logits_at: str | None) -> tuple[Tensor,
     return slope * z + const, slope.unsqueeze(-1) * jac
 
 
+@library_call
 def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None,
                   top: int = 8, *, logits_at: str | None = None) -> dict[str, Any]:
     """Flows of one sample's decision pathway: input feature → unit of the first recorded layer → class.
@@ -213,6 +215,7 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
     :func:`relu_regions.affine_map`; the predicted class is read there when ``target`` is None.
     """
     from .affine import affine_map
+    from .training import _decisions
 
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must be one sample with a batch dimension, got shape {tuple(x.shape)}")
@@ -221,12 +224,14 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
     if isinstance(target, Tensor) and target.numel() == 1 and not (target.is_floating_point() or target.is_complex()
                                                                    or target.dtype == torch.bool):
         target = int(target.item())
+    # a single output is a binary classifier's logit: class 1 where it is > 0 (as evaluate and RegionMonitor read it)
+    n_classes = 2 if out.numel() == 1 else out.numel()
     if target is None:
-        c = int(out.argmax())
-    elif _is_int(target) and 0 <= target < out.numel():
+        c = int(_decisions(out[None])[0])
+    elif _is_int(target) and 0 <= target < n_classes:
         c = int(target)
     else:  # (before, any value only named the last node "class <target>", the flows being the same)
-        raise ValueError(f"target must be a class index in [0, {out.numel()}) or None (the predicted class), "
+        raise ValueError(f"target must be a class index in [0, {n_classes}) or None (the predicted class), "
                          f"got {target!r}")
     # (before: every kind was read as a ReLU, clamp(z, min=0): a ReLU6 unit saturated at 6 counted as z)
     act, jac = _first_unit_output(model, x, logits_at)
@@ -262,6 +267,7 @@ def pathway_flows(model, x: Tensor, target: int | None = None, feature_names: Se
     return {"nodes": nodes, "source": src, "target": dst, "value": val, "class": c}
 
 
+@library_call
 def sankey(model, x: Tensor, target: int | None = None, feature_names: Sequence[str] | None = None, top: int = 8,
            *, logits_at: str | None = None):
     """Plotly Sankey of one sample's decision pathway (Re3 Fig. 4; the flows of :func:`pathway_flows`); plotly is

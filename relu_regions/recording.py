@@ -20,7 +20,9 @@ recorded state. The frozen network is an affine function of its input: that is t
 
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -40,7 +42,17 @@ from .errors import (
     UnsupportedModuleError,
     not_piecewise_linear,
 )
-from .hook_recording import PLANS, RANDOM, ForwardPatch, HookPlan, SessionHook, attach, draws, foreign_hook
+from .hook_recording import (
+    PLANS,
+    RANDOM,
+    ForwardPatch,
+    HookPlan,
+    SessionHook,
+    StrongHandle,
+    attach,
+    draws,
+    foreign_hook,
+)
 from .input_grads import affine_jvp, conv2d_with_fast_input_grad, linear_at_zero
 from .keys import pack_patterns, pattern_keys
 from .units import (
@@ -368,6 +380,9 @@ class _Session:
     def __init__(self, model: nn.Module, strict: bool, replay: Sequence[LayerPattern] | None = None,
                  observe: Callable[[LayerPattern, Tensor], None] | None = None):
         self.model = model
+        # the thread that opened the session: its hooks and patches are the model's for every thread, but only this
+        # thread's calls are recorded (the function mode is per thread anyway)
+        self.thread = threading.get_ident()
         self.strict = strict
         self.replay = list(replay) if replay is not None else None
         self.observe = observe
@@ -924,7 +939,38 @@ def _check_not_script(model: nn.Module) -> None:
                 "module it was made from (same weights)")
 
 
-_ACTIVE: list[_Session] = []  # open sessions, innermost last: only the innermost one records
+_ACTIVE: list[_Session] = []  # open sessions of every thread, innermost last (see _session)
+_ident = threading.get_ident
+
+
+def library_call(fn: Callable) -> Callable:
+    """Run the entry point ``fn`` with this thread's open recordings paused throughout (:func:`sessions_paused`):
+    called from a forward hook inside a recorded pass, its own arithmetic before and after its passes (checks,
+    reductions) is not the user's model's either (it failed the pass, or with ``strict=False`` added the library's
+    clamps to the recorded pattern as units)."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _ACTIVE:  # (the common case: nothing to pause)
+            return fn(*args, **kwargs)
+        with sessions_paused():
+            return fn(*args, **kwargs)
+    return call
+
+
+@contextmanager
+def sessions_paused() -> Iterator[None]:
+    """Pause every session this thread has open (the user's ``record`` blocks) while the library's own code runs,
+    e.g. an entry point called from a forward hook inside a recorded pass: its arithmetic and its passes are not
+    the user's model's."""
+    me = _ident()
+    paused = [o for o in _ACTIVE if o.thread == me]
+    for o in paused:
+        o.suspended += 1
+    try:
+        yield
+    finally:
+        for o in paused:
+            o.suspended -= 1
 
 
 @contextmanager
@@ -946,7 +992,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
     handles: list = []
 
     def stop(module, inputs, output):  # (registered as a SessionHook, which marks it as ours)
-        if s.suspended:
+        if s.suspended or _ident() != s.thread:
             return
         s.check_output(output, logits_at)
         if stop_at_logits:
@@ -957,11 +1003,11 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             s.end_pass()
 
     def root_pre(module, inputs):  # (registered as a SessionHook, which marks it as ours)
-        if not s.suspended:
+        if not s.suspended and _ident() == s.thread:
             s.enter_root(inputs)
 
     def root_post(module, inputs, output):  # (registered as a SessionHook, which marks it as ours)
-        if not s.suspended:
+        if not s.suspended and _ident() == s.thread:
             # (always_call: also when the forward raised, with output None; its error is the one to report, and
             # torch would only warn about one raised here)
             raised = output is None
@@ -974,7 +1020,7 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
             s.leave_root(raised)
 
     def root_body(module, inner, args, kwargs):  # root_pre / root_post of the hook route
-        if s.suspended:
+        if s.suspended or _ident() != s.thread:
             return inner(*args, **kwargs)
         s.enter_root(args, taint=False)
         try:
@@ -985,7 +1031,12 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         s.leave_root()
         return out
 
-    outer = list(_ACTIVE)
+    # only the innermost of nested sessions on one model records (the others pause; the library's own calls pause
+    # every session of the thread: state.preserved); sessions of other threads, or of models that share no module
+    # with this one (a teacher and a student), go on
+    mine = {id(m) for m in model.modules()}
+    outer = [o for o in _ACTIVE if o.thread == s.thread and (id(o.model) in mine or any(
+        m is model for m in o.model.modules()))]
     for o in outer:
         o.suspended += 1
     _ACTIVE.append(s)
@@ -993,13 +1044,13 @@ def _session(model: nn.Module, strict: bool = True, replay: Sequence[LayerPatter
         if hooks is not None:  # unit patches first: they run inside the module, before its logits_at hook
             handles = attach(*hooks, s)
         if logits_at is not None:
-            handles.append(mods[logits_at].register_forward_hook(SessionHook(stop)))
+            handles.append(StrongHandle(mods[logits_at].register_forward_hook(SessionHook(stop))))
         if hooks is not None:  # the patch skips nn.Module's slow call path (see hook_recording.ForwardPatch)
             handles.append(ForwardPatch.on(model, root_body))
         else:  # hooks: they run around the user's own root hooks, whose code the mode must see inside the pass
             # (prepend: before the user's pre-hooks, which would otherwise read the input before it is tracked)
-            handles.append(model.register_forward_pre_hook(SessionHook(root_pre), prepend=True))
-            handles.append(model.register_forward_hook(SessionHook(root_post), always_call=True))
+            handles.append(StrongHandle(model.register_forward_pre_hook(SessionHook(root_pre), prepend=True)))
+            handles.append(StrongHandle(model.register_forward_hook(SessionHook(root_post), always_call=True)))
         if hooks is not None:
             yield s
         else:
@@ -1170,9 +1221,18 @@ def record(model: nn.Module, *, strict: bool = True, logits_at: str | None = Non
         the reason otherwise. ``"auto"`` (default): hooks where allowed,
         ``count_boundary`` is off and no forward hook of your own is attached to the model (only the mode sees what
         such a hook computes), else the mode. ``rec.route`` says which one ran. A forward that branches on
-        Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch); so does a
-        model run by other threads meanwhile (the hook route's patches sit on the modules: they see every thread's
-        calls).
+        Python attributes changed between recordings needs ``"mode"`` (an fx trace follows one branch).
+
+    Notes
+    -----
+    Nesting and threads. Only the thread that opened the block is recorded: the same model run by other threads
+    meanwhile passes through both routes unrecorded. Of nested blocks on one model (or on a model and one of its
+    submodules) only the innermost records; blocks on unrelated models (a teacher and a student) record
+    independently. Entry points such as :func:`~relu_regions.affine_map` called inside the block (also from a hook
+    inside a recorded forward) are not recorded, and entry points of several threads run one after the other
+    (they switch the model to eval mode and attach hooks for their duration: a plain forward of the same model in
+    another thread meanwhile sees that mode, and a block opened on it by another thread meanwhile is not
+    supported).
 
     Examples
     --------
@@ -1196,7 +1256,8 @@ def _hook_route(model: nn.Module, logits_at: str | None, count_boundary: bool,
     if route == "mode" or (route == "auto" and count_boundary) or not isinstance(model, nn.Module):
         return None
     _check_not_script(model)  # (before the fx trace, which cannot read a TorchScript module's forward)
-    plan, modules = PLANS.get(model, logits_at)
+    with sessions_paused():  # the fx trace runs the forwards of submodules, which an open recording may patch
+        plan, modules = PLANS.get(model, logits_at)
     if not isinstance(plan, HookPlan):
         why = plan
     elif count_boundary:

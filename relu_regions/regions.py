@@ -129,6 +129,12 @@ def _unique(keys: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(uniq), torch.from_numpy(inv.reshape(-1).astype(np.int64, copy=False))
 
 
+def largest_first(sizes: Tensor, keys: Tensor) -> np.ndarray:
+    """Row order from the largest region to the smallest, equal sizes by ascending key: the same however the
+    samples were batched (rows are in the order regions were first seen)."""
+    return np.lexsort((keys.cpu().numpy(), -sizes.cpu().numpy()))
+
+
 def _argsort_by_class(cls: np.ndarray, size: np.ndarray, own: np.ndarray, n_classes: int) -> np.ndarray:
     """Order of regions by class (ascending), then size and own-class count (both descending)."""
     m = int(own.max(initial=0)) + 1
@@ -768,21 +774,20 @@ class RegionStats:
                          f"top{self.n_classes}_coverage": self.coverage(self.n_classes, name)})
         overview = pd.DataFrame(rows)
         t = self._get(granularity)
-        reg = pd.DataFrame({"key": t.keys.tolist(), "size": t.count.tolist(),
-                            "majority": t.true.argmax(1).tolist() if len(t) else [],
-                            "purity": self.purity(granularity).tolist(),
-                            "confused": self.confused(granularity).tolist()})
-        for c in range(self.n_classes):
-            reg[f"true_{c}"] = t.true[:, c].tolist()
-        for c in range(self.n_classes):
-            reg[f"pred_{c}"] = t.pred[:, c].tolist()
-        reg = reg.sort_values("size", ascending=False, kind="stable").reset_index(drop=True)
+        # columns gathered first, one DataFrame at the end (inserted one by one, pandas warns of fragmentation)
+        cols: dict[str, Any] = {"key": t.keys.tolist(), "size": t.count.tolist(),
+                                "majority": t.true.argmax(1).tolist() if len(t) else [],
+                                "purity": self.purity(granularity).tolist(),
+                                "confused": self.confused(granularity).tolist()}
+        cols.update({f"true_{c}": t.true[:, c].tolist() for c in range(self.n_classes)})
+        cols.update({f"pred_{c}": t.pred[:, c].tolist() for c in range(self.n_classes)})
+        reg = pd.DataFrame(cols).iloc[largest_first(t.count, t.keys)].reset_index(drop=True)
         out: dict[str, Any] = {"overview": overview, "regions": reg}
         if self.n_classes == 2 and len(t):
-            cl = pd.DataFrame({"key": t.keys.tolist(), "support": t.count.tolist(),
-                               "positive_rate": (t.true[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist(),
-                               "predicted_positive_rate":
-                                   (t.pred[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist()})
+            cl_cols: dict[str, Any] = {
+                "key": t.keys.tolist(), "support": t.count.tolist(),
+                "positive_rate": (t.true[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist(),
+                "predicted_positive_rate": (t.pred[:, 1].to(torch.float64) / t.count.clamp(min=1)).tolist()}
             for name, prefix in (("inputs", "x_"), ("weights", "w_")):
                 if name in t.sums and (granularity == DEFAULT or name == "inputs"):
                     m = self._mean(granularity, name, "")
@@ -790,8 +795,8 @@ class RegionStats:
                     names = list(feature_names) if feature_names is not None else [str(i) for i in
                                                                                      range(m.shape[1])]
                     for i, fn in enumerate(names[: m.shape[1]]):
-                        cl[prefix + fn] = m[:, i].tolist()
-            out["clusters"] = cl.sort_values("support", ascending=False, kind="stable").reset_index(drop=True)
+                        cl_cols[prefix + fn] = m[:, i].tolist()
+            out["clusters"] = pd.DataFrame(cl_cols).iloc[largest_first(t.count, t.keys)].reset_index(drop=True)
         return out
 
     def to_markdown(self, granularity: str = DEFAULT, max_regions: int = 20) -> str:

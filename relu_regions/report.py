@@ -721,7 +721,9 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
         results["regions"] = {r["granularity"]: r["regions"] for r in rows}
         sec = Section("Activation regions", text=[
             "Each sample's activation region is identified exactly by its bit-packed activation pattern (no hashing)."
-            " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'confusion regions'"
+            " 'head only' counts regions of the MLP head alone (as in the Re3 paper's CNN study). 'purity' here is"
+            " sample-weighted (the share of samples whose true class is their region's majority class; the"
+            " RegionStats section's 'mean_purity' is the unweighted mean over regions). 'confusion regions'"
             f" are regions whose purity (share of their majority true class) is below {_CONFUSED_PURITY}, Re3's"
             " definition, the one RegionStats uses. 'boundary samples'"
             " lie exactly on a breakpoint of some unit (pre-activation exactly 0, or tied maxima in a max-pool window"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -10,9 +11,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .hook_recording import ForwardPatch
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
                "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+# Entry points run one at a time in a process: they switch the model's flags, attach hooks and set process-wide state
+# (torch.compile's stance, the global backward hooks) for their duration, which a second thread's call on the same
+# model would see and restore out of order. Re-entrant: an entry point may call others.
+_ENTRY = threading.RLock()
+
+
+def _ours(hook: object) -> bool:
+    """A hook of one of this library's recordings (removed by its own handle when its recording closes)."""
+    return bool(getattr(hook, "_relu_regions_hook", False))
 
 
 @contextmanager
@@ -38,10 +52,22 @@ def preserved(model: nn.Module, eval_mode: bool = False, backward_hooks: bool = 
 
     The block also runs outside ``torch.inference_mode`` (the package's routes need autograd or dual tensors; a
     caller inside inference mode, e.g. an evaluation loop, gets ordinary tensors back) and outside ``torch.autocast``
-    (the maps and distances are those of the network in its own dtype, not of a reduced-precision run of it).
+    (the maps and distances are those of the network in its own dtype, not of a reduced-precision run of it), with
+    the thread's open recordings paused (an entry point called from a hook inside a recorded pass is not part of
+    the pass), and holding a process-wide lock: calls from several threads run one after the other.
+
+    On exit, hooks and patched forwards of this library's recordings that closed meanwhile stay removed (a
+    recording opened before the block, in another thread or a generator, may close during it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .recording import sessions_paused
+
+    with _ENTRY, sessions_paused():
+        yield from _preserved(model, eval_mode, backward_hooks)
+
+
+def _preserved(model: nn.Module, eval_mode: bool, backward_hooks: bool) -> Iterator[nn.Module]:
     modules = list(model.modules())
     training = [m.training for m in modules]
     # from the module list already at hand (a shared parameter may appear twice: restoring it twice is harmless)
@@ -87,9 +113,14 @@ def preserved(model: nn.Module, eval_mode: bool = False, backward_hooks: bool = 
                 if current:
                     current.clear()
             elif current.keys() != saved.keys():
+                # what the block added goes; what it removed comes back, except a recording's hooks, which their
+                # own handle removed when that recording closed (brought back, they would record into nothing)
+                keep = {k: v for k, v in saved.items() if k in current or not _ours(v)}
                 current.clear()
-                current.update(saved)
+                current.update(keep)
         for m, f in forwards:
+            while isinstance(f, ForwardPatch) and not f.live:  # a recording's patch, removed meanwhile
+                f = f.prev
             if m.__dict__.get("forward") is not f:
                 if f is None:
                     del m.__dict__["forward"]

@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from .errors import check_finite, is_int_at_least, is_integer_tensor
 from .hook_recording import ForwardPatch
-from .recording import LayerSelection, Recording, record, run_frozen, run_recorded, select_layers
+from .recording import LayerSelection, Recording, library_call, record, run_frozen, run_recorded, select_layers
 from .state import preserved
 
 Tensor = torch.Tensor
@@ -388,6 +388,7 @@ def track(model: nn.Module, stats: Any, *, logits_at: str | None = None,
 # --- one call --------------------------------------------------------------------------------------------------------
 
 
+@library_call
 def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None, layers: LayerSelection = None,
              granularities: dict[str, LayerSelection] | None = None, stats: Any = None,
              get_inputs: Callable[[Any], Tensor] | None = None, get_labels: Callable[[Any], Tensor] | None = None,
@@ -522,6 +523,7 @@ def evaluate(model: nn.Module, dataloader: Any, *, n_classes: int | None = None,
 _RELU_KINDS = ("relu", "leaky_relu", "prelu")
 
 
+@library_call
 def boundary_distances(model: nn.Module, x: Tensor, layers: LayerSelection = None, *, logits_at: str | None = None,
                        strict: bool = True) -> Tensor:
     """``(B,)`` exact Euclidean distance from each input to the nearest ReLU / clamp hyperplane of its region.
@@ -573,6 +575,7 @@ def _gaps(kind: str, v: Tensor, bounds: tuple | None) -> Tensor:
 # --- the region-parsimony regulariser ---------------------------------------------------------------------------------
 
 
+@library_call
 def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: float = 0.0, k: int | None = None,
                       layers: LayerSelection = None, max_samples: int | None = 16, logits_at: str | None = None,
                       strict: bool = True, return_parts: bool = False) -> Tensor | dict[str, Tensor]:
@@ -663,9 +666,11 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
         t = t.reshape(n_in + 2, b, -1)
         val, jac = t[0], t[2:] - t[1]
         norm = torch.linalg.vector_norm(jac, dim=0)
-        live = norm > 1e-12
+        # only units that do not depend on the input are left out (an exact 0, as boundary_distances does): a cut-off
+        # such as 1e-12 carries the input's units (inputs in other units, or rescaled hidden units, lost real units)
+        live = norm > 0
         gaps = _gaps(p.kind, val, (p.params.get("lo"), p.params.get("hi")) if p.kind == "clamp" else None)
-        dist = gaps / norm.clamp_min(1e-12)
+        dist = gaps / torch.where(live, norm, torch.ones_like(norm))
         h = torch.where(live, torch.relu(1 - dist / gamma), torch.zeros_like(dist))
         if k is None:
             hinge = hinge + h.sum(1).mean()

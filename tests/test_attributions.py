@@ -63,6 +63,24 @@ def test_probability_level_is_gradient_of_softmax_times_input():
     torch.testing.assert_close(c.values.sum(1) + c.offset, c.output, rtol=1e-12, atol=1e-14)
 
 
+def test_probability_level_of_a_single_logit_is_the_sigmoids():
+    # a binary classifier with one output (BCEWithLogitsLoss): before, a softmax over the one column gave p = 1 and
+    # every contribution 0 for every input
+    torch.manual_seed(0)
+    m = mlp(5, [12, 10], 1).double().eval()
+    x = _x()
+    c = contributions(m, x, level="probability")
+    z = x.clone().requires_grad_(True)
+    p = torch.sigmoid(m(z))[:, 0]
+    (g,) = torch.autograd.grad(p.sum(), z)
+    assert torch.equal(c.target, torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(c.output, p.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(c.values, g * x, rtol=1e-10, atol=1e-14)
+    assert (c.values.abs().sum(1) > 0).all() and (c.output < 1).all()
+    with pytest.raises(ValueError):
+        contributions(m, x, target=1, level="probability")  # the one output is index 0
+
+
 def test_baseline_contributions_and_region_flag():
     m, x = _net(), _x()
     near = x * (1 - 1e-8)

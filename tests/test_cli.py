@@ -74,9 +74,9 @@ def test_help_reads_well(capsys):
     assert "--model" in out and "--class" in out and "weights_only=True" in out
 
 
-def test_module_is_runnable():
-    res = subprocess.run([sys.executable, "-m", "relu_regions.cli", "--version"], capture_output=True, text=True,
-                         timeout=60)
+@pytest.mark.parametrize("module", ["relu_regions.cli", "relu_regions"])  # (the package had no __main__)
+def test_module_is_runnable(module):
+    res = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.startswith("relu-regions ")
 
 
@@ -221,6 +221,22 @@ def test_lightning_style_checkpoint_with_prefix(tmp_path):
     loaded = cli.load_model(path, "relu_regions.models:SmallCNN")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v)
+
+
+def test_pytorch_general_checkpoint(tmp_path):
+    # PyTorch's tutorial "saving and loading a general checkpoint": the weights under model_state_dict (was refused:
+    # "expected a state_dict (a dict of tensors); got dict")
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "general.pt"
+    torch.save({"epoch": 2, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "loss": 0.5}, path)
+    loaded = cli.load_model(path, "relu_regions.models:SmallCNN")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+    torch.save({"epoch": 2, "weights": model.state_dict()}, path)  # an unknown key: named in the message
+    with pytest.raises(cli.CLIError, match=r"entries \['epoch', 'weights'\] are not tensors.*'weights'.*dicts"):
+        cli.load_model(path, "relu_regions.models:SmallCNN")
 
 
 def test_image_folder(tmp_path, capsys):

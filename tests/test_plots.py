@@ -156,6 +156,24 @@ def test_pathway_flows_use_the_units_own_activation(act):
     assert model.training is False and all(not m._forward_hooks for m in model.modules())
 
 
+def test_pathway_flows_name_a_single_logits_decision():
+    # one output is a binary logit: class 1 where it is > 0 (before: argmax over one column, always "class 0")
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
+    x = torch.randn(64, 3)
+    with torch.no_grad():
+        logit = m(x)[:, 0]
+    pos, neg = int((logit > 0).nonzero()[0]), int((logit <= 0).nonzero()[0])
+    for i, want in ((pos, 1), (neg, 0)):
+        fl = plots.pathway_flows(m, x[i:i + 1])
+        assert fl["class"] == want and fl["nodes"][-1] == f"class {want}"
+    assert plots.pathway_flows(m, x[neg:neg + 1], target=1)["nodes"][-1] == "class 1"
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        plots.pathway_flows(m, x[:1], target=2)
+
+
 def test_pathway_flows_refuse_what_they_cannot_read():
     """Before: an affine model died in ``next(iter({}))`` (StopIteration); a functional prelu was read as a ReLU."""
     import torch.nn as nn

@@ -1,5 +1,6 @@
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,50 @@ def test_memory_is_o_regions():
     t = s.tables["full"]
     assert len(t) == 1 and t.count.numel() == 1 and t.sums["inputs"].shape == (1, 7)
     assert int(t.count[0]) == 20000
+
+
+def test_summary_of_many_features_builds_its_frames_at_once():
+    # many features (spambase has 57, and the mean weights add as many): the columns were inserted one by one, and
+    # pandas warned of a fragmented frame
+    pd = pytest.importorskip("pandas")
+    s = RegionStats(2, keep_inputs=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 120, generator=g)
+    y = torch.randint(0, 2, (40,), generator=g)
+    keys = torch.randint(0, 5, (40,), generator=g)
+    s.update(keys, y, y, inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        out = s.summary()
+    cl, reg = out["clusters"], out["regions"]
+    assert [c for c in cl.columns if c.startswith("x_")] == [f"x_{i}" for i in range(120)]
+    for _, row in cl.iterrows():  # the region's mean input and positive rate, by hand
+        mine = keys == int(row["key"])
+        assert row["support"] == int(mine.sum())
+        assert row["positive_rate"] == pytest.approx(float(y[mine].double().mean()))
+        assert [row[f"x_{i}"] for i in range(120)] == pytest.approx(x[mine].double().mean(0).tolist(), abs=1e-6)
+    assert list(reg.columns[:5]) == ["key", "size", "majority", "purity", "confused"]
+    assert list(reg.columns[5:]) == ["true_0", "true_1", "pred_0", "pred_1"]
+
+
+def test_largest_regions_do_not_depend_on_the_batching():
+    # the regions, their sizes and the "largest regions" listed: equal sizes used to keep the order in which batches
+    # first saw the regions, so batch 7 and one batch of 400 listed different regions (singletons at the cut-off)
+    pytest.importorskip("pandas")
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randint(0, 300, (400,), generator=g) * 7919
+    y = torch.randint(0, 3, (400,), generator=g)
+    one, small = RegionStats(3), RegionStats(3)
+    one.update(keys, y, y)
+    perm = torch.randperm(400, generator=g)
+    for i in range(0, 400, 7):
+        small.update(keys[perm[i:i + 7]], y[perm[i:i + 7]], y[perm[i:i + 7]])
+    a, b = one.summary()["regions"], small.summary()["regions"]
+    assert a.equals(b) and one.to_markdown(max_regions=10) == small.to_markdown(max_regions=10)
+    # by hand: sizes descending, equal sizes by ascending key
+    uk, cnt = torch.unique(keys, return_counts=True)
+    want = sorted(zip(cnt.tolist(), uk.tolist()), key=lambda t: (-t[0], t[1]))
+    assert list(zip(a["size"], a["key"])) == want
 
 
 def test_coverage_overlap_confusion_by_hand():

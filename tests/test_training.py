@@ -6,6 +6,8 @@ region membership checked by stepping just inside / just outside the predicted d
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -214,6 +216,26 @@ def test_parsimony_penalty_value_and_gradient_match_independent_route():
                                _reference_penalty(model, x[:4], 0.5, 0.0))
     with pytest.raises(ValueError, match="gamma"):
         parsimony_penalty(model, x, gamma=0)
+
+
+def test_parsimony_penalty_is_invariant_to_rescaled_hidden_units():
+    # the same function with half of the first layer's units scaled by 1e-13 (their outgoing weights by 1e13): the
+    # same regions and distances. An absolute cut-off on the gradient norm (1e-12) dropped those units.
+    model, (x, _) = _model(dtype=torch.float64), _data(n=10, dtype=torch.float64)
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    scaled = copy.deepcopy(model)
+    s_first = next(m for m in scaled.modules() if isinstance(m, nn.Linear))
+    s_second = [m for m in scaled.modules() if isinstance(m, nn.Linear)][1]
+    half = first.out_features // 2
+    with torch.no_grad():
+        s_first.weight[:half] *= 1e-13
+        s_first.bias[:half] *= 1e-13
+        s_second.weight[:, :half] *= 1e13
+        torch.testing.assert_close(scaled(x), model(x))
+    ref = _reference_penalty(model, x, 0.5, 0.0)
+    parts = parsimony_penalty(scaled, x, gamma=0.5, max_samples=None, return_parts=True)
+    torch.testing.assert_close(parts["hinge"], ref)
+    torch.testing.assert_close(parts["min_distance"], boundary_distances(model, x))
 
 
 def test_parsimony_penalty_descends_and_moves_boundaries_away():
