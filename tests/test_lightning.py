@@ -368,6 +368,16 @@ def test_every_n_epochs_and_checkpoint_round_trip(tmp_path):
     trainer([resumed, ModelCheckpoint(dirpath=tmp_path / "r")], tmp_path, max_epochs=4,
             enable_checkpointing=True).fit(Lit(), loader(train), loader(val), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.history == mon.history
+    # settings that disagree with the checkpoint's run are refused (before, the checkpoint's silently replaced
+    # them); an explicit probe= stays, with a warning
+    with pytest.raises(ValueError, match=f"count {mon.n_classes} classes.*n_classes=7"):
+        RegionMonitor(7, every_n_epochs=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="'val' statistics do not fit.*granularit"):
+        RegionMonitor(granularities={"last": -1}).load_state_dict(state)
+    mine = RegionMonitor(probe=mon.probe[:3] + 1)
+    with pytest.warns(UserWarning, match="probe= differs"):
+        mine.load_state_dict(state)
+    assert torch.equal(mine.probe, mon.probe[:3] + 1) and mine.history == mon.history
 
 
 def test_probe_every_n_epochs_and_the_slow_probe_warning(monkeypatch):

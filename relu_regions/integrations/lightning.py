@@ -239,6 +239,7 @@ class RegionMonitor(Callback):
         elif "train" in stages:
             train_every_n_batches = 1
         self.n_classes = n_classes
+        self._n_classes_given = n_classes is not None
         self.module = module
         self.layers = layers
         self.granularities = dict(granularities or {})
@@ -356,7 +357,8 @@ class RegionMonitor(Callback):
             raise RuntimeError(
                 f"RegionMonitor: the recorded module ({self.module or 'the LightningModule'}) did not run in this "
                 f"{_SHORT[stage]} step; if the step calls a submodule directly (e.g. self.net(x)), pass "
-                "RegionMonitor(module='net')")
+                "RegionMonitor(module='net'). A step that runs the module inside its own relu_regions.record / track "
+                "block records it there instead (of nested recordings of one model only the innermost records)")
         tracker.stats = self._stats_for(slot, tracker)
         out = tracker.last_output
         if out is None:
@@ -751,12 +753,34 @@ class RegionMonitor(Callback):
                 "probe": None if self.probe is None else self.probe.clone(), "probe_epochs": self._probe_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from a checkpoint. Settings given to this monitor that disagree with the run that wrote it are
+        refused (``n_classes``, ``layers``, ``granularities``: the history would mix two definitions); an explicit
+        ``probe=`` is kept, with a warning when it differs from the checkpoint's (earlier epochs' boundary
+        distances were measured on that one). Before, the checkpoint's silently replaced both."""
         from ..regions import RegionStats
 
-        self.n_classes = state_dict["n_classes"]
+        n = state_dict["n_classes"]
+        if self._n_classes_given and n is not None and n != self.n_classes:
+            raise ValueError(f"RegionMonitor: the checkpoint's statistics count {n} classes, but this monitor was "
+                             f"built with n_classes={self.n_classes}; resume with the settings of the run that "
+                             "wrote it, or start a new run")
+        stats = {k: RegionStats.from_state_dict(v) for k, v in state_dict["stats"].items()}
+        for k, st in stats.items():
+            try:
+                self._new_stats(st.n_classes)._check_same_setup(st)
+            except ValueError as e:
+                raise ValueError(f"RegionMonitor: the checkpoint's '{k}' statistics do not fit this monitor's "
+                                 f"settings: {e}; resume with the settings of the run that wrote it") from None
+        self.n_classes = n
         self.history = [dict(h) for h in state_dict["history"]]
-        self.stats = {k: RegionStats.from_state_dict(v) for k, v in state_dict["stats"].items()}
-        self.probe = None if state_dict["probe"] is None else state_dict["probe"].clone()
+        self.stats = stats
+        saved = state_dict["probe"]
+        if not self._probe_given:
+            self.probe = None if saved is None else saved.clone()
+        elif saved is not None and not (saved.shape == self.probe.shape and torch.equal(saved, self.probe)):
+            rank_zero_warn("RegionMonitor: probe= differs from the probe of the checkpoint's run; the boundary "
+                           "distances logged from now on are measured on the new one, earlier epochs' on the old",
+                           category=UserWarning)
         self._probe_epochs = int(state_dict.get("probe_epochs", 0))  # absent in checkpoints before 0.1.0's option
 
     # ------------------------------------------------------------------------------------------- plots
