@@ -1322,19 +1322,26 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
     chunk = K._CHUNK
     extreme = torch.full((3, chunk), -128, dtype=torch.int8)  # the largest sum a product may hold
     r = torch.full((chunk, 8), 127, dtype=torch.int8)
-    assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
+    for product in (torch._int_mm, K._float32_product, K._float64_product):  # every route, at the largest sum
+        assert int(product(extreme, r)[0, 0]) == -128 * 127 * chunk
+    assert K._cpu_route() in ("int_mm", "float32")
     ref = K.pattern_keys(pats)
-    monkeypatch.setattr(K, "_GROUP", 1)  # one product per layer instead of one for all three
+    # the CPU's two exact routes (the faster one is measured once per process) give the same keys
+    for route in ("int_mm", "float32"):
+        monkeypatch.setattr(K, "_cpu_route", lambda _r=route: _r)
+        assert torch.equal(K.pattern_keys(pats), ref)
+        monkeypatch.setattr(K, "_GROUP", 1)  # one product per layer instead of one for all three
+        assert torch.equal(K.pattern_keys(pats), ref)
+        monkeypatch.setattr(K, "_CHUNK", 7)  # many partial products: the same integer sums
+        assert torch.equal(K.pattern_keys(pats), ref)
+        monkeypatch.setattr(K, "_CHUNK", chunk)
+        monkeypatch.setattr(K, "_GROUP", 4096)
+    # the float64 product used off the CPU, also in column blocks of 8 units
+    monkeypatch.setattr(K, "_int8_product", K._float64_product)
     assert torch.equal(K.pattern_keys(pats), ref)
-    monkeypatch.setattr(K, "_CHUNK", 7)  # many partial products: the same integer sums
+    monkeypatch.setattr(K, "_FLOAT_BLOCK", 5 * 500)
     assert torch.equal(K.pattern_keys(pats), ref)
-    monkeypatch.delattr(torch, "_int_mm")  # the float64 product used off the CPU
-    assert torch.equal(K.pattern_keys(pats), ref)
-    monkeypatch.setattr(K, "_CHUNK", chunk)
-    monkeypatch.setattr(K, "_GROUP", 4096)
-    monkeypatch.setattr(K, "_FLOAT_BLOCK", 5 * 500)  # ... in column blocks of 8 units
-    assert torch.equal(K.pattern_keys(pats), ref)
-    assert int(K._int8_product(extreme, r)[0, 0]) == -128 * 127 * chunk
+    assert int(K._float64_product(extreme, r)[0, 0]) == -128 * 127 * chunk
 
 
 def test_a_model_without_units_is_one_region():
