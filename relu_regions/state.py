@@ -116,6 +116,8 @@ def _preserved(model: nn.Module, eval_mode: bool, backward_hooks: bool) -> Itera
                 # what the block added goes; what it removed comes back, except a recording's hooks, which their
                 # own handle removed when that recording closed (brought back, they would record into nothing)
                 keep = {k: v for k, v in saved.items() if k in current or not _ours(v)}
+                if name == "_forward_hooks_always_called":  # (flags, not hooks: kept with their hook, restored above)
+                    keep = {k: v for k, v in saved.items() if k in current or k in m._forward_hooks}
                 current.clear()
                 current.update(keep)
         for m, f in forwards:

@@ -20,8 +20,8 @@ def _net(seed: int, d: int = 4) -> nn.Sequential:
 
 
 def _attached(m: nn.Module) -> list:
-    return [(n, dict(mm._forward_hooks), dict(mm._forward_pre_hooks), mm.__dict__.get("forward"))
-            for n, mm in m.named_modules()]
+    return [(n, dict(mm._forward_hooks), dict(mm._forward_pre_hooks), dict(mm._forward_hooks_always_called),
+             mm.__dict__.get("forward")) for n, mm in m.named_modules()]
 
 
 def _run(*targets):
