@@ -227,6 +227,11 @@ def ours(hook: Callable) -> Callable:
     return hook
 
 
+def is_ours(hook: object) -> bool:
+    """Whether ``hook`` is one of this library's own hooks (:func:`ours`, :class:`SessionHook`)."""
+    return bool(getattr(hook, "_relu_regions_hook", False))
+
+
 @ours
 def inert_hook(*args: Any) -> None:
     """What a copy of the model made inside a recording (``copy.deepcopy``, pickling) gets for the recording's own
@@ -270,7 +275,7 @@ def foreign_hook(modules: dict[str, nn.Module]) -> str | None:
         if not (m._forward_pre_hooks or m._forward_hooks):  # the common case, without building generators
             continue
         for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
-            if any(not getattr(h, "_relu_regions_hook", False) for h in hooks.values()):
+            if any(not is_ours(h) for h in hooks.values()):
                 return f"module '{path or '<root>'}' has a {kind} of its own (only the function mode sees its code)"
     return None
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .hook_recording import ForwardPatch
+from .hook_recording import ForwardPatch, is_ours
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
@@ -22,11 +22,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 # (torch.compile's stance, the global backward hooks) for their duration, which a second thread's call on the same
 # model would see and restore out of order. Re-entrant: an entry point may call others.
 _ENTRY = threading.RLock()
-
-
-def _ours(hook: object) -> bool:
-    """A hook of one of this library's recordings (removed by its own handle when its recording closes)."""
-    return bool(getattr(hook, "_relu_regions_hook", False))
 
 
 @contextmanager
@@ -115,9 +110,10 @@ def _preserved(model: nn.Module, eval_mode: bool, backward_hooks: bool) -> Itera
             elif current.keys() != saved.keys():
                 # what the block added goes; what it removed comes back, except a recording's hooks, which their
                 # own handle removed when that recording closed (brought back, they would record into nothing)
-                keep = {k: v for k, v in saved.items() if k in current or not _ours(v)}
                 if name == "_forward_hooks_always_called":  # (flags, not hooks: kept with their hook, restored above)
                     keep = {k: v for k, v in saved.items() if k in current or k in m._forward_hooks}
+                else:
+                    keep = {k: v for k, v in saved.items() if k in current or not is_ours(v)}
                 current.clear()
                 current.update(keep)
         for m, f in forwards:
