@@ -8,10 +8,10 @@ is bit i % 64 of word i // 64). ``packed`` words remain available for exact comp
 ``pattern_keys`` gives one int64 key per sample, the key every part of the library uses: the packed word itself
 when the pattern fits into 64 bits (exact and injective); otherwise a hash. The hash reads every unit's state as a
 byte (or two, for very wide max-pool windows) and projects the bytes with a fixed random int8 matrix ``R`` of
-nonzero entries (8 columns; an exact integer product: on the CPU ``torch._int_mm`` or float32 products over
-blocks of 1024 units, whichever is faster there (measured once per process), float64 elsewhere -- the same
-integers on every device), then folds the 8 sums ``c`` into 64 bits linearly: ``key = Σ_j c_j·m_j mod 2⁶⁴`` with
-fixed random 64-bit ``m`` (``fold_columns``).
+nonzero entries (8 columns; an exact integer product: on the CPU ``torch._int_mm`` or float32 products -- the
+0/1 states in one product, other states in blocks of 1024 units -- whichever is faster there (measured once per
+process), float64 elsewhere -- the same integers on every device), then folds the 8 sums ``c`` into 64 bits
+linearly: ``key = Σ_j c_j·m_j mod 2⁶⁴`` with fixed random 64-bit ``m`` (``fold_columns``).
 
 Collisions. Two patterns whose byte rows differ by ``δ ≠ 0`` collide when ``e = δ·R`` is zero (each column with
 probability at most 1/254 over the draw of ``R``, so ≤ 254⁻⁸ ≈ 2⁻⁶⁴) or when ``Σ_j e_j·m_j ≡ 0 mod 2⁶⁴``
@@ -212,11 +212,14 @@ def _projection(n: int, device: torch.device) -> Tensor:
     return v.to(torch.int8).to(device)
 
 
-def _int8_product(a: Tensor, r: Tensor) -> Tensor:
+def _int8_product(a: Tensor, r: Tensor, bools: int = 0, rt: Tensor | None = None) -> Tensor:
     """``a @ r`` for int8 matrices, exactly (sums stay below 2^31, see ``_CHUNK``): int32 on the CPU, int64
-    elsewhere."""
+    elsewhere. ``bools``: how many leading columns of ``a`` hold only 0 and 1; ``rt``: ``_float32_rows(r)``, when
+    the caller keeps it."""
     if a.device.type == "cpu":
-        return torch._int_mm(a, r) if _cpu_route() == "int_mm" else _float32_product(a, r)
+        if _cpu_route() == "int_mm":
+            return torch._int_mm(a, r)
+        return _float32_product(a, _float32_rows(r) if rt is None else rt, bools)
     return _float64_product(a, r)
 
 
@@ -233,43 +236,59 @@ def _float64_product(a: Tensor, r: Tensor) -> Tensor:
 
 
 _EXACT_F32 = 1024  # int8 products are below 2**14 in magnitude: sums of 1024 stay below 2**24, exact in float32
+_EXACT_F32_BOOLS = 131072  # 0/1 times |r| <= 127: sums of 131072 stay below 2**24
 
 
-def _float32_product(a: Tensor, r: Tensor) -> Tensor:
-    """``a @ r`` for int8 matrices as float32 products over blocks of 1024 columns, each exact (its partial sums
-    are integers below 2**24 in any order of summation), added as int32."""
+def _float32_rows(r: Tensor) -> Tensor:
+    """``(n, 8)`` int8 -> ``(8, n)`` float32, contiguous: the layout in which the CPU's float32 product with 8
+    output columns is fast (``a @ r`` with ``r`` row-major: 2-3x slower, LeNet batch of 250 on an AVX2 EPYC)."""
+    return r.t().to(torch.float32).contiguous()
+
+
+def _float32_product(a: Tensor, rt: Tensor, bools: int = 0) -> Tensor:
+    """``a @ rt.T`` for ``(B, n)`` int8 ``a`` and ``rt = _float32_rows(r)``, as int32, exactly: float32 products
+    whose partial sums are integers below 2**24 in any order of summation -- the first ``bools`` columns (0/1) in
+    pieces of up to 131072, the rest in blocks of 1024."""
     b, n = a.shape
-    full = n // _EXACT_F32 * _EXACT_F32
     out = None
-    if full:
-        blocks = a[:, :full].to(torch.float32).view(b, -1, _EXACT_F32).transpose(0, 1)  # (n / 1024, B, 1024)
-        rows = r[:full].to(torch.float32).view(-1, _EXACT_F32, r.shape[1])
-        out = torch.bmm(blocks, rows).to(torch.int32).sum(0, dtype=torch.int32)
+    for start in range(0, bools, _EXACT_F32_BOOLS):
+        stop = min(bools, start + _EXACT_F32_BOOLS)
+        part = torch.mm(a[:, start:stop].to(torch.float32), rt[:, start:stop].t()).to(torch.int32)
+        out = part if out is None else out + part
+    full = bools + (n - bools) // _EXACT_F32 * _EXACT_F32
+    if full > bools:
+        blocks = a[:, bools:full].to(torch.float32).view(b, -1, _EXACT_F32).permute(1, 2, 0)  # (k, 1024, B)
+        rows = rt[:, bools:full].reshape(rt.shape[0], -1, _EXACT_F32).transpose(0, 1)  # (k, 8, 1024)
+        part = torch.bmm(rows, blocks).to(torch.int32).sum(0, dtype=torch.int32).t()
+        out = part if out is None else out + part
     if full < n:
-        rest = (a[:, full:].to(torch.float32) @ r[full:].to(torch.float32)).to(torch.int32)
-        out = rest if out is None else out + rest
-    return out
+        part = torch.mm(a[:, full:].to(torch.float32), rt[:, full:].t()).to(torch.int32)
+        out = part if out is None else out + part
+    return out if out is not None else torch.zeros(b, rt.shape[0], dtype=torch.int32, device=a.device)
 
 
 @functools.lru_cache(maxsize=1)
 def _cpu_route() -> str:
     """``"int_mm"`` or ``"float32"``: the faster exact int8 product on this CPU, measured once per process (the same
     integers either way). ``torch._int_mm`` is fast where oneDNN has int8 kernels (AVX-512 VNNI: ~0.6 ms for a LeNet
-    batch of 250), a plain loop elsewhere (AVX2, an AMD EPYC build machine: 6.2 ms against 2.0 ms for the float32
-    blocks, 1.7x instead of ~1.15x the validation epoch under RegionMonitor)."""
+    batch of 250), a plain loop elsewhere (AVX2, an AMD EPYC build machine: 6.2 ms against about 1 ms for the
+    float32 products, 1.7x instead of 1.27x the validation epoch under RegionMonitor)."""
     if not hasattr(torch, "_int_mm"):  # (torch < 2.2)
         return "float32"
     g = torch.Generator().manual_seed(0)
     with torch._C.DisableTorchFunction(), torch.inference_mode():
-        a = torch.randint(-128, 128, (256, 4096), generator=g, dtype=torch.int16).to(torch.int8)
+        # a block as the keys' products see it: two-state columns first, then one-byte states
+        a = torch.cat([torch.randint(0, 2, (256, 3072), generator=g, dtype=torch.int8),
+                       torch.randint(-128, 128, (256, 1024), generator=g, dtype=torch.int16).to(torch.int8)], 1)
         r = torch.randint(-127, 128, (4096, _COLUMNS), generator=g, dtype=torch.int16).to(torch.int8)
+        rt = _float32_rows(r)
         best = {}
-        for name, f in (("int_mm", torch._int_mm), ("float32", _float32_product)):
-            f(a, r)  # warm-up
+        for name, f in (("int_mm", lambda: torch._int_mm(a, r)), ("float32", lambda: _float32_product(a, rt, 3072))):
+            f()  # warm-up
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                f(a, r)
+                f()
                 times.append(time.perf_counter() - t0)
             best[name] = min(times)
     return min(best, key=best.get)
@@ -381,6 +400,7 @@ class _Block:
         for i, sl, at, w in self.parts:
             first = starts[i] + (0 if sl is None else sl.start)
             self.rows[at:at + w] = r[first:first + w]
+        self.rows_t = _float32_rows(self.rows) if r.device.type == "cpu" else None
         self._buffers: dict[tuple, tuple] = {}
 
     def buffers(self, b: int, device: torch.device) -> tuple[Tensor, list[Tensor], Tensor | None]:
@@ -541,7 +561,7 @@ def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
                 for i, _, at, w in blk.parts:
                     if at < blk.n_two_state:
                         spans[i] = spans.get(i, ()) + ((len(parts) - 1, at, w),)
-        term = _int8_product(block, blk.rows)
+        term = _int8_product(block, blk.rows, blk.n_two_state, blk.rows_t)
         if lay.wide:
             term = term.to(torch.int64)
         acc = term if acc is None else acc + term

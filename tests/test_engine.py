@@ -1322,8 +1322,16 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
     chunk = K._CHUNK
     extreme = torch.full((3, chunk), -128, dtype=torch.int8)  # the largest sum a product may hold
     r = torch.full((chunk, 8), 127, dtype=torch.int8)
-    for product in (torch._int_mm, K._float32_product, K._float64_product):  # every route, at the largest sum
+    for product in (torch._int_mm, lambda a, r: K._float32_product(a, K._float32_rows(r)), K._float64_product,
+                    K._int8_product):  # every route, at the largest sum
         assert int(product(extreme, r)[0, 0]) == -128 * 127 * chunk
+    # the float32 route's 0/1 columns in one product: their largest sum, and one column more than it takes at once
+    for n in (K._EXACT_F32_BOOLS, K._EXACT_F32_BOOLS + 1):
+        ones = torch.ones(2, n + 5, dtype=torch.int8)
+        ones[:, n:] = -128  # then five one-byte states
+        big = torch.full((n + 5, 8), 127, dtype=torch.int8)
+        big[n:] = -127
+        assert int(K._float32_product(ones, K._float32_rows(big), bools=n)[1, 7]) == 127 * n + 5 * 128 * 127
     assert K._cpu_route() in ("int_mm", "float32")
     ref = K.pattern_keys(pats)
     # the CPU's two exact routes (the faster one is measured once per process) give the same keys
@@ -1337,7 +1345,7 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
         monkeypatch.setattr(K, "_CHUNK", chunk)
         monkeypatch.setattr(K, "_GROUP", 4096)
     # the float64 product used off the CPU, also in column blocks of 8 units
-    monkeypatch.setattr(K, "_int8_product", K._float64_product)
+    monkeypatch.setattr(K, "_int8_product", lambda a, r, *rest: K._float64_product(a, r))
     assert torch.equal(K.pattern_keys(pats), ref)
     monkeypatch.setattr(K, "_FLOAT_BLOCK", 5 * 500)
     assert torch.equal(K.pattern_keys(pats), ref)
