@@ -417,7 +417,7 @@ def affine_map(model: nn.Module, x: Tensor, target: TargetType = None, method: s
                      _sizes=[len(p[0]) for p in parts], method=route, layer_names=parts[0][4],
                      _recount=_Recount(model, x, chunk_size=size, strict=strict, logits_at=logits_at))
     if check:
-        _check(amap)
+        _check(amap, model)
     return amap
 
 
@@ -506,9 +506,15 @@ def _keys(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
     return pattern_keys(patterns)
 
 
-def _check(amap: AffineMap) -> None:
-    # relative: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3 / 5e-4 per operation
-    tol = 1e-8 if amap.A.dtype == torch.float64 else max(1e-3, 4 * torch.finfo(amap.A.dtype).eps)
+def _check(amap: AffineMap, model: nn.Module | None = None) -> None:
+    # relative: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3 / 5e-4 per operation. The least
+    # precise dtype the pass computed in: A follows the input, but a float32 model fed float64 inputs (x.float() in
+    # its forward, for numpy data) rounds at float32
+    dtypes = {amap.A.dtype, amap.output.dtype}
+    if model is not None:
+        dtypes |= {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    eps = max(torch.finfo(dt).eps for dt in dtypes)
+    tol = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 4 * eps)
     err = amap.residual()
     # relative to the terms A·x + d adds up, not only to its sum: inputs with a large offset that the model removes
     # (standardisation around 1e4) cancel ~|A|·|x| in every output, and rounding scales with that

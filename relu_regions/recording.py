@@ -424,7 +424,8 @@ class _Session:
     @property
     def types(self) -> dict[str, str]:
         if self._types is None:
-            self._types = {n: type(m).__name__ for n, m in self.model.named_modules()}
+            # (a wrapper the library puts around the user's function names itself as the user knows it)
+            self._types = {n: getattr(m, "display_type", type(m).__name__) for n, m in self.model.named_modules()}
         return self._types
 
     # -- passes ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import copy
 import warnings
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -275,7 +276,7 @@ def test_model_untouched_also_after_errors(lenet, images):
         Re3(m).attribute(images[:2], target=12)
     with pytest.raises(ValueError, match="target=None"):
         Re3(m).attribute(images[:2])
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="tuple target needs one int index per output dimension"):
         Re3(m).attribute(images[:2], target=(0, 1))
     with pytest.raises(TypeError, match="inputs"):
         Re3(m).attribute([images[:2]], target=0)
@@ -562,3 +563,112 @@ def test_a_single_baselines_tensor_is_named_as_passed():
     with pytest.raises(ValueError, match=r"^baselines\[1\] of shape \(4,\) does not match inputs\[1\] of shape "
                                          r"\(2, 1\)"):
         f.attribute((x[:, :2], x[:, 2:]), target=0, baselines=(0.0, torch.zeros(4)))
+
+
+def test_captum_target_forms_negative_tuple_and_internal_batch_size():
+    """Before: target=-1 and tuple targets (which Captum takes as output[:, -1] / output[(slice(None), *t)]) and
+    IntegratedGradients' internal_batch_size were refused."""
+    torch.manual_seed(23)
+    x = torch.rand(4, 3, dtype=torch.float64)
+    grid = _Grid((2, 3)).double().eval()
+    for t in ((1, 2), (-1, 0), (0, -3)):
+        ref = InputXGradient(grid).attribute(x.clone().requires_grad_(), target=t).detach()
+        assert _rel(Re3(grid).attribute(x, target=t), ref) <= 1e-12
+    m = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4)).double().eval()
+    for t in (-1, -4, (2,), (-2,)):
+        ref = InputXGradient(m).attribute(x.clone().requires_grad_(), target=t).detach()
+        assert _rel(Re3(m).attribute(x, target=t), ref) <= 1e-12
+    with pytest.raises(ValueError, match=r"target indices must lie in \[0, 4\)"):
+        Re3(m).attribute(x, target=-5)
+    with pytest.raises(ValueError, match=r"target=\(4,\) lies outside"):
+        Re3(m).attribute(x, target=(4,))
+    with pytest.raises(ValueError, match="one int index per output dimension"):
+        Re3(grid).attribute(x, target=(1,))
+    whole, delta = Re3(m).attribute(x, target=1, return_convergence_delta=True)
+    for size in (1, 3):
+        a, d = Re3(m).attribute(x, target=1, return_convergence_delta=True, internal_batch_size=size)
+        assert torch.equal(a, whole) and torch.equal(d, delta)
+    with pytest.raises(ValueError, match="internal_batch_size must be a positive int"):
+        Re3(m).attribute(x, target=1, internal_batch_size=0)
+
+
+def test_float64_inputs_to_a_float32_model():
+    """Before: a float32 model that casts its inputs (x.float(), for numpy data) failed the exactness check with
+    float64 inputs ("not piecewise linear ... please report"): the tolerance followed the inputs' dtype."""
+
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+        def forward(self, x):
+            return self.net(x.float())
+
+    torch.manual_seed(24)
+    m = Cast().eval()
+    x = torch.randn(64, 6, dtype=torch.float64) * 30
+    ours = Re3(m).attribute(x, target=1)
+    ref64 = copy.deepcopy(m.net).double()
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: ref64(v[None])[0]))(x)[:, 1]  # float64 route
+    assert ours.dtype == torch.float64 and _rel(ours, jac * x) <= 1e-5
+    # a tuple of a float32 and a float64 input is joined as float64: the same
+    f = Re3(lambda u, v: m(torch.cat([u.double(), v], 1)))
+    a, b = f.attribute((x[:, :2].float(), x[:, 2:]), target=1)
+    assert _rel(torch.cat([a.double(), b], 1), jac * x) <= 1e-5
+
+
+def test_compute_convergence_delta_is_the_delta_attribute_returns():
+    """Before: compute_convergence_delta (inherited) gave Captum's completeness error, attribute's delta the region's
+    value at the baseline: two meanings on one object. Now both give the latter, and Captum's completeness error is
+    f(x0)[t] − delta (checked against IntegratedGradients' with x0 in x's region)."""
+    torch.manual_seed(25)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    x = torch.rand(5, 4, dtype=torch.float64) + 0.5
+    x0 = x * 0.999  # (nearly surely in x's region: checked below)
+    re3 = Re3(m)
+    a, delta = re3.attribute(x, baselines=x0, target=2, return_convergence_delta=True)
+    assert bool(re3.same_region_.all())
+    assert torch.allclose(re3.compute_convergence_delta(a, x0, x, target=2), delta, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        fx, fx0 = m(x)[:, 2], m(x0)[:, 2]
+    assert torch.allclose(a.sum(1) + delta, fx, rtol=0, atol=1e-12)  # Re3's definition
+    ig, ig_delta = IntegratedGradients(m).attribute(x, baselines=x0, target=2, return_convergence_delta=True)
+    assert torch.allclose(fx0 - delta, ig_delta, rtol=0, atol=1e-9)  # Captum's completeness error, both ~0
+    # tuples of inputs with additional arguments
+    g = Re3(lambda u, v, s: m(torch.cat([u, v], 1)) * s)
+    parts, d2 = g.attribute((x[:, :1], x[:, 1:]), target=0, additional_forward_args=(2.0,),
+                            return_convergence_delta=True)
+    assert torch.allclose(g.compute_convergence_delta(parts, None, (x[:, :1], x[:, 1:]), target=0,
+                                                      additional_forward_args=(2.0,)), d2, rtol=0, atol=1e-12)
+
+
+def test_engine_options_and_messages_through_re3():
+    """Before: errors raised through Re3 said "pass strict=False" / "pass check=False", which Re3 did not take, and
+    named its private wrapper ('_Joined')."""
+    torch.manual_seed(26)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    x = torch.rand(3, 4)
+    with pytest.raises(Exception, match=r"module '<root>' \(the forward_func given to Re3, its inputs joined\) "
+                                        r"calls 'dropout'.*strict=False"):
+        Re3(lambda t: net(t)).attribute(x, target=0)
+    a = Re3(lambda t: net(t), strict=False, check=False).attribute(x, target=0)
+    assert a.shape == x.shape and torch.isfinite(a).all()
+    assert net.training  # the user's flag as it was
+
+
+def test_region_warning_points_at_the_callers_line():
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double().eval()
+    x = torch.rand(4, 3, dtype=torch.float64) + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Re3(m).attribute(x, baselines=-x, target=0)
+    files = {w.filename for w in caught if "another activation region" in str(w.message)}
+    assert files == {__file__}
+
+
+def test_chw_to_hwc_takes_low_precision_tensors():
+    img = torch.rand(3, 5, 4)
+    for dt in (torch.bfloat16, torch.float16):
+        out = chw_to_hwc(img.to(dt))
+        assert out.shape == (5, 4, 3) and out.dtype == np.float32
+        assert np.array_equal(out, img.to(dt).float().permute(1, 2, 0).numpy())

@@ -36,6 +36,8 @@ class _Joined(nn.Module):
     (replica-major, as the forward route runs it) gets them tiled ``r`` times.
     """
 
+    display_type = "the forward_func given to Re3, its inputs joined"  # the engine's messages name the root so
+
     def __init__(self, model: nn.Module | Callable, shapes: list[tuple[int, ...]], extra: tuple,
                  batch: int | None = None):
         super().__init__()
@@ -134,12 +136,20 @@ class Re3(GradientAttribution):
         Route of :func:`~relu_regions.affine_map`; ``"reverse"`` (one backward pass per target) by default.
     logits_at : str, optional
         Module path whose output is explained (e.g. before a softmax head).
+    strict, check : bool
+        As in :func:`~relu_regions.affine_map`: ``strict=False`` takes operations the engine cannot follow as fixed
+        (e.g. a dropout left in training mode), ``check=False`` skips the check ``A·x + d == f(x)``.
 
     Notes
     -----
     The convergence delta is the region's map evaluated at the baseline, ``A[t]·x0 + d[t]``: the region's offset
     ``d[t]`` (the frozen network at 0) for the default zero baseline. Hence ``attributions.sum() + delta ==
-    f(x)[target]`` exactly. With a baseline the split is also ``f(x) − f(x0)`` when ``x0`` lies in the closed region
+    f(x)[target]`` exactly. This is not Captum's meaning for IntegratedGradients or DeepLift, whose delta is the
+    error of completeness, ``attributions.sum() − (f(x) − f(x0))``, ideally 0: Re3's attributions are exact, and
+    its delta is the rest of ``f(x)`` that they do not split. :meth:`compute_convergence_delta` gives the same
+    number as ``attribute``; Captum's completeness error is ``f(x0)[t] − delta`` (0 when :attr:`same_region_`).
+
+    With a baseline the split is also ``f(x) − f(x0)`` when ``x0`` lies in the closed region
     of ``x`` (its pattern agrees with that of ``x`` at every unit not exactly at its breakpoint, as the zero baseline
     of a bias-free network does), and in general not otherwise; :attr:`same_region_` holds that flag per sample after
     each call with baselines (a warning is given when it fails for some sample).
@@ -151,7 +161,7 @@ class Re3(GradientAttribution):
     """
 
     def __init__(self, forward_func: nn.Module | Callable, multiply_by_inputs: bool = True, method: str = "reverse",
-                 logits_at: str | None = None) -> None:
+                 logits_at: str | None = None, strict: bool = True, check: bool = True) -> None:
         if not callable(forward_func):
             raise TypeError(f"forward_func must be a torch.nn.Module or callable, got {type(forward_func).__name__}")
         if logits_at is not None and not isinstance(forward_func, nn.Module) and not isinstance(
@@ -164,6 +174,8 @@ class Re3(GradientAttribution):
         self._multiply_by_inputs = multiply_by_inputs
         self.method = method
         self.logits_at = logits_at
+        self.strict = strict
+        self.check = check
         self.same_region_: Tensor | None = None
 
     @property
@@ -175,7 +187,8 @@ class Re3(GradientAttribution):
 
     @log_usage()
     def attribute(self, inputs: Tensor | tuple[Tensor, ...], baselines: Any = None, target: Any = None,
-                  additional_forward_args: Any = None, return_convergence_delta: bool = False):
+                  additional_forward_args: Any = None, return_convergence_delta: bool = False,
+                  internal_batch_size: int | None = None):
         r"""Re3 attributions of ``target`` for each input.
 
         Parameters
@@ -184,15 +197,20 @@ class Re3(GradientAttribution):
             Batched inputs ``(B, ...)``; a tuple gives a tuple back.
         baselines : None, number, Tensor or tuple, optional
             Reference ``x0`` (default 0), as in Captum.
-        target : int, list, Tensor or None
-            As in Captum (a list has one entry per sample): an index into dim 1 of a ``(B, K)`` output (outputs with
-            more dims are refused, as by Captum, unless the extra dims have size 1); None only for models with one
-            output per sample.
+        target : int, tuple, list, Tensor or None
+            As in Captum (a list has one entry per sample): an index into dim 1 of a ``(B, K)`` output (negative ints
+            count from the end; outputs with more dims are refused, as by Captum, unless the extra dims have size 1);
+            a tuple with one index per output dimension after the batch names one entry of any output; None only
+            for models with one output per sample.
         additional_forward_args : any, optional
             Extra arguments of the forward function (constants of the map); tensors whose first dimension is the
             batch size are per-sample, as in Captum.
         return_convergence_delta : bool
-            Also return ``delta`` ``(B,)`` = ``A[t]·x0 + d[t]`` (``d[t]`` for the zero baseline).
+            Also return ``delta`` ``(B,)`` = ``A[t]·x0 + d[t]`` (``d[t]`` for the zero baseline; see the Notes on
+            how this differs from Captum's completeness error).
+        internal_batch_size : int, optional
+            Samples per internal pass of the engine (its ``chunk_size``: memory against speed); the result does not
+            depend on it.
 
         Returns
         -------
@@ -210,8 +228,11 @@ class Re3(GradientAttribution):
         bls = _baselines(baselines, xs, is_tuple)
         extra = _as_tuple(additional_forward_args)
         model, x, base = self._joined(xs, bls, extra)
+        if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
+                                                not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+            raise ValueError(f"internal_batch_size must be a positive int or None, got {internal_batch_size!r}")
         with torch.enable_grad():  # Captum users call attribute under no_grad
-            values, delta = self._attributions(model, x, base, target)
+            values, delta = self._attributions(model, x, base, target, internal_batch_size)
         if base is not None:
             self.same_region_ = same_region(model, x, base, self._logits_at(model), closed=True)
             if not bool(self.same_region_.all()):
@@ -219,7 +240,8 @@ class Re3(GradientAttribution):
 
                 n = int((~self.same_region_).sum())
                 warnings.warn(f"Re3: for {n} of {b} samples the baseline lies in another activation region; there "
-                              "the attributions split f(x) − (A·x0 + d), not f(x) − f(x0)", stacklevel=2)
+                              "the attributions split f(x) − (A·x0 + d), not f(x) − f(x0)", stacklevel=3)
+                # (3: past captum's log_usage wrapper, to the caller's line)
         else:
             self.same_region_ = None
         values = values.to(xs[0].dtype)
@@ -229,24 +251,50 @@ class Re3(GradientAttribution):
             return out, delta.to(xs[0].dtype)
         return out
 
+    def compute_convergence_delta(self, attributions: Tensor | tuple[Tensor, ...], start_point: Any,
+                                  end_point: Tensor | tuple[Tensor, ...], target: Any = None,
+                                  additional_forward_args: Any = None) -> Tensor:
+        """Re3's delta for ``attributions`` of ``end_point``: ``f(end_point)[target] − attributions.sum()`` per
+        sample, ``(B,)``; for Re3's own attributions the number ``attribute(..., return_convergence_delta=True)``
+        gives, ``A[t]·x0 + d[t]`` (see the class Notes: not Captum's completeness error, which is
+        ``f(start_point)[t]`` minus this). ``start_point`` is accepted for Captum's signature; this delta does not
+        read it."""
+        ends = _as_tuple(end_point)
+        attrs = _as_tuple(attributions)
+        if not ends or not all(isinstance(t, Tensor) for t in (*ends, *attrs)):
+            raise TypeError("end_point and attributions must be Tensors or tuples of Tensors")
+        if len(attrs) != len(ends):
+            raise ValueError(f"attributions has {len(attrs)} tensors for {len(ends)} end_point tensors")
+        _check_inputs(ends, isinstance(end_point, tuple))
+        b = ends[0].shape[0]
+        model, x, _ = self._joined(tuple(t.detach() for t in ends), None, _as_tuple(additional_forward_args))
+        out = self._explained(model, x)
+        tgt = resolve_target(self._target(target, b, (1, *out.shape[1:])), b, int(np.prod(out.shape[1:])), x.device)
+        f = out.reshape(b, -1).gather(1, tgt[:, None])[:, 0].to(torch.float64)
+        total = sum(a.detach().reshape(b, -1).to(torch.float64).sum(1) for a in attrs)
+        return (f - total).to(ends[0].dtype)
+
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _attributions(self, model: nn.Module, x: Tensor, base: Tensor | None, target: Any) -> tuple[Tensor, Tensor]:
+    def _attributions(self, model: nn.Module, x: Tensor, base: Tensor | None, target: Any,
+                      chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
         """Attributions and delta of the flat inputs ``x`` (the engine's batched map, read off per sample)."""
         b, logits_at = x.shape[0], self._logits_at(model)
         per_sample = isinstance(model, _Joined) and any(model.per_sample)
         shape = self._out_shape(model.rows(slice(0, 1)) if per_sample else model, x[:1])
         tgt = self._target(target, b, shape)
         if not per_sample:
-            return self._read(affine_map(model, x, target=tgt, method=self.method, logits_at=logits_at), base)
+            return self._read(affine_map(model, x, target=tgt, method=self.method, logits_at=logits_at,
+                                         chunk_size=chunk_size, strict=self.strict, check=self.check), base)
         # per-sample additional_forward_args: the engine runs the model on chunks of the batch (and the forward
         # route on replicas of a chunk), so the map is computed here chunk by chunk, each chunk's module holding
         # the matching rows; the chunks are the engine's own (same size rule)
         k = int(np.prod(shape[1:]))
         tgt = resolve_target(tgt, b, k, x.device)
         n_inputs = int(x[0].numel())
-        size = _default_chunk(choose_method(self.method, 1, n_inputs), n_inputs, k)
+        size = chunk_size or _default_chunk(choose_method(self.method, 1, n_inputs), n_inputs, k)
         parts = [self._read(affine_map(model.rows(sl), x[sl], target=tgt[sl], method=self.method, logits_at=logits_at,
-                                       chunk_size=sl.stop - sl.start), None if base is None else base[sl])
+                                       chunk_size=sl.stop - sl.start, strict=self.strict, check=self.check),
+                            None if base is None else base[sl])
                  for sl in _chunks(b, size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -274,10 +322,16 @@ class Re3(GradientAttribution):
         """Captum's target for a batch of ``b`` and an explained output of shape ``shape`` for one sample
         ``(1, ...)``; None (one output per sample) becomes 0."""
         if target is not None:
-            if isinstance(target, tuple):
-                raise NotImplementedError("Re3 supports int / per-sample targets of (B, K) outputs; tuple targets "
-                                          "(an entry of a >2-D output) are not supported: flatten the output in a "
-                                          "wrapper module and pass the flat index")
+            if isinstance(target, tuple):  # one entry of the output, as Captum's output[(slice(None), *target)]
+                dims = shape[1:]
+                if len(target) != len(dims) or not all(isinstance(i, int) and not isinstance(i, bool) for i in target):
+                    raise ValueError(f"target={target!r}: a tuple target needs one int index per output dimension "
+                                     "after the batch; the explained output has shape "
+                                     f"(B, {', '.join(map(str, dims))})")
+                if not all(-d <= i < d for i, d in zip(target, dims)):
+                    raise ValueError(f"target={target!r} lies outside the explained output of shape "
+                                     f"(B, {', '.join(map(str, dims))})")
+                return int(np.ravel_multi_index(tuple(i % d for i, d in zip(target, dims)), dims))
             if isinstance(target, list) and target and isinstance(target[0], tuple):
                 raise NotImplementedError("Re3 does not support lists of tuple targets")
             if len(shape) > 2 and int(np.prod(shape[2:])) != 1:
@@ -289,6 +343,10 @@ class Re3(GradientAttribution):
                                  f"(B, {', '.join(map(str, shape[1:]))}); as in Captum, int and per-sample targets "
                                  "index dim 1 of a 2-D output only. Flatten the output in a wrapper module "
                                  "(forward returns model(x).flatten(1)) and pass the flat index")
+            if isinstance(target, int) and not isinstance(target, bool) and target < 0:
+                k = int(np.prod(shape[1:]))  # as Python's (and Captum's) output[:, target]
+                if target >= -k:
+                    return target + k
             if isinstance(target, list) and len(target) != b:
                 # as Captum ("Target list length does not match output!"): a list is one target per sample, never
                 # broadcast (a leftover one-element list would explain the wrong class for every other sample)
@@ -303,14 +361,18 @@ class Re3(GradientAttribution):
         return 0
 
     def _out_shape(self, model: nn.Module, x1: Tensor) -> tuple[int, ...]:
-        """Shape ``(1, ...)`` of the explained output of one sample ``x1`` (a recorded pass, the model restored
-        afterwards)."""
+        """Shape ``(1, ...)`` of the explained output of one sample ``x1``."""
+        return tuple(self._explained(model, x1).shape)
+
+    def _explained(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The explained output at ``x`` (the model in eval mode, as the engine runs it; a recorded pass, the
+        model restored afterwards)."""
         from ..recording import run_recorded
         from ..state import preserved
 
         with preserved(model, eval_mode=True), torch.no_grad():
-            out, _ = run_recorded(model, x1, logits_at=self._logits_at(model))
-        return tuple(out.shape)
+            out, _ = run_recorded(model, x, logits_at=self._logits_at(model), strict=self.strict)
+        return out
 
     @staticmethod
     def _split(values: Tensor, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -326,7 +388,12 @@ def chw_to_hwc(t: Tensor | np.ndarray) -> np.ndarray:
 
     ``captum.attr.visualization.visualize_image_attr`` takes channels last and silently misplots CHW arrays.
     """
-    a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+    if isinstance(t, Tensor):
+        t = t.detach().cpu()
+        # (numpy has no bfloat16: attributions of a bfloat16 model come in that dtype)
+        a = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+    else:
+        a = np.asarray(t)
     if a.ndim == 4:
         if a.shape[0] != 1:
             raise ValueError(f"expected one image, got a batch of {a.shape[0]}; index it first")
