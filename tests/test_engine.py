@@ -2314,3 +2314,24 @@ def test_preactivation_norms_in_tiny_and_huge_input_units(scale, reduce):
     assert torch.allclose(got["3"].norm.double(), want, rtol=1e-5)
     want0 = torch.linalg.vector_norm(m64[0].weight.double(), ord=reduce, dim=1).expand(4, 5)
     assert torch.allclose(got["1"].norm.double(), want0, rtol=1e-5)
+
+
+def test_pattern_keys_under_autocast_are_the_keys_outside_it():
+    """Before: under torch.autocast the keys' float32 products ran in bfloat16: other keys for the same patterns
+    than outside it (a Lightning "bf16-mixed" step's against an evaluate()), and rounded sums can merge patterns."""
+    from relu_regions import keys as K
+
+    g = torch.Generator().manual_seed(7)
+    pats, _ = _random_patterns(300, g, duplicates=False)
+    ref = K.pattern_keys(pats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys, counts = K.pattern_keys_and_counts(pats)
+        assert torch.is_autocast_enabled("cpu")  # (the caller's autocast is back after the call)
+    assert torch.equal(keys, ref) and torch.unique(keys).numel() == 300
+    net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(64, 20, generator=g)
+    with rr.record(net) as rec:
+        net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = K.pattern_keys(rec.patterns())
+    assert torch.equal(inside, K.pattern_keys(rec.patterns())) and torch.equal(inside, rec.region_ids())

@@ -854,3 +854,72 @@ def test_a_fit_resumed_inside_an_epoch_records_the_rest_of_its_training_batches(
     assert [(h["epoch"], h["stage"]) for h in mon.history] == [(0, "val"), (0, "train")]
     val_keys = _relu_keys(model.net, val.tensors[0])
     assert mon.history[0]["train_overlap"] == pytest.approx(_overlap(keys, val_keys))
+
+
+def test_test_and_validate_with_ckpt_path_keep_the_monitors_history(tmp_path):
+    """Before: Lightning restores callbacks for every ckpt_path, and trainer.test(ckpt_path="best") after a fit
+    rolled the monitor's history and statistics back to the best epoch's (validate: epochs 1, 2 gone)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = make_data(64, 0), make_data(48, 1)
+    mon = RegionMonitor(probe_size=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="regions/val/mean_purity", mode="max")
+    t = trainer([mon, ckpt], tmp_path, max_epochs=3, enable_checkpointing=True, num_sanity_val_steps=0)
+    model = Lit(lr=0.5)
+    t.fit(model, loader(train), loader(val))
+    rows = [dict(h) for h in mon.history]
+    val_stats = mon.stats["val"]
+    assert [h["epoch"] for h in rows if h["stage"] == "val"] == [0, 1, 2]
+    t.test(model, loader(val), ckpt_path="best")
+    t.validate(model, loader(val), ckpt_path="best")
+    assert mon.history[:len(rows)] == rows
+    assert [h["stage"] for h in mon.history[len(rows):]] == ["test", "val"]
+    # the new rows are those of the best checkpoint's weights: as an independent evaluation of them
+    best = Lit()
+    best.load_state_dict(torch.load(ckpt.best_model_path, weights_only=False)["state_dict"])
+    ref = evaluate(best, loader(val), n_classes=3, progress=False)
+    assert mon.history[-1]["n_regions"] == ref.n_regions() and mon.history[-1]["accuracy"] == ref.accuracy
+    assert mon.stats["val"] is not val_stats
+    # a fit from the checkpoint still resumes the monitor's state
+    resumed = RegionMonitor(probe_size=0)
+    trainer([resumed], tmp_path, max_epochs=4, enable_checkpointing=True, num_sanity_val_steps=0).fit(
+        Lit(lr=0.5), loader(train), loader(val), ckpt_path=ckpt.best_model_path)
+    assert resumed.history[0]["epoch"] == 0 and len(resumed.history) > 2
+
+
+def test_history_rows_carry_the_step_and_plot_by_it(tmp_path):
+    """Before: with val_check_interval < 1, the rows of one epoch's validations were {"epoch": 0, ...} alike and
+    plot_history drew them at one x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    mon = RegionMonitor(probe_size=0)
+    trainer([mon], max_epochs=1, val_check_interval=0.25, num_sanity_val_steps=0).fit(
+        Lit(), loader(make_data(64, 0), 8), loader(make_data(16, 1)))
+    rows = [h for h in mon.history if h["stage"] == "val"]
+    assert [(h["epoch"], h["step"]) for h in rows] == [(0, 2), (0, 4), (0, 6), (0, 8)]
+    ax = mon.plot_history(stages=("val",))
+    assert list(ax.lines[0].get_xdata()) == [2, 4, 6, 8] and ax.get_xlabel() == "training step"
+
+
+def test_bf16_mixed_records_training_batches_under_the_steps_autocast():
+    """Before: under precision="bf16-mixed" the validation regions came from the autocast forward, the extra pass
+    over training batches from a float32 one: with fixed weights and the same data, train_overlap read < 1. (And the
+    keys' own float32 products ran in bfloat16 under an autocast: other keys for the same patterns.)"""
+    ds = make_data(256, 0)
+    mon = RegionMonitor(probe_size=0, train_every_n_batches=1)
+    model = Lit(lr=0.0)
+    model.net = mlp(2, [64, 64], 3)
+    with pytest.warns(UserWarning, match="regions counted are those of the autocast forward"):
+        trainer([mon], max_epochs=1, precision="bf16-mixed", num_sanity_val_steps=0).fit(
+            model, loader(ds, 64), loader(ds, 64))
+    row = next(h for h in mon.history if h["stage"] == "val")
+    assert row["train_overlap"] == 1.0
+    assert mon.stats["train"].n_regions() == mon.stats["val"].n_regions() == row["n_regions"]
+    # the regions counted are the autocast forward's: as recorded by hand under the same autocast
+    import relu_regions as rr
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), torch.no_grad():
+        with rr.record(model.net) as rec:
+            model.net(ds.tensors[0])
+    assert rec.region_ids().unique().numel() == row["n_regions"]

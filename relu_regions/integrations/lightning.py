@@ -76,7 +76,14 @@ Region keys are computed at the end of each batch, which frees its unit states b
 fifteenth session's 2-core CPU, LeNet validation epochs ran ~2.5 points faster than with keys every four batches;
 benchmarks/results/callback_overhead.md).
 
-Checkpoints: the monitor's state (history, statistics, probe) goes into Lightning checkpoints. A checkpoint saved
+Mixed precision (``precision="bf16-mixed"`` / ``"16-mixed"``): the steps run under autocast, so the regions counted
+are those of the autocast forward (pre-activations rounded to the low precision); the extra pass over training
+batches runs under the same autocast, and the keys themselves are always computed in full precision. The probe's
+boundary distance is exact for the network without autocast. A warning says so once.
+
+Checkpoints: the monitor's state (history, statistics, probe) goes into Lightning checkpoints and comes back with
+``trainer.fit(ckpt_path=...)``; ``trainer.validate / test / predict(ckpt_path=...)`` load the weights only (the
+monitor keeps its own history and statistics and adds the new rows). A checkpoint saved
 at the end of a validation (``ModelCheckpoint``'s default when validation does not run once per epoch) is written
 before that epoch's training row is added to the history (at the training epoch's end), so a run resumed from it
 lacks that row. A run resumed in the middle of an epoch (where Lightning skips ``on_train_epoch_start``) starts
@@ -98,6 +105,7 @@ exact equality.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -186,7 +194,8 @@ class RegionMonitor(Callback):
         ``"train"``, ``"val"``, ``"test"`` -> the latest epoch's (merged) RegionStats; with several evaluation data
         loaders ``"val/dataloader_idx_<k>"`` (``"test/..."``) per loader instead.
     history : list of dict
-        One row per logged epoch and stage: ``{"epoch", "stage", <metric>: value}``.
+        One row per logged epoch end and stage: ``{"epoch", "step", "stage", <metric>: value}`` (``step``:
+        Lightning's ``global_step``, which tells apart several validations of one epoch, ``val_check_interval < 1``).
     comparisons : list
         ``(epoch, stage, result)`` of every comparison run.
     """
@@ -273,6 +282,9 @@ class RegionMonitor(Callback):
         self._epoch_start: dict[str, float] = {}  # stage -> perf_counter at epoch start (the slow-probe warning)
         self._probe_epochs = 0  # recorded validation epochs seen (probe_every_n_epochs)
         self._warned_slow_probe = False
+        self._warned_mixed = False
+        self._probes_timed = 0  # the first probe also pays torch's one-time forward-AD set-up: not judged
+        self._trainer_fn: str | None = None  # the Trainer function running (setup's stage), None outside one
         self._warned_probe_shape = False
         self._probe_checked = False  # whether this epoch's first recorded batch checked the probe's shape
         self._train_epoch: int | None = None  # the epoch whose training statistics run (None: none in this fit)
@@ -442,6 +454,17 @@ class RegionMonitor(Callback):
         if shared:  # (two monitors' recordings would take each other's passes)
             raise ValueError(f"several RegionMonitor callbacks record the stage(s) {shared}: use one per stage "
                              "(its granularities= count several layer selections at once)")
+        # Lightning restores callbacks from every ckpt_path (after setup): only a fit resumes the monitor's state
+        self._trainer_fn = stage
+        precision = str(getattr(trainer, "precision", ""))
+        if "mixed" in precision and not self._warned_mixed:
+            self._warned_mixed = True
+            rank_zero_warn(
+                f"RegionMonitor: under precision={precision!r} the steps run under autocast, and the regions counted "
+                "are those of the autocast forward (pre-activations rounded to the low precision); the extra pass over "
+                "training batches runs under the same autocast, so train and validation keys compare. The probe's "
+                "boundary distance is exact for the network in full precision (no autocast): near a boundary it may "
+                "disagree with the rounded regions.", category=UserWarning)
 
     def _start_epoch(self, trainer: Any, stage: str) -> None:
         self._unspy()  # (left on only if a training batch ended without on_train_batch_end)
@@ -546,12 +569,15 @@ class RegionMonitor(Callback):
                 if type(e) is not RuntimeError:  # (the package's own errors say what to do already)
                     raise
                 raise RuntimeError(self._probe_failed(e)) from e
-            self._check_probe_time(stage, time.perf_counter() - t0, t0 - self._epoch_start.get(stage, t0))
+            self._probes_timed += 1
+            if self._probes_timed > 1:
+                self._check_probe_time(stage, time.perf_counter() - t0, t0 - self._epoch_start.get(stage, t0))
         for name, suffix, metrics in rows:
             for metric, value in metrics.items():
                 pl_module.log(f"{self.prefix}{short}/{metric}{suffix}", float(value), on_epoch=True,
                               sync_dist=True, add_dataloader_idx=False)
-            self.history.append({"epoch": trainer.current_epoch, "stage": name, **metrics})
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "stage": name,
+                                 **metrics})
         if self.compare and (stage == "test" or (self.compare_every_n_epochs and stage == "validate" and
                                                   (trainer.current_epoch + 1) % self.compare_every_n_epochs == 0)):
             self._run_compare(trainer, pl_module, short)
@@ -689,7 +715,9 @@ class RegionMonitor(Callback):
         from_step = x is not None
         if not from_step:  # the step did not call the module (nor its forward) with a tensor: the batch's inputs
             x = self.get_inputs(batch)
-        with preserved(net, eval_mode=True), torch.no_grad():
+        # under the precision the validation steps run with (autocast for "*-mixed"): keys of one computation
+        step_context = getattr(getattr(trainer, "precision_plugin", None), "val_step_context", contextlib.nullcontext)
+        with preserved(net, eval_mode=True), torch.no_grad(), step_context():
             with track(net, _Deferred(), logits_at=self.logits_at, strict=self.strict) as tracker:
                 try:
                     net(x)
@@ -741,6 +769,7 @@ class RegionMonitor(Callback):
     def teardown(self, trainer, pl_module, stage):
         self._unspy()
         self._close()
+        self._trainer_fn = None
         if stage == "fit":  # the training statistics belong to this fit (not to a later trainer.validate())
             self._active.discard("train")
             self._local.pop("train", None)
@@ -756,8 +785,16 @@ class RegionMonitor(Callback):
         """Resume from a checkpoint. Settings given to this monitor that disagree with the run that wrote it are
         refused (``n_classes``, ``layers``, ``granularities``: the history would mix two definitions); an explicit
         ``probe=`` is kept, with a warning when it differs from the checkpoint's (earlier epochs' boundary
-        distances were measured on that one). Before, the checkpoint's silently replaced both."""
+        distances were measured on that one). Before, the checkpoint's silently replaced both.
+
+        Only ``trainer.fit(ckpt_path=...)`` (or a direct call) resumes: Lightning also restores callbacks for
+        ``trainer.validate / test / predict(ckpt_path=...)``, which load the checkpoint's weights only; the monitor
+        keeps its own history and statistics there (before, ``test(ckpt_path="best")`` after a fit rolled them back
+        to the best epoch's)."""
         from ..regions import RegionStats
+
+        if self._trainer_fn not in (None, "fit"):
+            return
 
         n = state_dict["n_classes"]
         if self._n_classes_given and n is not None and n != self.n_classes:
@@ -785,18 +822,22 @@ class RegionMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------- plots
     def plot_history(self, metric: str = "n_regions", stages: Sequence[str] = ("val", "train"), ax: Any = None):
-        """Plot ``metric`` (default the region count) against the epoch; returns the matplotlib Axes."""
+        """Plot ``metric`` (default the region count) against the epoch, or against the training step when a
+        stage has several rows in one epoch (``val_check_interval < 1``); returns the matplotlib Axes."""
         import matplotlib.pyplot as plt
 
         if ax is None:
             _, ax = plt.subplots(figsize=(5, 3.2))
-        for stage in stages:
-            rows = [h for h in self.history if h["stage"] == stage and metric in h]
+        picked = {stage: [h for h in self.history if h["stage"] == stage and metric in h] for stage in stages}
+        by_step = any(len({h["epoch"] for h in rows}) < len(rows) for rows in picked.values()) and all(
+            "step" in h for rows in picked.values() for h in rows)  # (rows of checkpoints before 0.1.0 lack it)
+        x = "step" if by_step else "epoch"
+        for stage, rows in picked.items():
             if rows:
-                ax.plot([h["epoch"] for h in rows], [h[metric] for h in rows], marker="o", label=stage)
-        ax.set_xlabel("epoch")
+                ax.plot([h[x] for h in rows], [h[metric] for h in rows], marker="o", label=stage)
+        ax.set_xlabel("training step" if by_step else "epoch")
         ax.set_ylabel(metric.replace("_", " "))
-        ax.set_title(f"{metric.replace('_', ' ')} per epoch")
+        ax.set_title(f"{metric.replace('_', ' ')} per {'validation' if by_step else 'epoch'}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         return ax
