@@ -745,6 +745,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():  # (checked before the comparison runs)
         raise CLIError(f"--out {args.out}: is a directory; give the path of the Markdown file to write")
     if args.model is None:
+        # (without --model the demo network and its digits run: options of a user's model and data would be ignored)
+        given = [flag for flag, value in (("--data", args.data), ("--class", args.model_class),
+                                          ("--class-kwargs", args.class_kwargs), ("--data-root", args.data_root),
+                                          ("--limit", args.limit), ("--input-shape", args.input_shape),
+                                          ("--split", None if args.split == "test" else args.split))
+                 if value is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} need --model: without it compare runs the demo network on the digits "
+                           "data and would ignore them")
         model, _ = train_demo_model(seed=args.seed, quick=args.quick, progress=not args.no_progress)
         _, data = digits_data(args.seed)
     else:

@@ -145,6 +145,15 @@ def test_compare_refuses_logits_at(tabular_files, capsys):
     assert_one_line_error(code, err, "--logits-at", "must be the logits")
 
 
+def test_compare_refuses_data_options_without_a_model(tabular_files, capsys):
+    """Before: compare --data FILE without --model ran the demo network on the digits and exited 0, the data (and
+    --limit, --class, ...) ignored."""
+    _, _, _, _, _, npz, _ = tabular_files
+    for extra in (["--data", str(npz)], ["--limit", "5"], ["--class", "netdefs:make"], ["--split", "train"]):
+        code, _, err = run(["compare", "--quick", *extra], capsys)
+        assert_one_line_error(code, err, extra[0], "need --model")
+
+
 def test_errors_are_one_line_and_write_nothing(tabular_files, capsys, monkeypatch):
     tmp, model, X, y, sd, npz, csv = tabular_files
     monkeypatch.chdir(tmp)
