@@ -327,6 +327,11 @@ class ACEResult:
     effect: dict[str, Tensor]
     n_samples: int
 
+    def __repr__(self) -> str:
+        return (f"ACEResult(site={self.site!r}, unit={self.unit}, {len(self.alphas)} values of α, layers "
+                f"{list(self.effect)}: a Monte-Carlo estimate over {self.n_samples} samples, exact when they are the "
+                "whole data set)")
+
     def heatmaps(self, layer: str = "output", shape: Sequence[int] | None = None) -> Tensor:
         """``(A, *shape)`` ACE of ``layer`` reshaped (e.g. to ``(28, 28)`` for image outputs)."""
         e = self.effect[layer]

@@ -822,8 +822,8 @@ def _common(p: argparse.ArgumentParser, report: bool = True) -> None:
                             "previous report (default: ./%(default)s)")
         g.add_argument("--explain", type=_positive_int, default=None, metavar="N",
                        help="samples for the exact Re3 contributions (default: all analysed samples)")
-    g.add_argument("--seed", type=int, default=0, help="seed for training, sample subsets and the sampling "
-                   "attribution methods (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the demo model's training, sample subsets and the "
+                   "sampling attribution methods (default: 0)")
     g.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (a few seconds)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="show the full traceback on errors")

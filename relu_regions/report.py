@@ -739,9 +739,10 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
             overview, figs, notes = _regionstats_section_parts(model, patterns, groups, y.cpu(), y_pred, k, X, names,
                                                                feature_names, progress, logits_at)
             sections.append(Section("Region statistics (RegionStats)", text=[
-                "From relu_regions.RegionStats (hashed 64-bit region keys; 'mean_purity' is the unweighted mean"
-                " over regions, 'confused_share' the share of regions with purity below 0.7, coverage as in Re3:"
-                " samples of each class in that class's top-1 / top-C regions).", *notes],
+                "From relu_regions.RegionStats (64-bit region keys: the packed pattern itself when it fits into 64"
+                " bits, else a hash, collision probability about n²/2⁶⁴ for n regions; 'mean_purity' is the"
+                " unweighted mean over regions, 'confused_share' the share of regions with purity below 0.7, coverage"
+                " as in Re3: samples of each class in that class's top-1 / top-C regions).", *notes],
                 tables=[("overview", overview)], figures=figs))
         except (ImportError, NotImplementedError, AttributeError, TypeError, ValueError, RuntimeError) as e:
             sections.append(Section.missing("Region statistics (RegionStats)", _reason(e)))
