@@ -177,6 +177,23 @@ def _first_parameter(model: nn.Module) -> str | None:
     return None
 
 
+def _version(t: Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _wrote(module: nn.Module, t: Tensor, version: int | None) -> bool:
+    """Whether ``module`` wrote into its input ``t`` during the call (its version counter moved; without one, the
+    module's own ``inplace`` flag)."""
+    now = _version(t)
+    if version is not None and now is not None:
+        return now != version
+    return bool(getattr(module, "inplace", False))
+
+
 @contextmanager
 def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: str) -> Iterator[nn.Module]:
     """:func:`intervene`, with ``what`` naming the value in errors (``"alphas"`` for :func:`ace`)."""
@@ -201,10 +218,13 @@ def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: s
             # a module that runs twice per forward (one nn.ReLU reused) would be set at every call: refused, as
             # collect() refuses to observe it; calls outside a forward of the model (the user calling the
             # submodule directly) are each intervened on
-            state = {"in_forward": False, "calls": 0}
+            state = {"in_forward": False, "calls": 0, "version": None}
 
             def enter(module, args):
                 state["in_forward"], state["calls"] = True, 0
+
+            def before(module, args):
+                state["version"] = _version(args[0]) if args and isinstance(args[0], Tensor) else None
 
             def leave(module, args, output):
                 state["in_forward"] = False
@@ -218,9 +238,13 @@ def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: s
                             "several places): do() would set its units at every call; intervene on a module that "
                             "runs once per forward")
                 new = _set(output, u, value, site, what)
-                if args and output is args[0] and isinstance(output, Tensor):
+                if (args and output is args[0] and isinstance(output, Tensor)
+                        and _wrote(module, output, state["version"])):
                     # an in-place module (nn.ReLU(inplace=True)): the forward may go on with the tensor it wrote
-                    # (self.act(h); return self.fc(h)), not with the returned one: the value goes into that tensor
+                    # (self.act(h); return self.fc(h)), not with the returned one: the value goes into that tensor.
+                    # (A module that hands its input back unchanged -- nn.Identity, an eval-mode Dropout, Flatten of
+                    # a 2-D input -- did not write it: its output is a new tensor, and the input, which a skip path or
+                    # the caller's data may hold, stays as it was)
                     if output.requires_grad and torch.is_grad_enabled():
                         raise ValueError(
                             f"site {site!r} is an in-place module on a tensor that requires grad: do() must write "
@@ -230,6 +254,7 @@ def _intervention(model: nn.Module, site: str, units: Units, value: Any, what: s
                     return output
                 return new
 
+            handles.append(mod.register_forward_pre_hook(before))
             handles.append(mod.register_forward_hook(post))
             handles.append(model.register_forward_pre_hook(enter))
             handles.append(model.register_forward_hook(leave, always_call=True))

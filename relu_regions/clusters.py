@@ -851,7 +851,13 @@ class RegionGroups:
         return self.deep.kmeans.n_clusters
 
     def explain(self, x: Tensor, group: Any = None, **kw) -> NeonResult:
-        """NEON relevance (in the input) of membership in ``group`` (default each sample's own group)."""
+        """NEON relevance (in the input) of membership in ``group``.
+
+        The default explains, for each sample, the group whose centroid is nearest to the sample's own
+        representation (what NEON's neuralized k-means assigns it to). That is not always :attr:`groups`' entry for
+        the sample, the group of its region (they differ for the share ``1 − agreement(x)`` of samples); pass
+        ``group=rg.groups`` (for the samples the groups were built on) to explain the regions' groups.
+        """
         return self.deep.neon(x, group, **kw)
 
     def agreement(self, x: Tensor) -> float:

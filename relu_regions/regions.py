@@ -544,16 +544,27 @@ class RegionStats:
         if _norm_sel(self.layers) != _norm_sel(other.layers):
             raise ValueError(f"cannot merge: layers differ ({self.layers!r} vs {other.layers!r})")
         one_side = sorted(set(self.granularities) ^ set(other.granularities))
+        # (names update() registered for keys passed to it are EXTERNAL: an object without samples -- a shard that
+        # saw no batch -- has not registered them yet, and adds nothing to them)
+        lacking = {n: other if n in self.granularities else self for n in one_side}
+        one_side = [n for n in one_side if not ((self.granularities.get(n, other.granularities.get(n)) is EXTERNAL)
+                                                and lacking[n].n_samples == 0)]
         if one_side:
             raise ValueError(f"cannot merge: granularities {one_side} are defined on one side only "
                              f"({list(self.granularities)} vs {list(other.granularities)})")
         for name, sel in self.granularities.items():
+            if name not in other.granularities:
+                continue
             if _norm_sel(sel) != _norm_sel(other.granularities[name]):
                 raise ValueError(f"cannot merge: granularity {name!r} is defined differently "
                                  f"({sel!r} vs {other.granularities[name]!r})")
         for flag in ("keep_inputs", "keep_contributions"):
             if bool(getattr(self, flag)) != bool(getattr(other, flag)):
                 raise ValueError(f"cannot merge: {flag} differs ({getattr(self, flag)} vs {getattr(other, flag)})")
+        if self.purity_threshold != other.purity_threshold:  # (the merged object's confused regions would depend on
+            # which side received the other)
+            raise ValueError(f"cannot merge: purity_threshold differs ({self.purity_threshold} vs "
+                             f"{other.purity_threshold})")
         if self.n_samples and other.n_samples:  # (an empty side adds nothing, or takes the other's tables as they are)
             mine = sorted(n for n, t in self.tables.items() if len(t))
             theirs = sorted(n for n, t in other.tables.items() if len(t))
@@ -677,7 +688,7 @@ class RegionStats:
             return float("nan")
         c = self.confused(granularity)
         if weighted:
-            return float(t.count[c].sum() / t.count.sum())
+            return int(t.count[c].sum()) / int(t.count.sum())  # (exact integers; their tensor quotient is float32)
         return float(c.to(torch.float64).mean())
 
     def coverage(self, top: int = 1, granularity: str = DEFAULT) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -549,3 +551,65 @@ def test_intervention_at_an_inplace_site_reaches_the_tensor_the_forward_reads():
     with pytest.raises(ValueError, match="in-place module on a tensor that requires grad"):
         with causal.intervene(m, "act", [0], 1.0):
             m(xg)
+
+
+class _Residual(nn.Module):
+    """y = fc(relu(h) + skip(h)), h = lin(x): the skip path an nn.Identity that hands its input back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(31)
+        self.lin, self.skip, self.relu, self.fc = nn.Linear(3, 4), nn.Identity(), nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.fc(self.relu(h) + self.skip(h))
+
+
+def test_interventions_at_modules_that_hand_their_input_back_leave_the_input_alone():
+    """Before: do() at an nn.Identity / eval Dropout / 2-D Flatten wrote the value into the module's input (taken for
+    an in-place ReLU), so a skip path saw it too (ACE off by up to 0.16), and lesion_table / ace at an input Dropout
+    zeroed columns of the caller's data (later groups measured with earlier ones still zeroed). Checked against a
+    hand-written hook that returns a new tensor and against edited weights."""
+    m = _Residual().double().eval()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    with torch.no_grad():
+        h = m.lin(x)
+        for unit, alpha in ((1, 2.5), (3, -1.0)):
+            hs = h.clone()
+            hs[:, unit] = alpha
+            ref = m.fc(torch.relu(h) + hs)  # only the skip path's value is set
+            with causal.intervene(m, "skip", [unit], alpha) as mm:
+                assert torch.allclose(mm(x), ref, rtol=0, atol=1e-12)
+    res = causal.ace(m, x, "skip", 1, [0.0, 2.0], n_samples=None)
+    with torch.no_grad():
+        outs = []
+        for a in (0.0, 2.0):
+            hs = h.clone()
+            hs[:, 1] = a
+            outs.append(m.fc(torch.relu(h) + hs).mean(0))
+    expect = torch.stack(outs)
+    assert torch.allclose(res.expectation["output"], expect, rtol=0, atol=1e-12)
+    # an input Dropout (eval: hands x back): the caller's data is not changed, each group's row is its own
+    net = nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    data = torch.randn(40, 4, dtype=torch.float64)
+    before = data.clone()
+    y = net(data).argmax(1)
+    table = causal.lesion_table(net, data, "0", {"a": [0], "b": [1, 2]}, target=y)
+    assert torch.equal(data, before)
+    for name, cols in (("a", [0]), ("b", [1, 2])):
+        edited = copy.deepcopy(net)
+        with torch.no_grad():
+            edited[1].weight[:, cols] = 0
+            want = (edited(data) - net(data)).abs().mean().item()
+        got = float(table.set_index("lesion").loc[name, "mean_abs_output_change"])
+        assert abs(got - want) < 1e-12, (name, got, want)
+    causal.ace(net, data, "0", 2, [1.5, -0.5], n_samples=None)
+    assert torch.equal(data, before)
+    # a real in-place ReLU still gets the value written into the tensor the forward goes on with
+    inplace = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        hh = inplace[0](x).clamp_min(0)
+        hh[:, 2] = 0.75
+        with causal.intervene(inplace, "1", [2], 0.75) as mm:
+            assert torch.allclose(mm(x), inplace[2](hh), rtol=0, atol=1e-12)

@@ -608,3 +608,33 @@ def test_metric_count_options_must_be_positive_ints():
     assert RegionStats(3).coverage(2) != RegionStats(3).coverage(2)  # nan: no samples (a valid top)
     with pytest.raises(ValueError, match="n_classes"):
         RegionStats(True)
+
+
+def test_merging_with_an_empty_object_and_the_settings_merge_checks():
+    """Before: once update() had registered a granularity for keys passed to it (EXTERNAL), merging with an object
+    without samples (a shard that saw no batch) was refused in both orders; purity_threshold was not compared (the
+    merged confusion_share depended on which side received the other); confusion_share(weighted=True) was a float32
+    quotient (0.4000000059604645 for 2/5)."""
+    from collections import Counter
+
+    k = torch.tensor([1, 2, 2, 5, 9])
+    y = torch.tensor([0, 1, 1, 2, 2])
+    maps = k % 2
+
+    def full():
+        return RegionStats(3).update({"full": k, "maps": maps}, y, y)
+
+    def shard():  # an empty batch through the same call
+        return RegionStats(3).update({"full": k[:0], "maps": maps[:0]}, y[:0], y[:0])
+
+    ref = (len(Counter(k.tolist())), len(Counter(maps.tolist())))
+    for merged in (full().merge(RegionStats(3)), RegionStats(3).merge(full()), full().merge(shard()),
+                   shard().merge(full())):
+        assert (merged.n_regions(), merged.n_regions("maps")) == ref and merged.n_samples == 5
+    with pytest.raises(ValueError, match="granularities \\['last'\\] are defined on one side only"):
+        RegionStats(3, granularities={"last": -1}).merge(RegionStats(3))  # (a configured one: still refused)
+    with pytest.raises(ValueError, match="purity_threshold differs"):
+        RegionStats(3, purity_threshold=0.5).merge(RegionStats(3, purity_threshold=0.9))
+    s = RegionStats(3).update(torch.tensor([1, 1, 2, 2, 2]), torch.tensor([0, 1, 0, 0, 0]),
+                              torch.tensor([0, 1, 0, 0, 0]))
+    assert s.confusion_share(weighted=True) == 2 / 5  # region 1 (purity 0.5) holds 2 of the 5 samples
