@@ -103,12 +103,12 @@ def _default_target(model: nn.Module, x: Tensor, target: TargetType, logits_at: 
 
 @library_call
 def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | None = None, *,
-                closed: bool = False) -> Tensor:
+                closed: bool = False, strict: bool = True) -> Tensor:
     """``(B,)`` bool: ``other[b]`` lies in the activation region of ``x[b]``.
 
     Parameters
     ----------
-    model, x, logits_at
+    model, x, logits_at, strict
         As in :func:`~relu_regions.affine_map`.
     other : Tensor
         Points of the shape of ``x``, one per sample.
@@ -139,8 +139,9 @@ def same_region(model: nn.Module, x: Tensor, other: Tensor, logits_at: str | Non
 
     with preserved(model, eval_mode=True), torch.no_grad():
         # with closed=True both passes take the route that shows the pre-activations (the same route for both)
-        _, px = run_recorded(model, x, logits_at=logits_at, observe=(lambda p, z: None) if closed else None)
-        _, po = run_recorded(model, other, logits_at=logits_at, observe=keep if closed else None)
+        _, px = run_recorded(model, x, logits_at=logits_at, strict=strict,
+                             observe=(lambda p, z: None) if closed else None)
+        _, po = run_recorded(model, other, logits_at=logits_at, strict=strict, observe=keep if closed else None)
     ones = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if not px and not po:
         return ones

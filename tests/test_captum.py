@@ -653,6 +653,10 @@ def test_engine_options_and_messages_through_re3():
         Re3(lambda t: net(t)).attribute(x, target=0)
     a = Re3(lambda t: net(t), strict=False, check=False).attribute(x, target=0)
     assert a.shape == x.shape and torch.isfinite(a).all()
+    with warnings.catch_warnings():  # (dropout draws differ per pass: the baseline's region check may warn)
+        warnings.simplefilter("ignore")
+        a = Re3(lambda t: net(t), strict=False, check=False).attribute(x, target=0, baselines=0.1)
+    assert a.shape == x.shape
     assert net.training  # the user's flag as it was
 
 

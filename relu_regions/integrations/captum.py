@@ -234,7 +234,7 @@ class Re3(GradientAttribution):
         with torch.enable_grad():  # Captum users call attribute under no_grad
             values, delta = self._attributions(model, x, base, target, internal_batch_size)
         if base is not None:
-            self.same_region_ = same_region(model, x, base, self._logits_at(model), closed=True)
+            self.same_region_ = same_region(model, x, base, self._logits_at(model), closed=True, strict=self.strict)
             if not bool(self.same_region_.all()):
                 import warnings
 
