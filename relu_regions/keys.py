@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .state import autocast_off
+
 Tensor = torch.Tensor
 
 WORD_BITS = 64
@@ -523,13 +525,15 @@ def pattern_keys_and_counts(patterns: Sequence) -> tuple[Tensor, UnitCounts]:
 
 
 def _keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
+    # the products are exact in float32 / float64 only: under autocast they ran in bfloat16 / float16 (other keys
+    # than outside it for the same patterns, e.g. a Lightning "bf16-mixed" step's against an evaluate())
+    with autocast_off((patterns[0].state.device.type,)):
+        return _exact_keys(patterns, counts)
+
+
+def _exact_keys(patterns: Sequence, counts: bool) -> tuple[Tensor, UnitCounts]:
     b = patterns[0].state.shape[0]
     device = patterns[0].state.device
-    if torch.is_autocast_enabled(device.type):
-        # the products are exact in float32 / float64 only: under autocast they ran in bfloat16 / float16 (other
-        # keys than outside it for the same patterns, e.g. a Lightning "bf16-mixed" step's against an evaluate())
-        with torch.autocast(device.type, enabled=False):
-            return _keys(patterns, counts)
     if b == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), _whole({
             i: torch.zeros(p.n_units, dtype=torch.int32, device=device)

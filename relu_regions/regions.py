@@ -543,12 +543,11 @@ class RegionStats:
         counts. Checked before anything is merged."""
         if _norm_sel(self.layers) != _norm_sel(other.layers):
             raise ValueError(f"cannot merge: layers differ ({self.layers!r} vs {other.layers!r})")
-        one_side = sorted(set(self.granularities) ^ set(other.granularities))
         # (names update() registered for keys passed to it are EXTERNAL: an object without samples -- a shard that
         # saw no batch -- has not registered them yet, and adds nothing to them)
-        lacking = {n: other if n in self.granularities else self for n in one_side}
-        one_side = [n for n in one_side if not ((self.granularities.get(n, other.granularities.get(n)) is EXTERNAL)
-                                                and lacking[n].n_samples == 0)]
+        one_side = [n for n in sorted(set(self.granularities) ^ set(other.granularities))
+                    if not (self.granularities.get(n, other.granularities.get(n)) is EXTERNAL
+                            and (other if n in self.granularities else self).n_samples == 0)]
         if one_side:
             raise ValueError(f"cannot merge: granularities {one_side} are defined on one side only "
                              f"({list(self.granularities)} vs {list(other.granularities)})")

@@ -25,6 +25,17 @@ _ENTRY = threading.RLock()
 
 
 @contextmanager
+def autocast_off(device_types: tuple[str, ...] = ("cpu", "cuda")) -> Iterator[None]:
+    """Switch ``torch.autocast`` off for the block where it is on: the library's arithmetic is exact, or is the
+    network's, only in the tensors' own dtypes."""
+    with ExitStack() as stack:
+        for device in device_types:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+@contextmanager
 def preserved(model: nn.Module, eval_mode: bool = False, backward_hooks: bool = False):
     """Restore every module's training flag, every parameter's requires_grad, every hook dict and instance-level
     ``forward`` on exit.
@@ -87,10 +98,7 @@ def _preserved(model: nn.Module, eval_mode: bool, backward_hooks: bool) -> Itera
                 torch_module._global_backward_pre_hooks.clear()
         if eval_mode:
             model.eval()
-        with torch.inference_mode(False), ExitStack() as stack:
-            for device in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(device):
-                    stack.enter_context(torch.autocast(device, enabled=False))
+        with torch.inference_mode(False), autocast_off():
             yield model
     finally:
         if global_backward is not None:
