@@ -184,7 +184,12 @@ def resolve_target(target: TargetType, batch: int, n_outputs: int, device: torch
         raise ValueError(f"target is a list of {len(target)} entries for a batch of {batch}; a list needs one entry "
                          "per sample (pass an int to explain the same output for every sample)")
     else:
-        t = torch.as_tensor(target, device=device).reshape(-1)
+        try:
+            t = torch.as_tensor(target, device=device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:  # a string, a dict, ragged lists: torch's own words
+            # ("new(): invalid data type 'str'") name neither the argument nor what it takes
+            raise TypeError(f"target must be an int, a (B,) integer tensor or a list of ints (one per sample), or "
+                            f"None; got {target!r:.80}") from e
         if not is_integer_tensor(t):
             raise TypeError(f"target must be an int or integer output indices (one per sample), got {t.dtype} "
                             f"values")

@@ -960,6 +960,9 @@ def test_affine_map_inputs_validated():
     for bad in (0.5, [0.0, 1.0], torch.tensor([True, False]), True):
         with pytest.raises(TypeError, match="target must be an int or integer output indices"):
             rr.affine_map(m, x, target=bad)
+    for bad in ("a", {"a": 1}, [[1], [1, 2]]):  # (before: torch's "new(): invalid data type 'str'")
+        with pytest.raises(TypeError, match="target must be an int, a .B,. integer tensor or a list of ints"):
+            rr.affine_map(m, x, target=bad)
     assert torch.equal(rr.affine_map(m, x, target=torch.tensor([1, 0])).target, torch.tensor([1, 0]))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
         rr.affine_map(lambda v: v, x)
