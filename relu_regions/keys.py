@@ -9,9 +9,10 @@ is bit i % 64 of word i // 64). ``packed`` words remain available for exact comp
 when the pattern fits into 64 bits (exact and injective); otherwise a hash. The hash reads every unit's state as a
 byte (or two, for very wide max-pool windows) and projects the bytes with a fixed random int8 matrix ``R`` of
 nonzero entries (8 columns; an exact integer product: on the CPU ``torch._int_mm`` or float32 products -- the
-0/1 states in one product, other states in blocks of 1024 units -- whichever is faster there (measured once per
-process), float64 elsewhere -- the same integers on every device), then folds the 8 sums ``c`` into 64 bits
-linearly: ``key = Σ_j c_j·m_j mod 2⁶⁴`` with fixed random 64-bit ``m`` (``fold_columns``).
+0/1 states in one product, other states in blocks of 1024 units -- whichever is faster there (x86 without int8
+dot-product instructions: float32; else measured once per process), float64 elsewhere -- the same integers on every
+device), then folds the 8 sums ``c`` into 64 bits linearly: ``key = Σ_j c_j·m_j mod 2⁶⁴`` with fixed random
+64-bit ``m`` (``fold_columns``).
 
 Collisions. Two patterns whose byte rows differ by ``δ ≠ 0`` collide when ``e = δ·R`` is zero (each column with
 probability at most 1/254 over the draw of ``R``, so ≤ 254⁻⁸ ≈ 2⁻⁶⁴) or when ``Σ_j e_j·m_j ≡ 0 mod 2⁶⁴``
@@ -269,13 +270,23 @@ def _float32_product(a: Tensor, rt: Tensor, bools: int = 0) -> Tensor:
     return out if out is not None else torch.zeros(b, rt.shape[0], dtype=torch.int32, device=a.device)
 
 
+_INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 instructions oneDNN's int8 products need
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_route() -> str:
-    """``"int_mm"`` or ``"float32"``: the faster exact int8 product on this CPU, measured once per process (the same
-    integers either way). ``torch._int_mm`` is fast where oneDNN has int8 kernels (AVX-512 VNNI: ~0.6 ms for a LeNet
-    batch of 250), a plain loop elsewhere (AVX2, an AMD EPYC build machine: 6.2 ms against about 1 ms for the
-    float32 products, 1.7x instead of 1.27x the validation epoch under RegionMonitor)."""
+    """``"int_mm"`` or ``"float32"``: the faster exact int8 product on this CPU, decided once per process (the same
+    integers either way): float32 on x86 CPUs without int8 dot-product instructions, else measured.
+    ``torch._int_mm`` is fast where oneDNN has int8 kernels (AVX-512 VNNI: ~0.6 ms for a LeNet batch of 250), a
+    plain loop elsewhere (AVX2, an AMD EPYC build machine: 6.2 ms against about 1 ms for the float32 products, 1.7x
+    instead of 1.27x the validation epoch under RegionMonitor)."""
     if not hasattr(torch, "_int_mm"):  # (torch < 2.2)
+        return "float32"
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if caps.get("architecture") == "x86_64" and not any(caps.get(k) for k in _INT8_DOT):
+        # no int8 dot-product instructions: _int_mm is the plain loop. Decided without a measurement, which a
+        # busy machine can turn around (with other work on both cores, MKL's two threads stall each other: the
+        # float32 products took ~90 ms against ~18 ms for the loop, for the life of the process)
         return "float32"
     g = torch.Generator().manual_seed(0)
     with torch._C.DisableTorchFunction(), torch.inference_mode():
@@ -284,16 +295,19 @@ def _cpu_route() -> str:
                        torch.randint(-128, 128, (256, 1024), generator=g, dtype=torch.int16).to(torch.int8)], 1)
         r = torch.randint(-127, 128, (4096, _COLUMNS), generator=g, dtype=torch.int16).to(torch.int8)
         rt = _float32_rows(r)
-        best = {}
-        for name, f in (("int_mm", lambda: torch._int_mm(a, r)), ("float32", lambda: _float32_product(a, rt, 3072))):
+        routes = {"int_mm": lambda: torch._int_mm(a, r), "float32": lambda: _float32_product(a, rt, 3072)}
+        best = dict.fromkeys(routes, float("inf"))
+        for f in routes.values():
             f()  # warm-up
-            times = []
-            for _ in range(3):
+        # alternating rounds, the fastest of each: a busy machine slows both more alike than 3 rounds of one, then 3
+        # of the other
+        for _ in range(7):
+            for name, f in routes.items():
                 t0 = time.perf_counter()
                 f()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(times)
-    return min(best, key=best.get)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    # int_mm only when clearly faster: float32 products are never far off where int8 kernels exist
+    return "int_mm" if best["int_mm"] < 0.8 * best["float32"] else "float32"
 
 
 @functools.lru_cache(maxsize=16)

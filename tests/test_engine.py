@@ -1336,6 +1336,19 @@ def test_pattern_keys_are_the_word_when_it_fits_and_do_not_depend_on_the_product
         big[n:] = -127
         assert int(K._float32_product(ones, K._float32_rows(big), bools=n)[1, 7]) == 127 * n + 5 * 128 * 127
     assert K._cpu_route() in ("int_mm", "float32")
+    # x86 without int8 dot products: float32, not measured (a busy machine turned the measurement around: MKL's two
+    # threads stalled by other work took ~90 ms against ~18 ms for _int_mm's loop); elsewhere measured
+    caps = dict(torch.cpu.get_capabilities(), architecture="x86_64", avx512_vnni=False, avx_vnni=False, amx_int8=False)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.cpu, "get_capabilities", lambda: caps)
+        mp.setattr(K, "_float32_product", None)  # (measuring would call it)
+        assert K._cpu_route.__wrapped__() == "float32"
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.cpu, "get_capabilities", lambda: dict(caps, avx512_vnni=True))
+        calls = []
+        mp.setattr(torch, "_int_mm",
+                   lambda a, r: calls.append(1) or a.new_zeros(a.shape[0], r.shape[1], dtype=torch.int32))
+        assert K._cpu_route.__wrapped__() in ("int_mm", "float32") and len(calls) == 8  # (warm-up, 7 rounds)
     ref = K.pattern_keys(pats)
     # the CPU's two exact routes (the faster one is measured once per process) give the same keys
     for route in ("int_mm", "float32"):
