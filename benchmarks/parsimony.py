@@ -2,11 +2,12 @@
 
 For an MLP and a LeNet-style CNN, trains the same initialisation on the same data order for the same number of
 epochs twice — cross-entropy only, and cross-entropy + ``lam * parsimony_penalty`` — then measures on held-out test
-images: the number of distinct activation regions (all layers, exact keys), the median exact Euclidean distance to
-the region boundary (:func:`relu_regions.geometry.boundary_distance`, all inequalities incl. max-pool) on a probe
-subset, and test accuracy. Writes a Markdown table to ``benchmarks/results/parsimony.md``.
+images: the number of distinct activation regions (all layers, 64-bit region keys), the median exact Euclidean
+distance to the region boundary (:func:`relu_regions.geometry.boundary_distance`, all inequalities incl.
+max-pool) on a probe subset, and test accuracy. Writes a Markdown table to ``benchmarks/results/parsimony.md``.
 
-Usage: ``python benchmarks/parsimony.py [--quick]``. Needs MNIST under ../shared/data (see relu_regions.datasets).
+Usage: ``python benchmarks/parsimony.py [--quick] [--models mlp,lenet] [--out FILE]``. Needs MNIST under
+../shared/data (see relu_regions.datasets).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main():
         "# Region-parsimony regulariser on MNIST",
         "",
         f"Machine: {machine()}; shared with other jobs, so training times are indicative only.",
-        f"Command: `python benchmarks/parsimony.py{' --quick' if args.quick else ''}`. Train: first {n_train} MNIST "
+        f"Command: `{command(args)}`. Train: first {n_train} MNIST "
         f"training images; evaluation: first {n_test} test images; boundary distance on the first {n_probe}.",
         "Same seed, initialisation and batch order with and without the regulariser; Adam lr 1e-3, batch 100.",
         "",
@@ -109,17 +110,32 @@ def main():
         lines.append(f"| {kind} | {label} | {ep} | {t:.0f} | {m['regions']} | {m['regions_share']:.3f} | "
                      f"{m['median_dist']:.4g} | {m['on_boundary']:.2f} | {m['median_relu']:.4g} | "
                      f"{100 * m['acc']:.2f}% |")
-    lines += ["", "Regions: distinct activation patterns of all layers among the test images (exact keys). "
+    lines += ["", "Regions: distinct activation patterns of all layers among the test images (64-bit region keys: "
+              "these patterns are longer than 64 bits, so keys are hashes; pair collision probability about "
+              "2^-63, see `relu_regions.keys`). "
               "Boundary distance: exact Euclidean distance to the nearest inequality of the region "
               "(ReLU units and max-pool argmax comparisons), `relu_regions.geometry.boundary_distance`; it is 0 for "
-              "inputs on a boundary (for LeNet: max-pool windows whose inputs tie, typically all-zero windows after "
-              "a ReLU), so the share on a boundary is reported too. ReLU-hyperplane distance: "
+              "inputs on a boundary (for LeNet: max-pool windows whose largest inputs tie -- equal positive values "
+              "over the flat background in channels with a positive bias; tied zeros after a ReLU are no boundary, "
+              "their units do not depend on the input there), so the share on a boundary is reported too. "
+              "ReLU-hyperplane distance: "
               "`relu_regions.training.boundary_distances`, the nearest ReLU hyperplane only (equal to the full "
               "distance for the MLP; an upper bound for LeNet). The regulariser's hinge acts on ReLU hyperplanes.",
               ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run's table."""
+    parts = ["python benchmarks/parsimony.py"] + (["--quick"] if args.quick else [])
+    if args.models != "mlp,lenet":
+        parts.append(f"--models {args.models}")
+    default = Path(__file__).parent / "results" / "parsimony.md"
+    if Path(args.out).resolve() != default.resolve():
+        parts.append(f"--out {args.out}")
+    return " ".join(parts)
 
 
 if __name__ == "__main__":
