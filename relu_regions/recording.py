@@ -1108,18 +1108,18 @@ class Recording:
         if not self.passes:
             raise RuntimeError("nothing recorded: run the model inside `with relu_regions.record(model) as rec:`")
         names = select_layers(self.layer_names, layers)
+        # each pass's calls by name (the first of a name, as before), and one concatenation per layer: merging pass
+        # by pass copied everything merged so far again (32,000 LeNet samples in passes of 32: 10.8 s against 0.3 s)
+        by_name = [{} for _ in self.passes]
+        for d, p in zip(by_name, self.passes):
+            for q in p:
+                d.setdefault(q.name, q)
         out = []
         for name in names:
-            parts = []
-            for i, p in enumerate(self.passes):
-                found = [q for q in p if q.name == name]
-                if not found:
+            for i, d in enumerate(by_name):
+                if name not in d:
                     raise RuntimeError(f"layer '{name}' is missing from recorded pass {i}: the passes differ")
-                parts.append(found[0])
-            merged = parts[0]
-            for q in parts[1:]:
-                merged = merged.cat(q)
-            out.append(merged)
+            out.append(LayerPattern.concat([d[name] for d in by_name]))
         return out
 
     def packed(self, layers: LayerSelection = None) -> Tensor:

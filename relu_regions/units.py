@@ -100,6 +100,16 @@ class LayerPattern:
         return LayerPattern(self.name, self.kind, torch.cat([self.state, other.state]), self.n_states,
                             torch.cat([self.n_boundary, other.n_boundary]), self.params)
 
+    @staticmethod
+    def concat(parts: Sequence[LayerPattern]) -> LayerPattern:
+        """Concatenate recordings of the same call along the batch in one copy (pairwise ``cat`` over many passes
+        copied everything merged so far again for each pass: quadratic in the passes)."""
+        if len(parts) == 1:
+            return parts[0]
+        p = parts[0]
+        return LayerPattern(p.name, p.kind, torch.cat([q.state for q in parts]), p.n_states,
+                            torch.cat([q.n_boundary for q in parts]), p.params)
+
     def batch(self, index: slice | Tensor) -> LayerPattern:
         """The recording of a subset of the batch."""
         return LayerPattern(self.name, self.kind, self.state[index], self.n_states, self.n_boundary[index], self.params)

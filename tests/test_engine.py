@@ -2351,3 +2351,26 @@ def test_pattern_keys_under_autocast_are_the_keys_outside_it():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = K.pattern_keys(rec.patterns())
     assert torch.equal(inside, K.pattern_keys(rec.patterns())) and torch.equal(inside, rec.region_ids())
+
+
+def test_patterns_of_many_passes_equal_one_pass_of_the_whole_batch():
+    """``Recording.patterns`` concatenates every layer once over all passes (it merged pass by pass: quadratic,
+    32,000 LeNet samples in passes of 32 took 10.8 s against 0.3 s); the states, boundary counts and keys equal
+    those of one pass over the whole batch, also with a layer selection and with a max-pool's index states."""
+    from relu_regions.models import LeNet
+
+    torch.manual_seed(0)
+    m = LeNet().eval()
+    x = torch.rand(150, 1, 28, 28)
+    with torch.no_grad(), rr.record(m) as many:
+        for i in range(0, 150, 7):  # 22 passes, the last one shorter
+            m(x[i:i + 7])
+    with torch.no_grad(), rr.record(m) as one:
+        m(x)
+    for sel in (None, slice(-2, None), 1):
+        a, b = many.patterns(sel), one.patterns(sel)
+        assert [p.name for p in a] == [p.name for p in b] and len(a) >= 1
+        for p, q in zip(a, b):
+            assert p.kind == q.kind and torch.equal(p.state, q.state) and torch.equal(p.n_boundary, q.n_boundary)
+    assert torch.equal(many.region_ids(), one.region_ids()) and torch.equal(many.packed(), one.packed())
+    assert {p.kind for p in many.patterns()} >= {"relu", "maxpool"}
