@@ -368,3 +368,18 @@ def test_neon_and_deep_neon_errors_name_the_argument(wine, wine_km):
     for ref in (torch.zeros(2, 6), torch.zeros(5)):
         with pytest.raises(ValueError, match=r"reference must have the input shape \(6,\).* or \(4, 6\)"):
             dk.neon(x[:4], beta=1.0, reference=ref)
+
+
+def test_kernel_distances_in_row_chunks_equal_the_whole_computation():
+    """``_sqdist`` works in row chunks (the (N, M, D) differences all at once took 2 GB for 1,000 x 1,000 rows of
+    256 features): the same values bit for bit at any chunk size, and close to scipy's cdist."""
+    from scipy.spatial.distance import cdist
+
+    from relu_regions.clusters import _sqdist
+
+    g = torch.Generator().manual_seed(0)
+    x, u = torch.randn(37, 5, generator=g, dtype=torch.float64), torch.randn(11, 5, generator=g, dtype=torch.float64)
+    whole = ((x[:, None, :] - u[None, :, :]) ** 2).sum(-1)
+    for budget in (1, 55, 56, 10**9):  # one row per chunk, one row, two rows, everything
+        assert torch.equal(_sqdist(x, u, budget=budget), whole)
+    assert torch.allclose(whole, torch.from_numpy(cdist(x.numpy(), u.numpy(), "sqeuclidean")), rtol=1e-12)
