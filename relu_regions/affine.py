@@ -511,15 +511,19 @@ def _keys(patterns: list[LayerPattern], n: int, device: torch.device) -> Tensor:
     return pattern_keys(patterns)
 
 
-def _check(amap: AffineMap, model: nn.Module | None = None) -> None:
-    # relative: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3 / 5e-4 per operation. The least
-    # precise dtype the pass computed in: A follows the input, but a float32 model fed float64 inputs (x.float() in
-    # its forward, for numpy data) rounds at float32
-    dtypes = {amap.A.dtype, amap.output.dtype}
+def _tolerance(model: nn.Module | None, *tensors: Tensor) -> float:
+    """Relative tolerance of an exactness check: 1e-8 in float64, 1e-3 in float32; bfloat16 / float16 round at ~4e-3
+    / 5e-4 per operation. The least precise dtype the pass computed in: A follows the input, but a float32 model fed
+    float64 inputs (x.float() in its forward, for numpy data) rounds at float32."""
+    dtypes = {t.dtype for t in tensors}
     if model is not None:
         dtypes |= {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     eps = max(torch.finfo(dt).eps for dt in dtypes)
-    tol = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 4 * eps)
+    return 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 4 * eps)
+
+
+def _check(amap: AffineMap, model: nn.Module | None = None) -> None:
+    tol = _tolerance(model, amap.A, amap.output)
     err = amap.residual()
     # relative to the terms A·x + d adds up, not only to its sum: inputs with a large offset that the model removes
     # (standardisation around 1e4) cancel ~|A|·|x| in every output, and rounding scales with that
@@ -668,6 +672,46 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
             for name, m in parts[0].items()}
 
 
+def _check_preactivations(model: nn.Module, name: str, value: Tensor, offset: Tensor, lin: Tensor,
+                          terms: Tensor) -> None:
+    """Raise ``RuntimeError`` unless ``value ≈ offset + lin`` for every unit, ``lin = J·x`` (all ``(B, units)``):
+    the frozen network is affine per sample. A forward that mixes the samples of a batch (statistics over dim 0)
+    fails it -- its Jacobians pick up the other rows -- as affine_map's check refuses it; passed unchecked, its
+    distances were numbers of no region. Rounding is judged relative to the terms ``|z(0)| + Σ_i |J_i|·|x_i|``
+    (``terms``: any upper bound of the sum, e.g. a Hölder bound from norms at hand)."""
+    b = value.shape[0]
+    value, offset, lin = value.reshape(b, -1), offset.reshape(b, -1), lin.reshape(b, -1)
+    err = (offset + lin - value).abs()
+    scale = torch.maximum(value.abs(), terms.reshape(b, -1) + offset.abs())
+    bound = _tolerance(model, value, lin) * (1 + scale.amax(1, keepdim=True))
+    bad = err > bound
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise RuntimeError(
+            f"pre-activation check failed at layer {name!r}, sample {i}, unit {j}: |z(0) + J·x − z(x)| = "
+            f"{err[i, j].item():.3g} > {bound[i, 0].item():.3g}. The frozen network is not affine per sample: its "
+            "forward mixes the samples of a batch (e.g. statistics over dim 0), or computes something else that is "
+            "not piecewise linear (please report the model)")
+
+
+def _basis_and_x(x: Tensor) -> tuple[Tensor, int]:
+    """:func:`_basis` and one more replica whose tangent is x itself: its tangent output is ``J·x``, for
+    :func:`_check_preactivations` (one replica more, instead of a pass over all D tangents per layer)."""
+    tangent, n = _basis(x)
+    return torch.cat([tangent, x]), n
+
+
+def _dual_norm(x: Tensor, q: float) -> Tensor:
+    """``(B, 1)`` ``‖x‖_{q*}`` of ``(B, D)`` rows, ``1/q + 1/q* = 1`` (q ≥ 1; for q < 1 the 1-norm's dual, the max,
+    bounds nothing: the sum of ``|x|`` is returned, for which ``Σ|g_i||x_i| ≤ max|g|·Σ|x| ≤ ‖g‖_q·Σ|x|``)."""
+    x = x.abs()
+    if q == 1:
+        return x.amax(1, keepdim=True)
+    if q == float("inf") or q < 1:
+        return x.sum(1, keepdim=True)
+    return torch.linalg.vector_norm(x, q / (q - 1), dim=1, keepdim=True)
+
+
 def _preactivation_chunk(model: nn.Module, x: Tensor, patterns: list[LayerPattern], layers: LayerSelection,
                          reduce: float | None, method: str, logits_at: str | None, strict: bool,
                          unit_chunk: int) -> dict[str, LayerMap]:
@@ -686,29 +730,38 @@ def _preactivation_chunk(model: nn.Module, x: Tensor, patterns: list[LayerPatter
         run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
                    observe=lambda p, t: offsets.__setitem__(p.name, t.detach().clone()))
     result: dict[str, LayerMap] = {}
+    flat_x = x.reshape(b, -1)
     fw = [n for n, m in chosen.items() if m == "forward"]
     if fw:
-        tangent, n = _basis(x)
+        tangent, n = _basis_and_x(x)
+        pending: list[tuple[str, Tensor, Tensor, Tensor]] = []
 
         def grab(p, t):
             if p.name in fw:
                 primal, tan = fwAD.unpack_dual(t)
-                val = primal.reshape(n, b, *p.in_shape)[0].clone()
+                val = primal.reshape(n + 1, b, *p.in_shape)[0].clone()
                 if tan is None:
                     tan = torch.zeros_like(primal)
-                g = tan.reshape(n, b, -1)  # (D, B, units)
+                g = tan.reshape(n + 1, b, -1)  # (D + 1, B, units): e_1 ... e_D, then x
+                g, lin = g[:n], g[n]
+                q = 2.0 if reduce is None else reduce
+                nrm = _qnorm(g, q, 0)
+                pending.append((p.name, val, lin.clone(), nrm * _dual_norm(flat_x, q)))
                 jac = norm = None
                 if reduce is None:
                     jac = g.permute(1, 2, 0).reshape(b, *p.in_shape, *x.shape[1:]).clone()
                 else:
-                    norm = _qnorm(g, reduce, 0).reshape(b, *p.in_shape)
+                    norm = nrm.reshape(b, *p.in_shape)
                 result[p.name] = LayerMap(p.name, p.kind, val, offsets[p.name], jac, norm, "forward")
 
         try:
             with forward_mode("method='forward'", "use method='reverse'"), torch.no_grad(), fwAD.dual_level():
-                primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+                primal = x.unsqueeze(0).expand(n + 1, *x.shape).reshape((n + 1) * b, *x.shape[1:])
                 run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                            logits_at=logits_at, observe=grab)
+            # (after the replay: its own refusals, e.g. of a derivative cut before a unit, name the cause better)
+            for name, value, lin, terms in pending:
+                _check_preactivations(model, name, value, offsets[name], lin, terms)
         except ForwardADMissingError:
             if method != "auto":
                 raise
@@ -728,12 +781,15 @@ def _preactivation_chunk(model: nn.Module, x: Tensor, patterns: list[LayerPatter
                 pre = captured[name].reshape(b, -1)
                 units = pre.shape[1]
                 rows = []
+                offset = offsets[name].reshape(b, -1)
                 for sl in _chunks(units, unit_chunk):
                     k = sl.stop - sl.start
                     eye = torch.zeros(k, b, units, dtype=pre.dtype, device=pre.device)
                     eye[torch.arange(k), :, torch.arange(sl.start, sl.stop)] = 1
                     (g,) = torch.autograd.grad(pre, z, eye, is_grads_batched=True, retain_graph=True)
                     g = g.reshape(k, b, -1)
+                    _check_preactivations(model, name, pre.detach()[:, sl], offset[:, sl], (g * flat_x).sum(2).T,
+                                          _qnorm(g, 2.0, 2).T * _dual_norm(flat_x, 2.0))
                     rows.append(g.permute(1, 0, 2) if reduce is None else _qnorm(g, reduce, 2).T)
                 p = next(q for q in patterns if q.name == name)
                 full = torch.cat(rows, 1)

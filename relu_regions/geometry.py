@@ -50,7 +50,15 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .affine import _basis, _qnorm, affine_map, check_chunk_size, preactivation_maps
+from .affine import (
+    _basis_and_x,
+    _check_preactivations,
+    _dual_norm,
+    _qnorm,
+    affine_map,
+    check_chunk_size,
+    preactivation_maps,
+)
 from .affine import check_batch as _check_x
 from .errors import ForwardADMissingError, ReluRegionsError, forward_mode, is_int_at_least
 from .hook_recording import PlanCache
@@ -225,7 +233,13 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
         _, patterns = run_recorded(model, x, strict=strict, logits_at=logits_at)
     per: dict[str, tuple[Tensor, Tensor]] = {}
     if route == "forward":
-        tangent, n = _basis(x)
+        tangent, n = _basis_and_x(x)
+        offsets: dict[str, Tensor] = {}  # unit inputs of the frozen network at 0, for _check_preactivations
+        with torch.no_grad():
+            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
+                       observe=lambda p, t: offsets.__setitem__(p.name, t.clone()) if p.name in wanted else None)
+        flat_x = x.reshape(b, -1)
+        pending: list[tuple[str, Tensor, Tensor, Tensor]] = []
 
         def grab(p, t):
             if p.name not in wanted:
@@ -233,17 +247,24 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
             primal, tan = fwAD.unpack_dual(t)
             m = margins(p, primal[:b])
             if tan is None:
-                g = torch.zeros(n, b, m.shape[1], dtype=m.dtype, device=m.device)
-            elif p.kind in _RELU_LIKE:  # margins ±z: the sign does not change a norm, so skip the flip
-                g = tan.reshape(n, b, -1)
+                tan = torch.zeros_like(primal)
+            raw = tan.reshape(n + 1, b, -1)  # e_1 ... e_D, then x
+            if p.kind in _RELU_LIKE:  # margins ±z: the sign does not change a norm, so skip the flip
+                nrm = _qnorm(raw[:n], q, 0)
+                # (checked at the ReLU-like units, whose norms bound the terms at no cost; a forward that mixes the
+                # batch before any unit shows there)
+                pending.append((p.name, primal[:b].clone(), raw[n].clone(), nrm * _dual_norm(flat_x, q)))
             else:
-                g = margins(p, tan, const=False).reshape(n, b, -1)
-            per[p.name] = _layer_min(m, _qnorm(g, q, 0))
+                nrm = _qnorm(margins(p, tan[:n * b], const=False).reshape(n, b, -1), q, 0)
+            per[p.name] = _layer_min(m, nrm)
 
         with forward_mode("route='forward'", "use route='reverse'"), torch.no_grad(), fwAD.dual_level():
-            primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+            primal = x.unsqueeze(0).expand(n + 1, *x.shape).reshape((n + 1) * b, *x.shape[1:])
             run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                        logits_at=logits_at, observe=grab)
+        # (after the replay: its own refusals, e.g. of a derivative cut before a unit, name the cause better)
+        for name, value, lin, terms in pending:
+            _check_preactivations(model, name, value, offsets[name], lin, terms)
     else:
         maps = preactivation_maps(model, x, [p.name for p in patterns if p.name in wanted], reduce=None,
                                   method="reverse", logits_at=logits_at, strict=strict)
@@ -1410,24 +1431,25 @@ def line_walk(model: nn.Module, x0: Tensor, x1: Tensor, *, logits_at: str | None
     return LineWalk(torch.tensor(bps, dtype=torch.float64), torch.cat(keys), packed, complete)
 
 
-def _float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 deep copy of ``model`` for :func:`line_walk`, or a clear error where a copy cannot stand in for it."""
+def _float64_copy(model: nn.Module, what: str = "line_walk(float64=True)", doing: str = "walk") -> nn.Module:
+    """A float64 deep copy of ``model`` (for :func:`line_walk`, :func:`inscribed_ball`: ``what`` names the call,
+    ``doing`` what float64=False does), or a clear error where a copy cannot stand in for it."""
     try:
         net = copy.deepcopy(model)
     except Exception as e:
-        raise TypeError(f"line_walk(float64=True) runs on a float64 deep copy of the model, and the model cannot "
-                        f"be deep-copied ({type(e).__name__}: {e}); pass float64=False to walk in the model's own "
-                        "dtype") from e
+        raise TypeError(f"{what} runs on a float64 deep copy of the model, and the model cannot be deep-copied "
+                        f"({type(e).__name__}: {e}); pass float64=False to {doing} in the model's own dtype") from e
     for (name, mod), dup in zip(model.named_modules(), net.modules()):
         fwd = mod.__dict__.get("forward")
         # an instance-level forward that deepcopy kept as it is (a function: a wrapper set with model.forward = ...)
         # still calls the float32 original; a method of the model is rebound to the copy, and a compiled module
         # makes its own
         if fwd is not None and dup.__dict__.get("forward") is fwd:
-            raise ValueError(f"line_walk(float64=True) runs on a float64 deep copy of the model, but "
+            raise ValueError(f"{what} runs on a float64 deep copy of the model, but "
                              f"{'the model' if not name else repr(name)} has an instance-level forward "
                              f"({getattr(fwd, '__qualname__', type(fwd).__name__)}) that the copy would keep "
-                             "calling on the original modules; pass float64=False to walk in the model's own dtype")
+                             f"calling on the original modules; pass float64=False to {doing} in the model's own "
+                             "dtype")
     return net.double()
 
 
@@ -1518,7 +1540,13 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
         kinds = _check_kinds(kinds)
         if kinds is not None:
             names = [p.name for p in patterns if p.name in names and p.kind in kinds]
-        tangent, n = _basis(x)
+        tangent, n = _basis_and_x(x)
+        offsets: dict[str, Tensor] = {}  # for _check_preactivations, as boundary_distance's forward route
+        with torch.no_grad():
+            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
+                       observe=lambda p, t: offsets.__setitem__(p.name, t.clone()) if p.name in names else None)
+        flat_x = x.reshape(b, -1)
+        pending: list[tuple[str, Tensor, Tensor, Tensor]] = []
         ms, gs, lay = [], [], []
 
         def grab(p, t):
@@ -1526,16 +1554,23 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
                 return
             primal, tan = fwAD.unpack_dual(t)
             m = margins(p, primal[:b])
-            g = (torch.zeros(n, b, m.shape[1], dtype=m.dtype, device=m.device) if tan is None
-                 else margins(p, tan, const=False).reshape(n, b, -1))
+            if tan is None:
+                tan = torch.zeros_like(primal)
+            raw = tan.reshape(n + 1, b, -1)  # e_1 ... e_D, then x
+            if p.kind in _RELU_LIKE:
+                pending.append((p.name, primal[:b].clone(), raw[n].clone(),
+                                _qnorm(raw[:n], 2.0, 0) * _dual_norm(flat_x, 2.0)))
+            g = margins(p, tan[:n * b], const=False).reshape(n, b, -1)
             ms.append(m)
             gs.append(g.permute(1, 2, 0))
             lay.append(torch.full((m.shape[1],), names.index(p.name), dtype=torch.int64))
 
         with forward_mode("region_inequalities", _REVERSE_ONLY), torch.no_grad(), fwAD.dual_level():
-            primal = x.unsqueeze(0).expand(n, *x.shape).reshape(n * b, *x.shape[1:])
+            primal = x.unsqueeze(0).expand(n + 1, *x.shape).reshape((n + 1) * b, *x.shape[1:])
             run_frozen(model, fwAD.make_dual(primal.contiguous(), tangent), patterns, strict=strict,
                        logits_at=logits_at, observe=grab)
+        for name, value, lin, terms in pending:
+            _check_preactivations(model, name, value, offsets[name], lin, terms)
     if not ms:
         z = torch.zeros(b, 0, dtype=x.dtype, device=x.device)
         return RegionInequalities(z, z.unsqueeze(2).expand(b, 0, n), torch.zeros(0, dtype=torch.int64), names)
@@ -1626,7 +1661,8 @@ class BoxDistances:
     ----------
     distance : Tensor
         ``(B,)`` distance from ``x`` to the nearest region-boundary point *inside the box*: every point of the box
-        closer than this lies in ``x``'s region (``inf`` when no inequality can fail inside the box).
+        closer than this lies in ``x``'s region (``inf`` when no margin reaches 0 inside the box; a hyperplane that
+        only touches the box counts, see :func:`boundary_distance_in_box`).
     unrestricted : Tensor
         ``(B,)`` the ordinary region distance (:func:`boundary_distance`); ``distance >= unrestricted``.
     nearest_in_box : Tensor
@@ -1653,7 +1689,10 @@ def boundary_distance_in_box(model: nn.Module, x: Tensor, box, p: float = 2, *, 
 
     The faces of the box are *not* region boundaries: the result is ``min_j dist_p(x, {y in box: m_j(y) <= 0})``,
     the radius within which every *valid* input lies in the region — never smaller than the ordinary distance,
-    and ``inf`` when no inequality can fail inside the box. Each term is solved exactly (a single linear
+    and ``inf`` when no margin reaches 0 inside the box. The hyperplanes are the boundary (``m_j(y) <= 0``, closed):
+    one that only touches the box where the unit is still in x's state (a bias-free row of non-positive weights
+    touching the corner 0 of ``[0, 1]^D``) gives its distance, though no box point changes pattern there — a
+    conservative radius, never one that a changed pattern lies within. Each term is solved exactly (a single linear
     constraint over a box is separable; see :func:`_halfspace_box_distance`), so no LP is needed. Uses the full
     gradients of all margins (:func:`region_inequalities`): for small models / few samples.
 
@@ -1726,7 +1765,7 @@ class InscribedBall:
 
 @library_call
 def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layers: LayerSelection = None,
-                   logits_at: str | None = None, strict: bool = True) -> InscribedBall:
+                   logits_at: str | None = None, strict: bool = True, float64: bool = True) -> InscribedBall:
     """Radius and center of the largest ``l_p`` ball inside ``x``'s region (and the box, if given), by LP.
 
     Maximise ``r`` subject to ``m_j(x) + g_j·u >= r ||g_j||_q`` for every margin (center ``x + u``) and, with a
@@ -1742,6 +1781,15 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
     the ball's size and its center's distance from ``x`` together: in a region thinner than ~1e-7 times its
     extent (a wedge whose faces pass through ``x``), the ball found may have radius 0 (an estimate from below,
     never a ball outside the region).
+
+    With ``float64=True`` (default) the inequalities come from a float64 deep copy of the model (the user's model is
+    not touched), as in :func:`line_walk`: where the region contains lines (inequality normals spanning fewer than
+    ``D`` directions: a first layer narrower than the input, features no unit sees) and no box bounds them,
+    float32 rounding tilts the deeper rows slightly into those free directions, and the LP followed the tilt
+    ~10⁸ away: centers outside the region and radii several times too large or ``inf`` (27 of 29 random float32 MLPs
+    6-3-8-2). ``float64=False`` uses the model's own dtype (for a model whose forward casts to a fixed dtype).
+
+    A box may have infinite bounds (``(0, inf)``: non-negative features); only its finite faces bound the ball.
     """
     import numpy as np
     from scipy.optimize import linprog
@@ -1749,7 +1797,19 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
     q = dual_norm(p)
     _check_x(x)
     lohi = _as_box(box, x) if box is not None else None
-    ineq = region_inequalities(model, x, layers=layers, logits_at=logits_at, strict=strict)
+    net, xs = model, x
+    if float64 and (x.dtype != torch.float64 or any(t.is_floating_point() and t.dtype != torch.float64
+                                                    for t in (*model.parameters(), *model.buffers()))):
+        net, xs = _float64_copy(model, "inscribed_ball(float64=True)", "solve"), x.detach().double()
+    try:
+        ineq = region_inequalities(net, xs, layers=layers, logits_at=logits_at, strict=strict)
+    except Exception as e:
+        if net is model or isinstance(e, ReluRegionsError) or not _runs(model, x):
+            raise
+        raise RuntimeError(f"inscribed_ball(float64=True) runs on a float64 copy of the model, which fails on x "
+                           f"({type(e).__name__}: {e}) although the model itself runs in {x.dtype}; its forward "
+                           "probably casts to a fixed dtype. Pass float64=False to solve in the model's own "
+                           "dtype") from e
     b = x.shape[0]
     xf = x.detach().reshape(b, -1).to(torch.float64).cpu().numpy()
     n = xf.shape[1]
@@ -1766,6 +1826,9 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
         nrm = np.linalg.norm(g, ord=q, axis=1)
         g, dist = g / nrm[:, None], np.maximum(m / nrm, 0.0)  # unit rows; x's l_p distance to each hyperplane
         walls = np.concatenate([xf[i] - lo, hi - xf[i]]) if lohi is not None else np.zeros(0)
+        wall_rows = np.vstack([-np.eye(n), np.eye(n)]) if lohi is not None else np.zeros((0, n))
+        finite = np.isfinite(walls)  # (an infinite bound is no face: linprog refuses inf right sides)
+        walls, wall_rows = walls[finite], wall_rows[finite]
         faces = np.concatenate([dist, walls])
         if not faces.size:  # nothing bounds the region
             continue
@@ -1773,7 +1836,7 @@ def inscribed_ball(model: nn.Module, x: Tensor, p: float = 2, *, box=None, layer
         scale = float(faces.min()) if faces.min() > 0 else (float(pos.min()) if pos.size else 1.0)
         # variables (u, r) in units of scale; rows: -g·u + r <= dist, and the box faces -u + r <= x - lo,
         # u + r <= hi - x (right sides: faces / scale)
-        rows = np.vstack([-g] + ([-np.eye(n), np.eye(n)] if lohi is not None else []))
+        rows = np.vstack([-g, wall_rows])
         a_ub = np.hstack([rows, np.ones((len(rows), 1))])
         cost = np.zeros(n + 1)
         cost[-1] = -1.0

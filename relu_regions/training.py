@@ -576,6 +576,26 @@ def _gaps(kind: str, v: Tensor, bounds: tuple | None) -> Tensor:
 
 
 @library_call
+def _same_preactivations(model: nn.Module, name: str, replayed: Tensor, alone: Tensor, x: Tensor) -> None:
+    """Raise ``RuntimeError`` unless the pre-activations at x among the replicas (``replayed[0]`` of the ``(D + 2, B,
+    units)`` values on ``[x, 0, e_1, …]``) equal those of the batch x alone, up to rounding (relative to the terms
+    ``|z(0)| + Σ_i |∂z/∂x_i|·|x_i|`` they add up from: inputs with a large offset cancel in every unit)."""
+    from .affine import _tolerance
+
+    err = (replayed[0] - alone).abs()
+    jac = (replayed[2:] - replayed[1]).abs()
+    terms = torch.einsum("dbu,bd->bu", jac, x.abs().to(jac.dtype)) + replayed[1].abs()
+    bound = _tolerance(model, alone) * (1 + torch.maximum(alone.abs(), terms).amax(1, keepdim=True))
+    bad = err > bound
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise RuntimeError(
+            f"parsimony_penalty: the pre-activations of layer {name!r} (sample {i}, unit {j}) differ by "
+            f"{err[i, j].item():.3g} (> {bound[i, 0].item():.3g}) between the batch x and the replicas [x, 0, e_1, …] "
+            "the penalty runs: the model's forward mixes the samples of a batch (e.g. statistics over dim 0), and its "
+            "per-sample distances are not defined")
+
+
 def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: float = 0.0, k: int | None = None,
                       layers: LayerSelection = None, max_samples: int | None = 16, logits_at: str | None = None,
                       strict: bool = True, return_parts: bool = False) -> Tensor | dict[str, Tensor]:
@@ -658,6 +678,16 @@ def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: fl
 
         with torch.enable_grad():
             run_frozen(model, z, patterns, strict=strict, logits_at=logits_at, observe=observe)
+        # the replicas' rows must not change the samples' pre-activations: a forward that mixes the rows of a batch
+        # (statistics over dim 0) gives other values with [x, 0, e_1, ...] than with x alone, and an affine identity
+        # over the replicas cannot show it (the mixed-in term is common to all rows)
+        alone: dict[str, Tensor] = {}
+        with torch.no_grad():
+            run_frozen(model, x, patterns, strict=strict, logits_at=logits_at,
+                       observe=lambda p, t: alone.__setitem__(p.name, t.clone()) if p.name in names else None)
+    for p, t in seen:
+        _same_preactivations(model, p.name, t.detach().reshape(n_in + 2, b, -1), alone[p.name].reshape(b, -1),
+                             x.reshape(b, -1))
     hinge = x.new_zeros(())
     act = x.new_zeros(())
     dmin = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)

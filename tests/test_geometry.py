@@ -1449,3 +1449,41 @@ def test_re3_distance_refuses_units_fed_by_a_concatenation():
         z = m[1](m[0](x))
     want = (z.abs() / m[0].weight.flatten(1).norm(dim=1)[None, :, None, None]).flatten(1).amin(1)
     assert torch.allclose(got, want)
+
+
+def test_inscribed_ball_of_a_float32_region_with_lines_is_inside_it():
+    """A first layer narrower than the input (6 -> 3) leaves directions that no inequality sees: the region
+    contains lines. In float32 the deeper inequalities' gradients were tilted slightly (rounding) into them, and
+    the LP followed the tilt ~1e8 away: radius 0.883 where the float64 LP by hand gives 0.244, a center of another
+    pattern. Now the inequalities come from a float64 copy: the ball is inside the region (its center and points
+    on its sphere have x's pattern, computed by hand in float64 from the weights), at least as large as x's own
+    distance ball, and the user's float32 model is untouched. Infinite box bounds are no faces (linprog refused
+    them)."""
+    from relu_regions.geometry import inscribed_ball
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 6)
+    w1, b1, w2, b2 = (t.detach().double() for t in (net[0].weight, net[0].bias, net[2].weight, net[2].bias))
+
+    def pattern(v):  # by hand, float64
+        z1 = w1 @ v + b1
+        return torch.cat([z1 > 0, w2 @ (z1 * (z1 > 0)) + b2 > 0])
+
+    before = copy.deepcopy(net.state_dict())
+    ball = inscribed_ball(net, x)
+    r, c = float(ball.radius[0]), ball.center[0].double()
+    assert ball.radius.dtype == torch.float32 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert 0 < r < math.inf and torch.equal(pattern(c), pattern(x[0].double()))
+    u = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    u = u / u.norm(dim=1, keepdim=True)
+    assert all(torch.equal(pattern(c + 0.999 * r * d), pattern(x[0].double())) for d in u)
+    own = float(rr.boundary_distance(net.double(), x.double()).distance[0])
+    net.float()
+    assert r >= own * (1 - 1e-6)
+    # infinite bounds: an all-infinite box is no box; one bounded coordinate of width 0.02 around x (x's own
+    # distance ball is wider) gives radius 0.01
+    assert float(inscribed_ball(net, x, box=(-math.inf, math.inf)).radius[0]) == pytest.approx(r, rel=1e-9)
+    lo, hi = torch.full((6,), -math.inf), torch.full((6,), math.inf)
+    lo[0], hi[0] = float(x[0, 0]) - 0.01, float(x[0, 0]) + 0.01
+    assert own > 0.01 and float(inscribed_ball(net, x, box=(lo, hi)).radius[0]) == pytest.approx(0.01, rel=1e-6)

@@ -760,3 +760,74 @@ def test_the_last_pass_of_the_batch_size_labels_dtype_dict_outputs_and_contribut
                {"stats": RegionStats(3, keep_contributions=True)}):
         with pytest.raises(ValueError, match="disagrees with the stats you pass"):
             evaluate(net, [(x, y)], **kw)
+
+
+class _BatchCentred(nn.Module):
+    """A forward that mixes the samples of a batch (a hand-written, unscaled batch centring before the ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.l(x)
+        return self.o(torch.relu(h - h.mean(0, keepdim=True)))
+
+
+def test_forwards_that_mix_the_batch_are_refused_by_every_distance_route():
+    """Per-sample distances are not defined for such a forward, and the replicas the routes run ([x, 0, e_1, ...],
+    D copies of x with tangents) mix other rows in: parsimony_penalty, boundary_distances, preactivation_maps and
+    geometry.boundary_distance returned numbers unlike the per-sample ones (boundary_distances [0.218, 0.687, ...]
+    against [0.215, 0.784, ...] from jacrev of one sample's pre-activation, the rest of the batch held fixed), while
+    affine_map refused the model. Now they all refuse; a model whose
+    inputs carry a large offset (rounding ~1e4·eps in every unit) is not refused and its distances are right."""
+    import relu_regions as rr
+
+    torch.manual_seed(0)
+    m, x = _BatchCentred(), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="not piecewise linear"):
+        rr.affine_map(m, x)
+    with pytest.raises(RuntimeError, match="mixes the samples of a batch"):
+        parsimony_penalty(m, x, max_samples=None)
+    for call in (lambda: boundary_distances(m, x), lambda: rr.preactivation_maps(m, x, method="forward"),
+                 lambda: rr.preactivation_maps(m, x, method="reverse", reduce=2),
+                 lambda: rr.boundary_distance(m, x), lambda: rr.boundary_distance(m, x, route="reverse")):
+        with pytest.raises(RuntimeError, match="pre-activation check failed at layer 'relu'.*mixes the samples"):
+            call()
+
+    # no false alarm: inputs around 1e4, removed in the forward (float32 rounding ~1e4·eps in every unit)
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(4, [16, 16], 3)
+
+        def forward(self, v):
+            return self.net(v - 1e4)
+
+    net, xo = Offset(), 1e4 + torch.randn(32, 4)
+    d = boundary_distances(net, xo)
+    d64 = boundary_distances(copy.deepcopy(net).double(), xo.double())
+    assert torch.allclose(d.double(), d64, rtol=1e-2)
+    for route in ("forward", "reverse"):
+        assert torch.allclose(rr.boundary_distance(net, xo, route=route).distance.double(), d64, rtol=1e-2)
+    assert parsimony_penalty(net, xo, max_samples=None).isfinite()
+
+
+def test_the_readme_without_lightning_block_runs_as_written():
+    """README's "Without Lightning" snippet, executed with a model and a loader bound to its names: evaluate and the
+    hand-written track loop count the same regions, and the penalty term is a differentiable scalar."""
+    import re
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Without Lightning\n\n```python\n(.*?)```", text, re.S).group(1)
+    torch.manual_seed(0)
+    model = mlp(4, [8, 8], 10).eval()
+    data = [(torch.randn(16, 4), torch.randint(0, 10, (16,))) for _ in range(3)]
+    scope = {"model": model, "val_loader": data, "F": F, "torch": torch, "print": lambda *a: None}
+    exec(compile(block, "README.md", "exec"), scope)
+    one = evaluate(model, data)
+    assert scope["stats"].n_regions() == one.n_regions() and scope["stats"].n_samples == one.n_samples == 48
+    assert scope["loss"].dim() == 0 and scope["loss"].requires_grad
