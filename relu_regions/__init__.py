@@ -22,6 +22,8 @@ _LAZY = {
     "contributions": ("attributions", "contributions"),
     "compare": ("compare", "compare"),
     "evaluate": ("training", "evaluate"),
+    "track": ("training", "track"),
+    "parsimony_penalty": ("training", "parsimony_penalty"),
     "what_if": ("geometry", "what_if"),
     "line_walk": ("geometry", "line_walk"),
     "boundary_distance": ("geometry", "boundary_distance"),
