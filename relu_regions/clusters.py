@@ -341,6 +341,12 @@ def _linear_neon(model: NeuralizedKMeans, x: Any, cluster: Any, beta: float | No
 # --- kernel k-means --------------------------------------------------------------------------------------------
 
 
+def _row_chunks(n: int, per_row: int, budget: int = 1 << 22) -> list[slice]:
+    """Row slices whose ``(rows, per_row)`` temporaries stay below ``budget`` elements (one slice when all fit)."""
+    step = max(1, budget // max(1, per_row))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def _sqdist(x: Tensor, u: Tensor, budget: int = 1 << 22) -> Tensor:
     """``(N, M)`` squared distances, each summed from its own differences (no ``‖x‖² + ‖u‖² − 2x·u`` cancellation),
     in row chunks whose ``(rows, M, D)`` differences stay below ``budget`` elements: all at once, 1,000 rows against
@@ -517,9 +523,10 @@ class NeuralizedKernelKMeans:
             for j in range(k):
                 if j == c:
                     continue
-                h = a[c][:, :, None] - a[j][:, None, :]  # (N, |C_c|, |C_j|)
-                gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
-                f[:, c, j] = (torch.logsumexp(g * gi, 1) - np.log(h.shape[1])) / g
+                for r in _row_chunks(n, a[c].shape[1] * a[j].shape[1]):
+                    h = a[c][r, :, None] - a[j][r, None, :]  # (rows, |C_c|, |C_j|)
+                    gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
+                    f[r, c, j] = (torch.logsumexp(g * gi, 1) - np.log(h.shape[1])) / g
         return f
 
     def logits(self, x: Tensor, beta: float | None = None) -> Tensor:
@@ -552,28 +559,32 @@ class NeuralizedKernelKMeans:
         sup = [s.to(x.dtype).to(x.device) for s in self.support]
         rel = torch.zeros_like(x)
         tied = torch.zeros(n, dtype=torch.bool, device=x.device)
-        g = self.gamma
         for cc in range(k):
-            rows = (c == cc).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            xr = x[rows]
+            members = (c == cc).nonzero().flatten()
             for j in range(k):
                 if j == cc:
                     continue
-                h = a[cc][rows][:, :, None] - a[j][rows][:, None, :]  # (n, I, J)
-                gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
-                pi = torch.softmax(g * gi, 1)  # max-take-most over own supports i
-                pj = torch.softmax(-g * h, 2)  # min-take-most over competitor supports j
-                rij = rk[rows, j][:, None, None] * pi[:, :, None] * pj
-                coef = _safe_div(rij, h)
-                tied[rows] |= ((h == 0) & (rij != 0)).flatten(1).any(1)  # shares _safe_div dropped
-                ri, qj = coef.sum(2), coef.sum(1)  # (n, I), (n, J)
-                ui, uj = sup[cc], sup[j]
-                # Σ_ij coef_ij (x − (u_i+u_j)/2) ⊙ 2(u_i − u_j)
-                rel[rows] += 2 * xr * (ri @ ui - qj @ uj) - ri @ (ui * ui) + qj @ (uj * uj)
+                for r in _row_chunks(len(members), a[cc].shape[1] * a[j].shape[1]):
+                    self._neon_part(x, members[r], cc, j, a, sup, rk, rel, tied)
         _warn_ties(tied, "NeuralizedKernelKMeans.neon")
         return NeonResult(rel, f, c, rk)
+
+    def _neon_part(self, x: Tensor, rows: Tensor, cc: int, j: int, a: list[Tensor], sup: list[Tensor], rk: Tensor,
+                   rel: Tensor, tied: Tensor) -> None:
+        """Add the relevance of competitor ``j`` for samples ``rows`` of cluster ``cc`` into ``rel`` / ``tied``."""
+        g = self.gamma
+        xr = x[rows]
+        h = a[cc][rows][:, :, None] - a[j][rows][:, None, :]  # (n, I, J)
+        gi = -(torch.logsumexp(-g * h, 2) - np.log(h.shape[2])) / g
+        pi = torch.softmax(g * gi, 1)  # max-take-most over own supports i
+        pj = torch.softmax(-g * h, 2)  # min-take-most over competitor supports j
+        rij = rk[rows, j][:, None, None] * pi[:, :, None] * pj
+        coef = _safe_div(rij, h)
+        tied[rows] |= ((h == 0) & (rij != 0)).flatten(1).any(1)  # shares _safe_div dropped
+        ri, qj = coef.sum(2), coef.sum(1)  # (n, I), (n, J)
+        ui, uj = sup[cc], sup[j]
+        # Σ_ij coef_ij (x − (u_i+u_j)/2) ⊙ 2(u_i − u_j)
+        rel[rows] += 2 * xr * (ri @ ui - qj @ uj) - ri @ (ui * ui) + qj @ (uj * uj)
 
 
 # --- deep k-means ----------------------------------------------------------------------------------------------

@@ -1157,7 +1157,9 @@ def validity_curve(distances: Tensor, eps: Tensor | None = None, n: int = 200) -
     eps = torch.as_tensor(eps, dtype=torch.float64).reshape(-1)
     if bool(torch.isnan(eps).any()):
         raise ValueError("eps holds NaN")
-    return eps, (d[None, :] >= eps[:, None]).to(torch.float64).mean(1)
+    # counted by binary search in the sorted distances: (n, N) comparisons held 1.6 GB for a million distances
+    below = torch.searchsorted(torch.sort(d).values, eps, side="left")
+    return eps, (d.numel() - below).to(torch.float64) / d.numel()
 
 
 def validity_epsilons(distances: Tensor, levels: float | Sequence[float] = (0.9, 0.75, 0.5)) -> dict[str, float]:

@@ -219,6 +219,11 @@ def test_profiles_and_plots_on_small_decoder():
     assert act.shape == (16, 64)
     prof = causal.ace_profiles(dec, data, "input", [0, 1], [-1.0, 0.0, 1.0], "1", n_samples=32)
     assert prof.shape == (16, 6)
+    # with a progress bar over the units: the same profiles (one ace per unit, its effect rows as columns)
+    shown = causal.ace_profiles(dec, data, "input", (u for u in [0, 1]), [-1.0, 0.0, 1.0], "1", n_samples=32,
+                                progress=True)
+    assert torch.equal(shown, prof)
+    assert torch.equal(prof[:, 3:], causal.ace(dec, data, "input", 1, [-1.0, 0.0, 1.0], ["1"], 32).effect["1"].T)
     cl = causal.cluster_units(prof, "affinity")
     res = causal.ace(dec, data, "input", 0, [-1.0, 0.0, 1.0], n_samples=32)
     fig = res.plot("output", (4, 4))

@@ -134,6 +134,17 @@ def test_kernel_neon_conservation(wine):
     c = r.cluster.numpy()
     fc = np.array([min(ls[i, c[i]] - ls[i, j] for j in range(3) if j != c[i]) for i in range(len(x))])
     np.testing.assert_allclose(r.relevance.sum(1).numpy(), fc, rtol=1e-8, atol=1e-8)
+    # in row chunks of one sample (the (N, I, J) tensors bounded; 905 MB for 200 samples before): the same values
+    whole_f = net.pairwise(x)
+    real = C._row_chunks
+    try:
+        C._row_chunks = lambda n, per_row: [slice(i, i + 1) for i in range(n)]
+        ones = C.neon(net, x)
+        assert torch.equal(net.pairwise(x), whole_f)
+    finally:
+        C._row_chunks = real
+    assert torch.allclose(ones.relevance, r.relevance, rtol=1e-12, atol=1e-12)
+    assert C._row_chunks(10, 3, budget=7) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
 
 
 def test_deep_kmeans_conservation_and_region_map():
