@@ -251,11 +251,11 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
             raw = tan.reshape(n + 1, b, -1)  # e_1 ... e_D, then x
             if p.kind in _RELU_LIKE:  # margins ±z: the sign does not change a norm, so skip the flip
                 nrm = _qnorm(raw[:n], q, 0)
-                # (checked at the ReLU-like units, whose norms bound the terms at no cost; a forward that mixes the
-                # batch before any unit shows there)
-                pending.append((p.name, primal[:b].clone(), raw[n].clone(), nrm * _dual_norm(flat_x, q)))
-            else:
+                terms = nrm * _dual_norm(flat_x, q)  # (the norms bound the check's terms at no cost)
+            else:  # clamps and max-pools: margins are differences of the unit inputs; the check reads the inputs
                 nrm = _qnorm(margins(p, tan[:n * b], const=False).reshape(n, b, -1), q, 0)
+                terms = _qnorm(raw[:n], 2.0, 0) * _dual_norm(flat_x, 2.0)
+            pending.append((p.name, primal[:b].clone(), raw[n].clone(), terms))
             per[p.name] = _layer_min(m, nrm)
 
         with forward_mode("route='forward'", "use route='reverse'"), torch.no_grad(), fwAD.dual_level():
@@ -1559,9 +1559,8 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
             if tan is None:
                 tan = torch.zeros_like(primal)
             raw = tan.reshape(n + 1, b, -1)  # e_1 ... e_D, then x
-            if p.kind in _RELU_LIKE:
-                pending.append((p.name, primal[:b].clone(), raw[n].clone(),
-                                _qnorm(raw[:n], 2.0, 0) * _dual_norm(flat_x, 2.0)))
+            pending.append((p.name, primal[:b].clone(), raw[n].clone(),
+                            _qnorm(raw[:n], 2.0, 0) * _dual_norm(flat_x, 2.0)))
             g = margins(p, tan[:n * b], const=False).reshape(n, b, -1)
             ms.append(m)
             gs.append(g.permute(1, 2, 0))

@@ -579,6 +579,8 @@ class RegionStats:
         """Add the statistics of ``other`` (built on disjoint samples) into ``self``; returns ``self``."""
         if not isinstance(other, RegionStats):
             raise TypeError(f"can only merge RegionStats, got {type(other).__name__}")
+        if other is self:  # (the tables add into themselves in place: a copy is added, every count doubled)
+            other = RegionStats.from_state_dict(self.state_dict())
         if other.n_classes != self.n_classes:
             raise ValueError(f"n_classes differ: {self.n_classes} vs {other.n_classes}")
         self._check_same_setup(other)

@@ -312,6 +312,18 @@ def test_many_small_batches_match_a_plain_tally_inside_and_outside_inference_mod
         assert s.n_samples == sum(count.values())
 
 
+def test_merging_an_object_into_itself_adds_a_copy():
+    """``s.merge(s)``: the in-place tables failed with torch's "refer to a single memory location"; a copy is added
+    (every count doubled, as before the in-place tables)."""
+    s = RegionStats(3, keep_inputs=True)
+    s.update(torch.tensor([5, 1, 5, 2]), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 1, 0]),
+             inputs=torch.arange(8.0).reshape(4, 2))
+    before = _by_key(s)
+    s.merge(s)
+    assert _by_key(s) == {k: (2 * c, [2 * v for v in t], [2 * v for v in p]) for k, (c, t, p) in before.items()}
+    assert s.n_samples == 8 and torch.equal(s.mean_inputs()[s.region_keys() == 5], torch.tensor([[2.0, 3.0]]))
+
+
 def test_stats_filled_under_inference_mode_take_updates_and_merges_outside_it(setup):
     """Statistics a Lightning validation loop fills (under ``torch.inference_mode``: ``RegionMonitor.stats``) hold
     inference tensors. Updating or merging them afterwards failed ("Inplace update to inference tensor outside

@@ -795,6 +795,14 @@ def test_forwards_that_mix_the_batch_are_refused_by_every_distance_route():
         with pytest.raises(RuntimeError, match="pre-activation check failed at layer 'relu'.*mixes the samples"):
             call()
 
+    # clamp units after the mixing (Hardtanh): the forward route checked only ReLU-like units and gave numbers
+    m.act = nn.Hardtanh(-0.3, 0.4)
+    m.forward = lambda v: m.o(m.act(m.l(v) - m.l(v).mean(0, keepdim=True)))
+    for call in (lambda: rr.boundary_distance(m, x), lambda: rr.boundary_distance(m, x, route="forward"),
+                 lambda: rr.geometry.region_inequalities(m, x)):
+        with pytest.raises(RuntimeError, match="pre-activation check failed at layer 'act'"):
+            call()
+
     # no false alarm: inputs around 1e4, removed in the forward (float32 rounding ~1e4·eps in every unit)
     class Offset(nn.Module):
         def __init__(self):
