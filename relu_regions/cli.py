@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 import zipfile
@@ -91,6 +90,10 @@ def load_data(spec: str, *, split: str = "test", root: str | None = None, limit:
             desc = describe_mnist_source(spec, root=root)
         except FileNotFoundError as e:
             raise CLIError(f"--data {spec}: {str(e).splitlines()[0]}") from e
+        except (EOFError, OSError, ValueError) as e:  # a cut .gz, a damaged IDX header
+            raise CLIError(f"--data {spec}: its files (root {root or 'default'}) cannot be read "
+                           f"({type(e).__name__}: {str(e)[:160]})") from e
+        _check_finite_rows(X.numpy(), spec)
         names = _FASHION if spec == "fashion-mnist" else [str(i) for i in range(10)]
         return LoadedData(_reshape(X, input_shape, spec), y, f"{desc} ({split} split, {len(y)} images)", names)
     path = Path(spec).expanduser()
@@ -100,11 +103,22 @@ def load_data(spec: str, *, split: str = "test", root: str | None = None, limit:
     if path.is_dir():
         X, y, names = _image_folder(path)
     elif path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CLIError(f"--data {path}: not a readable .npz archive ({type(e).__name__}: {str(e)[:120]}); save "
+                           "it with numpy.savez(path, X=..., y=...)") from e
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a .npy array saved under a .npz name
+            raise CLIError(f"--data {path}: a single array, not an .npz archive with arrays 'X' and 'y' (save it "
+                           "with numpy.savez(path, X=..., y=...))")
+        with z:
             missing = [k for k in ("X", "y") if k not in z.files]
             if missing:
                 raise CLIError(f"--data {path}: the .npz file needs arrays 'X' and 'y'; it has {z.files}")
-            X, y = z["X"], z["y"]
+            try:
+                X, y = z["X"], z["y"]
+            except ValueError as e:  # object arrays (allow_pickle=False)
+                raise CLIError(f"--data {path}: X and y must be numeric arrays ({e})") from e
         names = None
     elif path.suffix.lower() == ".csv":
         X, y = _csv(path)
@@ -123,6 +137,9 @@ def load_data(spec: str, *, split: str = "test", root: str | None = None, limit:
             raise CLIError(f"--data {path}: X must be numeric and y integer class labels; got {X.dtype}, {y.dtype}")
     if limit is not None:
         X, y = X[:limit], y[:limit]
+    if len(X) == 0:
+        raise CLIError(f"--data {path}: no samples")
+    _check_finite_rows(X, str(path))
     Xt = torch.as_tensor(X, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
     if (yt < 0).any():
@@ -137,11 +154,19 @@ def load_data(spec: str, *, split: str = "test", root: str | None = None, limit:
                       extra)
 
 
+def _check_finite_rows(X: np.ndarray, where: str) -> None:
+    """A NaN / infinite sample has no activation region: counted, it was a region and a prediction of NaN logits."""
+    bad = ~np.isfinite(np.asarray(X, dtype=np.float64)).reshape(len(X), -1).all(1)
+    if bad.any():
+        raise CLIError(f"--data {where}: {int(bad.sum())} sample(s) hold NaN or infinite values (first: row "
+                       f"{int(np.argmax(bad))}); drop or impute them first")
+
+
 _FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def _csv_header(path: Path) -> list[str] | None:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (-sig: Excel's "CSV UTF-8" starts with a byte-order mark)
         first = f.readline().strip().split(",")
     if [v.strip() for v in first] == [str(i) for i in range(len(first))]:
         return None if len(first) < 2 else first  # pandas' header of unnamed columns, "0,1,...": not a sample
@@ -155,7 +180,7 @@ def _csv_header(path: Path) -> list[str] | None:
 def _csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     skip = 1 if _csv_header(path) else 0
     try:
-        data = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
+        data = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2, encoding="utf-8-sig")
     except ValueError as e:
         raise CLIError(f"--data {path}: could not read numeric CSV ({e})") from e
     if data.shape[1] < 2:
@@ -171,7 +196,9 @@ def _image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         from PIL import Image
     except ImportError as e:
         raise CLIError("--data <image folder> needs Pillow (pip install pillow)") from e
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    # as torchvision's ImageFolder: class folders sorted by name (as strings: "10" before "2"), here without hidden
+    # ones (a ".ipynb_checkpoints" folder became class 0 and shifted every label)
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise CLIError(f"--data {path}: an image folder must hold one sub-folder per class (DIR/<class>/<image>)")
     images, labels, size, mode = [], [], None, None
@@ -182,8 +209,14 @@ def _image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     with Image.open(files[0][1]) as im0:
         mode = "L" if im0.mode in ("L", "1", "I", "I;16", "P") else "RGB"
     for c, f in files:
-        with Image.open(f) as im:
-            arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        try:
+            with Image.open(f) as im:
+                if im.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":  # 16-bit: convert("L") clipped to 0/1
+                    arr = np.asarray(im, dtype=np.float32) / 65535.0
+                else:
+                    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        except OSError as e:  # (PIL's UnidentifiedImageError, truncated files)
+            raise CLIError(f"--data {path}: cannot read image {f} ({type(e).__name__}: {e})") from e
         if size is None:
             size = arr.shape
         elif arr.shape != size:
@@ -372,7 +405,10 @@ def load_model(path: str | os.PathLike[str], class_spec: str | None = None,
                            f"--class {class_spec}")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
+        except Exception as e:
+            if names is None and not _legacy_torch_save(p):  # (torch's own words for other files: "KeyError: 101")
+                raise CLIError(f"--model {p}: not a PyTorch file (expected a state_dict saved with torch.save for "
+                               f"--class {class_spec})") from e
             raise CLIError(_REFUSE_PICKLE.format(path=p, err=" ".join(str(e).split())[:160])) from e
         sd = _state_dict_of(obj, p)
         try:
@@ -430,6 +466,12 @@ def _zip_names(p: Path) -> list[str] | None:
             return z.namelist()
     except zipfile.BadZipFile:
         return None
+
+
+def _legacy_torch_save(p: Path) -> bool:
+    """Whether ``p`` starts like a pickle (torch.save's pre-zip format begins with a pickled magic number)."""
+    with open(p, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _is_exported(names: list[str] | None) -> bool:
@@ -553,6 +595,10 @@ def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
     except ReluRegionsError as e:
         raise CLIError(" ".join(str(e).split())) from e
     n_out = out.shape[1]
+    if n_out == 1:  # (argmax over one logit is always class 0: labels 0 only read as 100% accurate)
+        raise CLIError("the model has a single output (a binary classifier's logit?); the report needs one score "
+                       "per class: append a layer nn.Linear(1, 2) with weight [[0.], [1.]] and bias 0 (its argmax "
+                       "is logit > 0) and save that model")
     if int(data.y.max()) >= n_out:
         raise CLIError(f"the labels go up to {int(data.y.max())} but the model has only {n_out} outputs")
     if data.class_names is not None and len(data.class_names) != n_out and logits_at is None:

@@ -225,6 +225,9 @@ def write_atomically(out_dir: str | os.PathLike[str], fill: Callable[[Path], Non
         raise FileNotFoundError(f"the parent directory of --out does not exist: {parent}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # (mkdtemp makes it 0700: the report stays private whatever the umask says)
         fill(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
@@ -687,6 +690,10 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
 
     logits, patterns = predict_and_record(model, X, progress=progress, logits_at=logits_at)
     k = logits.shape[1]
+    if k == 1:  # (argmax over one logit is always class 0: labels 0 only read as 100% accurate)
+        raise ValueError("the model has a single output (a binary classifier's logit?); the report needs one score "
+                         "per class: append nn.Linear(1, 2) with weight [[0.], [1.]] and bias 0 (its argmax is "
+                         "logit > 0)")
     y_pred = logits.argmax(1).cpu()
     if int(y.max()) >= k:
         raise ValueError(f"y: labels go up to {int(y.max())} but the model has only {k} outputs")

@@ -359,3 +359,64 @@ def test_demo_help_shows_a_plain_percent_sign(capsys):
         cli.main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "analyse the held-out 20% and write" in out and "%%" not in out
+
+
+def test_data_a_user_meets_is_read_right_or_refused_by_name(tabular_files, capsys):
+    """Found by QA: a NaN cell was counted as a region and a prediction (report "exact": 59 regions where the finite
+    rows have 58); a UTF-8 byte-order mark (Excel's "CSV UTF-8") hid the header or dropped the first row; 16-bit
+    PNGs were clipped to 0/1 by convert("L"); a hidden ".ipynb_checkpoints" folder became class 0; damaged files
+    gave errors naming no file (exit 1); a non-PyTorch --model with --class gave torch's "KeyError: 101"; the
+    report directory was mode 0700 whatever the umask."""
+    import os
+    import stat
+
+    from PIL import Image
+
+    tmp, model, X, y, sd, npz, csv = tabular_files
+    net = ["--class", "relu_regions.models:mlp", "--class-kwargs", '{"n_in": 4, "hidden": [6, 5], "n_out": 3}']
+    rows = np.concatenate([X.numpy(), y.numpy()[:, None]], 1)
+    nan = rows.copy()
+    nan[5, 2] = np.nan
+    bad = tmp / "nan.csv"
+    np.savetxt(bad, nan, delimiter=",", fmt="%.6g")
+    code, _, err = run(["analyze", "--model", str(sd), *net, "--data", str(bad), "--out", str(tmp / "r1")], capsys)
+    assert_one_line_error(code, err, "1 sample(s) hold NaN or infinite values (first: row 5)")
+    assert not (tmp / "r1").exists()
+    # byte-order mark, with and without a header: every row, the header's names
+    text = csv.read_text()
+    (tmp / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
+    body = "\n".join(text.splitlines()[1:]) + "\n"
+    (tmp / "bom_plain.csv").write_text("\ufeff" + body, encoding="utf-8")
+    with_header, plain = cli.load_data(str(tmp / "bom.csv")), cli.load_data(str(tmp / "bom_plain.csv"))
+    assert with_header.feature_names == ["a", "b", "c", "d"] and len(with_header.y) == len(plain.y) == 60
+    assert torch.allclose(plain.X, torch.as_tensor(rows[:, :4], dtype=torch.float32), atol=1e-5)
+    # 16-bit PNGs keep their levels; hidden folders are no class
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", ".ipynb_checkpoints"):
+        (tmp / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 65535, (4, 4), dtype=np.uint16)).save(tmp / "imgs" / c / f"{i}.png")
+    data = cli.load_data(str(tmp / "imgs"))
+    assert data.class_names == ["a", "b"] and data.y.tolist() == [0, 0, 1, 1]
+    with Image.open(tmp / "imgs" / "b" / "1.png") as im:
+        assert np.allclose(data.X[3, 0].numpy(), np.asarray(im, dtype=np.float64) / 65535.0, atol=1e-6)
+    # damaged files: one line naming the file, exit 2
+    (tmp / "notzip.npz").write_text("X,y\n1,2\n")
+    np.save(tmp / "single.npy", np.zeros((3, 2)))
+    os.replace(tmp / "single.npy", tmp / "single.npz")
+    (tmp / "imgs" / "a" / "broken.png").write_bytes(b"not a png")
+    for path, needle in ((tmp / "notzip.npz", "not a readable .npz archive"),
+                         (tmp / "single.npz", "a single array, not an .npz archive"),
+                         (tmp / "imgs", "cannot read image")):
+        code, _, err = run(["analyze", "--model", str(sd), *net, "--data", str(path), "--out", str(tmp / "r2")],
+                           capsys)
+        assert_one_line_error(code, err, str(path), needle)
+    code, _, err = run(["analyze", "--model", str(csv), *net, "--data", str(npz), "--out", str(tmp / "r3")], capsys)
+    assert_one_line_error(code, err, "not a PyTorch file")
+    # the report directory follows the umask
+    code, _, err = run(["analyze", "--model", str(sd), *net, "--data", str(npz), "--out", str(tmp / "r4"), "--quick"],
+                       capsys)
+    assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp / "r4").stat().st_mode) == 0o777 & ~umask

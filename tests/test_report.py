@@ -496,3 +496,22 @@ def test_sankey_section_uses_the_units_own_activation():
     assert rows
     for row in rows:
         assert row["flow"] == pytest.approx(round(float(seen["a"][int(row["from"].split()[1])]), 4), abs=1e-4)
+
+
+def test_a_single_logit_model_is_refused_and_the_suggested_two_score_head_reads_its_sign():
+    """A binary classifier with one logit: argmax always gave class 0 (data labelled 0 only read as 100% accurate).
+    The report refuses it and says to append nn.Linear(1, 2) with weight [[0], [1]]; with that head its accuracy is
+    the logit-sign accuracy computed by hand."""
+    torch.manual_seed(0)
+    net = mlp(5, [6], 1)
+    X, y = torch.randn(40, 5), torch.zeros(40, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"single output .* append nn.Linear\(1, 2\) with weight \[\[0.\], \[1.\]\]"):
+        rep.build_report(net, X, y, quick=True, include=[])
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0], [1.0]]))
+        head.bias.zero_()
+    r = rep.build_report(nn.Sequential(net, head), X, y, quick=True, include=[])
+    with torch.no_grad():
+        by_hand = float(((net(X)[:, 0] > 0).long() == y).double().mean())
+    assert r.results["accuracy"] == by_hand and by_hand < 1.0

@@ -109,16 +109,19 @@ def read_idx(path: str | os.PathLike[str], limit: int | None = None) -> np.ndarr
     Raises
     ------
     ValueError
-        If the magic number is invalid or the file is shorter than its header says.
+        If the magic number is invalid, the file is shorter than its header says, or its gzip stream is damaged.
     """
     _check_limit(limit)
     path = Path(path)
-    with _open(path) as f:
-        dtype, shape = _read_header(f, path)
-        if limit is not None and shape:
-            shape = (min(limit, shape[0]), *shape[1:])
-        count = int(np.prod(shape))
-        buf = f.read(count * dtype.itemsize)
+    try:
+        with _open(path) as f:
+            dtype, shape = _read_header(f, path)
+            if limit is not None and shape:
+                shape = (min(limit, shape[0]), *shape[1:])
+            count = int(np.prod(shape))
+            buf = f.read(count * dtype.itemsize)
+    except (EOFError, gzip.BadGzipFile) as e:  # a cut or damaged .gz: gzip's words name no file
+        raise ValueError(f"{path}: damaged gzip file ({type(e).__name__}: {e})") from e
     if len(buf) != count * dtype.itemsize:
         raise ValueError(f"{path}: expected {count} items of {dtype}, file is truncated")
     return np.frombuffer(buf, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
