@@ -706,6 +706,9 @@ def _write_report(model, data: LoadedData, args, title: str, meta: dict[str, Any
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .report import check_out_dir
+
+    check_out_dir(args.out)  # (before the training, not after it)
     torch.manual_seed(args.seed)
     model, info = train_demo_model(seed=args.seed, quick=args.quick, progress=not args.no_progress)
     _, test = digits_data(args.seed)
@@ -750,6 +753,9 @@ def _load_inputs(args) -> tuple[LoadedModel, LoadedData]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .report import check_out_dir
+
+    check_out_dir(args.out)  # (before the analysis, not after it)
     loaded, data = _load_inputs(args)
     meta = {"model": loaded.description, "data": data.description, "seed": args.seed}
     _write_report(loaded.model, data, args, "relu-regions analysis", meta)
@@ -790,6 +796,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                        "--logits-at and leaves the comparison out)")
     if args.out and Path(args.out).is_dir():  # (checked before the comparison runs)
         raise CLIError(f"--out {args.out}: is a directory; give the path of the Markdown file to write")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise CLIError(f"--out {args.out}: parent directory does not exist")
+    # (method names checked before a model is trained or loaded)
+    methods = _method_names(args.methods, getattr(compare, "ALL_METHODS", ())) if args.methods else None
     if args.model is None:
         # (without --model the demo network and its digits run: options of a user's model and data would be ignored)
         given = [flag for flag, value in (("--data", args.data), ("--class", args.model_class),
@@ -811,7 +821,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     X = data.X[:n]
     with torch.no_grad():
         target = model(X).argmax(1)
-    methods = _method_names(args.methods, getattr(compare, "ALL_METHODS", ())) if args.methods else None
     kwargs: dict[str, Any] = {"methods": methods} if methods else {}
     if args.quick:
         kwargs.update(n_seeds=2, ig_steps=8, n_steps=5, infidelity_samples=2)

@@ -193,6 +193,25 @@ class Report:
         return write_atomically(out_dir, fill, overwrite=overwrite)
 
 
+def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """The absolute destination of :func:`write_atomically` after its checks (raises as it would, writes nothing):
+    for callers that check ``--out`` before a long analysis."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {out} exists and is not a directory")
+        contents = list(out.iterdir())
+        if contents and not (out / REPORT_MARKER).exists():
+            raise FileExistsError(f"--out {out} exists and is not a relu-regions report directory; "
+                                  "choose another --out or remove it")
+        if contents and not overwrite:
+            raise FileExistsError(f"--out {out} already holds a report")
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"the parent directory of --out does not exist: {parent}")
+    return out
+
+
 def write_atomically(out_dir: str | os.PathLike[str], fill: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Create ``out_dir`` by filling a temporary sibling directory and renaming it into place.
 
@@ -210,19 +229,8 @@ def write_atomically(out_dir: str | os.PathLike[str], fill: Callable[[Path], Non
     pathlib.Path
         The absolute destination path.
     """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"--out {out} exists and is not a directory")
-        contents = list(out.iterdir())
-        if contents and not (out / REPORT_MARKER).exists():
-            raise FileExistsError(f"--out {out} exists and is not a relu-regions report directory; "
-                                  "choose another --out or remove it")
-        if contents and not overwrite:
-            raise FileExistsError(f"--out {out} already holds a report")
+    out = check_out_dir(out_dir, overwrite)
     parent = out.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"the parent directory of --out does not exist: {parent}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         umask = os.umask(0)

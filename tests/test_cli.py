@@ -420,3 +420,21 @@ def test_data_a_user_meets_is_read_right_or_refused_by_name(tabular_files, capsy
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp / "r4").stat().st_mode) == 0o777 & ~umask
+
+
+def test_out_and_method_names_are_checked_before_any_training(tmp_path, capsys, monkeypatch):
+    """A bad --out (its parent missing, or a file that is no report directory) and an unknown --methods name were
+    reported only after the demo network had been trained and the analysis run."""
+    def no_training(*a, **k):
+        raise AssertionError("trained before the arguments were checked")
+
+    monkeypatch.setattr(cli, "train_demo_model", no_training)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(["demo", "--out", str(tmp_path / "afile" / "r")], capsys)
+    assert_one_line_error(code, err, "parent directory of --out does not exist")
+    code, _, err = run(["demo", "--out", str(tmp_path / "afile")], capsys)
+    assert_one_line_error(code, err, "exists and is not a directory")
+    code, _, err = run(["compare", "--methods", "bogus"], capsys)
+    assert_one_line_error(code, err, "unknown method 'bogus'")
+    code, _, err = run(["compare", "--out", str(tmp_path / "nodir" / "t.md")], capsys)
+    assert_one_line_error(code, err, "parent directory does not exist")
