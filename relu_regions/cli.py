@@ -746,6 +746,12 @@ def _load_inputs(args) -> tuple[LoadedModel, LoadedData]:
     if args.limit is not None and args.limit <= 0:
         raise CLIError("--limit must be positive")
     loaded = load_model(args.model, args.model_class, kwargs)
+    if getattr(args, "logits_at", None) and loaded.reference is not None:
+        # (export inlines module calls: a module name survives as a holder of parameters, never called, and the run
+        # then failed asking for the --logits-at it had been given)
+        raise CLIError("--logits-at: a torch.export program has no module calls to stop at (export inlines them); "
+                       "export the model without its output activation (softmax / sigmoid head), or pass its "
+                       "state_dict with --class and --logits-at")
     data = load_data(args.data, split=args.split, root=args.data_root, limit=args.limit,
                      input_shape=_parse_shape(args.input_shape))
     _probe(loaded, data, getattr(args, "logits_at", None))

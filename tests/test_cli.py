@@ -134,6 +134,11 @@ def test_analyze_exported_program_and_csv(tabular_files, capsys):
                         str(csv), "--out", str(tmp / "rep3")], capsys)
     assert_one_line_error(code, err, "is a torch.export program", "leave out --class relu_regions.models:SmallCNN")
     assert not (tmp / "rep3").exists()
+    # --logits-at names a module that export inlined (kept as a holder of parameters, never called): the run failed
+    # asking for the --logits-at it had been given
+    code, _, err = run(["analyze", "--model", str(path), "--logits-at", "2", "--data", str(csv), "--out",
+                        str(tmp / "rep4")], capsys)
+    assert_one_line_error(code, err, "--logits-at: a torch.export program has no module calls")
 
 
 def test_compare_refuses_logits_at(tabular_files, capsys):
