@@ -27,7 +27,7 @@ independent check (:meth:`AffineMap.residual`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -672,26 +672,32 @@ def preactivation_maps(model: nn.Module, x: Tensor, layers: LayerSelection = Non
             for name, m in parts[0].items()}
 
 
+def _check_close(model: nn.Module, got: Tensor, want: Tensor, terms: Tensor, message: Callable[..., str]) -> None:
+    """Raise ``RuntimeError(message(i, j, err, bound))`` at the first ``(sample, unit)`` where ``(B, units)`` ``got``
+    and ``want`` differ beyond rounding: the tolerance of the pass's dtypes (:func:`_tolerance`) relative to the
+    largest of ``|want|`` and the ``terms`` they add up from, per sample (inputs with a large offset cancel in every
+    unit)."""
+    err = (got - want).abs()
+    bound = _tolerance(model, want, got) * (1 + torch.maximum(want.abs(), terms).amax(1, keepdim=True))
+    bad = err > bound
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise RuntimeError(message(i, j, err[i, j].item(), bound[i, 0].item()))
+
+
 def _check_preactivations(model: nn.Module, name: str, value: Tensor, offset: Tensor, lin: Tensor,
                           terms: Tensor) -> None:
     """Raise ``RuntimeError`` unless ``value ≈ offset + lin`` for every unit, ``lin = J·x`` (all ``(B, units)``):
     the frozen network is affine per sample. A forward that mixes the samples of a batch (statistics over dim 0)
     fails it -- its Jacobians pick up the other rows -- as affine_map's check refuses it; passed unchecked, its
-    distances were numbers of no region. Rounding is judged relative to the terms ``|z(0)| + Σ_i |J_i|·|x_i|``
-    (``terms``: any upper bound of the sum, e.g. a Hölder bound from norms at hand)."""
+    distances were numbers of no region. ``terms``: any upper bound of ``Σ_i |J_i|·|x_i|``, e.g. a Hölder bound
+    from norms at hand."""
     b = value.shape[0]
     value, offset, lin = value.reshape(b, -1), offset.reshape(b, -1), lin.reshape(b, -1)
-    err = (offset + lin - value).abs()
-    scale = torch.maximum(value.abs(), terms.reshape(b, -1) + offset.abs())
-    bound = _tolerance(model, value, lin) * (1 + scale.amax(1, keepdim=True))
-    bad = err > bound
-    if bool(bad.any()):
-        i, j = (int(v) for v in bad.nonzero()[0])
-        raise RuntimeError(
-            f"pre-activation check failed at layer {name!r}, sample {i}, unit {j}: |z(0) + J·x − z(x)| = "
-            f"{err[i, j].item():.3g} > {bound[i, 0].item():.3g}. The frozen network is not affine per sample: its "
-            "forward mixes the samples of a batch (e.g. statistics over dim 0), or computes something else that is "
-            "not piecewise linear (please report the model)")
+    _check_close(model, offset + lin, value, terms.reshape(b, -1) + offset.abs(), lambda i, j, err, bound: (
+        f"pre-activation check failed at layer {name!r}, sample {i}, unit {j}: |z(0) + J·x − z(x)| = {err:.3g} > "
+        f"{bound:.3g}. The frozen network is not affine per sample: its forward mixes the samples of a batch (e.g. "
+        "statistics over dim 0), or computes something else that is not piecewise linear (please report the model)"))
 
 
 def _basis_and_x(x: Tensor) -> tuple[Tensor, int]:

@@ -580,20 +580,14 @@ def _same_preactivations(model: nn.Module, name: str, replayed: Tensor, alone: T
     """Raise ``RuntimeError`` unless the pre-activations at x among the replicas (``replayed[0]`` of the ``(D + 2, B,
     units)`` values on ``[x, 0, e_1, …]``) equal those of the batch x alone, up to rounding (relative to the terms
     ``|z(0)| + Σ_i |∂z/∂x_i|·|x_i|`` they add up from: inputs with a large offset cancel in every unit)."""
-    from .affine import _tolerance
+    from .affine import _check_close
 
-    err = (replayed[0] - alone).abs()
     jac = (replayed[2:] - replayed[1]).abs()
     terms = torch.einsum("dbu,bd->bu", jac, x.abs().to(jac.dtype)) + replayed[1].abs()
-    bound = _tolerance(model, alone) * (1 + torch.maximum(alone.abs(), terms).amax(1, keepdim=True))
-    bad = err > bound
-    if bool(bad.any()):
-        i, j = (int(v) for v in bad.nonzero()[0])
-        raise RuntimeError(
-            f"parsimony_penalty: the pre-activations of layer {name!r} (sample {i}, unit {j}) differ by "
-            f"{err[i, j].item():.3g} (> {bound[i, 0].item():.3g}) between the batch x and the replicas [x, 0, e_1, …] "
-            "the penalty runs: the model's forward mixes the samples of a batch (e.g. statistics over dim 0), and its "
-            "per-sample distances are not defined")
+    _check_close(model, replayed[0], alone, terms, lambda i, j, err, bound: (
+        f"parsimony_penalty: the pre-activations of layer {name!r} (sample {i}, unit {j}) differ by {err:.3g} (> "
+        f"{bound:.3g}) between the batch x and the replicas [x, 0, e_1, …] the penalty runs: the model's forward "
+        "mixes the samples of a batch (e.g. statistics over dim 0), and its per-sample distances are not defined"))
 
 
 def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: float = 0.0, k: int | None = None,
