@@ -700,6 +700,21 @@ def _check_preactivations(model: nn.Module, name: str, value: Tensor, offset: Te
         "statistics over dim 0), or computes something else that is not piecewise linear (please report the model)"))
 
 
+def _frozen_at_zero(model: nn.Module, x: Tensor, patterns: list[LayerPattern], names: Sequence[str] | None,
+                    strict: bool, logits_at: str | None) -> dict[str, Tensor]:
+    """Unit inputs of the network frozen in ``patterns``, evaluated at 0 (the maps' constant terms, what
+    :func:`_check_preactivations` reads as ``z(0)``), for the calls in ``names`` (None: all)."""
+    out: dict[str, Tensor] = {}
+
+    def keep(p, t):
+        if names is None or p.name in names:
+            out[p.name] = t.detach().clone()
+
+    with torch.no_grad():
+        run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at, observe=keep)
+    return out
+
+
 def _basis_and_x(x: Tensor) -> tuple[Tensor, int]:
     """:func:`_basis` and one more replica whose tangent is x itself: its tangent output is ``J·x``, for
     :func:`_check_preactivations` (one replica more, instead of a pass over all D tangents per layer)."""
@@ -731,10 +746,7 @@ def _preactivation_chunk(model: nn.Module, x: Tensor, patterns: list[LayerPatter
             n_units = int(torch.Size(p.in_shape).numel())
             m = method if method != "auto" else ("forward" if n_inputs <= n_units else "reverse")
             chosen[p.name] = m
-    offsets: dict[str, Tensor] = {}
-    with torch.no_grad():
-        run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
-                   observe=lambda p, t: offsets.__setitem__(p.name, t.detach().clone()))
+    offsets = _frozen_at_zero(model, x, patterns, None, strict, logits_at)
     result: dict[str, LayerMap] = {}
     flat_x = x.reshape(b, -1)
     fw = [n for n, m in chosen.items() if m == "forward"]

@@ -54,6 +54,7 @@ from .affine import (
     _basis_and_x,
     _check_preactivations,
     _dual_norm,
+    _frozen_at_zero,
     _qnorm,
     affine_map,
     check_chunk_size,
@@ -234,10 +235,7 @@ def _exact_chunk(model, x, q, logits_at, strict, route, wanted):
     per: dict[str, tuple[Tensor, Tensor]] = {}
     if route == "forward":
         tangent, n = _basis_and_x(x)
-        offsets: dict[str, Tensor] = {}  # unit inputs of the frozen network at 0, for _check_preactivations
-        with torch.no_grad():
-            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
-                       observe=lambda p, t: offsets.__setitem__(p.name, t.clone()) if p.name in wanted else None)
+        offsets = _frozen_at_zero(model, x, patterns, wanted, strict, logits_at)  # for _check_preactivations
         flat_x = x.reshape(b, -1)
         pending: list[tuple[str, Tensor, Tensor, Tensor]] = []
 
@@ -1543,10 +1541,7 @@ def region_inequalities(model: nn.Module, x: Tensor, *, layers: LayerSelection =
         if kinds is not None:
             names = [p.name for p in patterns if p.name in names and p.kind in kinds]
         tangent, n = _basis_and_x(x)
-        offsets: dict[str, Tensor] = {}  # for _check_preactivations, as boundary_distance's forward route
-        with torch.no_grad():
-            run_frozen(model, torch.zeros_like(x), patterns, strict=strict, logits_at=logits_at,
-                       observe=lambda p, t: offsets.__setitem__(p.name, t.clone()) if p.name in names else None)
+        offsets = _frozen_at_zero(model, x, patterns, names, strict, logits_at)  # for _check_preactivations
         flat_x = x.reshape(b, -1)
         pending: list[tuple[str, Tensor, Tensor, Tensor]] = []
         ms, gs, lay = [], [], []

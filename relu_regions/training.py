@@ -575,7 +575,6 @@ def _gaps(kind: str, v: Tensor, bounds: tuple | None) -> Tensor:
 # --- the region-parsimony regulariser ---------------------------------------------------------------------------------
 
 
-@library_call
 def _same_preactivations(model: nn.Module, name: str, replayed: Tensor, alone: Tensor, x: Tensor) -> None:
     """Raise ``RuntimeError`` unless the pre-activations at x among the replicas (``replayed[0]`` of the ``(D + 2, B,
     units)`` values on ``[x, 0, e_1, …]``) equal those of the batch x alone, up to rounding (relative to the terms
@@ -590,6 +589,7 @@ def _same_preactivations(model: nn.Module, name: str, replayed: Tensor, alone: T
         "mixes the samples of a batch (e.g. statistics over dim 0), and its per-sample distances are not defined"))
 
 
+@library_call
 def parsimony_penalty(model: nn.Module, x: Tensor, *, gamma: float = 0.1, l1: float = 0.0, k: int | None = None,
                       layers: LayerSelection = None, max_samples: int | None = 16, logits_at: str | None = None,
                       strict: bool = True, return_parts: bool = False) -> Tensor | dict[str, Tensor]:

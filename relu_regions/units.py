@@ -97,8 +97,7 @@ class LayerPattern:
 
     def cat(self, other: LayerPattern) -> LayerPattern:
         """Concatenate two recordings of the same call along the batch."""
-        return LayerPattern(self.name, self.kind, torch.cat([self.state, other.state]), self.n_states,
-                            torch.cat([self.n_boundary, other.n_boundary]), self.params)
+        return LayerPattern.concat([self, other])
 
     @staticmethod
     def concat(parts: Sequence[LayerPattern]) -> LayerPattern:

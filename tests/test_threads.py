@@ -136,6 +136,7 @@ def test_entry_points_called_from_a_hook_inside_a_recorded_pass():
         seen["c"] = rr.contributions(m, z, target=0).values
         seen["walk"] = geometry.line_walk(m, z[0], z[1]).breakpoints
         seen["box"] = geometry.boundary_distance_in_box(m, z[:2], (-3.0, 3.0)).distance
+        seen["pen"] = rr.parsimony_penalty(m, z, gamma=0.5).detach()
         seen["busy"] = False
 
     for strict in (True, False):
@@ -150,6 +151,7 @@ def test_entry_points_called_from_a_hook_inside_a_recorded_pass():
         assert torch.equal(seen["c"], rr.contributions(m, x, target=0).values)
         assert torch.equal(seen["walk"], geometry.line_walk(m, x[0], x[1]).breakpoints)
         assert torch.equal(seen["box"], geometry.boundary_distance_in_box(m, x[:2], (-3.0, 3.0)).distance)
+        assert torch.equal(seen["pen"], rr.parsimony_penalty(m, x, gamma=0.5).detach())
 
 
 def test_nested_recordings_of_unrelated_models_both_record():
