@@ -595,10 +595,10 @@ def _probe(loaded: LoadedModel, data: LoadedData, logits_at: str | None) -> int:
     except ReluRegionsError as e:
         raise CLIError(" ".join(str(e).split())) from e
     n_out = out.shape[1]
-    if n_out == 1:  # (argmax over one logit is always class 0: labels 0 only read as 100% accurate)
-        raise CLIError("the model has a single output (a binary classifier's logit?); the report needs one score "
-                       "per class: append a layer nn.Linear(1, 2) with weight [[0.], [1.]] and bias 0 (its argmax "
-                       "is logit > 0) and save that model")
+    if n_out == 1:  # (checked before the analysis; the report refuses it too)
+        from .report import SINGLE_LOGIT
+
+        raise CLIError(SINGLE_LOGIT)
     if int(data.y.max()) >= n_out:
         raise CLIError(f"the labels go up to {int(data.y.max())} but the model has only {n_out} outputs")
     if data.class_names is not None and len(data.class_names) != n_out and logits_at is None:

@@ -193,6 +193,10 @@ class Report:
         return write_atomically(out_dir, fill, overwrite=overwrite)
 
 
+SINGLE_LOGIT = ("the model has a single output (a binary classifier's logit?); the report needs one score per class: "
+                "append nn.Linear(1, 2) with weight [[0.], [1.]] and bias 0 (its argmax is logit > 0)")
+
+
 def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool = True) -> Path:
     """The absolute destination of :func:`write_atomically` after its checks (raises as it would, writes nothing):
     for callers that check ``--out`` before a long analysis."""
@@ -699,9 +703,7 @@ def _build_report(model, X, y, *, title, class_names, feature_names, meta, n_exp
     logits, patterns = predict_and_record(model, X, progress=progress, logits_at=logits_at)
     k = logits.shape[1]
     if k == 1:  # (argmax over one logit is always class 0: labels 0 only read as 100% accurate)
-        raise ValueError("the model has a single output (a binary classifier's logit?); the report needs one score "
-                         "per class: append nn.Linear(1, 2) with weight [[0.], [1.]] and bias 0 (its argmax is "
-                         "logit > 0)")
+        raise ValueError(SINGLE_LOGIT)
     y_pred = logits.argmax(1).cpu()
     if int(y.max()) >= k:
         raise ValueError(f"y: labels go up to {int(y.max())} but the model has only {k} outputs")
